@@ -1,0 +1,268 @@
+"""Gato's serialization (Reed et al. 2022, section 2.1), numpy only.
+
+Token id space:
+    [0, 32000)          text (SentencePiece in Gato); discrete values use [0, 1024) of it
+    [32000, 33024)      continuous values: mu-law, clipped to [-1, 1], 1024 uniform bins
+    33024               separator between observation and action of a timestep
+    33025               image patch placeholder (its embedding comes from the patch pixels)
+    33026               padding
+
+A timestep is laid out as: image patches (keys sorted), tensors (keys sorted, flattened),
+separator, action tokens (controller order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gato_ros.spec import EmbodimentSpec, ObservationSpec
+
+MU = 100.0
+M = 256.0
+NUM_BINS = 1024
+TEXT_VOCAB_SIZE = 32000
+CONTINUOUS_OFFSET = TEXT_VOCAB_SIZE
+DISCRETE_RANGE = 1024
+SEPARATOR_TOKEN = CONTINUOUS_OFFSET + NUM_BINS
+PATCH_TOKEN = SEPARATOR_TOKEN + 1
+PAD_TOKEN = SEPARATOR_TOKEN + 2
+VOCAB_SIZE = SEPARATOR_TOKEN + 3
+
+PATCH_SIZE = 16
+PATCH_POSITION_INTERVALS = 128
+
+
+class ObservationError(ValueError):
+    """An observation does not match the embodiment spec (key, shape, dtype or value)."""
+
+
+def mu_law_encode(x: np.ndarray, mu: float = MU, m: float = M) -> np.ndarray:
+    """F(x) = sign(x) log(|x| mu + 1) / log(M mu + 1). Not clipped: |F(x)| > 1 for |x| > M."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * np.log1p(np.abs(x) * mu) / np.log1p(m * mu)
+
+
+def mu_law_decode(y: np.ndarray, mu: float = MU, m: float = M) -> np.ndarray:
+    """Inverse of `mu_law_encode`."""
+    y = np.asarray(y, dtype=np.float64)
+    return np.sign(y) * np.expm1(np.abs(y) * np.log1p(m * mu)) / mu
+
+
+def tokenize_continuous(x: np.ndarray) -> np.ndarray:
+    """Continuous values → int64 tokens in [32000, 33024).
+
+    Values beyond the mu-law range (|x| > 256) clip to the end bins, +inf and -inf included.
+    NaN has no meaningful bin, so it raises ValueError: callers validate observations first.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():
+        raise ValueError("cannot tokenize NaN")
+    y = np.clip(mu_law_encode(np.clip(x, -M, M)), -1.0, 1.0)
+    bins = np.floor((y + 1.0) / 2.0 * NUM_BINS).astype(np.int64)
+    return np.clip(bins, 0, NUM_BINS - 1) + CONTINUOUS_OFFSET
+
+
+def continuous_bin_centres() -> np.ndarray:
+    """Mu-law value of the centre of each of the 1024 bins, in [-1, 1]."""
+    return (np.arange(NUM_BINS, dtype=np.float64) + 0.5) / NUM_BINS * 2.0 - 1.0
+
+
+def detokenize_continuous(tokens: np.ndarray) -> np.ndarray:
+    """Tokens → bin centres through the inverse mu-law. Ids outside the range clamp to the end bins,
+    so any integer decodes to a finite value."""
+    bins = np.clip(np.asarray(tokens, dtype=np.int64) - CONTINUOUS_OFFSET, 0, NUM_BINS - 1)
+    return mu_law_decode(continuous_bin_centres()[bins])
+
+
+def tokenize_discrete(x: np.ndarray) -> np.ndarray:
+    """Non-negative integers below 1024 → the same integers as int64 tokens (row-major).
+    Anything else raises ValueError."""
+    x = np.asarray(x)
+    if not np.all(np.isfinite(x)) or np.any(x < 0) or np.any(x >= DISCRETE_RANGE) or np.any(np.round(x) != x):
+        raise ValueError(f"discrete values must be integers in [0, {DISCRETE_RANGE})")
+    return x.astype(np.int64).reshape(-1)
+
+
+def image_to_patches(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 → (N, 3, 16, 16) float32 patches in raster order, pixels in [-1, 1] / 4."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] % PATCH_SIZE or image.shape[1] % PATCH_SIZE:
+        raise ObservationError(f"image must be (H, W, 3) with H, W multiples of {PATCH_SIZE}, got {image.shape}")
+    h, w = image.shape[0] // PATCH_SIZE, image.shape[1] // PATCH_SIZE
+    x = (image.astype(np.float32) / 127.5 - 1.0) / 4.0
+    x = x.reshape(h, PATCH_SIZE, w, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(x.reshape(h * w, 3, PATCH_SIZE, PATCH_SIZE))
+
+
+def patch_intervals(height: int, width: int) -> np.ndarray:
+    """(N, 4) int64 [row_lo, row_hi, col_lo, col_hi): each patch's normalized row/column span
+    quantized into 128 intervals (Gato's patch position encoding)."""
+    gh, gw = height // PATCH_SIZE, width // PATCH_SIZE
+    rows = np.arange(gh)
+    cols = np.arange(gw)
+    row_lo = np.floor(rows / gh * PATCH_POSITION_INTERVALS).astype(np.int64)
+    row_hi = np.maximum(np.floor((rows + 1) / gh * PATCH_POSITION_INTERVALS).astype(np.int64), row_lo + 1)
+    col_lo = np.floor(cols / gw * PATCH_POSITION_INTERVALS).astype(np.int64)
+    col_hi = np.maximum(np.floor((cols + 1) / gw * PATCH_POSITION_INTERVALS).astype(np.int64), col_lo + 1)
+    rr, cc = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    rr, cc = rr.reshape(-1), cc.reshape(-1)
+    return np.stack([row_lo[rr], row_hi[rr], col_lo[cc], col_hi[cc]], axis=1)
+
+
+def patch_positions(intervals: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(N, 2) row/column position indices: sampled inside each interval when `rng` is given
+    (training), the interval mean otherwise (evaluation)."""
+    if rng is None:
+        return np.stack([(intervals[:, 0] + intervals[:, 1] - 1) // 2, (intervals[:, 2] + intervals[:, 3] - 1) // 2], 1)
+    return np.stack([rng.integers(intervals[:, 0], intervals[:, 1]), rng.integers(intervals[:, 2], intervals[:, 3])], 1)
+
+
+def normalize(obs_spec: ObservationSpec, value: np.ndarray) -> np.ndarray:
+    x = np.asarray(value, dtype=np.float64).reshape(-1)
+    if obs_spec.offset is not None:
+        x = x - np.asarray(obs_spec.offset, dtype=np.float64)
+    if obs_spec.scale is not None:
+        x = x / np.asarray(obs_spec.scale, dtype=np.float64)
+    return x
+
+
+def validate_observation(spec: EmbodimentSpec, observation: dict[str, np.ndarray]) -> None:
+    """Raise ObservationError naming the key if the observation does not match the spec."""
+    expected = {o.name for o in spec.observations}
+    missing = expected - observation.keys()
+    extra = observation.keys() - expected
+    if missing or extra:
+        raise ObservationError(f"observation keys differ from spec: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for o in spec.observations:
+        value = np.asarray(observation[o.name])
+        if value.shape != tuple(o.shape):
+            raise ObservationError(f"observation {o.name!r} has shape {value.shape}, spec says {tuple(o.shape)}")
+        if o.kind == "image":
+            if value.dtype != np.uint8:
+                raise ObservationError(f"image {o.name!r} must be uint8, got {value.dtype}")
+        elif not np.issubdtype(value.dtype, np.number) or np.issubdtype(value.dtype, np.complexfloating):
+            raise ObservationError(f"observation {o.name!r} must be real numbers, got {value.dtype}")
+        elif not np.all(np.isfinite(value)):
+            raise ObservationError(f"observation {o.name!r} holds NaN or inf")
+
+
+@dataclass
+class Timestep:
+    """One tokenized timestep's observation part (plus the separator), ready for the model.
+
+    tokens:          (N,) int64, PATCH_TOKEN where an image patch goes
+    local_positions: (N,) int64, index inside the timestep
+    patches:         (P, 3, 16, 16) float32, in order of the PATCH_TOKEN slots
+    patch_positions: (P, 2) int64 row/column position indices
+    """
+
+    tokens: np.ndarray
+    local_positions: np.ndarray
+    patches: np.ndarray
+    patch_positions: np.ndarray
+
+
+def observation_token_count(spec: EmbodimentSpec) -> int:
+    """Tokens of one timestep's observation, separator included."""
+    n = sum((o.shape[0] // PATCH_SIZE) * (o.shape[1] // PATCH_SIZE) for o in spec.image_keys)
+    return n + sum(o.size for o in spec.tensor_keys) + 1
+
+
+def timestep_token_count(spec: EmbodimentSpec) -> int:
+    return observation_token_count(spec) + spec.action_size
+
+
+def tokenize_observation(
+    spec: EmbodimentSpec, observation: dict[str, np.ndarray], rng: np.random.Generator | None = None
+) -> Timestep:
+    """Observation → tokens in Gato's order, ending with the separator. Validates first."""
+    validate_observation(spec, observation)
+    parts: list[np.ndarray] = []
+    patches: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    for o in spec.image_keys:
+        image = np.asarray(observation[o.name])
+        patches.append(image_to_patches(image))
+        positions.append(patch_positions(patch_intervals(image.shape[0], image.shape[1]), rng))
+        parts.append(np.full(len(patches[-1]), PATCH_TOKEN, dtype=np.int64))
+    for o in spec.tensor_keys:
+        value = observation[o.name]
+        if o.kind == "discrete":
+            parts.append(tokenize_discrete(value))
+        else:
+            parts.append(tokenize_continuous(normalize(o, value)))
+    parts.append(np.array([SEPARATOR_TOKEN], dtype=np.int64))
+    tokens = np.concatenate(parts)
+    return Timestep(
+        tokens=tokens,
+        local_positions=np.arange(len(tokens), dtype=np.int64),
+        patches=np.concatenate(patches) if patches else np.zeros((0, 3, PATCH_SIZE, PATCH_SIZE), np.float32),
+        patch_positions=np.concatenate(positions) if positions else np.zeros((0, 2), np.int64),
+    )
+
+
+def tokenize_action(spec: EmbodimentSpec, action: np.ndarray) -> np.ndarray:
+    """Command vector (controller order) → action tokens. Continuous values are clamped to their
+    limit; a discrete value maps to the index of the nearest listed value."""
+    action = np.asarray(action, dtype=np.float64).reshape(-1)
+    if action.shape[0] != spec.action_size:
+        raise ValueError(f"action has {action.shape[0]} values, spec says {spec.action_size}")
+    if not np.all(np.isfinite(action)):
+        raise ValueError("action holds NaN or inf")
+    out = np.empty(spec.action_size, dtype=np.int64)
+    for i, a in enumerate(spec.actions):
+        if a.kind == "discrete":
+            out[i] = int(np.argmin(np.abs(np.asarray(a.values) - action[i])))
+        else:
+            out[i] = tokenize_continuous(np.clip(action[i], -a.limit, a.limit))[()]
+    return out
+
+
+def detokenize_action(spec: EmbodimentSpec, tokens: np.ndarray) -> np.ndarray:
+    """Action tokens → command vector, always finite and inside the limits."""
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    out = np.empty(spec.action_size, dtype=np.float64)
+    for i, a in enumerate(spec.actions):
+        if a.kind == "discrete":
+            out[i] = a.values[int(np.clip(tokens[i], 0, len(a.values) - 1))]
+        else:
+            out[i] = np.clip(detokenize_continuous(tokens[i]), -a.limit, a.limit)
+    return out
+
+
+def action_token_range(spec: EmbodimentSpec, index: int) -> tuple[int, int]:
+    """[lo, hi) of the token ids allowed for action dimension `index` (constrained decoding)."""
+    a = spec.actions[index]
+    if a.kind == "discrete":
+        return 0, len(a.values)
+    return CONTINUOUS_OFFSET, CONTINUOUS_OFFSET + NUM_BINS
+
+
+def tokenize_episode(
+    spec: EmbodimentSpec,
+    observations: dict[str, np.ndarray],
+    actions: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """A whole episode → the flat token stream the model trains on.
+
+    Returns tokens, local_positions, loss_mask (True on action tokens), patches, patch_positions.
+    """
+    steps = actions.shape[0]
+    tokens, local, mask, patches, ppos = [], [], [], [], []
+    for t in range(steps):
+        ts = tokenize_observation(spec, {k: v[t] for k, v in observations.items()}, rng)
+        act = tokenize_action(spec, actions[t])
+        tokens += [ts.tokens, act]
+        local += [ts.local_positions, np.arange(len(ts.tokens), len(ts.tokens) + len(act), dtype=np.int64)]
+        mask += [np.zeros(len(ts.tokens), bool), np.ones(len(act), bool)]
+        patches.append(ts.patches)
+        ppos.append(ts.patch_positions)
+    return {
+        "tokens": np.concatenate(tokens),
+        "local_positions": np.concatenate(local),
+        "loss_mask": np.concatenate(mask),
+        "patches": np.concatenate(patches),
+        "patch_positions": np.concatenate(ppos),
+    }
