@@ -1,0 +1,181 @@
+"""Episode datasets on disk: a sharded, self-describing format (numpy only).
+
+    DIR/dataset.json     {"format": FORMAT, "num_episodes", "num_steps", "shards": [...]}
+    DIR/spec.json        the EmbodimentSpec the episodes were recorded with
+    DIR/episodes.jsonl   one line per episode: episode, shard, start, length + free metadata
+    DIR/shard-NNNNN.npz  "obs.<key>" (steps, *shape), "actions" (steps, A) float32, "episode" (steps,)
+
+Every file is written under a temporary name and renamed when complete, and dataset.json comes
+last: a directory without it is an unfinished (or crashed) collection, never mistaken for data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gato_ros.spec import EmbodimentSpec
+
+FORMAT = "gato_ros.episodes/v1"
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is incomplete, inconsistent with its spec, or holds bad values."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_episode(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions: np.ndarray, where: str) -> None:
+    expected = {o.name for o in spec.observations}
+    if set(observations) != expected:
+        raise DatasetError(f"{where}: observation keys {sorted(observations)} differ from spec {sorted(expected)}")
+    if actions.ndim != 2 or actions.shape[1] != spec.action_size:
+        raise DatasetError(f"{where}: field 'actions' has shape {actions.shape}, spec needs (T, {spec.action_size})")
+    steps = actions.shape[0]
+    if not np.all(np.isfinite(actions)):
+        raise DatasetError(f"{where}: field 'actions' holds NaN or inf")
+    for o in spec.observations:
+        value = observations[o.name]
+        if value.shape != (steps, *o.shape):
+            raise DatasetError(f"{where}: field 'obs.{o.name}' has shape {value.shape}, spec needs {(steps, *o.shape)}")
+        if o.kind != "image" and not np.all(np.isfinite(value)):
+            raise DatasetError(f"{where}: field 'obs.{o.name}' holds NaN or inf")
+
+
+class EpisodeWriter:
+    """Append episodes; `close()` (or leaving the `with` block) finishes the dataset."""
+
+    def __init__(self, out_dir: str | Path, spec: EmbodimentSpec, episodes_per_shard: int = 64) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if (self.out_dir / "dataset.json").exists():
+            raise DatasetError(f"{self.out_dir}: already holds a finished dataset")
+        self.spec = spec
+        self.episodes_per_shard = episodes_per_shard
+        self._pending: list[tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]] = []
+        self._index: list[dict[str, Any]] = []
+        self._shards: list[str] = []
+        self._steps = 0
+        _atomic_write_text(self.out_dir / "spec.json", spec.to_json())
+
+    def add_episode(self, observations: dict[str, np.ndarray], actions: np.ndarray, metadata: dict[str, Any]) -> None:
+        observations = {k: np.asarray(v) for k, v in observations.items()}
+        actions = np.asarray(actions, dtype=np.float32)
+        _check_episode(self.spec, observations, actions, f"episode {len(self._index) + len(self._pending)}")
+        self._pending.append((observations, actions, dict(metadata)))
+        if len(self._pending) >= self.episodes_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{len(self._shards):05d}.npz"
+        arrays: dict[str, np.ndarray] = {}
+        start = 0
+        for key in (o.name for o in self.spec.observations):
+            arrays[f"obs.{key}"] = np.concatenate([obs[key] for obs, _, _ in self._pending])
+        arrays["actions"] = np.concatenate([act for _, act, _ in self._pending])
+        first = len(self._index)
+        arrays["episode"] = np.concatenate(
+            [np.full(len(act), first + i, dtype=np.int64) for i, (_, act, _) in enumerate(self._pending)]
+        )
+        tmp = self.out_dir / (name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.out_dir / name)
+        for obs, act, meta in self._pending:
+            self._index.append({**meta, "episode": len(self._index), "shard": name, "start": start, "length": len(act)})
+            start += len(act)
+            self._steps += len(act)
+        self._shards.append(name)
+        self._pending = []
+
+    def close(self) -> None:
+        self._flush()
+        lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self._index)
+        _atomic_write_text(self.out_dir / "episodes.jsonl", lines)
+        summary = {
+            "format": FORMAT,
+            "num_episodes": len(self._index),
+            "num_steps": self._steps,
+            "shards": self._shards,
+        }
+        _atomic_write_text(self.out_dir / "dataset.json", json.dumps(summary, indent=2))
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:  # a failed collection stays visibly unfinished
+            self.close()
+
+
+class EpisodeDataset:
+    """Read access to a finished dataset. Shards load lazily and are cached."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        summary_path = self.root / "dataset.json"
+        if not summary_path.exists():
+            raise DatasetError(f"{summary_path}: missing; the dataset is unfinished or not a gato_ros dataset")
+        summary = json.loads(summary_path.read_text())
+        if summary.get("format") != FORMAT:
+            raise DatasetError(f"{summary_path}: field 'format' is {summary.get('format')!r}, expected {FORMAT!r}")
+        try:
+            self.spec = EmbodimentSpec.from_json((self.root / "spec.json").read_text())
+        except (OSError, KeyError, ValueError) as err:
+            raise DatasetError(f"{self.root / 'spec.json'}: unreadable spec ({err})") from err
+        self.episodes = [json.loads(line) for line in (self.root / "episodes.jsonl").read_text().splitlines() if line]
+        if len(self.episodes) != summary["num_episodes"]:
+            raise DatasetError(f"{self.root / 'episodes.jsonl'}: {len(self.episodes)} episodes, dataset.json says "
+                               f"{summary['num_episodes']}")
+        self._shards: dict[str, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _shard(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._shards:
+            path = self.root / name
+            try:
+                with np.load(path) as npz:
+                    self._shards[name] = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+                raise DatasetError(f"{path}: unreadable or truncated shard ({err})") from err
+        return self._shards[name]
+
+    def episode(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(observations {key: (T, ...)}, actions (T, A)), checked against the spec."""
+        meta = self.episodes[index]
+        shard = self._shard(meta["shard"])
+        sl = slice(meta["start"], meta["start"] + meta["length"])
+        where = f"{self.root / meta['shard']} episode {index}"
+        try:
+            observations = {o.name: shard[f"obs.{o.name}"][sl] for o in self.spec.observations}
+            actions = shard["actions"][sl]
+        except KeyError as err:
+            raise DatasetError(f"{where}: field {err.args[0]!r} missing") from err
+        _check_episode(self.spec, observations, actions, where)
+        return observations, actions
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        for i in range(len(self)):
+            yield self.episode(i)
+
+
+def read_dataset(root: str | Path, spec: EmbodimentSpec | None = None) -> EpisodeDataset:
+    """Open a dataset; with `spec`, raise DatasetError unless the dataset was recorded with it."""
+    dataset = EpisodeDataset(root)
+    if spec is not None and dataset.spec != spec:
+        raise DatasetError(f"{Path(root) / 'spec.json'}: spec {dataset.spec.name!r} does not match the expected "
+                           f"spec {spec.name!r}")
+    return dataset
