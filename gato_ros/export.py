@@ -1,0 +1,313 @@
+"""Checkpoint → self-describing ONNX policy (fp32, int8, int4, fp16), checked against torch.
+
+    gato-ros export --checkpoint checkpoints/run --out models/policy.onnx --variants fp32,int8
+    gato-ros export --preset tiny --random-init --spec builtin --out runs/tiny.onnx
+
+One graph serves prefill (S observation tokens) and decode (S = 1): inputs are the new tokens, their
+absolute and local positions, the rolling cache (`past_key_values.{i}.key/value` [B, H, C, Dh]) and
+the absolute positions of its slots; outputs are the last position's logits and the new tokens'
+keys/values (`present.{i}.*`). Everything the runtime needs travels in `metadata_props`.
+Variants are written beside the fp32 file as `<stem>.<variant>.onnx`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from gato_ros import tokenizer as tok
+from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
+from gato_ros.runtime import tokenizer_constants
+from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+
+OPSET = 17
+VARIANTS = ("fp32", "int8", "int4", "fp16")
+TWO_GB = 2**31 - 2**24  # protobuf's hard limit, with headroom for the graph itself
+
+
+# ------------------------------------------------------------------------------------------ specs
+def builtin_spec(images: bool = False) -> EmbodimentSpec:
+    """A Panda-like spec for tests and benchmarks: 7 joint torques (limits 87 / 12 N·m) and a
+    discrete gripper force, joint state, a 17-value task state and optionally a 64×64 camera."""
+    joints = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
+    observations = [
+        ObservationSpec("joint_positions", (8,)),
+        ObservationSpec("joint_velocities", (8,)),
+        ObservationSpec("task_state", (17,)),
+    ]
+    if images:
+        observations.append(ObservationSpec("camera", (64, 64, 3), kind="image"))
+    actions = tuple(ActionSpec(n, limit=87.0 if i < 4 else 12.0) for i, n in enumerate(joints[:7]))
+    actions += (ActionSpec(joints[7], kind="discrete", limit=15.0, values=(15.0, -15.0)),)
+    return EmbodimentSpec("panda-builtin" + ("-image" if images else ""), tuple(observations), actions, 20.0, joints)
+
+
+def load_spec(text: str) -> EmbodimentSpec:
+    if text in ("builtin", "builtin-image"):
+        return builtin_spec(images=text == "builtin-image")
+    return EmbodimentSpec.from_json(Path(text).read_text())
+
+
+def load_model(args: argparse.Namespace) -> tuple[GatoModel, GatoConfig, EmbodimentSpec]:
+    if args.checkpoint:
+        from gato_ros.train import load_checkpoint  # the training stage owns the checkpoint format
+
+        model, config, spec = load_checkpoint(args.checkpoint)
+        return model.eval(), config, spec
+    if not (args.preset and args.random_init and args.spec):
+        raise SystemExit("give --checkpoint DIR, or --preset P --random-init --spec PATH|builtin")
+    torch.manual_seed(args.seed)
+    overrides = {"context_window": args.context_tokens} if args.context_tokens else {}
+    config = GatoConfig.from_preset(args.preset, **overrides)
+    return GatoModel(config).eval(), config, load_spec(args.spec)
+
+
+# ------------------------------------------------------------------------------------------ graph
+def io_names(n_layer: int, images: bool) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "position_ids", "local_positions", "past_positions"]
+    inputs += [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    if images:
+        inputs += ["patches", "patch_positions"]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+class OnnxPolicy(torch.nn.Module):
+    """Flat-argument view of GatoModel.forward(last_only=True) in the ONNX file's input order."""
+
+    def __init__(self, model: GatoModel, images: bool) -> None:
+        super().__init__()
+        self.model, self.images, self.n_layer = model, images, model.config.n_layer
+
+    def forward(self, input_ids, position_ids, local_positions, past_positions, *rest):  # type: ignore[no-untyped-def]
+        kv = rest[: 2 * self.n_layer]
+        past = [(kv[2 * i], kv[2 * i + 1]) for i in range(self.n_layer)]
+        patches, patch_positions = (rest[-2], rest[-1]) if self.images else (None, None)
+        logits, presents = self.model(input_ids, position_ids, local_positions, past, past_positions,
+                                      patches, patch_positions, last_only=True)
+        return (logits, *[t for pair in presents for t in pair])
+
+
+def example_inputs(config: GatoConfig, images: bool, seq: int = 5, cache: int = 7) -> tuple[torch.Tensor, ...]:
+    """Small inputs of the right kinds for tracing (S and C distinct so no axis is specialized)."""
+    g = torch.Generator().manual_seed(0)
+    head = config.n_embd // config.n_head
+    ids = torch.randint(tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS, (1, seq), generator=g)
+    ids[0, -1] = tok.SEPARATOR_TOKEN
+    position_ids = torch.arange(cache, cache + seq).unsqueeze(0)
+    local = torch.arange(seq).unsqueeze(0)
+    past_positions = torch.arange(cache).unsqueeze(0)
+    kv = [torch.randn(1, config.n_head, cache, head, generator=g) for _ in range(2 * config.n_layer)]
+    args = [ids, position_ids, local, past_positions, *kv]
+    if images:
+        ids[0, 0] = tok.PATCH_TOKEN
+        args += [torch.randn(1, seq, 3, tok.PATCH_SIZE, tok.PATCH_SIZE, generator=g) * 0.25,
+                 torch.randint(0, tok.PATCH_POSITION_INTERVALS, (1, seq, 2), generator=g)]
+    return tuple(args)
+
+
+def dynamic_axes(n_layer: int, images: bool) -> dict[str, dict[int, str]]:
+    inputs, outputs = io_names(n_layer, images)
+    axes: dict[str, dict[int, str]] = {}
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        elif name == "past_positions":
+            axes[name] = {0: "batch", 1: "past_sequence"}
+        else:
+            axes[name] = {0: "batch", 1: "sequence"}
+    axes["logits"] = {0: "batch"}
+    for name in outputs[1:]:
+        axes[name] = {0: "batch", 2: "sequence"}
+    return axes
+
+
+def cache_update_graph(n_layer: int, elem_type: int) -> bytes:
+    """The ring write as a graph, for runtimes that keep the cache on a GPU (numpy cannot reach it):
+    updated.{j} = cache.{j} with slots[s] ← new.{j}[:, :, s] (ScatterElements on the cache axis)."""
+    n = 2 * n_layer
+    nodes = [
+        helper.make_node("Constant", [], ["shape4"],
+                         value=helper.make_tensor("s", TensorProto.INT64, [4], [1, 1, -1, 1])),
+        helper.make_node("Reshape", ["slots", "shape4"], ["slots4"]),
+        helper.make_node("Shape", ["new.0"], ["new_shape"]),
+        helper.make_node("Expand", ["slots4", "new_shape"], ["index"]),
+    ]
+    inputs = [helper.make_tensor_value_info("slots", TensorProto.INT64, ["S"])]
+    outputs = []
+    for j in range(n):
+        nodes.append(helper.make_node("ScatterElements", [f"cache.{j}", "index", f"new.{j}"], [f"updated.{j}"], axis=2))
+        inputs += [helper.make_tensor_value_info(f"cache.{j}", elem_type, ["B", "H", "C", "D"]),
+                   helper.make_tensor_value_info(f"new.{j}", elem_type, ["B", "H", "S", "D"])]
+        outputs.append(helper.make_tensor_value_info(f"updated.{j}", elem_type, ["B", "H", "C", "D"]))
+    graph = helper.make_graph(nodes, "gato_ros_cache_update", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gato_ros")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str) -> None:
+    cache_type = next(i for i in model.graph.input if i.name == "past_key_values.0.key").type.tensor_type.elem_type
+    props = {
+        "gato_ros.config": config.to_json(),
+        "gato_ros.spec": spec.to_json(),
+        "gato_ros.tokenizer": json.dumps(tokenizer_constants(), sort_keys=True),
+        "gato_ros.context_tokens": str(context),
+        "gato_ros.variant": variant,
+        "gato_ros.empty_position": str(EMPTY_POSITION),
+        "gato_ros.cache_update": base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
+    }
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Write `path`; weights go to `path.data` when the file would pass protobuf's 2 GB limit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() > TWO_GB:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))  # by path: works for external data too
+
+
+def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int) -> Path:
+    config, images = model.config, bool(spec.image_keys)
+    inputs, outputs = io_names(config.n_layer, images)
+    wrapper = OnnxPolicy(model.eval(), images)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        raw = Path(tmp) / "raw.onnx"
+        torch.onnx.export(wrapper, example_inputs(config, images), str(raw), input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic_axes(config.n_layer, images),
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        proto = onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
+    set_metadata(proto, config, spec, context, "fp32")
+    save(proto, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ variants
+def head_nodes(model: onnx.ModelProto) -> list[str]:
+    """The node(s) computing `logits`: kept in full precision (33k-way output head, sensitive)."""
+    return [n.name for n in model.graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")]
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(src))
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=head_nodes(proto),
+                     use_external_data_format=proto.ByteSize() > TWO_GB)
+
+
+def quantize_int4(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.load(str(src))
+    quant = MatMulNBitsQuantizer(proto, block_size=32, is_symmetric=True, nodes_to_exclude=head_nodes(proto))
+    quant.process()
+    save(quant.model.model, dst)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    proto = onnx.load(str(src))
+    # The KV cache goes fp16 (half the memory and bandwidth on the GPU); patches and logits stay fp32.
+    # The runtime reads the cache type from the graph's inputs.
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=["patches", "logits"]))
+    half.topological_sort()  # the converter appends its input casts after their consumers
+    save(half.model, dst)
+
+
+def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentSpec, context: int) -> Path:
+    dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
+    if variant == "fp32":
+        return dst
+    {"int8": quantize_int8, "int4": quantize_int4, "fp16": convert_fp16}[variant](fp32, dst)
+    proto = onnx.load(str(dst))
+    set_metadata(proto, config, spec, context, variant)  # quantizers may drop or keep stale props
+    save(proto, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ parity
+def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, cache: int = 20) -> float:
+    """Max abs logit difference, ORT (CPU) vs torch, for a prefill over a partly filled cache and a
+    one-token decode. Returns the larger of the two."""
+    import onnxruntime as ort
+
+    config, images = model.config, bool(spec.image_keys)
+    inputs, _ = io_names(config.n_layer, images)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for s in (seq, 1):
+        args = list(example_inputs(config, images, seq=s, cache=cache))
+        args[3][0, : cache // 3] = EMPTY_POSITION  # some empty slots, as after a reset
+        with torch.no_grad():
+            expected = OnnxPolicy(model, images)(*args)
+        got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args, strict=True)})
+        for e, g in zip(expected, got, strict=True):
+            worst = max(worst, float(np.abs(e.numpy() - g.astype(np.float32)).max()))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------ cli
+def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
+           context: int | None = None, check: bool = True) -> dict[str, Path]:
+    """Export fp32 to `out` (always: the variants derive from it) and the requested variants."""
+    out = Path(out)
+    context = int(context or model.config.context_window)
+    fp32 = export_fp32(model, spec, out, context)
+    if check:
+        diff = parity(model, spec, fp32)
+        print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
+        if diff > 1e-4:
+            raise RuntimeError(f"fp32 ONNX disagrees with torch: max abs diff {diff:.3e} > 1e-4")
+    paths = {"fp32": fp32}
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
+        paths[v] = make_variant(fp32, v, model.config, spec, context)
+        size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
+        print(f"{v}: {paths[v]} ({size / 2**20:.1f} MiB)")
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="training output dir (config.json, model.safetensors, spec.json)")
+    parser.add_argument("--preset", help="model preset, with --random-init (tests, benchmarks)")
+    parser.add_argument("--random-init", action="store_true", help="export an untrained model")
+    parser.add_argument("--spec", help="spec.json path, or 'builtin' / 'builtin-image' (with --random-init)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="fp32 .onnx path; variants go beside it")
+    parser.add_argument("--variants", default="fp32", help="comma list of fp32,int8,int4,fp16")
+    parser.add_argument("--context-tokens", type=int, help="rolling cache capacity (default: the model's window)")
+    parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    model, config, spec = load_model(args)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check)
+    return 0

@@ -1,0 +1,452 @@
+"""The policy runtime: ONNX Runtime + a rolling KV cache, numpy only (no torch, no rclpy).
+
+One control tick (`PolicyRuntime.step`):
+    observation → tokens (validated) → one prefill call that appends them to the cache
+    → A action tokens decoded one at a time, each constrained to its token range → torques.
+
+The cache is a ring buffer of fixed capacity C (the file's context, by default). Every call passes
+the whole buffer plus `past_positions` (absolute position of each slot, EMPTY for unused slots);
+the model masks by position, so slot order does not matter and the newest keys simply overwrite the
+oldest slots: no recompute, no growth, memory flat for a run of any length.
+
+The last action token of a tick is not run on its own: nothing needs its logits, so it is prepended
+to the next tick's prefill (one model call per step saved, the token stream is the same).
+
+Two ways to keep the cache:
+- host (CPU provider): numpy arrays bound to the session by pointer (IOBinding, no copies); the
+  ring write is a numpy slice assignment of the returned presents.
+- device (CUDA / TensorRT): OrtValues on the GPU, double-buffered; a tiny scatter graph shipped in
+  the file's metadata (`gato_ros.cache_update`) writes the presents into the ring on the device,
+  so the cache never crosses PCIe. It runs on the CPU provider too (`device_cache=True`), which is
+  how the tests check it on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from gato_ros import tokenizer as tok
+from gato_ros.spec import EmbodimentSpec
+
+log = logging.getLogger(__name__)
+
+ObservationError = tok.ObservationError
+
+# Must equal gato_ros.model.EMPTY_POSITION; read from the file when present (`gato_ros.empty_position`).
+DEFAULT_EMPTY_POSITION = -(2**40)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model file is missing, is not ONNX, or is not a gato_ros policy for this tokenizer."""
+
+
+def tokenizer_constants() -> dict[str, float | int]:
+    """The constants an ONNX file was exported with; the runtime refuses a file that differs."""
+    names = ["MU", "M", "NUM_BINS", "TEXT_VOCAB_SIZE", "CONTINUOUS_OFFSET", "DISCRETE_RANGE", "SEPARATOR_TOKEN",
+             "PATCH_TOKEN", "PAD_TOKEN", "VOCAB_SIZE", "PATCH_SIZE", "PATCH_POSITION_INTERVALS"]
+    return {n: getattr(tok, n) for n in names}
+
+
+def cuda_device_count() -> int:
+    """GPUs visible through the driver API, without loading any CUDA runtime; 0 when there is no driver."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime reads from the file's metadata and graph signature."""
+
+    config: dict[str, Any]
+    spec: EmbodimentSpec
+    context_tokens: int
+    variant: str
+    empty_position: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    cache_dtype: np.dtype
+    has_images: bool
+    cache_update: bytes | None
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in ("gato_ros.config", "gato_ros.spec", "gato_ros.tokenizer", "gato_ros.context_tokens")
+               if k not in meta]
+    if missing:
+        raise ModelLoadError(f"{path} is ONNX but not a gato_ros policy: metadata lacks {missing}")
+    try:
+        config = json.loads(meta["gato_ros.config"])
+        spec = EmbodimentSpec.from_json(meta["gato_ros.spec"])
+        constants = json.loads(meta["gato_ros.tokenizer"])
+        context = int(meta["gato_ros.context_tokens"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: unreadable gato_ros metadata ({e})") from e
+    ours = tokenizer_constants()
+    differ = {k: (constants.get(k), v) for k, v in ours.items() if constants.get(k) != v}
+    if differ:
+        raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    required = ["input_ids", "position_ids", "local_positions", "past_positions"]
+    required += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    has_images = bool(spec.image_keys)
+    if has_images:
+        required += ["patches", "patch_positions"]
+    wanted_out = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    lacking = [n for n in required if n not in inputs] + [n for n in wanted_out if n not in outputs]
+    if num_layers == 0 or lacking:
+        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract (missing {lacking})")
+    key = inputs["past_key_values.0.key"]
+    heads, head_dim = key.shape[1], key.shape[3]
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        heads, head_dim = int(config["n_head"]), int(config["n_embd"]) // int(config["n_head"])
+    cache_dtype = _ORT_TYPES.get(key.type)
+    if cache_dtype is None:
+        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
+    update = meta.get("gato_ros.cache_update")
+    return ModelInfo(
+        config=config,
+        spec=spec,
+        context_tokens=context,
+        variant=meta.get("gato_ros.variant", "fp32"),
+        empty_position=int(meta.get("gato_ros.empty_position", DEFAULT_EMPTY_POSITION)),
+        num_layers=num_layers,
+        num_heads=int(heads),
+        head_dim=int(head_dim),
+        cache_dtype=np.dtype(cache_dtype),
+        has_images=has_images,
+        cache_update=base64.b64decode(update) if update else None,
+    )
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: a provider that cannot start is handled below, not printed
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def _provider_chain(provider: str) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "auto":
+        chain = [p for p in ("tensorrt", "cuda") if PROVIDER_NAMES[p] in available]
+        # onnxruntime-gpu lists the GPU providers even without a GPU: ask the driver first, quietly.
+        if chain and cuda_device_count() == 0:
+            chain = []
+        return chain + ["cpu"]
+    if provider not in PROVIDER_NAMES:
+        raise ValueError(f"provider must be auto, cpu, cuda or tensorrt, got {provider!r}")
+    if PROVIDER_NAMES[provider] not in available:
+        raise ModelLoadError(f"provider {provider!r} is not available in this onnxruntime ({available})")
+    return [provider]
+
+
+def _provider_entry(name: str, model_path: str) -> str | tuple[str, dict[str, Any]]:
+    if name == "tensorrt":
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(model_path)), ".trt_cache")
+        return (PROVIDER_NAMES[name], {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir,
+                                       "trt_fp16_enable": True})
+    return PROVIDER_NAMES[name]
+
+
+def open_session(model_path: str, provider: str = "auto", threads: int | None = None
+                 ) -> tuple[ort.InferenceSession, str]:
+    """Create a session on the first provider of the chain that really starts. Returns (session, short name)."""
+    if not os.path.isfile(model_path):
+        raise ModelLoadError(f"model file not found: {model_path}")
+    errors = []
+    for name in _provider_chain(provider):
+        providers = [_provider_entry(name, model_path)]
+        if name != "cpu":
+            providers.append("CPUExecutionProvider")  # nodes the GPU provider lacks
+        try:
+            session = ort.InferenceSession(model_path, _session_options(threads), providers=providers)
+        except Exception as e:  # noqa: BLE001 -- ORT raises several unrelated types for a bad file
+            errors.append(f"{name}: {e}")
+            if name == "cpu":
+                raise ModelLoadError(f"cannot load {model_path} as ONNX: {e}") from e
+            log.warning("provider %s failed to start, trying the next one: %s", name, e)
+            continue
+        if session.get_providers()[0] != PROVIDER_NAMES[name]:
+            errors.append(f"{name}: session fell back to {session.get_providers()}")
+            if provider != "auto":
+                raise ModelLoadError(f"provider {provider!r} could not start for {model_path}")
+            continue
+        return session, name
+    raise ModelLoadError(f"no provider could load {model_path}: {errors}")
+
+
+class PolicyRuntime:
+    """Serve one gato_ros ONNX policy: `reset()`, then `step(observation)` once per control tick."""
+
+    def __init__(
+        self,
+        model_path: str,
+        provider: str = "auto",
+        context_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        threads: int | None = None,
+        device_cache: bool | None = None,
+        warmup: bool = True,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.session, self.provider = open_session(self.model_path, provider, threads)
+        self.info = read_model_info(self.session, self.model_path)
+        self.spec = self.info.spec
+        self.capacity = int(context_tokens or self.info.context_tokens)
+        self.obs_tokens = tok.observation_token_count(self.spec)
+        if self.capacity < self.obs_tokens + self.spec.action_size:
+            raise ModelLoadError(f"context of {self.capacity} tokens cannot hold one timestep "
+                                 f"({self.obs_tokens + self.spec.action_size} tokens)")
+        self.temperature = float(temperature)
+        self.rng = np.random.default_rng(seed)
+        self.device_cache = self.provider != "cpu" if device_cache is None else bool(device_cache)
+        if self.device_cache and self.info.cache_update is None:
+            log.warning("%s has no cache-update graph: keeping the KV cache on the host", self.model_path)
+            self.device_cache = False
+        self.last_step_ms = float("nan")
+        self.steps = 0
+        self._ranges = [tok.action_token_range(self.spec, i) for i in range(self.spec.action_size)]
+        self._out_names = ["logits"] + self._present_names()
+        self._allocate()
+        self.reset()
+        if warmup:
+            self.warmup()
+
+    # ----------------------------------------------------------------------------------- buffers
+    def _past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.info.num_layers) for kv in ("key", "value")]
+
+    def _present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.info.num_layers) for kv in ("key", "value")]
+
+    def _allocate(self) -> None:
+        info, C = self.info, self.capacity
+        shape = (1, info.num_heads, C, info.head_dim)
+        self.past_positions = np.full((1, C), info.empty_position, dtype=np.int64)
+        self._vocab = int(self.session.get_outputs()[0].shape[-1] or tok.VOCAB_SIZE)
+        self._logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
+        self._io: dict[int, tuple[ort.IOBinding, dict[str, np.ndarray], list[Any]]] = {}
+        if self.device_cache:
+            device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
+            self._device = device
+            self._caches = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, device, 0)
+                             for _ in self._past_names()] for _ in range(2)]
+            self._current = 0
+            so = _session_options(None)
+            providers = ["CPUExecutionProvider"]
+            if device == "cuda":
+                providers.insert(0, "CUDAExecutionProvider")
+            self._scatter = ort.InferenceSession(info.cache_update, so, providers=providers)
+        else:
+            self._device = "cpu"
+            self.cache = [np.zeros(shape, dtype=info.cache_dtype) for _ in self._past_names()]
+
+    def _binding(self, S: int) -> tuple[ort.IOBinding, dict[str, np.ndarray], list[Any]]:  # noqa: N803
+        """Inputs and outputs for a call of S new tokens, allocated once per S and bound by pointer."""
+        if S in self._io:
+            return self._io[S]
+        info = self.info
+        feeds = {
+            "input_ids": np.zeros((1, S), np.int64),
+            "position_ids": np.zeros((1, S), np.int64),
+            "local_positions": np.zeros((1, S), np.int64),
+        }
+        if info.has_images:
+            feeds["patches"] = np.zeros((1, S, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
+            feeds["patch_positions"] = np.zeros((1, S, 2), np.int64)
+        io = self.session.io_binding()
+        for name, arr in [*feeds.items(), ("past_positions", self.past_positions)]:
+            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+        shape = (1, info.num_heads, S, info.head_dim)
+        if self.device_cache:
+            presents = [ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, self._device, 0)
+                        for _ in self._present_names()]
+            for name, value in zip(self._present_names(), presents, strict=True):
+                io.bind_ortvalue_output(name, value)
+        else:
+            presents = [np.zeros(shape, info.cache_dtype) for _ in self._present_names()]
+            for name, arr in zip(self._present_names(), presents, strict=True):
+                io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            for name, arr in zip(self._past_names(), self.cache, strict=True):
+                io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        self._io[S] = (io, feeds, presents)
+        return self._io[S]
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, ids: np.ndarray, local: np.ndarray, patches: np.ndarray | None = None,
+                patch_pos: np.ndarray | None = None) -> np.ndarray:
+        """Append S tokens to the context and return the logits [V] after the last one (a view of a
+        buffer the next call overwrites). `patches` / `patch_pos` are per token (S, 3, 16, 16) / (S, 2)."""
+        S = len(ids)
+        if self.capacity < S:
+            raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}")
+        io, feeds, presents = self._binding(S)
+        start = self.position
+        feeds["input_ids"][0] = ids
+        feeds["position_ids"][0] = np.arange(start, start + S)
+        feeds["local_positions"][0] = local
+        if self.info.has_images:
+            if patches is None:
+                feeds["patches"].fill(0.0)
+                feeds["patch_positions"].fill(0)
+            else:
+                feeds["patches"][0] = patches
+                feeds["patch_positions"][0] = patch_pos
+        if self.device_cache:
+            for name, value in zip(self._past_names(), self._caches[self._current], strict=True):
+                io.bind_ortvalue_input(name, value)
+        self.session.run_with_iobinding(io)
+        slots = (start + np.arange(S)) % self.capacity
+        if self.device_cache:
+            self._write_device(presents, slots)
+        else:
+            self._write_host(presents, start, S)
+        self.past_positions[0, slots] = feeds["position_ids"][0]
+        self.position = start + S
+        return self._logits[0, 0]
+
+    def _write_host(self, presents: list[np.ndarray], start: int, S: int) -> None:  # noqa: N803
+        # Positions are contiguous, so the ring write is at most two slice copies per tensor.
+        lo = start % self.capacity
+        first = min(S, self.capacity - lo)
+        for cache, new in zip(self.cache, presents, strict=True):
+            cache[:, :, lo:lo + first] = new[:, :, :first]
+            if first < S:
+                cache[:, :, : S - first] = new[:, :, first:]
+
+    def _write_device(self, presents: list[ort.OrtValue], slots: np.ndarray) -> None:
+        source, target = self._caches[self._current], self._caches[1 - self._current]
+        io = self._scatter.io_binding()
+        for i, (old, new, out) in enumerate(zip(source, presents, target, strict=True)):
+            io.bind_ortvalue_input(f"cache.{i}", old)
+            io.bind_ortvalue_input(f"new.{i}", new)
+            io.bind_ortvalue_output(f"updated.{i}", out)
+        io.bind_cpu_input("slots", slots.astype(np.int64))
+        self._scatter.run_with_iobinding(io)
+        self._current = 1 - self._current
+
+    # ----------------------------------------------------------------------------------- policy
+    def reset(self, prompt: dict[str, Any] | None = None) -> None:
+        """Forget the context. `prompt` = {"observations": {key: (T, ...)}, "actions": (T, A)}: a
+        demonstration preloaded into the cache, as Gato prompts with an episode of the task."""
+        self.position = 0
+        self.past_positions.fill(self.info.empty_position)  # empty slots are masked by position
+        self._pending: tuple[int, int] | None = None  # (token, local position) of the last action token
+        if prompt is None:
+            return
+        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]))
+        ids, local = stream["tokens"], stream["local_positions"]
+        patches = patch_pos = None
+        if self.info.has_images:
+            is_patch = ids == tok.PATCH_TOKEN
+            patches = np.zeros((len(ids), 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
+            patch_pos = np.zeros((len(ids), 2), np.int64)
+            patches[is_patch] = stream["patches"]
+            patch_pos[is_patch] = stream["patch_positions"]
+        chunk = max(1, min(self.capacity, 256))
+        for s in range(0, len(ids), chunk):
+            e = s + chunk
+            self.forward(ids[s:e], local[s:e], None if patches is None else patches[s:e],
+                         None if patch_pos is None else patch_pos[s:e])
+
+    def _choose(self, logits: np.ndarray, index: int) -> int:
+        lo, hi = self._ranges[index]
+        allowed = logits[lo:hi]
+        if self.temperature <= 0.0:
+            return lo + int(np.argmax(allowed))
+        z = allowed.astype(np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        return lo + int(self.rng.choice(len(p), p=p / p.sum()))
+
+    def step_tokens(self, observation: dict[str, np.ndarray], teacher: np.ndarray | None = None) -> np.ndarray:
+        """One control tick, returning the A chosen action tokens (int64).
+
+        `teacher` (A tokens): feed these into the context instead of the chosen ones (teacher forcing,
+        to compare variants of a model on the same token stream); the chosen tokens are still returned."""
+        ts = tok.tokenize_observation(self.spec, observation)  # validates: ObservationError
+        ids, local = ts.tokens, ts.local_positions
+        patches = patch_pos = None
+        if self.info.has_images:
+            patches = np.zeros((len(ids), 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
+            patch_pos = np.zeros((len(ids), 2), np.int64)
+            is_patch = ids == tok.PATCH_TOKEN
+            patches[is_patch] = ts.patches
+            patch_pos[is_patch] = ts.patch_positions
+        if self._pending is not None:
+            token, lp = self._pending
+            ids = np.concatenate([[token], ids])
+            local = np.concatenate([[lp], local])
+            if patches is not None:
+                patches = np.concatenate([np.zeros((1, *patches.shape[1:]), np.float32), patches])
+                patch_pos = np.concatenate([np.zeros((1, 2), np.int64), patch_pos])
+        logits = self.forward(ids, local, patches, patch_pos)
+        A = self.spec.action_size
+        tokens = np.empty(A, dtype=np.int64)
+        one_id, one_local = np.empty(1, np.int64), np.empty(1, np.int64)
+        for i in range(A):
+            tokens[i] = self._choose(logits, i)
+            fed = tokens if teacher is None else teacher
+            if i < A - 1:
+                one_id[0], one_local[0] = fed[i], self.obs_tokens + i
+                logits = self.forward(one_id, one_local)
+        self._pending = (int(fed[-1]), self.obs_tokens + A - 1)
+        return tokens
+
+    def step(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """Observation (dict key → array, as the spec says) → float64 (A,) command, finite, within limits."""
+        t0 = time.perf_counter()
+        action = tok.detokenize_action(self.spec, self.step_tokens(observation))
+        self.last_step_ms = (time.perf_counter() - t0) * 1e3
+        self.steps += 1
+        return action
+
+    def zero_observation(self) -> dict[str, np.ndarray]:
+        """A valid observation of zeros (mid-grey images): for warm-up and smoke tests."""
+        obs: dict[str, np.ndarray] = {}
+        for o in self.spec.observations:
+            obs[o.name] = np.full(o.shape, 128, np.uint8) if o.kind == "image" else np.zeros(o.shape, np.float64)
+        return obs
+
+    def warmup(self, steps: int = 2) -> None:
+        """Run a few ticks so first-call allocations (and TensorRT engine builds) happen at load, then reset."""
+        for _ in range(steps):
+            self.step(self.zero_observation())
+        self.reset()
+        self.steps = 0

@@ -1,0 +1,393 @@
+"""`gato-ros train`: supervised training of a Gato model on an episode dataset (action loss only).
+
+One script for one CPU, one GPU or many: under `torchrun --nproc_per_node N` it runs DDP (gloo on
+CPU, nccl on GPU), each rank reading its share of the windows; rank 0 logs and writes checkpoints.
+
+    gato-ros train --data data/stack --preset tiny --out runs/tiny --steps 2000
+    torchrun --nproc_per_node 2 --standalone -m gato_ros.train --data data/stack --out runs/tiny --epochs 10
+
+The output directory is the checkpoint (never pickle): model.safetensors, config.json (GatoConfig),
+spec.json (EmbodimentSpec), optimizer.safetensors + train_state.json (for --resume), log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from gato_ros import tokenizer as tok
+from gato_ros.data import read_dataset
+from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.sequences import SequenceDataset
+from gato_ros.spec import EmbodimentSpec
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "train_state.json"
+LOG_FILE = "log.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing files or its files disagree."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset directory (gato-ros collect)")
+    parser.add_argument("--out", required=True, help="checkpoint/output directory")
+    parser.add_argument("--preset", default="tiny", help="model preset (tiny, gato-79m, gato-364m, gato-1.18b)")
+    parser.add_argument("--context-window", type=int, default=None, help="attention window in tokens")
+    parser.add_argument("--seq-len", type=int, default=None, help="training window in tokens (default: context)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (split across ranks)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a share of --lr")
+    parser.add_argument("--warmup", type=int, default=200, help="warmup steps (at most a fifth of the run)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--label-sigma", type=float, default=None, help="soft-label width in bins (0: hard)")
+    parser.add_argument("--no-value-embedding", action="store_true", help="plain lookup for continuous tokens")
+    parser.add_argument("--stride-steps", type=int, default=1, help="timesteps between window starts")
+    parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
+    parser.add_argument("--val-batches", type=int, default=20, help="batches per validation")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between validations and saves")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for everything else
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model: GatoModel, spec: EmbodimentSpec, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any]) -> None:
+    """Write the checkpoint; train_state.json goes last and names the step every file holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"step": str(state["step"])}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(out / MODEL_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2)))
+    _atomic(out / "spec.json", lambda p: p.write_text(spec.to_json()))
+    if optimizer is not None:
+        opt_tensors, opt_json = _flatten_optimizer(optimizer)
+        _atomic(out / OPTIMIZER_FILE, lambda p: save_file(opt_tensors, str(p), metadata=meta))
+        state = {**state, "optimizer": opt_json}
+    _atomic(out / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], raw: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in raw["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in raw["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GatoModel, GatoConfig,
+                                                                                         EmbodimentSpec]:
+    """(model in eval mode, its GatoConfig, the EmbodimentSpec it was trained on)."""
+    directory = Path(directory)
+    for name in (MODEL_FILE, "config.json", "spec.json"):
+        if not (directory / name).exists():
+            raise CheckpointError(f"{directory / name}: missing; not a gato_ros checkpoint")
+    config = GatoConfig.from_json((directory / "config.json").read_text())
+    spec = EmbodimentSpec.from_json((directory / "spec.json").read_text())
+    model = GatoModel(config)
+    try:
+        tensors = load_file(str(directory / MODEL_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{directory / MODEL_FILE}: unreadable or truncated ({err})") from err
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(f"{directory / MODEL_FILE}: does not match config.json ({err})") from err
+    return model.to(device).eval(), config, spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class ActionLoss(torch.nn.Module):
+    """DDP syncs gradients of what runs through `forward`, so the loss lives in one."""
+
+    def __init__(self, model: GatoModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.action_loss(**batch)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: GatoModel, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95); decay on matrices and embeddings only (nanoGPT), not biases or norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def split_episodes(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Held-out episodes for validation: a seeded choice, at least one when fraction > 0 and n > 1."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: GatoModel, loader: DataLoader, device: torch.device, max_batches: int, autocast: Any) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        with autocast():
+            loss = model.action_loss(**batch)
+        n = int(batch["loss_mask"].sum())
+        total += float(loss) * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    master = rank == 0
+    try:
+        return _train(args, rank, world, device, master, distributed)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device, master: bool,
+           distributed: bool) -> int:
+    out = Path(args.out)
+    resuming = args.resume and (out / STATE_FILE).exists()
+    if not args.resume and (out / STATE_FILE).exists():
+        print(f"error: {out} already holds a checkpoint; pass --resume to continue it", file=sys.stderr)
+        return 2
+    if args.batch_size % world:
+        print(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks", file=sys.stderr)
+        return 2
+
+    data = read_dataset(args.data)
+    spec = data.spec
+    if resuming:
+        config = GatoConfig.from_json((out / "config.json").read_text())
+        saved_spec = EmbodimentSpec.from_json((out / "spec.json").read_text())
+        if saved_spec != spec:
+            print(f"error: {args.data} has spec {spec.name!r}, the checkpoint in {out} was trained on "
+                  f"{saved_spec.name!r}", file=sys.stderr)
+            return 2
+    else:
+        config = GatoConfig.from_preset(
+            args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
+            value_embedding=False if args.no_value_embedding else None,
+        )
+    if tok.timestep_token_count(spec) > config.max_local_positions:
+        print(f"error: a timestep of spec {spec.name!r} has {tok.timestep_token_count(spec)} tokens, the model "
+              f"has {config.max_local_positions} local positions", file=sys.stderr)
+        return 2
+    seq_len = args.seq_len or config.context_window
+
+    torch.manual_seed(args.seed)
+    train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
+    train_set = SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob, args.prompt_tokens,
+                                train=True, seed=args.seed)
+    val_stride = max(1, seq_len // tok.timestep_token_count(spec))
+    val_set = SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens,
+                              train=False, seed=args.seed) if val_eps and master else None
+    per_rank = args.batch_size // world
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                                 drop_last=False)
+    steps_per_epoch = max(1, len(sampler) // per_rank)
+    total_steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup = max(1, min(args.warmup, total_steps // 5))
+
+    model = GatoModel(config).to(device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    step, best_val = 0, float("inf")
+    if resuming:
+        tensors = load_file(str(out / MODEL_FILE))
+        state = json.loads((out / STATE_FILE).read_text())
+        model.load_state_dict(tensors)
+        opt_path = out / OPTIMIZER_FILE
+        for path in (out / MODEL_FILE, opt_path):
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("step") != str(state["step"]):
+                    raise CheckpointError(f"{path}: holds step {(f.metadata() or {}).get('step')}, "
+                                          f"{out / STATE_FILE} says {state['step']} (interrupted save?)")
+        _load_optimizer(optimizer, load_file(str(opt_path), device=str(device)), state["optimizer"])
+        step, best_val = state["step"], state.get("best_val", float("inf"))
+        total_steps = state.get("total_steps", total_steps) if args.steps is None else args.steps
+    wrapped: torch.nn.Module = ActionLoss(model)
+    if distributed:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=not spec.image_keys)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+    val_loader = (DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=args.workers)
+                  if val_set is not None else None)
+    n_params = model.num_params()
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"gato-ros train: {n_params / 1e6:.2f}M parameters, {len(train_set)} windows of {seq_len} tokens "
+              f"from {len(train_eps)} episodes ({len(val_eps)} held out), {world} rank(s) on {device}, "
+              f"{total_steps} steps from {step}", file=sys.stderr)
+
+    def save(state_step: int) -> None:
+        save_checkpoint(out, model, spec, optimizer, {
+            "step": state_step, "total_steps": total_steps, "best_val": best_val, "seed": args.seed,
+            "seq_len": seq_len, "batch_size": args.batch_size, "data": str(args.data),
+        })
+
+    progress = None
+    if master and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    log = (out / LOG_FILE).open("a") if master else None
+    start_time = time.time()
+    window_time, window_tokens, window_loss, window_n = time.time(), 0, 0.0, 0
+    model.train()
+    stop = False
+    while step < total_steps and not stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        indices = list(sampler)
+        batches = [indices[k : k + per_rank] for k in range(0, steps_per_epoch * per_rank, per_rank)]
+        loader = DataLoader(train_set, batch_sampler=batches[skip:], num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
+        for batch in loader:
+            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = to_device(batch, device)
+            with autocast():
+                loss = wrapped(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            step += 1
+            window_loss += loss.item()
+            window_n += 1
+            window_tokens += batch["input_ids"].numel() * world
+
+            stop = step >= total_steps
+            if args.max_minutes is not None:  # every rank must stop at the same step
+                flag = torch.tensor([float(time.time() - start_time > 60 * args.max_minutes)], device=device)
+                if distributed:
+                    dist.broadcast(flag, 0)
+                stop = stop or bool(flag.item())
+            checkpoint_due = stop or step % args.eval_every == 0
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            if master and checkpoint_due:
+                now = time.time()
+                record = {"step": step, "loss": window_loss / max(window_n, 1), "lr": lr,
+                          "time": round(now - start_time, 3),
+                          "tokens_per_s": round(window_tokens / max(now - window_time, 1e-9), 1)}
+                if val_loader is not None:
+                    record["val_loss"] = evaluate(model, val_loader, device, args.val_batches, autocast)
+                    best_val = min(best_val, record["val_loss"])
+                save(step)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if progress is not None:
+                    progress.write(json.dumps(record))
+                window_time, window_tokens, window_loss, window_n = time.time(), 0, 0.0, 0
+            if distributed and checkpoint_due:
+                dist.barrier()  # the others wait while rank 0 validates and saves
+            if stop:
+                break
+    if progress is not None:
+        progress.close()
+    if log is not None:
+        log.close()
+    if master:
+        print(f"gato-ros train: step {step}, checkpoint in {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gato_ros.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Export: the ONNX file's contract, parity with torch, the rolling cache, and the quantized variants.
+
+Small random-init models (2 layers, d=32, window 64/96) keep the suite fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gato_ros import tokenizer as tok
+from gato_ros.export import builtin_spec, export, io_names
+from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
+from gato_ros.runtime import PolicyRuntime
+
+torch.set_num_threads(1)
+
+
+def small_model(window: int) -> GatoModel:
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=window, patch_channels=8)
+    return GatoModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def state_export(tmp_path_factory):
+    model, spec = small_model(64), builtin_spec()
+    paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx", ("int8", "int4", "fp16"))
+    return model, spec, paths
+
+
+@pytest.fixture(scope="module")
+def image_export(tmp_path_factory):
+    model, spec = small_model(96), builtin_spec(images=True)
+    return model, spec, export(model, spec, tmp_path_factory.mktemp("image") / "policy.onnx")
+
+
+def random_observation(spec, rng):
+    return {o.name: rng.integers(0, 256, o.shape).astype(np.uint8) if o.kind == "image" else rng.normal(size=o.shape)
+            for o in spec.observations}
+
+
+def test_file_contract(state_export, image_export):
+    for model, spec, paths in (state_export, image_export):
+        proto = onnx.load(str(paths["fp32"]))
+        onnx.checker.check_model(proto)
+        assert proto.opset_import[0].version >= 17
+        inputs, outputs = io_names(model.config.n_layer, bool(spec.image_keys))
+        assert [i.name for i in proto.graph.input] == inputs
+        assert [o.name for o in proto.graph.output] == outputs
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+        assert dims["input_ids"] == ["batch", "sequence"]
+        assert dims["past_key_values.0.key"] == ["batch", 2, "past_sequence", 16]
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert GatoConfig.from_json(meta["gato_ros.config"]) == model.config
+        assert meta["gato_ros.spec"] == spec.to_json()
+        assert json.loads(meta["gato_ros.tokenizer"])["VOCAB_SIZE"] == tok.VOCAB_SIZE
+        assert int(meta["gato_ros.context_tokens"]) == model.config.context_window
+        assert meta["gato_ros.variant"] == "fp32"
+    for variant, path in state_export[2].items():
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert meta["gato_ros.variant"] == variant
+
+
+def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
+    ops = {v: {n.op_type for n in onnx.load(str(p)).graph.node} for v, p in state_export[2].items()}
+    assert "MatMulNBits" in ops["int4"]
+    assert ops["int8"] & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+
+
+def test_one_graph_serves_prefill_and_decode_with_empty_cache(state_export):
+    """A fresh run (cache of 0 slots) and a partly empty ring must both match torch."""
+    import onnxruntime as ort
+
+    model, spec, paths = state_export
+    session = ort.InferenceSession(str(paths["fp32"]), providers=["CPUExecutionProvider"])
+    names, _ = io_names(model.config.n_layer, False)
+    ids = torch.tensor([[32100, 32500, 32900, tok.SEPARATOR_TOKEN]])
+    for cache in (0, 9):
+        kv = [torch.randn(1, 2, cache, 16) for _ in range(4)]
+        past_positions = torch.full((1, cache), EMPTY_POSITION)
+        args = [ids, torch.arange(4).unsqueeze(0) + 3, torch.arange(4).unsqueeze(0), past_positions, *kv]
+        with torch.no_grad():
+            logits, _ = model(*args[:3], [(kv[0], kv[1]), (kv[2], kv[3])], past_positions, last_only=True)
+        got = session.run(["logits"], {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
+        assert np.abs(got - logits.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("which", ["state", "image"])
+def test_rolling_cache_equals_full_forward(which, state_export, image_export):
+    """Runtime steps through the ring buffer (stream >= 3x the window) give the logits of one torch
+    forward over the whole stream with the sliding-window mask, at every action decision."""
+    model, spec, paths = state_export if which == "state" else image_export
+    window = model.config.context_window
+    rt = PolicyRuntime(str(paths["fp32"]), provider="cpu", threads=1)
+    seen: list[np.ndarray] = []
+    choose = rt._choose
+    rt._choose = lambda logits, i: (seen.append(logits.copy()), choose(logits, i))[1]  # record each decision
+    rng = np.random.default_rng(0)
+    n_obs, A = tok.observation_token_count(spec), spec.action_size
+    steps = -(-3 * window // (n_obs + A)) + 2
+    ids, local, patches, patch_pos = [], [], [], []
+    for _ in range(steps):
+        obs = random_observation(spec, rng)
+        ts = tok.tokenize_observation(spec, obs)
+        actions = rt.step_tokens(obs)
+        ids += [ts.tokens, actions]
+        local.append(np.arange(n_obs + A))
+        full = np.zeros((n_obs + A, 3, 16, 16), np.float32)
+        pos = np.zeros((n_obs + A, 2), np.int64)
+        full[: n_obs][ts.tokens == tok.PATCH_TOKEN] = ts.patches
+        pos[: n_obs][ts.tokens == tok.PATCH_TOKEN] = ts.patch_positions
+        patches.append(full)
+        patch_pos.append(pos)
+    stream = np.concatenate(ids)
+    assert len(stream) >= 3 * window and rt.position < len(stream)  # last action token still pending
+    with torch.no_grad():
+        logits, _ = model(
+            torch.from_numpy(stream)[None],
+            torch.arange(len(stream))[None],
+            torch.from_numpy(np.concatenate(local))[None],
+            patches=torch.from_numpy(np.concatenate(patches))[None] if spec.image_keys else None,
+            patch_positions=torch.from_numpy(np.concatenate(patch_pos))[None] if spec.image_keys else None,
+        )
+    decisions = [t * (n_obs + A) + n_obs - 1 + i for t in range(steps) for i in range(A)]
+    expected = logits[0, decisions].numpy()
+    diff = np.abs(np.stack(seen) - expected).max()
+    print(f"{which}: {len(stream)} tokens, window {window}, max abs logit diff {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_quantized_variants_agree_with_fp32(state_export):
+    """Teacher-forced on the fp32 run's tokens over a synthetic episode: each variant's action tokens
+    and torques vs fp32. Random-init weights give flat logits (small argmax margins), so the bounds
+    are loose; a trained model agrees better."""
+    _, spec, paths = state_export
+    rng = np.random.default_rng(1)
+    episode = [random_observation(spec, rng) for _ in range(30)]
+    ref = PolicyRuntime(str(paths["fp32"]), provider="cpu", threads=1)
+    reference = np.array([ref.step_tokens(o) for o in episode])
+    torques = np.array([tok.detokenize_action(spec, t) for t in reference])
+    bounds = {"fp16": (0.95, 0.5), "int8": (0.9, 1.0), "int4": (0.6, 5.0)}
+    for variant, (min_agreement, max_error) in bounds.items():
+        rt = PolicyRuntime(str(paths[variant]), provider="cpu", threads=1)
+        got = np.array([rt.step_tokens(o, teacher=t) for o, t in zip(episode, reference, strict=True)])
+        agreement = float((got == reference).mean())
+        error = np.abs(np.array([tok.detokenize_action(spec, t) for t in got]) - torques)[:, :7]
+        print(f"{variant}: token agreement {agreement:.3f}, "
+              f"torque error mean {error.mean():.3f} max {error.max():.2f} N·m")
+        assert agreement >= min_agreement
+        assert error.mean() <= max_error
+
+
+def test_cli_exports_a_training_checkpoint(tmp_path):
+    """`gato-ros export --checkpoint DIR` on the training stage's checkpoint format."""
+    from gato_ros.cli import main
+    from gato_ros.train import save_checkpoint
+
+    model, spec = small_model(64), builtin_spec()
+    save_checkpoint(tmp_path / "ckpt", model, spec, None, {"step": 1})
+    out = tmp_path / "policy.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--variants", "int8"]) == 0
+    rt = PolicyRuntime(str(out.with_name("policy.int8.onnx")), provider="cpu", threads=1)
+    assert rt.spec == spec and rt.info.variant == "int8" and rt.capacity == 64

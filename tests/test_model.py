@@ -1,0 +1,202 @@
+"""The model's contract: a rolling KV cache reproduces one full sliding-window forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gato_ros import tokenizer as tok
+from gato_ros.model import EMPTY_POSITION, PRESETS, GatoConfig, GatoModel, soft_labels
+
+torch.set_num_threads(1)
+
+WINDOW = 16
+
+
+def small_model(**overrides: object) -> GatoModel:
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=4, n_ff=64, context_window=WINDOW, patch_channels=8,
+                        max_local_positions=32, **overrides)
+    return GatoModel(config).eval()
+
+
+def random_stream(n: int, with_patches: bool = False, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A token stream with timesteps of 7 tokens: [2 patches], continuous values, separator, actions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS, (1, n), generator=g)
+    local = (torch.arange(n) % 7).unsqueeze(0)
+    ids[local == 4] = tok.SEPARATOR_TOKEN
+    ids[local == 6] = torch.randint(0, 2, (int((local == 6).sum()),), generator=g)  # a discrete action
+    out = {"input_ids": ids, "local_positions": local}
+    if with_patches:
+        ids[local < 2] = tok.PATCH_TOKEN
+        patches = torch.rand(1, n, 3, 16, 16, generator=g) * 0.5 - 0.25
+        patches[ids != tok.PATCH_TOKEN] = 0.0
+        out["patches"] = patches
+        out["patch_positions"] = torch.randint(0, tok.PATCH_POSITION_INTERVALS, (1, n, 2), generator=g)
+    return out
+
+
+def full_forward(model: GatoModel, stream: dict[str, torch.Tensor], offset: int = 0) -> torch.Tensor:
+    n = stream["input_ids"].shape[1]
+    with torch.no_grad():
+        logits, _ = model(position_ids=torch.arange(n).unsqueeze(0) + offset, **stream)
+    return logits
+
+
+def rolling_forward(model: GatoModel, stream: dict[str, torch.Tensor], chunk: int, offset: int = 0) -> torch.Tensor:
+    """Decode `chunk` tokens per call through a fixed ring buffer of context_window slots, overwriting
+    the oldest slots, as the runtime does."""
+    n = stream["input_ids"].shape[1]
+    cache, past_positions = model.empty_cache(batch=1)
+    capacity = past_positions.shape[1]
+    outputs = []
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        inputs = {k: v[:, sl] for k, v in stream.items()}
+        positions = torch.arange(sl.start, sl.stop).unsqueeze(0) + offset
+        with torch.no_grad():
+            logits, presents = model(position_ids=positions, past_key_values=cache,
+                                     past_positions=past_positions, **inputs)
+        outputs.append(logits)
+        slots = torch.argsort(past_positions[0])[: sl.stop - sl.start]  # the oldest (or empty) slots
+        for (k, v), (pk, pv) in zip(cache, presents, strict=True):
+            k[:, :, slots] = pk
+            v[:, :, slots] = pv
+        past_positions[:, slots] = positions
+        assert past_positions.shape[1] == capacity
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_rolling_cache_equals_full_sliding_window_forward(chunk: int) -> None:
+    model = small_model()
+    stream = random_stream(4 * WINDOW + 3)  # > 3x the window: the cache wraps several times
+    full = full_forward(model, stream)
+    rolled = rolling_forward(model, stream, chunk)
+    assert (full - rolled).abs().max().item() <= 1e-4
+
+
+def test_rolling_cache_with_image_patches() -> None:
+    model = small_model()
+    stream = random_stream(3 * WINDOW + 5, with_patches=True)
+    full = full_forward(model, stream)
+    assert (full - rolling_forward(model, stream, chunk=1)).abs().max().item() <= 1e-4
+    assert (full - rolling_forward(model, stream, chunk=7)).abs().max().item() <= 1e-4
+    # The patches matter: other pixels give other logits.
+    other = dict(stream, patches=stream["patches"] * -1.0)
+    assert (full - full_forward(model, other)).abs().max().item() > 1e-3
+
+
+def test_attention_is_relative_for_huge_positions() -> None:
+    model = small_model()
+    stream = random_stream(3 * WINDOW)
+    base = full_forward(model, stream)
+    for offset in (10**9, 2**40 + 12345, 65536 * 7 - 3):
+        assert (base - full_forward(model, stream, offset)).abs().max().item() <= 1e-4
+        assert (base - rolling_forward(model, stream, 4, offset)).abs().max().item() <= 1e-4
+
+
+def test_window_limits_what_a_query_sees() -> None:
+    model = small_model()
+    stream = random_stream(3 * WINDOW)
+    base = full_forward(model, stream)
+    changed = {k: v.clone() for k, v in stream.items()}
+    changed["input_ids"][0, 0] = tok.SEPARATOR_TOKEN + 1 if changed["input_ids"][0, 0] != tok.PATCH_TOKEN else 5
+    other = full_forward(model, changed)
+    diff = (base - other).abs().amax(dim=-1)[0]
+    # Token 0 reaches position p through the layers only while p < n_layer * (window - 1) + 1.
+    reach = model.config.n_layer * (WINDOW - 1)
+    assert diff[: WINDOW].max() > 1e-4
+    assert diff[reach + 1 :].max() == 0.0
+
+
+def test_empty_slots_are_invisible_and_presents_hold_new_tokens_only() -> None:
+    model = small_model()
+    stream = random_stream(6)
+    cache, past_positions = model.empty_cache(batch=1)
+    for k, v in cache:  # garbage in empty slots must not leak into the output
+        k.normal_()
+        v.normal_()
+    with torch.no_grad():
+        logits, presents = model(position_ids=torch.arange(6).unsqueeze(0), past_key_values=cache,
+                                 past_positions=past_positions, **stream)
+    assert (logits - full_forward(model, stream)).abs().max().item() <= 1e-5
+    assert past_positions.eq(EMPTY_POSITION).all()
+    head_dim = model.config.n_embd // model.config.n_head
+    assert [tuple(k.shape) for k, _ in presents] == [(1, model.config.n_head, 6, head_dim)] * model.config.n_layer
+    last, _ = model(position_ids=torch.arange(6).unsqueeze(0), last_only=True, **stream)
+    assert last.shape == (1, 1, tok.VOCAB_SIZE)
+    assert (last[0, 0] - logits[0, -1]).abs().max().item() <= 1e-5
+
+
+def test_value_embedding_is_smooth_and_lookup_is_not() -> None:
+    ids = torch.tensor([[tok.CONTINUOUS_OFFSET + 500, tok.CONTINUOUS_OFFSET + 501, tok.CONTINUOUS_OFFSET + 900]])
+    local = torch.zeros_like(ids)
+    with torch.no_grad():
+        e = small_model().embed(ids, local)[0]
+        near, far = (e[0] - e[1]).norm(), (e[0] - e[2]).norm()
+        assert near < 0.2 * far
+        lookup = small_model(value_embedding=False).embed(ids, local)[0]
+        assert (lookup[0] - lookup[1]).norm() > 0.5 * (lookup[0] - lookup[2]).norm()
+
+
+def test_action_loss_uses_valid_ranges_and_soft_labels() -> None:
+    model = small_model()
+    stream = random_stream(2 * 7)
+    ids = stream["input_ids"]
+    targets = torch.roll(ids, -1, dims=1)
+    local_next = torch.roll(stream["local_positions"], -1, dims=1)
+    mask = local_next >= 5
+    mask[:, -1] = False
+    hi = torch.where(local_next == 6, 2, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+    loss = model.action_loss(ids, torch.arange(ids.shape[1]).unsqueeze(0), stream["local_positions"], targets, mask, hi)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert model.values.proj.weight.grad.abs().sum() > 0
+    labels = soft_labels(torch.tensor([0, 500]), tok.NUM_BINS, 2.5)
+    assert torch.allclose(labels.sum(-1), torch.ones(2))
+    assert labels[1].argmax() == 500 and labels[0].argmax() == 0
+
+
+def test_config_json_round_trip_and_overrides() -> None:
+    config = GatoConfig.from_preset("tiny", context_window=64, value_embedding=False)
+    assert config.context_window == 64 and not config.value_embedding
+    assert GatoConfig.from_json(config.to_json()) == config
+    with pytest.raises(KeyError):
+        GatoConfig.from_preset("gato-9000")
+    with pytest.raises(ValueError):
+        GatoConfig(context_window=70000)
+
+
+@pytest.mark.parametrize("name,paper", [("gato-79m", 79e6), ("gato-364m", 364e6), ("gato-1.18b", 1.18e9)])
+def test_presets_have_the_papers_sizes(name: str, paper: float) -> None:
+    config = PRESETS[name]
+    with torch.device("meta"):
+        n = GatoModel(config).num_params()
+    assert 0.9 * paper < n < 1.15 * paper, f"{name}: {n / 1e6:.1f}M parameters"
+
+
+def test_tiny_preset_is_small() -> None:
+    n = GatoModel(PRESETS["tiny"]).num_params()
+    assert n < 3e6
+
+
+def test_fused_attention_matches_the_exported_plain_path() -> None:
+    model = small_model()
+    stream = random_stream(3 * WINDOW, with_patches=True)
+    fused = full_forward(model, stream)
+    for block in model.blocks:
+        block.attn.fused = False
+    assert (fused - full_forward(model, stream)).abs().max().item() <= 1e-5
+
+
+def test_action_loss_is_zero_only_for_a_perfect_fit() -> None:
+    """The loss is KL to the label distribution: ~0 when the head predicts the labels exactly."""
+    model = small_model(label_sigma=2.5)
+    h = torch.zeros(1, 1, model.config.n_embd)
+    labels, entropy = model._label_table(h.device)
+    assert torch.allclose(labels, soft_labels(torch.arange(tok.NUM_BINS), tok.NUM_BINS, 2.5))
+    assert entropy[500].item() == pytest.approx(math.log(2.5 * math.sqrt(2 * math.pi * math.e)), rel=1e-3)

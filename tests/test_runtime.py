@@ -1,0 +1,204 @@
+"""PolicyRuntime: errors a caller can act on, provider choice, cache paths, reset/prompt, no torch."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gato_ros import tokenizer as tok
+from gato_ros.export import builtin_spec, export
+from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.runtime import ModelLoadError, ObservationError, PolicyRuntime, cuda_device_count
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=64)).eval()
+    return str(export(model, builtin_spec(), tmp_path_factory.mktemp("rt") / "policy.onnx")["fp32"])
+
+
+@pytest.fixture(scope="module")
+def runtime(model_path):
+    return PolicyRuntime(model_path, provider="cpu", threads=1)
+
+
+def observations(spec, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{o.name: rng.normal(size=o.shape) for o in spec.observations} for _ in range(n)]
+
+
+def test_step_returns_finite_command_within_limits(runtime):
+    spec = runtime.spec
+    runtime.reset()
+    for obs in observations(spec, 20):
+        action = runtime.step(obs)
+        assert action.dtype == np.float64 and action.shape == (spec.action_size,)
+        assert np.all(np.isfinite(action))
+        assert np.all(np.abs(action) <= np.array(spec.action_limits))
+        assert action[-1] in (15.0, -15.0)  # the gripper is one of its discrete values
+    assert runtime.last_step_ms > 0 and runtime.provider == "cpu"
+
+
+def test_ring_buffer_is_fixed_and_positions_stay_absolute(runtime):
+    runtime.reset()
+    cache_ids = [id(c) for c in runtime.cache]
+    for obs in observations(runtime.spec, 10):  # 10 x 42 tokens through a 64-slot ring
+        runtime.step(obs)
+    assert [id(c) for c in runtime.cache] == cache_ids and runtime.cache[0].shape[2] == 64
+    held = np.sort(runtime.past_positions[0])
+    assert np.array_equal(held, np.arange(runtime.position - 64, runtime.position))  # the newest 64
+
+
+def test_reset_forgets_and_is_deterministic(runtime):
+    episode = observations(runtime.spec, 5)
+    runtime.reset()
+    first = [runtime.step(o) for o in episode]
+    runtime.reset()
+    second = [runtime.step(o) for o in episode]
+    assert np.array_equal(np.array(first), np.array(second))
+    assert runtime.position > 0
+    runtime.reset()
+    assert runtime.position == 0 and np.all(runtime.past_positions == runtime.info.empty_position)
+
+
+def test_prompt_preloads_the_context(runtime):
+    spec = runtime.spec
+    demo = observations(spec, 6, seed=3)
+    prompt = {"observations": {k: np.stack([o[k] for o in demo]) for k in demo[0]},
+              "actions": np.tile(np.array([1.0, -2.0, 0.5, 3.0, 0.0, 0.1, -0.1, 15.0]), (6, 1))}
+    runtime.reset(prompt)
+    assert runtime.position == 6 * tok.timestep_token_count(spec)
+    action = runtime.step(demo[0])
+    assert np.all(np.isfinite(action))
+
+
+def test_device_cache_path_matches_host_path(model_path, runtime):
+    """The IOBinding + on-device scatter path (used on CUDA) run on the CPU provider."""
+    device = PolicyRuntime(model_path, provider="cpu", threads=1, device_cache=True)
+    episode = observations(runtime.spec, 8, seed=5)
+    runtime.reset()
+    host = [runtime.step_tokens(o) for o in episode]
+    dev = [device.step_tokens(o) for o in episode]
+    assert np.array_equal(np.array(host), np.array(dev))
+
+
+def test_temperature_sampling_is_seeded_and_in_range(model_path):
+    a = PolicyRuntime(model_path, provider="cpu", temperature=1.0, seed=7, threads=1)
+    b = PolicyRuntime(model_path, provider="cpu", temperature=1.0, seed=7, threads=1)
+    episode = observations(a.spec, 4)
+    ta, tb = [a.step_tokens(o) for o in episode], [b.step_tokens(o) for o in episode]
+    assert np.array_equal(np.array(ta), np.array(tb))
+    for tokens in ta:
+        for i, t in enumerate(tokens):
+            lo, hi = tok.action_token_range(a.spec, i)
+            assert lo <= t < hi
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["missing", "extra", "shape", "dtype", "nan", "inf"],
+)
+def test_bad_observations_raise_observation_error(runtime, change):
+    obs = observations(runtime.spec, 1)[0]
+    if change == "missing":
+        del obs["joint_velocities"]
+    elif change == "extra":
+        obs["unknown"] = np.zeros(3)
+    elif change == "shape":
+        obs["joint_positions"] = np.zeros(7)
+    elif change == "dtype":
+        obs["task_state"] = np.array(["a"] * 17)
+    elif change == "nan":
+        obs["joint_positions"][2] = np.nan
+    else:
+        obs["joint_velocities"][0] = np.inf
+    position = runtime.position
+    with pytest.raises(ObservationError):
+        runtime.step(obs)
+    assert runtime.position == position  # a rejected observation leaves the context untouched
+
+
+def test_missing_corrupt_and_mismatched_files(tmp_path, model_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        PolicyRuntime(str(tmp_path / "nope.onnx"))
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf" * 100)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        PolicyRuntime(str(corrupt), provider="cpu")
+    proto = onnx.load(model_path)
+    plain = tmp_path / "plain.onnx"
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.metadata_props[:]
+    onnx.save(bare, str(plain))
+    with pytest.raises(ModelLoadError, match="not a gato_ros policy"):
+        PolicyRuntime(str(plain), provider="cpu")
+    other = tmp_path / "other_tokenizer.onnx"
+    for p in proto.metadata_props:
+        if p.key == "gato_ros.tokenizer":
+            p.value = p.value.replace('"NUM_BINS": 1024', '"NUM_BINS": 512')
+    onnx.save(proto, str(other))
+    with pytest.raises(ModelLoadError, match="tokenizer constants"):
+        PolicyRuntime(str(other), provider="cpu")
+    wrong_graph = tmp_path / "wrong_graph.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    wrong = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    wrong.ir_version = 8
+    for p in onnx.load(model_path).metadata_props:  # valid gato_ros metadata on the wrong graph
+        wrong.metadata_props.add(key=p.key, value=p.value)
+    onnx.save(wrong, str(wrong_graph))
+    with pytest.raises(ModelLoadError, match="signature"):
+        PolicyRuntime(str(wrong_graph), provider="cpu")
+
+
+def test_runtime_imports_and_runs_without_torch(model_path):
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['rclpy'] = None\n"
+        "import numpy as np\n"
+        "from gato_ros.runtime import PolicyRuntime\n"
+        f"rt = PolicyRuntime({model_path!r}, provider='auto', threads=1)\n"
+        "obs = rt.zero_observation()\n"
+        "a = rt.step(obs)\n"
+        "assert np.all(np.isfinite(a))\n"
+        "print('provider', rt.provider)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if cuda_device_count() == 0:
+        # onnxruntime-gpu lists CUDA/TensorRT here, but "auto" must settle on CPU without noise.
+        assert "provider cpu" in out.stdout
+        assert "error" not in out.stderr.lower(), out.stderr
+
+
+@pytest.mark.slow
+def test_memory_flat_over_1e5_steps(model_path):
+    rt = PolicyRuntime(model_path, provider="cpu", threads=1)
+    obs = observations(rt.spec, 1)[0]
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    for _ in range(2000):
+        rt.step(obs)
+    before = rss_mib()
+    for _ in range(100_000 - 2000):
+        rt.step(obs)
+    after = rss_mib()
+    print(f"RSS {before:.1f} -> {after:.1f} MiB over 1e5 steps (peak {resource.getrusage(0).ru_maxrss / 1024:.1f})")
+    assert after - before < 20.0
+    assert rt.position == 100_000 * tok.timestep_token_count(rt.spec) - 1  # last action token pending
