@@ -92,7 +92,7 @@ class EpisodeWriter:
         tmp = self.out_dir / (name + ".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, self.out_dir / name)
-        for obs, act, meta in self._pending:
+        for _, act, meta in self._pending:
             self._index.append({**meta, "episode": len(self._index), "shard": name, "start": start, "length": len(act)})
             start += len(act)
             self._steps += len(act)

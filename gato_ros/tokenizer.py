@@ -114,7 +114,8 @@ def patch_positions(intervals: np.ndarray, rng: np.random.Generator | None = Non
     """(N, 2) row/column position indices: sampled inside each interval when `rng` is given
     (training), the interval mean otherwise (evaluation)."""
     if rng is None:
-        return np.stack([(intervals[:, 0] + intervals[:, 1] - 1) // 2, (intervals[:, 2] + intervals[:, 3] - 1) // 2], 1)
+        rows = (intervals[:, 0] + intervals[:, 1] - 1) // 2
+        return np.stack([rows, (intervals[:, 2] + intervals[:, 3] - 1) // 2], 1)
     return np.stack([rng.integers(intervals[:, 0], intervals[:, 1]), rng.integers(intervals[:, 2], intervals[:, 3])], 1)
 
 
@@ -133,7 +134,9 @@ def validate_observation(spec: EmbodimentSpec, observation: dict[str, np.ndarray
     missing = expected - observation.keys()
     extra = observation.keys() - expected
     if missing or extra:
-        raise ObservationError(f"observation keys differ from spec: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        raise ObservationError(
+            f"observation keys differ from spec: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
     for o in spec.observations:
         value = np.asarray(observation[o.name])
         if value.shape != tuple(o.shape):

@@ -18,7 +18,11 @@ SPEC = EmbodimentSpec(
         ObservationSpec("image", (32, 48, 3), kind="image"),
         ObservationSpec("a_state", (2,), offset=(1.0, 1.0), scale=(2.0, 2.0)),
     ),
-    actions=(ActionSpec("j1", limit=87.0), ActionSpec("j2", limit=12.0), ActionSpec("grip", "discrete", 15, (15.0, -15.0))),
+    actions=(
+        ActionSpec("j1", limit=87.0),
+        ActionSpec("j2", limit=12.0),
+        ActionSpec("grip", "discrete", 15, (15.0, -15.0)),
+    ),
     joint_names=("j1", "j2", "grip"),
 )
 
