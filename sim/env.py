@@ -1,0 +1,254 @@
+"""PyBullet block stacking with a torque-controlled Franka Panda, as a gymnasium env.
+
+The env plays the part of the robot *hardware*: like Franka's torque interface it adds gravity
+compensation to whatever arm torques it is sent, so a zero command holds the arm. Physics runs at
+1 kHz; one control step (20 Hz) holds the command for 50 physics sub-steps and resends it every
+sub-step, because PyBullet's TORQUE_CONTROL only lasts one step.
+
+Action (8,): 7 arm torques in N·m, then the finger force in N (positive opens, negative closes;
+the two fingers are coupled by a gear constraint like the real hand's linkage).
+Observation dict:
+    joint_positions  (8,)  panda_joint1..7 (rad) + panda_finger_joint1 (m, half the finger width)
+    joint_velocities (8,)  same order
+    task_state       (17,) privileged: hand xyz, red xyz, blue xyz, red - hand, blue - red,
+                           sin/cos of 4 × red yaw (a cube looks the same every 90°)
+    image            (H, W, 3) uint8, only when `image_size` is set (TinyRenderer, fixed camera)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+import gymnasium as gym
+import numpy as np
+import pybullet as p
+import pybullet_data
+
+JOINT_NAMES = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
+ARM_TORQUE_LIMITS = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
+FINGER_FORCE_LIMIT = 20.0  # the URDF's finger effort limit (N)
+GRIPPER_OPEN, GRIPPER_CLOSE = 15.0, -15.0  # finger force commands (N): positive opens
+HOME_Q = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+FINGER_OPEN = 0.04  # finger joint upper limit: 8 cm between the fingers
+ARM_JOINTS = list(range(7))
+FINGER_JOINTS = [9, 10]
+MOVABLE_JOINTS = ARM_JOINTS + FINGER_JOINTS  # the DOFs PyBullet's dynamics calls expect
+HAND_LINK = 11  # panda_grasptarget: the point between the fingertips
+log = logging.getLogger(__name__)
+COLOURS = {
+    "red": (0.85, 0.15, 0.15, 1.0),
+    "blue": (0.15, 0.3, 0.85, 1.0),
+    "green": (0.2, 0.7, 0.25, 1.0),
+    "yellow": (0.9, 0.8, 0.15, 1.0),
+}
+
+
+@dataclass
+class StackingConfig:
+    task: str = "stack"  # only stacking for now; the name travels into metadata
+    colours: tuple[str, ...] = ("red", "blue")  # colours[0] goes on top of colours[1]; more are distractors
+    cube_size: float = 0.04
+    cube_mass: float = 0.05
+    physics_hz: int = 1000
+    control_hz: int = 20
+    max_steps: int = 200
+    image_size: int | None = None  # None: no camera (rendering costs ~38 ms per frame)
+    hold_steps: int = 5  # consecutive steps the stack must hold after release
+    place_tolerance: float = 0.015  # top cube's xy offset from the bottom one (m)
+    workspace: tuple[float, float, float, float] = (0.4, 0.65, -0.2, 0.2)  # x_lo, x_hi, y_lo, y_hi
+    min_separation: float = 0.1
+    friction: float = 1.0
+    camera: dict = field(
+        default_factory=lambda: {"eye": (1.05, 0.0, 0.45), "target": (0.5, 0.0, 0.0), "up": (0, 0, 1), "fov": 50.0}
+    )
+
+
+def yaw_of(quaternion) -> float:
+    return p.getEulerFromQuaternion(quaternion)[2]
+
+
+class StackingEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, config: StackingConfig | None = None, **overrides):
+        # keyword overrides (gym.make("GatoStack-v0", image_size=64)) never mutate the caller's config
+        self.config = replace(config or StackingConfig(), **overrides)
+        c = self.config
+        if c.task != "stack" or len(c.colours) < 2:
+            raise ValueError("only the stacking task with at least two blocks is implemented")
+        if c.physics_hz % c.control_hz:
+            raise ValueError("physics rate must be a multiple of the control rate")
+        self.substeps = c.physics_hz // c.control_hz
+        self.joint_names = JOINT_NAMES
+        self.render_mode = "rgb_array"
+        spaces = {
+            "joint_positions": gym.spaces.Box(-np.inf, np.inf, (8,), np.float64),
+            "joint_velocities": gym.spaces.Box(-np.inf, np.inf, (8,), np.float64),
+            "task_state": gym.spaces.Box(-np.inf, np.inf, (17,), np.float64),
+        }
+        if c.image_size:
+            spaces["image"] = gym.spaces.Box(0, 255, (c.image_size, c.image_size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+        limits = np.concatenate([ARM_TORQUE_LIMITS, [FINGER_FORCE_LIMIT]])
+        self.action_space = gym.spaces.Box(-limits, limits, dtype=np.float64)
+        self.client = p.connect(p.DIRECT)  # own client: several envs coexist in one process
+        self._build_scene()
+        self._last_obs: dict[str, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- scene
+    def _build_scene(self) -> None:
+        c, cid = self.config, self.client
+        p.resetSimulation(physicsClientId=cid)
+        p.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=cid)
+        p.setGravity(0, 0, -9.81, physicsClientId=cid)
+        p.setTimeStep(1.0 / c.physics_hz, physicsClientId=cid)
+        p.loadURDF("plane.urdf", [0, 0, -0.626], physicsClientId=cid)
+        self.table = p.loadURDF("table/table.urdf", [0.5, 0, -0.626], physicsClientId=cid)  # top at z = 0
+        self.robot = p.loadURDF("franka_panda/panda.urdf", [0, 0, 0], useFixedBase=True, physicsClientId=cid)
+        # Torque control needs the default velocity motors off.
+        p.setJointMotorControlArray(
+            self.robot, MOVABLE_JOINTS, p.VELOCITY_CONTROL, forces=[0.0] * len(MOVABLE_JOINTS), physicsClientId=cid
+        )
+        # Couple the fingers like the real hand's linkage: finger2 = finger1.
+        gear = p.createConstraint(
+            self.robot, 9, self.robot, 10, p.JOINT_GEAR, [1, 0, 0], [0, 0, 0], [0, 0, 0], physicsClientId=cid
+        )
+        p.changeConstraint(gear, gearRatio=-1, erp=0.1, maxForce=50, physicsClientId=cid)
+        for j in FINGER_JOINTS:
+            p.changeDynamics(self.robot, j, lateralFriction=c.friction, physicsClientId=cid)
+        half = c.cube_size / 2
+        col = p.createCollisionShape(p.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=cid)
+        self.cubes = []
+        for name in c.colours:
+            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=COLOURS[name], physicsClientId=cid)
+            body = p.createMultiBody(c.cube_mass, col, vis, [0, 0, half], physicsClientId=cid)
+            p.changeDynamics(body, -1, lateralFriction=c.friction, physicsClientId=cid)
+            self.cubes.append(body)
+
+    def _sample_cube_positions(self, rng: np.random.Generator) -> list[tuple[float, float]]:
+        c = self.config
+        x_lo, x_hi, y_lo, y_hi = c.workspace
+        while True:
+            xy = rng.uniform([x_lo, y_lo], [x_hi, y_hi], size=(len(self.cubes), 2))
+            d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(len(xy))
+            if d.min() >= c.min_separation:
+                return [tuple(v) for v in xy]
+
+    # ---------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        cid, half = self.client, self.config.cube_size / 2
+        # Rebuild so a seed fully determines the state (no solver warm-start from a previous episode).
+        self._build_scene()
+        for j, q in zip(ARM_JOINTS, HOME_Q, strict=True):
+            p.resetJointState(self.robot, j, q, 0.0, physicsClientId=cid)
+        for j in FINGER_JOINTS:
+            p.resetJointState(self.robot, j, FINGER_OPEN, 0.0, physicsClientId=cid)
+        for body, (x, y) in zip(self.cubes, self._sample_cube_positions(self.np_random), strict=True):
+            yaw = self.np_random.uniform(-math.pi, math.pi)
+            p.resetBasePositionAndOrientation(body, [x, y, half], p.getQuaternionFromEuler([0, 0, yaw]), cid)
+        self.steps = 0
+        self.hold = 0
+        obs = self._observe()
+        self._last_obs = obs
+        return obs, {"success": False, "nan": False}
+
+    def gravity_compensation(self, q: np.ndarray) -> np.ndarray:
+        """The torques that hold the arm still at q: inverse dynamics with zero velocity and acceleration."""
+        zeros = [0.0] * len(MOVABLE_JOINTS)
+        tau = p.calculateInverseDynamics(self.robot, list(q), zeros, zeros, physicsClientId=self.client)
+        return np.asarray(tau[:7])
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape != (8,):
+            raise ValueError(f"action must have 8 values, got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError("action holds NaN or inf")
+        cid = self.client
+        arm = np.clip(action[:7], -ARM_TORQUE_LIMITS, ARM_TORQUE_LIMITS)
+        finger = float(np.clip(action[7], -FINGER_FORCE_LIMIT, FINGER_FORCE_LIMIT))
+        nan = False
+        for _ in range(self.substeps):
+            states = p.getJointStates(self.robot, MOVABLE_JOINTS, physicsClientId=cid)
+            q = np.array([s[0] for s in states])
+            if not np.all(np.isfinite(q)):
+                nan = True
+                break
+            tau = np.clip(arm + self.gravity_compensation(q), -ARM_TORQUE_LIMITS, ARM_TORQUE_LIMITS)
+            p.setJointMotorControlArray(
+                self.robot, MOVABLE_JOINTS, p.TORQUE_CONTROL, forces=list(tau) + [finger, finger], physicsClientId=cid
+            )
+            p.stepSimulation(physicsClientId=cid)
+        self.steps += 1
+        obs = self._observe()
+        nan = nan or not all(np.all(np.isfinite(v)) for k, v in obs.items() if k != "image")
+        if nan:
+            # Physics blew up: end as a failure, loudly, and hand back the last finite observation.
+            log.warning("NaN physics state at step %d: episode ends as a failure", self.steps)
+            info = {"success": False, "nan": True, "steps": self.steps}
+            return self._last_obs, 0.0, True, False, info
+        self._last_obs = obs
+        self.hold = self.hold + 1 if self._stacked_and_released() else 0
+        success = self.hold >= self.config.hold_steps
+        truncated = not success and self.steps >= self.config.max_steps
+        info = {"success": success, "nan": False, "steps": self.steps}
+        return obs, float(success), success, truncated, info
+
+    # ---------------------------------------------------------------- state
+    def _cube_pose(self, i: int) -> tuple[np.ndarray, float]:
+        pos, orn = p.getBasePositionAndOrientation(self.cubes[i], physicsClientId=self.client)
+        return np.asarray(pos), yaw_of(orn)
+
+    def hand_position(self) -> np.ndarray:
+        state = p.getLinkState(self.robot, HAND_LINK, computeForwardKinematics=True, physicsClientId=self.client)
+        return np.asarray(state[4])
+
+    def _stacked_and_released(self) -> bool:
+        c, cid = self.config, self.client
+        top, _ = self._cube_pose(0)
+        bottom, _ = self._cube_pose(1)
+        on_top = (
+            np.linalg.norm(top[:2] - bottom[:2]) < c.place_tolerance and abs(top[2] - bottom[2] - c.cube_size) < 0.008
+        )
+        resting = np.linalg.norm(p.getBaseVelocity(self.cubes[0], physicsClientId=cid)[0]) < 0.05
+        touching = any(
+            p.getContactPoints(self.robot, self.cubes[0], j, -1, physicsClientId=cid) for j in FINGER_JOINTS
+        )
+        return bool(on_top and resting and not touching)
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        cid = self.client
+        states = p.getJointStates(self.robot, ARM_JOINTS + [FINGER_JOINTS[0]], physicsClientId=cid)
+        hand = self.hand_position()
+        red, red_yaw = self._cube_pose(0)
+        blue, _ = self._cube_pose(1)
+        task = np.concatenate(
+            [hand, red, blue, red - hand, blue - red, [math.sin(4 * red_yaw), math.cos(4 * red_yaw)]]
+        )
+        obs = {
+            "joint_positions": np.array([s[0] for s in states]),
+            "joint_velocities": np.array([s[1] for s in states]),
+            "task_state": task,
+        }
+        if self.config.image_size:
+            obs["image"] = self.render(self.config.image_size)
+        return obs
+
+    def render(self, size: int | None = None) -> np.ndarray:
+        """RGB (size, size, 3) uint8 from the fixed camera (TinyRenderer: runs headless)."""
+        size = size or self.config.image_size or 64
+        cam = self.config.camera
+        view = p.computeViewMatrix(cam["eye"], cam["target"], cam["up"], physicsClientId=self.client)
+        proj = p.computeProjectionMatrixFOV(cam["fov"], 1.0, 0.05, 5.0, physicsClientId=self.client)
+        _, _, rgba, _, _ = p.getCameraImage(
+            size, size, view, proj, renderer=p.ER_TINY_RENDERER, physicsClientId=self.client
+        )
+        return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
+
+    def close(self) -> None:
+        if self.client is not None and p.isConnected(self.client):
+            p.disconnect(self.client)
+        self.client = None

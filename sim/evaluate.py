@@ -1,0 +1,218 @@
+"""`gato-ros eval`: closed-loop success rate of a policy on the stacking task.
+
+In-process by default: each worker owns a `StackingEnv` and a policy (the scripted expert, or an
+ONNX file through `gato_ros.runtime.PolicyRuntime`, the same code the ROS node runs). With
+`--over-ros` the sim bridge and the policy node run as separate processes talking over ROS 2
+topics, exactly as a real arm would (`sim.ros_eval`).
+
+Writes JSON (success_rate, episodes, successes, 95 % Wilson interval, lengths, step latency) and a
+PNG summary; optionally an MP4 of the first episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+_worker: dict = {}
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    steps: int
+    nan: bool
+    step_ms: list[float] = field(default_factory=list)  # policy latency per control step
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval: well behaved at 0 % and 100 %, unlike the normal approximation."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime, both have reset/step
+    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command."""
+    if policy == "expert":
+        from sim.expert import ScriptedExpert
+
+        expert = ScriptedExpert()
+
+        class ExpertPolicy:
+            spec = None
+
+            def reset(self) -> None:
+                pass
+
+            def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+                return expert.act(obs)
+
+        return ExpertPolicy()
+    from gato_ros.runtime import PolicyRuntime
+
+    return PolicyRuntime(policy, provider=provider, threads=1)
+
+
+def _init_worker(policy: str, provider: str, max_steps: int | None) -> None:
+    from sim.env import StackingEnv
+
+    _worker["policy"] = make_policy(policy, provider)
+    spec = getattr(_worker["policy"], "spec", None)
+    image = next((o.shape[0] for o in spec.observations if o.kind == "image"), None) if spec else None
+    overrides = {"image_size": image} if image else {}
+    if max_steps:
+        overrides["max_steps"] = max_steps
+    _worker["env"] = StackingEnv(**overrides)
+
+
+def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:
+    env, policy = _worker["env"], _worker["policy"]
+    obs, info = env.reset(seed=seed)
+    policy.reset()
+    result = EpisodeResult(seed=seed, success=False, steps=0, nan=False)
+    done = False
+    while not done:
+        if frames is not None:
+            frames.append(env.render(256))
+        t0 = time.perf_counter()
+        action = policy.step(obs)
+        result.step_ms.append(1e3 * (time.perf_counter() - t0))
+        obs, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+    result.success, result.nan, result.steps = bool(info["success"]), bool(info["nan"]), int(info["steps"])
+    return result
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def summarize(results: list[EpisodeResult], policy: str, mode: str, seed: int, wall_s: float) -> dict:
+    successes = sum(r.success for r in results)
+    n = len(results)
+    lo, hi = wilson_interval(successes, n)
+    latency = np.concatenate([r.step_ms for r in results]) if results else np.zeros(0)
+    lengths = np.array([r.steps for r in results])
+    return {
+        "policy": policy,
+        "mode": mode,
+        "seed": seed,
+        "episodes": n,
+        "successes": successes,
+        "success_rate": successes / max(n, 1),
+        "success_ci95": [lo, hi],
+        "nan_episodes": sum(r.nan for r in results),
+        "episode_length": {"mean": float(lengths.mean()), "median": float(np.median(lengths)),
+                           "min": int(lengths.min()), "max": int(lengths.max())} if n else {},
+        "step_latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99)),
+                            "mean": float(latency.mean())} if latency.size else {},
+        "wall_s": wall_s,
+        "per_episode": [{k: v for k, v in asdict(r).items() if k != "step_ms"} for r in results],
+    }
+
+
+def plot_summary(summary: dict, latency_ms: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    per = summary["per_episode"]
+    colours = ["tab:green" if e["success"] else "tab:red" for e in per]
+    axes[0].bar(range(len(per)), [e["steps"] for e in per], color=colours)
+    axes[0].set(xlabel="episode", ylabel="steps", title="episode length (green: stacked)")
+    lo, hi = summary["success_ci95"]
+    rate = summary["success_rate"]
+    axes[1].bar([0], [rate], yerr=[[rate - lo], [hi - rate]], capsize=8, color="tab:blue")
+    axes[1].set(xlim=(-1, 1), ylim=(0, 1), xticks=[], ylabel="success rate",
+                title=f"{summary['successes']}/{summary['episodes']} stacked (95 % CI)")
+    if latency_ms.size:
+        axes[2].hist(latency_ms, bins=50, color="tab:gray")
+        axes[2].axvline(summary["step_latency_ms"]["p99"], color="k", ls="--", label="p99")
+        axes[2].legend()
+    axes[2].set(xlabel="policy step latency (ms)", ylabel="steps", title="latency per control step")
+    fig.suptitle(f"{Path(summary['policy']).name} · {summary['mode']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="expert", help="'expert' or PATH.onnx")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=100_000, help="episodes use seed, seed+1, ... (keep them apart "
+                        "from the training seeds)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel envs (in-process mode)")
+    parser.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the env's)")
+    parser.add_argument("--over-ros", action="store_true", help="sim bridge and policy node as processes over ROS 2")
+    parser.add_argument("--json", type=Path, default=Path("runs/eval.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="PNG summary (default: beside --json)")
+    parser.add_argument("--video", type=Path, default=None, help="MP4 of the first episode")
+
+
+def run(args: argparse.Namespace) -> int:
+    seeds = [args.seed + i for i in range(args.episodes)]
+    start = time.perf_counter()
+    if args.over_ros:
+        from sim.ros_eval import evaluate_over_ros
+
+        results = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
+                                    video=args.video)
+        mode = "over-ros"
+    else:
+        results = evaluate_in_process(args, seeds)
+        mode = "in-process"
+    summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2))
+    latency = np.concatenate([r.step_ms for r in results]) if results else np.zeros(0)
+    plot_summary(summary, latency, args.plot or args.json.with_suffix(".png"))
+    lo, hi = summary["success_ci95"]
+    lat = summary.get("step_latency_ms", {})
+    print(f"eval {args.policy} ({mode}): {summary['successes']}/{summary['episodes']} = "
+          f"{summary['success_rate']:.1%} success (95 % CI {lo:.1%}-{hi:.1%}); "
+          f"step latency p50 {lat.get('p50', float('nan')):.2f} ms p99 {lat.get('p99', float('nan')):.2f} ms; "
+          f"wrote {args.json}")
+    return 0
+
+
+def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[EpisodeResult]:
+    results: list[EpisodeResult] = []
+    if args.video is not None:  # the filmed episode runs here, in this process
+        _init_worker(args.policy, args.provider, args.max_steps)
+        frames: list[np.ndarray] = []
+        results.append(run_episode(seeds[0], frames))
+        args.video.parent.mkdir(parents=True, exist_ok=True)
+        write_video(frames, args.video, fps=20.0)
+        seeds = seeds[1:]
+    if args.workers <= 1:
+        if "env" not in _worker:
+            _init_worker(args.policy, args.provider, args.max_steps)
+        for s in tqdm(seeds, desc="eval"):
+            results.append(run_episode(s))
+        return results
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.workers, _init_worker, (args.policy, args.provider, args.max_steps)) as pool:
+        results += list(tqdm(pool.imap(run_episode, seeds), total=len(seeds), desc="eval"))
+    return results

@@ -1,0 +1,46 @@
+"""The EmbodimentSpec of the simulated Panda stacking task.
+
+Offsets/scales z-score the continuous observations before mu-law. They are fixed constants (a spec
+travels inside every dataset and model file, so it must not depend on the data), taken from the
+mean/std of 30 expert episodes (`StackingEnv()` + `ScriptedExpert`, seeds 0-29, half of them noisy)
+and rounded; near-constant entries get a floor so they do not blow up.
+"""
+
+from __future__ import annotations
+
+from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+from sim.env import ARM_TORQUE_LIMITS, GRIPPER_CLOSE, GRIPPER_OPEN, JOINT_NAMES
+
+JOINT_POSITION_OFFSET = (0.0, 0.2, 0.0, -2.27, 0.0, 2.46, 0.63, 0.03)
+JOINT_POSITION_SCALE = (0.26, 0.41, 0.23, 0.24, 0.17, 0.32, 0.59, 0.01)
+JOINT_VELOCITY_OFFSET = (0.0,) * 8
+JOINT_VELOCITY_SCALE = (0.5, 0.35, 0.5, 0.25, 0.5, 0.5, 1.0, 0.02)
+# hand xyz, red xyz, blue xyz, red - hand, blue - red, sin/cos(4 yaw)
+TASK_STATE_OFFSET = (0.5, 0.0, 0.15, 0.53, 0.0, 0.03, 0.53, 0.0, 0.02, 0.03, 0.0, -0.12, 0.0, 0.0, 0.0, 0.0, 0.0)
+TASK_STATE_SCALE = (0.09, 0.1, 0.12, 0.07, 0.11, 0.03, 0.07, 0.11, 0.02, 0.07, 0.04, 0.13, 0.1, 0.15, 0.03, 0.7, 0.7)
+
+
+def stacking_spec(image_size: int | None = None, privileged: bool = True) -> EmbodimentSpec:
+    """Panda stacking: proprioception (+ privileged `task_state`) (+ an RGB `image` when sized).
+
+    Actions in controller order: 7 arm torques (N·m, Panda limits) and the gripper as a discrete
+    choice between finger forces (+15 N open, -15 N close).
+    """
+    observations = [
+        ObservationSpec("joint_positions", (8,), "continuous", JOINT_POSITION_OFFSET, JOINT_POSITION_SCALE),
+        ObservationSpec("joint_velocities", (8,), "continuous", JOINT_VELOCITY_OFFSET, JOINT_VELOCITY_SCALE),
+    ]
+    if privileged:
+        observations.append(ObservationSpec("task_state", (17,), "continuous", TASK_STATE_OFFSET, TASK_STATE_SCALE))
+    if image_size:
+        observations.append(ObservationSpec("image", (image_size, image_size, 3), "image"))
+    arm = zip(JOINT_NAMES[:7], ARM_TORQUE_LIMITS, strict=True)
+    actions = [ActionSpec(name, "continuous", float(limit)) for name, limit in arm]
+    actions.append(ActionSpec(JOINT_NAMES[7], "discrete", 20.0, (GRIPPER_OPEN, GRIPPER_CLOSE)))
+    return EmbodimentSpec(
+        name="panda_stack" + (f"_img{image_size}" if image_size else ""),
+        observations=tuple(observations),
+        actions=tuple(actions),
+        control_rate_hz=20.0,
+        joint_names=JOINT_NAMES,
+    )
