@@ -179,3 +179,30 @@ def read_dataset(root: str | Path, spec: EmbodimentSpec | None = None) -> Episod
         raise DatasetError(f"{Path(root) / 'spec.json'}: spec {dataset.spec.name!r} does not match the expected "
                            f"spec {spec.name!r}")
     return dataset
+
+
+class EpisodeCollection:
+    """Several datasets recorded with one spec, read as one (for example expert demos + DAgger)."""
+
+    def __init__(self, datasets: list[EpisodeDataset]) -> None:
+        if not datasets:
+            raise DatasetError("no dataset given")
+        self.spec = datasets[0].spec
+        for d in datasets[1:]:
+            if d.spec != self.spec:
+                raise DatasetError(f"{d.root / 'spec.json'}: spec {d.spec.name!r} differs from "
+                                   f"{datasets[0].root / 'spec.json'} ({self.spec.name!r})")
+        self._parts = [(d, i) for d in datasets for i in range(len(d))]
+        self.episodes = [d.episodes[i] for d, i in self._parts]
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def episode(self, index: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        dataset, i = self._parts[index]
+        return dataset.episode(i)
+
+
+def read_datasets(roots: list[str | Path]) -> EpisodeCollection:
+    """Open one or more datasets that share a spec."""
+    return EpisodeCollection([read_dataset(r) for r in roots])

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from gato_ros import tokenizer as tok
-from gato_ros.data import read_dataset
+from gato_ros.data import read_datasets
 from gato_ros.model import GatoConfig, GatoModel
 from gato_ros.sequences import SequenceDataset
 from gato_ros.spec import EmbodimentSpec
@@ -48,7 +48,9 @@ class CheckpointError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="dataset directory (gato-ros collect)")
+    parser.add_argument("--data", required=True, nargs="+", help="dataset directories (gato-ros collect), one spec")
+    parser.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; a fresh "
+                        "optimizer and schedule)")
     parser.add_argument("--out", required=True, help="checkpoint/output directory")
     parser.add_argument("--preset", default="tiny", help="model preset (tiny, gato-79m, gato-364m, gato-1.18b)")
     parser.add_argument("--context-window", type=int, default=None, help="attention window in tokens")
@@ -241,14 +243,20 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
         print(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks", file=sys.stderr)
         return 2
 
-    data = read_dataset(args.data)
+    data = read_datasets(args.data)
     spec = data.spec
     if resuming:
         config = GatoConfig.from_json((out / "config.json").read_text())
         saved_spec = EmbodimentSpec.from_json((out / "spec.json").read_text())
         if saved_spec != spec:
-            print(f"error: {args.data} has spec {spec.name!r}, the checkpoint in {out} was trained on "
+            print(f"error: {' '.join(args.data)} has spec {spec.name!r}, the checkpoint in {out} was trained on "
                   f"{saved_spec.name!r}", file=sys.stderr)
+            return 2
+    elif args.init:
+        init = Path(args.init)
+        config = GatoConfig.from_json((init / "config.json").read_text())
+        if EmbodimentSpec.from_json((init / "spec.json").read_text()) != spec:
+            print(f"error: --init {init} was trained on another spec than {' '.join(args.data)}", file=sys.stderr)
             return 2
     else:
         config = GatoConfig.from_preset(
@@ -276,6 +284,8 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
     warmup = max(1, min(args.warmup, total_steps // 5))
 
     model = GatoModel(config).to(device)
+    if args.init and not resuming:
+        model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)))
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     step, best_val = 0, float("inf")
     if resuming:
@@ -309,7 +319,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
     def save(state_step: int) -> None:
         save_checkpoint(out, model, spec, optimizer, {
             "step": state_step, "total_steps": total_steps, "best_val": best_val, "seed": args.seed,
-            "seq_len": seq_len, "batch_size": args.batch_size, "data": str(args.data),
+            "seq_len": seq_len, "batch_size": args.batch_size, "data": [str(d) for d in args.data],
         })
 
     progress = None

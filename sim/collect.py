@@ -35,20 +35,63 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
     return jobs
 
 
-def _init_worker(image_size: int | None) -> None:
+def _init_worker(image_size: int | None, policy: str | None = None, beta: float = 0.0) -> None:
     from sim.env import StackingEnv
     from sim.expert import ScriptedExpert
 
     _worker["env"] = StackingEnv(image_size=image_size)
     _worker["expert"] = ScriptedExpert()
+    _worker["beta"] = beta
+    if policy is not None:
+        from gato_ros.runtime import PolicyRuntime
+
+        _worker["policy"] = PolicyRuntime(policy, provider="cpu", threads=1)
 
 
 def _run_job(job: Job):
     from sim.expert import run_episode
 
     t0 = time.perf_counter()
-    episode = run_episode(_worker["env"], _worker["expert"], job.seed, noisy=job.noisy)
+    if "policy" in _worker:
+        episode = run_dagger_episode(job.seed, _worker["beta"])
+    else:
+        episode = run_episode(_worker["env"], _worker["expert"], job.seed, noisy=job.noisy)
     return job, episode, time.perf_counter() - t0
+
+
+def run_dagger_episode(seed: int, beta: float):
+    """DAgger (Ross et al. 2011): the learned policy drives (the expert instead with probability
+    `beta` per step) and every visited state is labelled with the expert's command. Behaviour
+    cloning alone only sees the expert's own states; these teach recovery from the policy's mistakes."""
+    from sim.expert import Episode
+
+    env, expert, policy = _worker["env"], _worker["expert"], _worker["policy"]
+    rng = np.random.default_rng([seed, 2])
+    obs, info = env.reset(seed=seed)
+    policy.reset()
+    frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
+    labels, executed = [], []
+    done = False
+    while not done:
+        label = expert.act(obs)
+        command = policy.step(obs)
+        if rng.random() < beta:
+            command = label
+        for k, v in obs.items():
+            frames[k].append(v)
+        labels.append(label)
+        executed.append(command)
+        obs, _, terminated, truncated, info = env.step(command)
+        done = terminated or truncated
+    return Episode(
+        observations={k: np.stack(v) for k, v in frames.items()},
+        actions=np.asarray(labels, dtype=np.float32),
+        executed=np.asarray(executed, dtype=np.float32),
+        success=bool(info["success"]),
+        nan=bool(info["nan"]),
+        seed=seed,
+        noisy=False,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="add a camera image of this size (px)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
+    parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
+                        "(failed episodes are kept: their states are the point)")
+    parser.add_argument("--beta", type=float, default=0.3, help="DAgger: per-step chance the expert drives instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,18 +120,20 @@ def run(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
         EpisodeWriter(args.out, spec) as writer,
-        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(args.image_size,)) as pool,
+        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(args.image_size, args.policy, args.beta))
+        as pool,
     ):
         progress = tqdm(pool.imap(_run_job, jobs), total=len(jobs), unit="ep", desc="collect")
         for job, episode, seconds in progress:
             wall += seconds
             failed += not episode.success
             nans += episode.nan
-            if episode.success or args.keep_failures:
+            if episode.success or args.keep_failures or args.policy:
                 metadata = {
                     "seed": job.seed,
                     "success": episode.success,
-                    "noisy": job.noisy,
+                    "noisy": episode.noisy,
+                    "dagger": args.policy is not None,
                     "steps": episode.steps,
                     "nan": episode.nan,
                 }

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gato_ros.data import DatasetError, EpisodeWriter, read_dataset
+from gato_ros.data import DatasetError, EpisodeWriter, read_dataset, read_datasets
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 SPEC = EmbodimentSpec(
@@ -84,3 +84,15 @@ def test_nan_written_behind_the_writers_back_is_caught_on_read(tmp_path: Path) -
     np.savez(shard, **arrays)
     with pytest.raises(DatasetError, match="shard-00000.npz.*'actions'"):
         read_dataset(tmp_path).episode(0)
+
+
+def test_datasets_with_one_spec_read_as_one(tmp_path: Path) -> None:
+    write(tmp_path / "a", [2, 3])
+    write(tmp_path / "b", [4])
+    both = read_datasets([tmp_path / "a", tmp_path / "b"])
+    assert len(both) == 3 and [e["length"] for e in both.episodes] == [2, 3, 4]
+    np.testing.assert_array_equal(both.episode(2)[1], episode(4, 0)[1])
+    with EpisodeWriter(tmp_path / "c", EmbodimentSpec("other", SPEC.observations, SPEC.actions[:1])) as writer:
+        writer.add_episode(episode(2, 0)[0], episode(2, 0)[1][:, :1], {})
+    with pytest.raises(DatasetError, match="differs"):
+        read_datasets([tmp_path / "a", tmp_path / "c"])

@@ -196,3 +196,17 @@ def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     b, _, _ = load_checkpoint(tmp_path / "split")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_fine_tune_from_a_checkpoint_on_several_datasets(tmp_path: Path) -> None:
+    """DAgger's loop: expert demos + on-policy data, starting from the last policy's weights."""
+    demos, extra = write_toy_dataset(tmp_path / "demos"), write_toy_dataset(tmp_path / "extra")
+    assert cli_main(["train", *_train_args(demos, tmp_path / "first", 2)]) == 0
+    first, _, _ = load_checkpoint(tmp_path / "first")
+    args = ["--data", str(demos), str(extra), "--out", str(tmp_path / "tuned"), "--init", str(tmp_path / "first"),
+            "--steps", "1", "--lr", "0", "--eval-every", "1", "--no-progress"]
+    assert cli_main(["train", *args]) == 0  # learning rate 0: the saved weights are exactly the initial ones
+    tuned, config, _ = load_checkpoint(tmp_path / "tuned")
+    assert config.context_window == 32  # from the checkpoint, not the preset default
+    for x, y in zip(first.state_dict().values(), tuned.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
