@@ -1,0 +1,138 @@
+"""Conversions between ROS 2 messages and the runtime's numpy observations, numpy + OpenCV only.
+
+Every function takes plain fields (or any object with the message's attributes), so it is unit
+testable without rclpy. Anything a robot could send wrong raises `InputError` with the reason; the
+node turns that into the safe command and an ERROR diagnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+# encoding -> (channels, OpenCV conversion to RGB or None when already RGB)
+ENCODINGS: dict[str, tuple[int, int | None]] = {
+    "rgb8": (3, None),
+    "bgr8": (3, cv2.COLOR_BGR2RGB),
+    "rgba8": (4, cv2.COLOR_RGBA2RGB),
+    "bgra8": (4, cv2.COLOR_BGRA2RGB),
+    "mono8": (1, cv2.COLOR_GRAY2RGB),
+}
+# A 4000×4000 RGBA frame is 64 MB; anything larger is not a camera we support and would only cost
+# memory and time in the subscription callback.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+class InputError(ValueError):
+    """A message that cannot become a valid observation (the reason is in the text)."""
+
+
+def joint_arrays(
+    names: Sequence[str],
+    position: Sequence[float],
+    velocity: Sequence[float],
+    joint_names: Sequence[str],
+    need_velocity: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """JointState fields → positions (and velocities) in `joint_names` order.
+
+    Names may come in any order and extra joints are ignored; a missing or duplicated joint, a
+    length mismatch or a non-finite value of a used joint raises InputError.
+    """
+    names = list(names)
+    position = np.asarray(position, dtype=np.float64).reshape(-1)
+    velocity = np.asarray(velocity, dtype=np.float64).reshape(-1)
+    if len(position) != len(names):
+        raise InputError(f"JointState has {len(names)} names but {len(position)} positions")
+    if need_velocity and len(velocity) != len(names):
+        raise InputError(f"JointState has {len(names)} names but {len(velocity)} velocities")
+    index: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in index:
+            raise InputError(f"JointState names joint {n!r} twice")
+        index[n] = i
+    missing = [n for n in joint_names if n not in index]
+    if missing:
+        raise InputError(f"JointState lacks joints {missing}")
+    order = np.array([index[n] for n in joint_names], dtype=np.int64)
+    pos = position[order]
+    if not np.all(np.isfinite(pos)):
+        raise InputError("JointState positions hold NaN or inf")
+    if not need_velocity:
+        return pos, None
+    vel = velocity[order]
+    if not np.all(np.isfinite(vel)):
+        raise InputError("JointState velocities hold NaN or inf")
+    return pos, vel
+
+
+def joint_state_arrays(msg: Any, joint_names: Sequence[str], need_velocity: bool = True):
+    """`joint_arrays` on a sensor_msgs/JointState (or anything with name/position/velocity)."""
+    return joint_arrays(msg.name, msg.position, msg.velocity, joint_names, need_velocity)
+
+
+def decode_image(
+    encoding: str, height: int, width: int, step: int, data: Any, max_bytes: int = MAX_IMAGE_BYTES
+) -> np.ndarray:
+    """sensor_msgs/Image fields → (height, width, 3) uint8 RGB.
+
+    Honours `step` (row stride, may include padding). The data must be exactly step × height bytes,
+    as the message definition says; anything else raises InputError.
+    """
+    if encoding not in ENCODINGS:
+        raise InputError(f"unsupported image encoding {encoding!r} (supported: {sorted(ENCODINGS)})")
+    channels, conversion = ENCODINGS[encoding]
+    if height <= 0 or width <= 0:
+        raise InputError(f"empty image ({width}×{height})")
+    if step < width * channels:
+        raise InputError(f"image step {step} is less than width × channels = {width * channels}")
+    if step * height > max_bytes:
+        raise InputError(f"image of {step * height} bytes exceeds the {max_bytes}-byte limit")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.size != step * height:
+        raise InputError(f"image data has {buf.size} bytes, step × height = {step * height}")
+    pixels = buf.reshape(height, step)[:, : width * channels].reshape(height, width, channels)
+    if conversion is None:
+        return np.ascontiguousarray(pixels)
+    return cv2.cvtColor(np.ascontiguousarray(pixels), conversion)
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to the model's input; area averaging when shrinking avoids aliasing."""
+    if image.shape[:2] == (height, width):
+        return image
+    shrink = image.shape[0] > height or image.shape[1] > width
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def image_to_observation(msg: Any, shape: Sequence[int], max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
+    """sensor_msgs/Image → the model's (H, W, 3) uint8 RGB input."""
+    image = decode_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data, max_bytes)
+    return resize_image(image, int(shape[0]), int(shape[1]))
+
+
+def vector_observation(data: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """Float64MultiArray.data → an array of the spec's shape (row-major), finite."""
+    x = np.asarray(data, dtype=np.float64).reshape(-1)
+    size = int(np.prod(shape)) if len(shape) else 1
+    if x.size != size:
+        raise InputError(f"observation has {x.size} values, expected {size} for shape {tuple(shape)}")
+    if not np.all(np.isfinite(x)):
+        raise InputError("observation holds NaN or inf")
+    return x.reshape(tuple(shape))
+
+
+def clamp_command(command: Any, limits: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The last line of defence before the wire: (command clamped to ±limits, True) when the
+    command has the right size and is finite, else (zeros, False)."""
+    limits = np.asarray(limits, dtype=np.float64)
+    try:
+        x = np.asarray(command, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return np.zeros_like(limits), False
+    if x.shape != limits.shape or not np.all(np.isfinite(x)):
+        return np.zeros_like(limits), False
+    return np.clip(x, -limits, limits), True

@@ -1,0 +1,566 @@
+"""The policy node over real rclpy + Fast DDS on loopback, with a real exported ONNX model.
+
+The node runs in-process in a background MultiThreadedExecutor; a peer node plays the robot
+(JointState, Image and a task-state vector) and records the commands. Every test namespaces its
+topics so concurrent test runs in the same ROS domain cannot cross-talk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+
+from gato_ros.node import ERROR, OK, WARN, PolicyLoop, PolicyNode, autostart
+from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+
+torch = pytest.importorskip("torch", reason="exporting the test model needs torch")
+torch.set_num_threads(1)
+
+JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
+LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0, 15.0)
+SPEC = EmbodimentSpec(
+    "node-test",
+    (
+        ObservationSpec("joint_positions", (8,)),
+        ObservationSpec("joint_velocities", (8,)),
+        ObservationSpec("task_state", (3,)),
+        ObservationSpec("image", (32, 32, 3), kind="image"),
+    ),
+    tuple(ActionSpec(n, limit=lim) for n, lim in zip(JOINTS[:7], LIMITS[:7], strict=True))
+    + (ActionSpec(JOINTS[7], kind="discrete", limit=15.0, values=(15.0, -15.0)),),
+    20.0,
+    JOINTS,
+)
+RATE = 20.0
+PERIOD = 1.0 / RATE
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    from gato_ros.export import export
+    from gato_ros.model import GatoConfig, GatoModel
+
+    torch.manual_seed(0)
+    # A micro model (~4 ms CPU per step): these tests are about the node, on 2 shared cores.
+    config = GatoConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2, n_ff=64, patch_channels=8,
+                                    context_window=128)
+    model = GatoModel(config).eval()
+    out = tmp_path_factory.mktemp("model") / "node_test.onnx"
+    return str(export(model, SPEC, out, check=False)["fp32"])
+
+
+def joint_state(names=JOINTS, position=None, velocity=None) -> JointState:
+    n = len(names)
+    return JointState(name=list(names), position=list(np.linspace(-1, 1, n) if position is None else position),
+                      velocity=list(np.zeros(n) if velocity is None else velocity))
+
+
+def image(h: int = 48, w: int = 64, encoding: str = "rgb8") -> Image:
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding, 3)
+    data = np.random.default_rng(h * w).integers(0, 256, h * w * channels, dtype=np.uint8).tobytes()
+    return Image(height=h, width=w, encoding=encoding, step=w * channels, data=data)
+
+
+def is_safe(cmd: np.ndarray) -> bool:
+    return bool(np.all(cmd == 0.0))
+
+
+class Robot:
+    """The node under test plus a peer playing the robot, spinning in a background thread."""
+
+    def __init__(self, model_path: str, start: bool = True, node: bool = True, **params) -> None:
+        self.ns = "/t" + uuid.uuid4().hex[:8]
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        topics = {"joint_states_topic": f"{self.ns}/joint_states", "image_topic": f"{self.ns}/image",
+                  "command_topic": f"{self.ns}/commands"}
+        params = {"model_path": model_path, "threads": 1, **topics, **params}  # one ORT thread: 2 shared cores
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        self.node = PolicyNode(context=self.context, namespace=self.ns, parameter_overrides=overrides) if node else None
+        self.peer = rclpy.create_node("robot", context=self.context, namespace=self.ns)
+        self.joint_pub = self.peer.create_publisher(JointState, topics["joint_states_topic"], qos_profile_sensor_data)
+        self.image_pub = self.peer.create_publisher(Image, topics["image_topic"], qos_profile_sensor_data)
+        self.task_pub = self.peer.create_publisher(Float64MultiArray, "/gato/observations/task_state",
+                                                   qos_profile_sensor_data)
+        self.commands: list[tuple[float, np.ndarray]] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        self.diagnostics_received: list[float] = []
+        self.peer.create_subscription(Float64MultiArray, topics["command_topic"], self._on_command, 1000)
+        self.peer.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        if node:
+            self.executor.add_node(self.node)
+        self.executor.add_node(self.peer)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        # What the robot streams: the feeder publishes the latest of these at 20 Hz while enabled.
+        self.feed = {"joints": joint_state(), "image": image(), "task": Float64MultiArray(data=[0.1, 0.2, 0.3])}
+        self.enabled = {"joints": True, "image": True, "task": True}
+        self._stop = threading.Event()
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+        self.feeder.start()
+        if start and node:
+            autostart(self.node)
+
+    def _on_command(self, msg: Float64MultiArray) -> None:
+        self.commands.append((time.monotonic(), np.array(msg.data, dtype=np.float64)))
+
+    def _on_diag(self, msg: DiagnosticArray) -> None:
+        if any(s.name.startswith(f"{self.ns}/gato_policy:") for s in msg.status):
+            self.diagnostics_received.append(time.monotonic())
+            self.diagnostics.append(msg)
+
+    def _feed(self) -> None:
+        pubs = {"joints": self.joint_pub, "image": self.image_pub, "task": self.task_pub}
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            for key, pub in pubs.items():
+                if self.enabled[key]:
+                    pub.publish(self.feed[key])
+            next_t += PERIOD
+            time.sleep(max(0.0, next_t - time.monotonic()))
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(0.005)
+        return False
+
+    def commands_since(self, t: float) -> list[np.ndarray]:
+        return [c for ts, c in list(self.commands) if ts >= t]
+
+    def wait_running(self, timeout: float = 20.0) -> None:
+        """Until a command computed by the model (not the safe zeros) arrives."""
+        t = time.monotonic()
+        assert self.wait_for(lambda: any(not is_safe(c) for c in self.commands_since(t)), timeout), \
+            f"no model command; node says {self.node.level}: {self.node.message!r} / {self.node.last_error!r}"
+
+    def first_safe_after(self, t: float, timeout: float = 2.0) -> float | None:
+        """Seconds from t to the first safe command received after t."""
+        found: list[float] = []
+
+        def check() -> bool:
+            found[:] = [ts - t for ts, c in list(self.commands) if ts >= t and is_safe(c)][:1]
+            return bool(found)
+
+        return found[0] if self.wait_for(check, timeout) else None
+
+    def close(self) -> None:
+        self._stop.set()
+        self.feeder.join()
+        self.executor.shutdown()
+        self.thread.join(timeout=5)
+        if self.node is not None:
+            self.node.destroy_node()
+        self.peer.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+@pytest.fixture(scope="module")
+def shared_robot(model_path):
+    r = Robot(model_path)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def robot(shared_robot):
+    """The module's running node, back to good inputs streaming after every test."""
+    yield shared_robot
+    shared_robot.feed.update(joints=joint_state(), image=image(), task=Float64MultiArray(data=[0.1, 0.2, 0.3]))
+    shared_robot.enabled.update(joints=True, image=True, task=True)
+
+
+def assert_valid(commands, limits=LIMITS) -> None:
+    assert commands, "no commands received"
+    arr = np.stack(commands)
+    assert arr.shape[1] == len(limits)
+    assert np.all(np.isfinite(arr)), "non-finite command published"
+    assert np.all(np.abs(arr) <= np.asarray(limits) + 1e-12), f"command beyond limits: {np.abs(arr).max(0)}"
+
+
+# ----------------------------------------------------------------------------- normal running
+
+
+def test_reordered_and_extra_joint_names_work_normally(robot):
+    robot.wait_running()
+    perm = [3, 0, 7, 5, 1, 6, 2, 4]
+    robot.feed["joints"] = joint_state([JOINTS[i] for i in perm] + ["extra_joint"],
+                                       position=list(np.linspace(-1, 1, 8)[perm]) + [np.nan])
+    time.sleep(3 * PERIOD)
+    t = time.monotonic()
+    time.sleep(10 * PERIOD)
+    cmds = robot.commands_since(t)
+    assert_valid(cmds)
+    assert all(not is_safe(c) for c in cmds), robot.node.message
+    assert robot.node.level == OK
+
+
+BAD_JOINTS = {
+    "nan_position": joint_state(position=[0, np.nan, 0, 0, 0, 0, 0, 0]),
+    "inf_velocity": joint_state(velocity=[0, 0, np.inf, 0, 0, 0, 0, 0]),
+    "wrong_lengths": JointState(name=list(JOINTS), position=[0.0] * 5, velocity=[0.0] * 8),
+    "unknown_names": joint_state([f"other{i}" for i in range(8)]),
+    "missing_name": joint_state(JOINTS[:7]),
+}
+BAD_IMAGES = {
+    "unsupported_encoding": Image(height=4, width=4, encoding="16UC1", step=8, data=bytes(32)),
+    "step_size_mismatch": Image(height=48, width=64, encoding="rgb8", step=64 * 3, data=bytes(100)),
+    "step_too_small": Image(height=48, width=64, encoding="rgb8", step=10, data=bytes(480)),
+    "empty": Image(height=0, width=0, encoding="rgb8", step=0, data=b""),
+}
+
+
+@pytest.mark.parametrize("kind, name", [("joints", n) for n in BAD_JOINTS] + [("image", n) for n in BAD_IMAGES])
+def test_bad_input_gives_safe_command_within_one_period_and_recovers(robot, kind, name):
+    robot.wait_running()
+    good = robot.feed[kind]
+    bad = (BAD_JOINTS if kind == "joints" else BAD_IMAGES)[name]
+    robot.enabled[kind] = False  # only the bad message is the latest of its kind
+    time.sleep(PERIOD)
+    t = time.monotonic()
+    (robot.joint_pub if kind == "joints" else robot.image_pub).publish(bad)
+    delay = robot.first_safe_after(t)
+    assert delay is not None, f"no safe command after {name}"
+    print(f"{name}: safe command {delay * 1e3:.1f} ms after the bad message")
+    assert delay <= PERIOD + 0.05, f"safe command {delay:.3f} s after {name}"
+    assert robot.wait_for(lambda: robot.node.level == ERROR and "invalid input" in robot.node.message, 1.0)
+    robot.enabled[kind] = True
+    robot.feed[kind] = good
+    robot.wait_running(timeout=3.0)  # alive and back to normal
+    assert_valid([c for _, c in robot.commands])
+
+
+def test_stale_inputs_give_safe_command(robot):
+    robot.wait_running()
+    robot.enabled["joints"] = False  # the joint publisher stops
+    t = time.monotonic()
+    delay = robot.first_safe_after(t)
+    stale = robot.node.loop.stale_timeout_s
+    assert delay is not None and delay <= stale + PERIOD + 0.1, delay
+    assert robot.wait_for(lambda: robot.node.level == WARN and "stale" in robot.node.message, 1.0)
+    assert robot.wait_for(lambda: any(s.level == bytes([WARN]) for d in robot.diagnostics for s in d.status), 3.0)
+    robot.enabled["joints"] = True
+    robot.wait_running(timeout=3.0)
+
+
+def test_huge_image_and_burst_keep_the_loop_running(robot):
+    robot.wait_running()
+    robot.enabled["image"] = False
+    big = np.zeros((4000, 4000, 3), np.uint8)
+    big[...] = (255, 0, 0)
+    robot.image_pub.publish(Image(height=4000, width=4000, encoding="rgb8", step=12000, data=big.tobytes()))
+
+    def big_image_decoded() -> bool:
+        buf = robot.node.loop.latest("image")
+        return buf is not None and buf.error is None and bool(np.all(buf.value["image"] == (255, 0, 0)))
+
+    assert robot.wait_for(big_image_decoded, 5.0), "the 4000×4000 image is decoded and resized"
+    robot.enabled["image"] = True
+    for _ in range(1000):  # a burst of 1000 joint states, as fast as Python publishes
+        robot.joint_pub.publish(robot.feed["joints"])
+    t, ticks = time.monotonic(), robot.node.ticks
+    time.sleep(1.0)
+    assert robot.node.ticks - ticks >= 0.7 * (time.monotonic() - t) * RATE, "ticks kept coming"
+    robot.wait_running(timeout=3.0)
+    assert_valid([c for _, c in robot.commands])
+    print(f"burst + 4000x4000 image: deadline misses {robot.node.deadline_misses} of {robot.node.ticks} ticks")
+
+
+def test_bad_observation_vector_gives_safe_command(robot):
+    """Non-joint, non-image keys come from /gato/observations/<key>: a wrong size is invalid input too."""
+    robot.wait_running()
+    robot.enabled["task"] = False
+    time.sleep(PERIOD)
+    t = time.monotonic()
+    robot.task_pub.publish(Float64MultiArray(data=[1.0, 2.0]))  # wrong size for task_state (3,)
+    assert robot.first_safe_after(t) is not None
+    assert robot.wait_for(lambda: "task_state" in robot.node.message, 1.0)
+    robot.enabled["task"] = True
+    robot.wait_running(timeout=3.0)
+
+
+# ----------------------------------------------------------------------------- lifecycle and services
+
+
+def call(node, srv_type, name: str, request, timeout: float = 5.0):
+    client = node.create_client(srv_type, name)
+    assert client.wait_for_service(timeout_sec=timeout), f"service {name} missing"
+    future = client.call_async(request)
+    end = time.monotonic() + timeout
+    while not future.done() and time.monotonic() < end:
+        time.sleep(0.01)
+    assert future.done(), f"{name} did not answer"
+    return future.result()
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+def test_configure_with_a_bad_model_fails_cleanly_and_node_stays_up(model_path, tmp_path, kind):
+    path = tmp_path / "bad.onnx"
+    if kind == "corrupt":
+        path.write_bytes(b"this is not an onnx model" * 100)
+    r = Robot(str(path))
+    try:
+        assert r.node.state_label == "unconfigured"
+        assert "configure failed" in r.node.last_error and "bad.onnx" in r.node.last_error
+        # Still serving: the reset service answers (not configured) and diagnostics report the error.
+        resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/reset", Trigger.Request())
+        assert not resp.success and "not configured" in resp.message
+        assert r.wait_for(lambda: len(r.diagnostics) >= 1, 3.0)
+        status = r.diagnostics[-1].status[0]
+        assert status.level == bytes([ERROR]) and "configure failed" in status.message
+        assert not r.commands, "no commands without a model"
+        # Fixing the parameter makes the same process configure and run.
+        r.node.set_parameters([Parameter("model_path", value=model_path)])
+        autostart(r.node)
+        r.wait_running()
+    finally:
+        r.close()
+
+
+def test_lifecycle_over_services_deactivate_stops_commands(model_path):
+    robot = Robot(model_path)
+    try:
+        _lifecycle(robot)
+    finally:
+        robot.close()
+
+
+def transition(transition_id: int) -> ChangeState.Request:
+    return ChangeState.Request(transition=Transition(id=transition_id))
+
+
+def _lifecycle(robot: Robot) -> None:
+    robot.wait_running()
+    change = f"{robot.ns}/gato_policy/change_state"
+    resp = call(robot.peer, ChangeState, change, transition(Transition.TRANSITION_DEACTIVATE))
+    assert resp.success and robot.node.state_label == "inactive"
+    t = time.monotonic()
+    time.sleep(0.5)
+    last_ts, last = robot.commands[-1]
+    assert is_safe(last), "the last command after deactivate is the safe command"
+    assert last_ts < t + 0.05 and not robot.commands_since(t + 0.05), "no commands while inactive"
+    resp = call(robot.peer, ChangeState, change, transition(Transition.TRANSITION_ACTIVATE))
+    assert resp.success
+    robot.wait_running(timeout=3.0)
+    # reset service: a new episode context while running.
+    resp = call(robot.peer, Trigger, f"{robot.ns}/gato_policy/reset", Trigger.Request())
+    assert resp.success, resp.message
+    call(robot.peer, ChangeState, change, transition(Transition.TRANSITION_DEACTIVATE))
+    resp = call(robot.peer, ChangeState, change, transition(Transition.TRANSITION_CLEANUP))
+    assert resp.success and robot.node.state_label == "unconfigured" and robot.node.runtime is None
+
+
+def test_load_prompt_from_a_dataset(model_path, tmp_path):
+    from gato_ros.data import EpisodeWriter
+
+    rng = np.random.default_rng(0)
+    with EpisodeWriter(tmp_path / "demo", SPEC) as writer:
+        steps = 3
+        obs = {o.name: (rng.integers(0, 256, (steps, *o.shape), dtype=np.uint8) if o.kind == "image"
+                        else rng.normal(size=(steps, *o.shape))) for o in SPEC.observations}
+        actions = np.zeros((steps, SPEC.action_size), np.float32)
+        actions[:, 7] = 15.0
+        writer.add_episode(obs, actions, {"seed": 0})
+    r = Robot(model_path, prompt_path=str(tmp_path / "demo"))
+    try:
+        assert r.node.prompt is not None and r.node.prompt["actions"].shape == (3, 8)
+        r.wait_running()
+        resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/load_prompt", Trigger.Request())
+        assert resp.success, resp.message
+        r.node.set_parameters([Parameter("prompt_path", value=str(tmp_path / "nowhere"))])
+        resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/load_prompt", Trigger.Request())
+        assert not resp.success and "nowhere" in resp.message
+        r.wait_running(timeout=3.0)  # a failed load keeps the running context
+    finally:
+        r.close()
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+NAMES = st.sampled_from(list(JOINTS) + ["other", "", "panda_joint1"])
+FLOATS = st.one_of(st.floats(-10, 10), st.sampled_from([np.nan, np.inf, -np.inf, 1e308, -1e308, 0.0]))
+
+
+@st.composite
+def joint_messages(draw):
+    if draw(st.booleans()):  # often a valid message in a random order, so the runtime runs too
+        names = draw(st.permutations(list(JOINTS)))
+        pos = draw(st.lists(st.floats(-3, 3), min_size=8, max_size=8))
+        return JointState(name=names, position=pos, velocity=draw(st.lists(st.floats(-3, 3), min_size=8, max_size=8)))
+    n = draw(st.integers(0, 10))
+    return JointState(name=draw(st.lists(NAMES, min_size=n, max_size=n)),
+                      position=draw(st.lists(FLOATS, max_size=10)), velocity=draw(st.lists(FLOATS, max_size=10)))
+
+
+@st.composite
+def image_messages(draw):
+    encoding = draw(st.sampled_from(["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "16UC1", "yuv422", "rgb8"]))
+    h, w = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    channels = {"rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding, 3)
+    step = max(0, w * channels + draw(st.sampled_from([0, 0, 0, 2, -1])))
+    size = max(0, step * h + draw(st.sampled_from([0, 0, 0, 1, -3])))
+    data = draw(st.binary(min_size=size, max_size=size))
+    return Image(height=h, width=w, encoding=encoding, step=step, data=data)
+
+
+class Fuzz:
+    loop: PolicyLoop | None = None
+
+
+@pytest.fixture(scope="module")
+def fuzz_loop(model_path):
+    from gato_ros.runtime import PolicyRuntime
+
+    Fuzz.loop = PolicyLoop(PolicyRuntime(model_path), stale_timeout_s=0.25)
+    return Fuzz.loop
+
+
+def _fuzz_case(loop: PolicyLoop, now: float, msgs) -> None:
+    for m in msgs:
+        (loop.on_joint_state if isinstance(m, JointState) else loop.on_image)(m, now)
+    loop.on_vector("task_state", Float64MultiArray(data=[0.0, 0.0, 0.0]), now)
+    result = loop.tick(now + 0.01)
+    assert result.command.shape == (8,)
+    assert np.all(np.isfinite(result.command))
+    assert np.all(np.abs(result.command) <= np.asarray(LIMITS))
+    assert result.stepped == (result.level == OK)
+    if not result.stepped:
+        assert is_safe(result.command)
+
+
+def _fuzz(loop, n: int) -> int:
+    clock = iter(np.arange(0, 1e6, 0.05))
+    count = [0]
+
+    @settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(msgs=st.lists(st.one_of(joint_messages(), image_messages()), min_size=3, max_size=4))
+    def case(msgs):
+        count[0] += len(msgs)
+        _fuzz_case(loop, float(next(clock)), msgs)
+
+    case()
+    return count[0]
+
+
+def test_fuzz_conversion_and_tick_in_process(fuzz_loop):
+    """≥ 1000 random JointState/Image messages through the node's conversion and tick code."""
+    assert _fuzz(fuzz_loop, 350) >= 1000
+
+
+@pytest.mark.slow
+def test_fuzz_conversion_and_tick_in_process_long(fuzz_loop):
+    assert _fuzz(fuzz_loop, 10000) >= 30000
+
+
+def test_fuzz_over_dds(robot):
+    """Random messages over DDS to the running node: it stays up and every command is valid."""
+    robot.wait_running()
+    robot.enabled["joints"] = robot.enabled["image"] = False
+    t = time.monotonic()
+    joints, images = joint_messages(), image_messages()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(j=joints, i=images)
+    def case(j, i):
+        robot.joint_pub.publish(j)
+        robot.image_pub.publish(i)
+        time.sleep(0.005)
+
+    case()
+    cmds = robot.commands_since(t)
+    assert_valid(cmds)
+    assert len(cmds) >= 0.7 * (time.monotonic() - t) * RATE
+    robot.enabled["joints"] = robot.enabled["image"] = True
+    robot.feed["joints"] = joint_state()
+    robot.wait_running(timeout=3.0)
+
+
+# ----------------------------------------------------------------------------- process level
+
+
+def test_node_module_never_imports_torch():
+    code = "import sys; sys.modules['torch'] = None; import gato_ros.node, gato_ros.runtime; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_node_process_rate_limits_diagnostics_and_clean_stop(model_path):
+    """`gato-ros node --ros-args ...` as its own process (as on a robot), fed JointState + Image + task state
+    at 20 Hz: no inputs → safe commands; then commands at 20 Hz ± 10 % over ≥ 3 s, one per tick, finite and
+    within the tightened limits; diagnostics at 1 Hz; Ctrl-C ends with the safe command and exit code 0."""
+    limits = (5.0, 5.0, 5.0, 5.0, 2.0, 2.0, 2.0, 10.0)  # tighter than the model's: the minimum applies
+    r = Robot(model_path, node=False)
+    topics = {"joint_states_topic": f"{r.ns}/joint_states", "image_topic": f"{r.ns}/image",
+              "command_topic": f"{r.ns}/commands"}
+    params = [f"{k}:={v}" for k, v in topics.items()]
+    params += [f"model_path:={model_path}", "threads:=1", f"torque_limits:=[{', '.join(map(str, limits))}]"]
+    cmd = [str(Path(sys.executable).parent / "gato-ros"), "node", "--ros-args", "-r", f"__ns:={r.ns}"]
+    for p in params:
+        cmd += ["-p", p]
+    r.enabled.update(joints=False, image=False, task=False)
+    proc = subprocess.Popen(cmd, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert r.wait_for(lambda: len(r.commands) >= 5, 30.0), "no commands from the node process"
+        assert all(is_safe(c) for _, c in r.commands), "no inputs yet: every command is the safe one"
+        r.enabled.update(joints=True, image=True, task=True)
+        r.wait_running()
+        t0 = time.monotonic()
+        time.sleep(3.5)
+        window = [(ts, c) for ts, c in list(r.commands) if ts >= t0]
+        times = np.array([ts for ts, _ in window])
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        diag = [d for d in list(r.diagnostics) if d.header.stamp.sec > 0]
+        values = [{kv.key: kv.value for kv in d.status[0].values} for d in diag]
+        print(f"node process: {rate:.2f} Hz over {times[-1] - times[0]:.2f} s (target {RATE}); last diagnostics "
+              f"{ {k: v for k, v in values[-1].items() if 'rate' in k or 'latency' in k or 'miss' in k} }")
+        assert abs(rate - RATE) <= 0.1 * RATE, f"{rate:.2f} Hz"
+        cmds = [c for _, c in window]
+        assert_valid(cmds, limits)
+        assert sum(not is_safe(c) for c in cmds) >= 0.9 * len(cmds), "the model drives nearly every tick"
+        # Diagnostics at 1 Hz; ticks counted by the node match the commands received (one per tick).
+        assert len(diag) >= 3
+        status = diag[-1].status[0]
+        assert status.level == bytes([OK]), status.message
+        last = values[-1]
+        assert float(last["step_latency_p99_ms"]) > 0 and last["provider"] == "cpu" and last["model_path"] == model_path
+        assert abs(float(last["achieved_rate_hz"]) - RATE) < 0.15 * RATE, last
+        assert {"input_age_s.image", "input_age_s.joint_states", "input_age_s.task_state"} <= last.keys()
+        (ta, da), (tb, db) = [(t, {kv.key: kv.value for kv in d.status[0].values})
+                              for t, d in zip(r.diagnostics_received, r.diagnostics, strict=True)][-3:-1]
+        received = sum(ta < ts <= tb for ts, _ in list(r.commands))
+        assert abs(int(db["ticks"]) - int(da["ticks"]) - received) <= 2, (da["ticks"], db["ticks"], received)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out
+        time.sleep(0.2)
+        assert is_safe(r.commands[-1][1]), "the last command is the safe one"
+        assert "configured: model" in out and "missing" in out  # the WARN log names the missing inputs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        r.close()
