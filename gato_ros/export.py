@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 
 from gato_ros import tokenizer as tok
 from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
@@ -82,18 +83,26 @@ def io_names(n_layer: int, images: bool) -> tuple[list[str], list[str]]:
 
 
 class OnnxPolicy(torch.nn.Module):
-    """Flat-argument view of GatoModel.forward(last_only=True) in the ONNX file's input order."""
+    """Flat-argument view of GatoModel.forward(last_only=True) in the ONNX file's input order.
+
+    The tied head is written as a 2-D Gemm(h, table, transB=1) on the last position: `F.linear` on a
+    3-D input exports as MatMul(h, tableᵀ), and constant folding then stores a transposed copy of
+    the 33k-row table beside the Gather's (twice the file). With a 2-D input and a (zero) bias the
+    exporter emits Gemm with transB, so both consumers read the one `model.tokens.weight`.
+    """
 
     def __init__(self, model: GatoModel, images: bool) -> None:
         super().__init__()
         self.model, self.images, self.n_layer = model, images, model.config.n_layer
+        self.register_buffer("head_bias", torch.zeros(1), persistent=False)  # makes linear a Gemm
 
     def forward(self, input_ids, position_ids, local_positions, past_positions, *rest):  # type: ignore[no-untyped-def]
         kv = rest[: 2 * self.n_layer]
         past = [(kv[2 * i], kv[2 * i + 1]) for i in range(self.n_layer)]
         patches, patch_positions = (rest[-2], rest[-1]) if self.images else (None, None)
-        logits, presents = self.model(input_ids, position_ids, local_positions, past, past_positions,
-                                      patches, patch_positions, last_only=True)
+        h, presents = self.model.hidden(input_ids, position_ids, local_positions, past, past_positions,
+                                        patches, patch_positions)
+        logits = F.linear(h[:, -1, :], self.model.head_weight, self.head_bias).unsqueeze(1)  # [B, 1, V]
         return (logits, *[t for pair in presents for t in pair])
 
 
@@ -204,18 +213,59 @@ def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int)
 
 
 # ------------------------------------------------------------------------------------------ variants
+def table_name(model: onnx.ModelProto) -> str:
+    """The token table: the one initializer with a vocabulary-sized first axis (Gather and head share it)."""
+    return next(i.name for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == tok.VOCAB_SIZE)
+
+
 def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """The node(s) computing `logits`: kept in full precision (33k-way output head, sensitive)."""
-    return [n.name for n in model.graph.node if "logits" in n.output and n.op_type in ("MatMul", "Gemm")]
+    """The node(s) computing the logits from the tied table: kept in full precision (33k-way head, sensitive)."""
+    table = table_name(model)
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and table in n.input[1:]]
+
+
+def int8_weight(name: str, w: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Symmetric int8 copy of `w` with one scale per slice along `axis`, and the nodes that turn it back
+    into fp32 under `name`. They read initializers only, so ORT folds them at session load: the file
+    holds int8, the session computes in fp32 at fp32 speed."""
+    reduce = tuple(d for d in range(w.ndim) if d != axis)
+    scale = np.abs(w).max(axis=reduce) / 127.0
+    scale[scale == 0] = 1.0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    inits = [numpy_helper.from_array(q, name + "_int8"),
+             numpy_helper.from_array(scale.reshape(shape).astype(np.float32), name + "_scale")]
+    # Cast + Mul rather than DequantizeLinear: ORT keeps DequantizeLinear out of constant folding (for its
+    # QDQ fusions), which would dequantize the table on every call.
+    nodes = [helper.make_node("Cast", [name + "_int8"], [name + "_cast"], to=TensorProto.FLOAT, name=name + "_cast"),
+             helper.make_node("Mul", [name + "_cast", name + "_scale"], [name], name=name + "_dequantize")]
+    return inits, nodes
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """int8 on disk, fp32 compute: the 31k text rows of the token table (never gathered nor chosen by a
+    control policy, whose actions are constrained to their ranges) are stored int8 per row and rebuilt
+    at session load; every row an action can take -- discrete ids [0, DISCRETE_RANGE), the continuous
+    bins, the special tokens -- and the body stay fp32, so actions match the fp32 file exactly and the
+    Gather and the head still share one table. Measured on a trained checkpoint (issue 4): dynamic int8
+    MatMuls lose ~3.5 % of action tokens and are not faster on CPU, an int8 head loses ~10 % (neighbouring
+    bins are near-ties), int8 body weights lose 2 % for 0.5 MiB."""
     proto = onnx.load(str(src))
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=head_nodes(proto),
-                     use_external_data_format=proto.ByteSize() > TWO_GB)
+    graph, table = proto.graph, table_name(proto)
+    init = next(i for i in graph.initializer if i.name == table)
+    w = numpy_helper.to_array(init)
+    lo, hi = tok.DISCRETE_RANGE, tok.CONTINUOUS_OFFSET
+    text, dequantize = int8_weight(table + ".text", w[lo:hi], axis=0)  # one scale per row (token)
+    graph.initializer.remove(init)
+    graph.initializer.extend(text + [numpy_helper.from_array(w[:lo], table + ".discrete"),
+                                     numpy_helper.from_array(w[hi:], table + ".actions")])
+    concat = helper.make_node("Concat", [table + ".discrete", table + ".text", table + ".actions"], [table], axis=0,
+                              name=table + "_concat")
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*dequantize, concat, *body])  # these read initializers only: ORT folds them at load
+    save(proto, dst)
 
 
 def quantize_int4(src: Path, dst: Path) -> None:
