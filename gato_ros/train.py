@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=500, help="steps between validations and saves")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--stop-at", type=int, default=None, help="save and stop at this step, keeping the schedule "
+                        "of the whole run (resume later); for DAgger rounds from mid-run checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
@@ -356,7 +358,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
             window_n += 1
             window_tokens += batch["input_ids"].numel() * world
 
-            stop = step >= total_steps
+            stop = step >= total_steps or (args.stop_at is not None and step >= args.stop_at)
             if args.max_minutes is not None:  # every rank must stop at the same step
                 flag = torch.tensor([float(time.time() - start_time > 60 * args.max_minutes)], device=device)
                 if distributed:
