@@ -9,7 +9,8 @@ Cases per preset and context fill (128 / 512 / 1024 tokens):
     ort-kv-int8     the same with the int8 file (CPU)
     ort-kv-fp16 / ort-kv-int4   CUDA only (gato-1.18b, when a GPU is present)
 Weights are random (latency does not depend on them); the spec is the builtin Panda state spec
-(33 observation values + separator + 8 action tokens = 42 tokens per step).
+(33 observation values + separator + 8 action tokens = 42 tokens per step). The ONNX files have the
+serving head (logits over the 1026 action ids only, as `gato-ros export` writes by default).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from gato_ros import tokenizer as tok
 from gato_ros.export import builtin_spec, export, io_names
 from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
-from gato_ros.runtime import PolicyRuntime, cuda_device_count
+from gato_ros.runtime import PolicyRuntime, cuda_device_count, read_model_info
 
 CONTEXTS = (128, 512, 1024)
 
@@ -80,6 +81,8 @@ def ort_nocache(path: Path, spec, config: GatoConfig, context: int, threads: int
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    logit_ids = read_model_info(session, str(path)).logit_ids  # None: a full-vocabulary head
+    first = tok.CONTINUOUS_OFFSET if logit_ids is None else int(np.searchsorted(logit_ids, tok.CONTINUOUS_OFFSET))
     ids, local = window_stream(spec, context)
     names, _ = io_names(config.n_layer, False)
     head = config.n_embd // config.n_head
@@ -91,7 +94,8 @@ def ort_nocache(path: Path, spec, config: GatoConfig, context: int, threads: int
     def step() -> None:  # one forward over the whole window per action token
         for _ in range(spec.action_size):
             logits = session.run(["logits"], feed)[0]
-            feed["input_ids"][0, -1] = int(np.argmax(logits[0, 0, tok.CONTINUOUS_OFFSET:])) + tok.CONTINUOUS_OFFSET
+            bins = logits[0, 0, first:first + tok.NUM_BINS]
+            feed["input_ids"][0, -1] = int(np.argmax(bins)) + tok.CONTINUOUS_OFFSET
 
     return step
 

@@ -92,6 +92,7 @@ class ModelInfo:
     cache_dtype: np.dtype
     has_images: bool
     cache_update: bytes | None
+    logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -135,6 +136,7 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
     if cache_dtype is None:
         raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
     update = meta.get("gato_ros.cache_update")
+    logit_ids = read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path)
     return ModelInfo(
         config=config,
         spec=spec,
@@ -147,7 +149,30 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         cache_dtype=np.dtype(cache_dtype),
         has_images=has_images,
         cache_update=base64.b64decode(update) if update else None,
+        logit_ids=logit_ids,
     )
+
+
+def read_logit_ids(meta: dict[str, str], spec: EmbodimentSpec, width: Any, path: str) -> np.ndarray | None:
+    """The ids behind the logits columns (`gato_ros.logit_ids`: sorted [lo, hi) ranges); None when the
+    key is absent (a full-vocabulary head). A head that cannot score every action token is refused."""
+    if "gato_ros.logit_ids" not in meta:
+        return None
+    try:
+        ranges = [(int(lo), int(hi)) for lo, hi in json.loads(meta["gato_ros.logit_ids"])]
+        ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges])
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: unreadable gato_ros.logit_ids ({e})") from e
+    if np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= tok.VOCAB_SIZE:
+        raise ModelLoadError(f"{path}: gato_ros.logit_ids must be sorted, disjoint token ranges")
+    if isinstance(width, int) and width != len(ids):
+        raise ModelLoadError(f"{path}: logits has {width} columns but gato_ros.logit_ids lists {len(ids)} ids")
+    for i in range(spec.action_size):
+        lo, hi = tok.action_token_range(spec, i)
+        if not np.isin(np.arange(lo, hi), ids).all():
+            raise ModelLoadError(f"{path}: the head's logit_ids do not cover action {spec.actions[i].name!r} "
+                                 f"(tokens [{lo}, {hi}))")
+    return ids
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -241,12 +266,19 @@ class PolicyRuntime:
             self.device_cache = False
         self.last_step_ms = float("nan")
         self.steps = 0
-        self._ranges = [tok.action_token_range(self.spec, i) for i in range(self.spec.action_size)]
+        self._ranges = [self._columns(*tok.action_token_range(self.spec, i)) for i in range(self.spec.action_size)]
         self._out_names = ["logits"] + self._present_names()
         self._allocate()
         self.reset()
         if warmup:
             self.warmup()
+
+    def _columns(self, lo: int, hi: int) -> tuple[int, int, int]:
+        """Token range [lo, hi) → (first column, last column + 1, token id of the first column). The ids
+        are sorted and cover the range (checked at load), so its columns are contiguous."""
+        ids = self.info.logit_ids
+        first = lo if ids is None else int(np.searchsorted(ids, lo))
+        return first, first + hi - lo, lo
 
     # ----------------------------------------------------------------------------------- buffers
     def _past_names(self) -> list[str]:
@@ -259,7 +291,9 @@ class PolicyRuntime:
         info, C = self.info, self.capacity
         shape = (1, info.num_heads, C, info.head_dim)
         self.past_positions = np.full((1, C), info.empty_position, dtype=np.int64)
-        self._vocab = int(self.session.get_outputs()[0].shape[-1] or tok.VOCAB_SIZE)
+        width = self.session.get_outputs()[0].shape[-1]
+        ids = info.logit_ids
+        self._vocab = int(width) if isinstance(width, int) else (tok.VOCAB_SIZE if ids is None else len(ids))
         self._logits = np.zeros((1, 1, self._vocab), dtype=np.float32)
         self._io: dict[int, tuple[ort.IOBinding, dict[str, np.ndarray], list[Any]]] = {}
         if self.device_cache:
@@ -312,8 +346,9 @@ class PolicyRuntime:
     # ----------------------------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, local: np.ndarray, patches: np.ndarray | None = None,
                 patch_pos: np.ndarray | None = None) -> np.ndarray:
-        """Append S tokens to the context and return the logits [V] after the last one (a view of a
-        buffer the next call overwrites). `patches` / `patch_pos` are per token (S, 3, 16, 16) / (S, 2)."""
+        """Append S tokens to the context and return the logits after the last one (a view of a buffer
+        the next call overwrites): [V], or [K] over `info.logit_ids` for a head restricted to the actions.
+        `patches` / `patch_pos` are per token (S, 3, 16, 16) / (S, 2)."""
         S = len(ids)
         if self.capacity < S:
             raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}")
@@ -387,13 +422,13 @@ class PolicyRuntime:
                          None if patch_pos is None else patch_pos[s:e])
 
     def _choose(self, logits: np.ndarray, index: int) -> int:
-        lo, hi = self._ranges[index]
-        allowed = logits[lo:hi]
+        first, last, token = self._ranges[index]  # the action's columns and the token id of the first
+        allowed = logits[first:last]
         if self.temperature <= 0.0:
-            return lo + int(np.argmax(allowed))
+            return token + int(np.argmax(allowed))
         z = allowed.astype(np.float64) / self.temperature
         p = np.exp(z - z.max())
-        return lo + int(self.rng.choice(len(p), p=p / p.sum()))
+        return token + int(self.rng.choice(len(p), p=p / p.sum()))
 
     def step_tokens(self, observation: dict[str, np.ndarray], teacher: np.ndarray | None = None) -> np.ndarray:
         """One control tick, returning the A chosen action tokens (int64).

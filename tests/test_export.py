@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from gato_ros import tokenizer as tok
-from gato_ros.export import builtin_spec, export, io_names
+from gato_ros.export import action_vocab, builtin_spec, export, io_names
 from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
-from gato_ros.runtime import PolicyRuntime
+from gato_ros.runtime import ModelLoadError, PolicyRuntime
 
 torch.set_num_threads(1)
 
@@ -30,6 +30,17 @@ def small_model(window: int) -> GatoModel:
 def state_export(tmp_path_factory):
     model, spec = small_model(64), builtin_spec()
     paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx", ("int8", "int4", "fp16"))
+    return model, spec, paths
+
+
+# The serving head's ids for the builtin spec: the gripper's 2 discrete values and the 1024 continuous bins.
+ACTION_IDS = np.r_[0:2, tok.CONTINUOUS_OFFSET:tok.CONTINUOUS_OFFSET + tok.NUM_BINS]
+
+
+@pytest.fixture(scope="module")
+def full_head_export(tmp_path_factory):
+    model, spec = small_model(64), builtin_spec()
+    paths = export(model, spec, tmp_path_factory.mktemp("full") / "policy.onnx", ("int8",), full_vocab_head=True)
     return model, spec, paths
 
 
@@ -61,9 +72,53 @@ def test_file_contract(state_export, image_export):
         assert json.loads(meta["gato_ros.tokenizer"])["VOCAB_SIZE"] == tok.VOCAB_SIZE
         assert int(meta["gato_ros.context_tokens"]) == model.config.context_window
         assert meta["gato_ros.variant"] == "fp32"
+        # The head scores the action vocabulary only, and the file says which ids its columns are.
+        assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == \
+            ["batch", 1, len(ACTION_IDS)]
+        assert json.loads(meta["gato_ros.logit_ids"]) == [[0, 2], [tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + 1024]]
     for variant, path in state_export[2].items():
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert meta["gato_ros.variant"] == variant
+        assert "gato_ros.logit_ids" in meta
+
+
+def test_action_vocab_is_the_union_of_action_ranges():
+    from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+
+    assert action_vocab(builtin_spec()) == [(0, 2), (tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)]
+    spec = EmbodimentSpec("d", (ObservationSpec("x", (2,)),),
+                          (ActionSpec("a", kind="discrete", values=(1.0, 2.0, 3.0)),
+                           ActionSpec("b", kind="discrete", values=(1.0, 2.0))), 10.0, ("a", "b"))
+    assert action_vocab(spec) == [(0, 3)]
+
+
+def test_full_vocab_head_option(full_head_export, state_export):
+    """`--full-vocab-head`: logits over all 33k tokens, no logit_ids; the runtime serves both kinds of
+    file and chooses the same tokens from them (the restricted head is the same columns)."""
+    model, spec, paths = full_head_export
+    for path in paths.values():
+        proto = onnx.load(str(path))
+        assert proto.graph.output[0].type.tensor_type.shape.dim[2].dim_value == tok.VOCAB_SIZE
+        assert "gato_ros.logit_ids" not in {p.key for p in proto.metadata_props}
+    rng = np.random.default_rng(4)
+    episode = [random_observation(spec, rng) for _ in range(6)]
+    for variant in ("fp32", "int8"):
+        full = PolicyRuntime(str(paths[variant]), provider="cpu", threads=1)
+        action = PolicyRuntime(str(state_export[2][variant]), provider="cpu", threads=1)
+        assert full.info.logit_ids is None and len(action.info.logit_ids) == len(ACTION_IDS)
+        assert np.array_equal(np.array([full.step_tokens(o) for o in episode]),
+                              np.array([action.step_tokens(o) for o in episode]))
+
+
+def test_runtime_refuses_a_head_that_misses_action_tokens(state_export, tmp_path):
+    _, _, paths = state_export
+    proto = onnx.load(str(paths["fp32"]))
+    for p in proto.metadata_props:
+        if p.key == "gato_ros.logit_ids":
+            p.value = json.dumps([[0, 1], [tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + 1025]])  # gripper id 1 gone
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ModelLoadError, match="do not cover"):
+        PolicyRuntime(str(tmp_path / "bad.onnx"), provider="cpu", threads=1)
 
 
 def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
@@ -79,9 +134,12 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
     assert all(n.name.startswith("/blocks.") and int8[n.input[1]].data_type == onnx.TensorProto.INT8 for n in integer)
     assert {n.input[0] for n in integer} <= {o for n in proto.graph.node if n.op_type == "DynamicQuantizeLinear"
                                              for o in n.output}
-    # The head stays a full-precision Gemm over the one shared table, whose text rows are stored as int8.
+    # The head stays a full-precision Gemm over the action rows gathered from the one shared table, whose
+    # text rows are stored as int8.
     head = [n for n in proto.graph.node if n.op_type == "Gemm"]
-    assert len(head) == 1 and head[0].input[1] == "model.tokens.weight"
+    assert len(head) == 1 and head[0].input[1] == "logit_table"
+    gather = next(n for n in proto.graph.node if n.output[0] == "logit_table")
+    assert gather.op_type == "Gather" and gather.input[0] == "model.tokens.weight"
     table = int8["model.tokens.weight.text_int8"]
     assert table.data_type == onnx.TensorProto.INT8
     assert list(table.dims) == [tok.CONTINUOUS_OFFSET - tok.DISCRETE_RANGE, model.config.n_embd]
@@ -89,13 +147,21 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
     assert paths["int8"].stat().st_size < 0.5 * paths["fp32"].stat().st_size
 
 
-def test_token_table_is_stored_once(state_export):
-    """Gather and the tied head read one initializer: no transposed copy of the table beside it."""
-    model, _, paths = state_export
+@pytest.mark.parametrize("which", ["action", "full"])
+def test_token_table_is_stored_once(which, state_export, full_head_export):
+    """The input embedding and the tied head read one initializer: no transposed copy of the table beside
+    it, and no copy of its action rows (the head Gathers them; ORT folds that at session load)."""
+    model, _, paths = state_export if which == "action" else full_head_export
     proto = onnx.load(str(paths["fp32"]))
     tables = [i.name for i in proto.graph.initializer if tok.VOCAB_SIZE in i.dims]
     assert tables == ["model.tokens.weight"]
-    assert {n.op_type for n in proto.graph.node if tables[0] in n.input} == {"Gather", "Gemm"}
+    readers = [n for n in proto.graph.node if tables[0] in n.input]
+    if which == "full":
+        assert sorted(n.op_type for n in readers) == ["Gather", "Gemm"]
+    else:
+        assert [n.op_type for n in readers] == ["Gather", "Gather"]
+        ids = next(i for i in proto.graph.initializer if i.name == "logit_ids")
+        assert np.array_equal(onnx.numpy_helper.to_array(ids), ACTION_IDS)
     assert paths["fp32"].stat().st_size < 1.3 * 4 * model.num_params()
 
 
@@ -114,7 +180,8 @@ def test_one_graph_serves_prefill_and_decode_with_empty_cache(state_export):
         with torch.no_grad():
             logits, _ = model(*args[:3], [(kv[0], kv[1]), (kv[2], kv[3])], past_positions, last_only=True)
         got = session.run(["logits"], {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
-        assert np.abs(got - logits.numpy()).max() < 1e-4
+        assert got.shape == (1, 1, len(ACTION_IDS))
+        assert np.abs(got - logits.numpy()[..., ACTION_IDS]).max() < 1e-4
 
 
 @pytest.mark.parametrize("which", ["state", "image"])
@@ -154,7 +221,7 @@ def test_rolling_cache_equals_full_forward(which, state_export, image_export):
             patch_positions=torch.from_numpy(np.concatenate(patch_pos))[None] if spec.image_keys else None,
         )
     decisions = [t * (n_obs + A) + n_obs - 1 + i for t in range(steps) for i in range(A)]
-    expected = logits[0, decisions].numpy()
+    expected = logits[0, decisions].numpy()[:, ACTION_IDS]  # the serving head's columns
     diff = np.abs(np.stack(seen) - expected).max()
     print(f"{which}: {len(stream)} tokens, window {window}, max abs logit diff {diff:.2e}")
     assert diff < 1e-4
