@@ -12,6 +12,15 @@ publishes /clock, so nodes with use_sim_time follow it. Services: ~/reset (std_s
 an episode with the `seed` parameter (then seed + 1 for the next one); ~/status (Trigger) reports
 the episode as JSON in `message` and success in `success`. A NaN physics state ends the episode as
 a failure, logged as an error, and the env resets.
+
+For closed-loop evaluation (`sim.ros_eval`) the bridge behaves like in-process stepping: it
+publishes the observation before /clock, so a policy node on sim time ticks on observation t and
+its command arrives before step t + 1; a reset advances /clock by one period (the policy acts on the
+first observation before the first step) and restarts the step schedule. `wait_for_reset` keeps the
+sim still until the first ~/reset, `pause_when_done` stops stepping (and /clock) when an episode
+ends. Per episode the status reports commands received, steps that had a fresh command (one that
+arrived after the observation it answers) or a stale one, and the wall-clock latency from
+publishing an observation to receiving the command that answers it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import threading
 import time
@@ -45,6 +55,8 @@ PARAMETERS: dict[str, Any] = {
     "real_time_factor": 1.0,  # 0 = as fast as possible
     "command_timeout_s": 0.2,  # sim time; an older command is replaced by the zero (holding) command
     "max_steps": 200,
+    "wait_for_reset": False,  # stay still (no steps, no /clock) until the first ~/reset
+    "pause_when_done": False,  # stop stepping when an episode ends, until the next ~/reset
     "publish_clock": True,
     "joint_states_topic": "/joint_states",
     "image_topic": "/camera/image_raw",
@@ -71,6 +83,11 @@ class SimBridge(Node):
         self.timeouts = 0
         self.seed = int(prm["seed"])  # the next episode's; setting the parameter chooses it
         self.episode: dict[str, Any] = {}
+        self.latency_ms: list[float] = []  # this episode's: observation published -> command received (wall)
+        self._published_at = time.monotonic()  # wall time of the last observation
+        self._answered = True  # a command arrived since the last observation
+        self._next_t = time.monotonic()  # wall time of the next step
+        self._started = not prm["wait_for_reset"]
         self.joint_pub = self.create_publisher(JointState, prm["joint_states_topic"], qos_profile_sensor_data)
         self.image_pub = self.create_publisher(Image, prm["image_topic"], qos_profile_sensor_data)
         self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
@@ -104,9 +121,16 @@ class SimBridge(Node):
     # --- commands ---
 
     def _on_command(self, msg: Float64MultiArray) -> None:
+        with self.lock:
+            received = time.monotonic()
+            self.episode["commands"] += 1
+            if not self._answered:
+                self._answered = True
+                self.latency_ms.append(1e3 * (received - self._published_at))
         cmd = np.asarray(msg.data, dtype=np.float64)
         if cmd.shape != (8,) or not np.all(np.isfinite(cmd)):
             self.rejected += 1
+            self.episode["rejected"] += 1
             reason = f"{cmd.size} values, expected 8" if cmd.shape != (8,) else "NaN or inf"
             self.get_logger().warning(f"command rejected ({reason}): holding", throttle_duration_sec=1.0)
             with self.lock:
@@ -119,14 +143,23 @@ class SimBridge(Node):
 
     def _reset_locked(self) -> None:
         obs, _ = self.env.reset(seed=self.seed)
-        self.episode = {"seed": self.seed, "steps": 0, "success": False, "done": False, "nan": False}
+        # /clock moves one period, so a node on sim time ticks on the first observation before the first step.
+        self.sim_time += self.period
+        self.episode = {"seed": self.seed, "steps": 0, "success": False, "done": False, "nan": False,
+                        "start_time": self.sim_time, "wall_start": time.monotonic(), "wall_s": 0.0,
+                        "commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0, "stale_at": []}
+        self.latency_ms = []
         self.seed += 1
         self.command, self.command_time = np.zeros(8), -math.inf
         self._publish(obs)
+        rtf = float(self.prm["real_time_factor"])
+        if rtf > 0:  # the first step comes a full period after the reset: the policy's first command is in by then
+            self._next_t = time.monotonic() + self.period / rtf
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self.lock:
             self._reset_locked()
+            self._started = True
             response.success, response.message = True, json.dumps(self.episode)
         return response
 
@@ -134,13 +167,28 @@ class SimBridge(Node):
         with self.lock:
             response.success = bool(self.episode["success"])
             response.message = json.dumps({**self.episode, "rejected_commands": self.rejected,
-                                           "command_timeouts": self.timeouts, "sim_time": self.sim_time})
+                                           "command_timeouts": self.timeouts, "sim_time": self.sim_time,
+                                           "latency_ms": [round(x, 3) for x in self.latency_ms]})
         return response
 
     # --- stepping ---
 
     def _step_once(self) -> None:
+        rtf = float(self.prm["real_time_factor"])
         with self.lock:
+            if rtf > 0:
+                now = time.monotonic()
+                if now < self._next_t:  # a reset moved the schedule while this thread waited for the lock
+                    return
+                self._next_t += self.period / rtf
+                if self._next_t < now - self.period:  # far behind: re-anchor instead of bursting to catch up
+                    self._next_t = now
+            if not self._started or (self.episode["done"] and self.prm["pause_when_done"]):
+                return
+            if not self.episode["done"]:
+                self.episode["fresh_steps" if self._answered else "stale_steps"] += 1
+                if not self._answered:
+                    self.episode["stale_at"].append(self.episode["steps"])
             if self.sim_time - self.command_time > self.prm["command_timeout_s"]:
                 self.timeouts += 1
                 command = np.zeros(8)
@@ -159,7 +207,8 @@ class SimBridge(Node):
                 self.episode["previous"] = failed
                 return
             if (terminated or truncated) and not self.episode["done"]:
-                self.episode.update(done=True, success=bool(info.get("success")))
+                self.episode.update(done=True, success=bool(info.get("success")),
+                                    wall_s=time.monotonic() - self.episode["wall_start"])
                 self.get_logger().info(f"episode seed {self.episode['seed']}: "
                                        f"{'success' if self.episode['success'] else 'failure'} "
                                        f"after {self.episode['steps']} steps")
@@ -167,23 +216,26 @@ class SimBridge(Node):
 
     def _run(self) -> None:
         rtf = float(self.prm["real_time_factor"])
-        next_t = time.monotonic()
         while not self._stop.is_set() and rclpy.ok(context=self.context):
+            if rtf > 0:
+                # Re-read the schedule after every sleep: a reset moves it (the first step of an episode
+                # comes a full period after the reset, so the policy's first command is in by then).
+                delay = self._next_t - time.monotonic()
+                if delay > 0:
+                    time.sleep(min(delay, self.period))
+                    continue
             try:
                 self._step_once()
             except Exception as err:  # the bridge must survive anything a step throws
                 self.get_logger().error(f"sim step failed: {type(err).__name__}: {err}")
-            if rtf > 0:
-                next_t += self.period / rtf
-                delay = next_t - time.monotonic()
-                if delay < -self.period:  # far behind: re-anchor instead of bursting to catch up
-                    next_t = time.monotonic()
-                time.sleep(max(0.0, delay))
+            paused = not self._started or (self.episode["done"] and self.prm["pause_when_done"])
+            if rtf <= 0 and paused:
+                time.sleep(0.002)  # paused while running as fast as possible: do not spin on the lock
 
     def _publish(self, obs: dict[str, np.ndarray]) -> None:
+        # The observation goes out before /clock: a node on sim time ticks when the clock moves and by
+        # then holds this observation, so its command answers it (as in-process stepping would).
         stamp = Time(nanoseconds=int(round(self.sim_time * 1e9))).to_msg()
-        if self.clock_pub is not None:
-            self.clock_pub.publish(Clock(clock=stamp))
         js = JointState(name=list(JOINT_NAMES), position=obs["joint_positions"].tolist(),
                         velocity=obs["joint_velocities"].tolist())
         js.header.stamp = stamp
@@ -202,6 +254,9 @@ class SimBridge(Node):
                 self.vector_pubs[key] = self.create_publisher(
                     Float64MultiArray, self.prm["observation_prefix"] + key, qos_profile_sensor_data)
             self.vector_pubs[key].publish(Float64MultiArray(data=np.asarray(value, np.float64).reshape(-1).tolist()))
+        if self.clock_pub is not None:
+            self.clock_pub.publish(Clock(clock=stamp))
+        self._published_at, self._answered = time.monotonic(), False
 
     def _camera_info(self, h: int, w: int, stamp: Any) -> CameraInfo:
         f = 0.5 * h / math.tan(math.radians(self.env.config.camera["fov"]) / 2)  # vertical fov, square pixels
@@ -216,12 +271,20 @@ class SimBridge(Node):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C even when started from a shell that ignores SIGINT (background jobs), and SIGTERM
+        # (ros2 launch, a supervisor) end the same clean way.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     bridge = SimBridge()
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(bridge)
     bridge.start()
     try:
-        executor.spin()
+        # spin_once with a timeout, not spin(): the main thread returns to Python at least every 0.1 s, so
+        # Ctrl-C / SIGTERM land even while no callback is due (a paused sim may sit idle for long).
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

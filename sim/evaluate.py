@@ -184,6 +184,10 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_in_process(args, seeds)
         mode = "in-process"
     summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
+    if args.over_ros:
+        from sim.ros_eval import ros_summary
+
+        summary["over_ros"] = ros_summary(results)  # loop rate, stale commands, latency observation → command
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2))
     latency = np.concatenate([r.step_ms for r in results]) if results else np.zeros(0)
@@ -194,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['success_rate']:.1%} success (95 % CI {lo:.1%}-{hi:.1%}); "
           f"step latency p50 {lat.get('p50', float('nan')):.2f} ms p99 {lat.get('p99', float('nan')):.2f} ms; "
           f"wrote {args.json}")
+    if args.over_ros and summary["over_ros"]:
+        from sim.ros_eval import describe
+
+        print(describe(summary["over_ros"]))
     return 0
 
 

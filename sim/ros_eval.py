@@ -1,0 +1,391 @@
+"""`gato-ros eval --over-ros`: the sim bridge and the policy node as separate processes over ROS 2.
+
+The policy sees exactly what a real arm gives it: `sim_bridge` publishes /joint_states and the
+observation topics and takes /effort_controller/commands; `policy_node` (the lifecycle node that
+runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge).
+An in-process rclpy supervisor runs the episodes:
+
+    for each seed: set the bridge's seed → reset the node's context (~/reset) → reset the bridge
+    (~/reset) → poll the bridge's ~/status until the episode is done
+
+The bridge publishes an observation before /clock and waits a full period after a reset, so the
+node's tick for step t answers observation t before the bridge steps to t + 1, as in-process
+stepping does; the bridge counts the steps where that failed (stale commands) and measures the
+wall-clock latency from publishing an observation to receiving its command. Between episodes the
+bridge is paused (`pause_when_done`), so /clock stops and the node does not tick on an old scene.
+
+DDS stays on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless the caller chose another) in
+a random domain unless ROS_DOMAIN_ID is set. Both processes get SIGINT, then SIGKILL, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.evaluate import EpisodeResult
+
+BRIDGE, NODE = "sim_bridge", "gato_policy"
+COMMAND_TOPIC = "/effort_controller/commands"
+LAST_RUN: dict[str, Any] = {}  # the last run's process exit codes and the node's final diagnostics
+
+
+@dataclass
+class RosEpisodeResult(EpisodeResult):
+    """An episode over ROS. `step_ms` holds, per step, observation published → command received (wall)."""
+
+    commands: int = 0  # commands the bridge received during the episode
+    control_rate_hz: float = 0.0  # commands per sim second (the policy's rate on the sim clock)
+    wall_rate_hz: float = 0.0  # sim steps per wall second (the bridge's real-time rate)
+    fresh_steps: int = 0  # steps whose command answered the latest observation
+    stale_steps: int = 0  # steps that ran on an older command (or the hold command)
+    stale_at: list[int] = field(default_factory=list)  # which steps (0 = the first)
+    rejected_commands: int = 0  # wrong length, NaN or inf (the node must never send one)
+
+
+def ros_environment() -> tuple[str, str]:
+    """Loopback DDS unless the caller chose otherwise; a random domain unless one is set. Sets os.environ."""
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if not os.environ.get("ROS_DOMAIN_ID"):
+        os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+    return os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"], os.environ["ROS_DOMAIN_ID"]
+
+
+def model_image_size(policy_path: str) -> int:
+    """The camera size the model wants (0: no image observation), from the spec in the ONNX metadata."""
+    from gato_ros.runtime import open_session, read_model_info
+
+    session, _ = open_session(policy_path, "cpu", threads=1)
+    spec = read_model_info(session, policy_path).spec
+    return next((int(o.shape[0]) for o in spec.observations if o.kind == "image"), 0)
+
+
+def _console_script(name: str, module: str) -> list[str]:
+    """The venv's console script beside this interpreter, else the module through this interpreter."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL when the supervisor dies, even by SIGKILL, so no orphan stays."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+class Processes:
+    """Child processes with their logs; `stop()` ends every one (SIGINT, then SIGKILL) and reaps it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        # Own session: a Ctrl-C in the terminal reaches the supervisor only, which stops the children in order.
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                            start_new_session=True,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        log.close()
+
+    def log_tail(self, name: str, chars: int = 2000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def stop(self, timeout_s: float = 5.0, poke: Any = None) -> dict[str, int]:
+        """SIGINT (the node publishes its safe command and exits), then SIGTERM (a child started from a shell
+        that ignores SIGINT inherits that; both nodes end cleanly on SIGTERM too), then SIGKILL. Exit codes.
+
+        `poke()` is called while waiting: the policy node handles a signal only when its executor wakes, and
+        with the sim paused its sim-time timers never fire, so a service call wakes it."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            running = [proc for proc in self.procs.values() if proc.poll() is None]
+            for proc in running:
+                proc.send_signal(sig)
+            end = time.monotonic() + timeout_s
+            while any(proc.poll() is None for proc in running) and time.monotonic() < end:
+                if poke is not None and sig != signal.SIGKILL:
+                    with contextlib.suppress(Exception):  # best effort: the node may be gone already
+                        poke()
+                time.sleep(0.1)
+        return {name: proc.wait() for name, proc in self.procs.items()}
+
+
+class Supervisor:
+    """An rclpy node in this process: service calls, episode recording, the node's diagnostics."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from lifecycle_msgs.srv import GetState
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import JointState
+        from std_msgs.msg import Float64MultiArray
+        from std_srvs.srv import Trigger
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(f"gato_eval_supervisor_{os.getpid()}", context=self.context)
+        self.lock = threading.Lock()
+        self.joints: list[tuple[int, np.ndarray]] = []  # (stamp ns, positions) of the recorded episode
+        self.task: list[np.ndarray] = []
+        self.diagnostics: dict[str, str] = {}
+        self.pokes: list[Any] = []  # unanswered wake-up calls to the node (it may exit before answering)
+        sub = self.node.create_subscription
+        sub(JointState, "/joint_states", self._on_joints, qos_profile_sensor_data)
+        sub(Float64MultiArray, "/gato/observations/task_state", self._on_task, qos_profile_sensor_data)
+        sub(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+        client = self.node.create_client
+        self.bridge_reset = client(Trigger, f"/{BRIDGE}/reset")
+        self.bridge_status = client(Trigger, f"/{BRIDGE}/status")
+        self.bridge_params = client(SetParameters, f"/{BRIDGE}/set_parameters")
+        self.node_reset = client(Trigger, f"/{NODE}/reset")
+        self.node_state = client(GetState, f"/{NODE}/get_state")
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_joints(self, msg: Any) -> None:
+        with self.lock:
+            self.joints.append((msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, np.array(msg.position)))
+
+    def _on_task(self, msg: Any) -> None:
+        with self.lock:
+            self.task.append(np.array(msg.data))
+
+    def _on_diagnostics(self, msg: Any) -> None:
+        for status in msg.status:
+            if NODE in status.name:
+                self.diagnostics = {kv.key: kv.value for kv in status.values}
+
+    def clear_recording(self) -> None:
+        with self.lock:
+            self.joints, self.task = [], []
+
+    def recording(self, start_time: float) -> tuple[np.ndarray, np.ndarray]:
+        """Joint positions (T, 8) and task states (T, 17) of the episode that started at `start_time` (sim s)."""
+        with self.lock:
+            joints = [q for stamp, q in self.joints if stamp >= round(start_time * 1e9) - 1000]
+            task = list(self.task)
+        n = min(len(joints), len(task))  # best-effort QoS on loopback: a lost message shortens the video
+        return np.array(joints[:n]), np.array(task[:n])
+
+    def call(self, client: Any, request: Any, timeout_s: float = 10.0) -> Any:
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            raise TimeoutError(f"service {client.srv_name} is not available")
+        done = threading.Event()
+        future = client.call_async(request)
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout_s):
+            client.remove_pending_request(future)
+            raise TimeoutError(f"service {client.srv_name} did not answer in {timeout_s} s")
+        return future.result()
+
+    def trigger(self, client: Any) -> Any:
+        from std_srvs.srv import Trigger
+
+        return self.call(client, Trigger.Request())
+
+    def status(self) -> dict:
+        return json.loads(self.trigger(self.bridge_status).message)
+
+    def set_seed(self, seed: int) -> None:
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        request = SetParameters.Request(parameters=[Parameter("seed", value=int(seed)).to_parameter_msg()])
+        result = self.call(self.bridge_params, request).results[0]
+        if not result.successful:
+            raise RuntimeError(f"cannot set the bridge's seed: {result.reason}")
+
+    def node_active(self) -> bool:
+        from lifecycle_msgs.msg import State
+        from lifecycle_msgs.srv import GetState
+
+        try:
+            return self.call(self.node_state, GetState.Request(), 2.0).current_state.id == State.PRIMARY_STATE_ACTIVE
+        except TimeoutError:
+            return False
+
+    def poke_node(self) -> None:
+        """A request the node answers from its executor (wakes it); the answer is not awaited."""
+        from lifecycle_msgs.srv import GetState
+
+        if self.node_state.service_is_ready():
+            self.pokes.append(self.node_state.call_async(GetState.Request()))
+
+    def close(self) -> None:
+        import rclpy
+
+        for future in self.pokes:
+            if not future.done():
+                self.node_state.remove_pending_request(future)
+                future.cancel()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self.thread.join(timeout=5)
+
+
+def _wait(predicate: Any, timeout_s: float, what: str, procs: Processes, poll_s: float = 0.05) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        procs.check()
+        if predicate():
+            return
+        time.sleep(poll_s)
+    logs = f"--- {BRIDGE} log ---\n{procs.log_tail('bridge')}\n--- {NODE} log ---\n{procs.log_tail('node')}"
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
+
+
+def _result(status: dict, period: float) -> RosEpisodeResult:
+    steps, commands = int(status["steps"]), int(status["commands"])
+    return RosEpisodeResult(
+        seed=int(status["seed"]), success=bool(status["success"]), steps=steps, nan=bool(status["nan"]),
+        step_ms=[float(x) for x in status.get("latency_ms", [])], commands=commands,
+        # An episode has steps + 1 observations (the reset's and one per step), each worth one tick.
+        control_rate_hz=commands / ((steps + 1) * period),
+        wall_rate_hz=steps / status["wall_s"] if status.get("wall_s") else 0.0,
+        fresh_steps=int(status["fresh_steps"]), stale_steps=int(status["stale_steps"]),
+        stale_at=[int(s) for s in status.get("stale_at", [])],
+        rejected_commands=int(status["rejected"]),
+    )
+
+
+def evaluate_over_ros(
+    policy_path: str,
+    seeds: list[int],
+    provider: str = "auto",
+    max_steps: int | None = None,
+    video: Path | str | None = None,
+    real_time_factor: float = 1.0,
+    gif: Path | str | None = None,
+    log_dir: Path | str | None = None,
+    progress: bool = True,
+) -> list[RosEpisodeResult]:
+    """Run one episode per seed through `sim_bridge` + `policy_node`; film the first one (`video`, `gif`)."""
+    if policy_path == "expert":
+        raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
+    from sim.env import StackingConfig
+
+    ros_environment()
+    policy_path = str(Path(policy_path).resolve())
+    image_size = model_image_size(policy_path)
+    max_steps = int(max_steps or StackingConfig().max_steps)
+    period = 1.0 / StackingConfig().control_hz
+    tmp = tempfile.TemporaryDirectory(prefix="gato-ros-eval-") if log_dir is None else None
+    logs = Path(log_dir if log_dir is not None else tmp.name)
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = Processes(logs)
+    supervisor = None
+    diagnostics: dict[str, str] = {}
+    results: list[RosEpisodeResult] = []
+    recorded: tuple[int, np.ndarray, np.ndarray] | None = None
+    try:
+        procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
+            "--ros-args", "-p", f"seed:={seeds[0] if seeds else 0}", "-p", f"image_size:={image_size}",
+            "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
+            "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
+        procs.start("node", _console_script("policy_node", "gato_ros.node") + [
+            "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
+            "-p", "use_sim_time:=true", "-p", f"command_topic:={COMMAND_TOPIC}"])
+        supervisor = Supervisor()
+        _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
+              "the bridge's services and the policy node to become active", procs)
+        node = supervisor.node
+        _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 2,
+              30.0, "the node and the bridge to discover each other", procs)
+        time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
+        episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
+        from tqdm import tqdm
+
+        for i, seed in enumerate(tqdm(seeds, desc="eval over ROS", disable=not progress)):
+            supervisor.set_seed(seed)
+            if not supervisor.trigger(supervisor.node_reset).success:
+                raise RuntimeError(f"the policy node refused ~/reset:\n{procs.log_tail('node')}")
+            supervisor.clear_recording()
+            start = json.loads(supervisor.trigger(supervisor.bridge_reset).message)
+
+            def finished(seed: int = seed) -> bool:
+                status = supervisor.status()
+                return status["done"] or status.get("previous", {}).get("seed") == seed  # NaN: bridge reset
+
+            # Poll gently: the bridge pauses at the end, so a late look costs nothing, and CPU is the loop's.
+            _wait(finished, episode_timeout, f"episode seed {seed}", procs, poll_s=0.25)
+            time.sleep(3 * period / max(real_time_factor, 0.05))  # the answer to the last observation lands
+            status = supervisor.status()
+            if status["seed"] != seed:
+                status = status["previous"]
+            results.append(_result(status, period))
+            if i == 0:
+                joints, task = supervisor.recording(start["start_time"])
+                recorded = (seed, joints, task)
+    finally:
+        codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)
+        if supervisor is not None:
+            diagnostics = dict(supervisor.diagnostics)
+            supervisor.close()
+        if tmp is not None:
+            tmp.cleanup()
+    LAST_RUN.clear()
+    LAST_RUN.update(exit_codes=codes, node_diagnostics=diagnostics, domain_id=os.environ["ROS_DOMAIN_ID"],
+                    recording=recorded, pids={name: proc.pid for name, proc in procs.procs.items()})
+    if recorded is not None and (video or gif):
+        from sim.replay import replay_to_files
+
+        replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period)
+    return results
+
+
+def ros_summary(results: list[RosEpisodeResult]) -> dict:
+    """Over-ROS loop health across episodes: rates, stale-command share, rejected commands, latency."""
+    if not results:
+        return {}
+    steps = sum(r.steps for r in results)
+    latency = np.concatenate([r.step_ms for r in results]) if steps else np.zeros(0)
+    diag = LAST_RUN.get("node_diagnostics", {})
+    return {
+        "control_rate_hz": {"mean": float(np.mean([r.control_rate_hz for r in results])),
+                            "min": float(min(r.control_rate_hz for r in results))},
+        "wall_rate_hz": {"mean": float(np.mean([r.wall_rate_hz for r in results])),
+                         "min": float(min(r.wall_rate_hz for r in results))},
+        "stale_steps": sum(r.stale_steps for r in results),
+        "stale_share": sum(r.stale_steps for r in results) / max(steps, 1),
+        "rejected_commands": sum(r.rejected_commands for r in results),
+        "command_latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99)),
+                               "max": float(latency.max())} if latency.size else {},
+        "node_step_latency_ms": {"p50": diag.get("step_latency_p50_ms", ""),
+                                 "p99": diag.get("step_latency_p99_ms", "")},
+        "node_deadline_misses": diag.get("deadline_misses", ""),
+        "exit_codes": LAST_RUN.get("exit_codes", {}),
+    }
+
+
+def describe(ros: dict) -> str:
+    """One line of `ros_summary`: what a user checks first."""
+    lat = ros.get("command_latency_ms", {})
+    return (f"over ROS: control rate {ros['control_rate_hz']['mean']:.2f} Hz (min {ros['control_rate_hz']['min']:.2f}) "
+            f"on the sim clock, real-time rate {ros['wall_rate_hz']['mean']:.2f} Hz; observation → command latency "
+            f"p50 {lat.get('p50', float('nan')):.1f} ms p99 {lat.get('p99', float('nan')):.1f} ms; "
+            f"stale commands {ros['stale_share']:.1%} of steps; rejected commands {ros['rejected_commands']}")

@@ -1,0 +1,153 @@
+"""Closed loop over ROS 2 (sim_bridge + policy_node as processes), the episode replay, and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pybullet")
+pytest.importorskip("rclpy")
+from sim.env import StackingEnv  # noqa: E402
+from sim.replay import _nearest_yaw, replay_to_files  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "models" / "stack_int8.onnx"
+SHIPPED_CARD = ROOT / "models" / "stack_int8.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained tiny model on the stacking spec: it will not stack, but it exercises the whole loop."""
+    from sim.spec import stacking_spec
+
+    out = tmp_path_factory.mktemp("model")
+    (out / "spec.json").write_text(stacking_spec().to_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "gato_ros.cli", "export", "--preset", "tiny", "--random-init",
+                    "--spec", str(out / "spec.json"), "--out", str(out / "tiny.onnx"), "--no-check"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    return out / "tiny.onnx"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, tmp_path):
+    from gato_ros.runtime import PolicyRuntime
+    from sim.ros_eval import LAST_RUN, evaluate_over_ros, ros_summary
+
+    steps, seed = 40, 123
+    results = evaluate_over_ros(str(tiny_model), [seed], provider="cpu", max_steps=steps, video=tmp_path / "ep.mp4",
+                                gif=tmp_path / "ep.gif", log_dir=tmp_path / "logs", progress=False)
+    # Both processes ended on SIGINT by themselves (exit 0, not killed) and none is left behind.
+    assert LAST_RUN["exit_codes"] == {"bridge": 0, "node": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
+    assert not any(_alive(pid) for pid in LAST_RUN["pids"].values())
+    assert len(results) == 1
+    r = results[0]
+    assert (r.seed, r.steps, r.nan) == (seed, steps, False) and not r.success  # untrained: runs to the limit
+    # The policy kept the control rate on the sim clock, and the sim kept real time.
+    load = f"{r} (load average {os.getloadavg()}: the loop needs CPU time at the control rate)"
+    assert abs(r.control_rate_hz - 20.0) <= 2.0, load
+    assert abs(r.wall_rate_hz - 20.0) <= 2.0, load
+    assert r.rejected_commands == 0, "every command the node sent was finite and the right length"
+    assert r.fresh_steps + r.stale_steps == steps and len(r.stale_at) == r.stale_steps
+    assert len(r.step_ms) >= r.fresh_steps and all(0 < x < 1000 for x in r.step_ms)
+    summary = ros_summary(results)
+    assert summary["rejected_commands"] == 0 and 0 <= summary["stale_share"] <= 1
+
+    # Over ROS the node acts on observation t before the bridge steps to t + 1, like in-process stepping:
+    # until the first stale command the trajectory is the in-process one, to the bit.
+    rec_seed, joints, task = LAST_RUN["recording"]
+    assert rec_seed == seed and joints.shape == (steps + 1, 8) and task.shape == (steps + 1, 17)
+    env, runtime = StackingEnv(max_steps=steps), PolicyRuntime(str(tiny_model), provider="cpu", threads=1)
+    obs, _ = env.reset(seed=seed)
+    expected = [obs["joint_positions"]]
+    for _ in range(steps):
+        obs, *_ = env.step(runtime.step(obs))
+        expected.append(obs["joint_positions"])
+    env.close()
+    fresh_until = min(r.stale_at, default=steps)  # joints[k] follow from the commands of steps 0..k-1
+    np.testing.assert_array_equal(joints[: fresh_until + 1], np.array(expected)[: fresh_until + 1])
+    assert not np.allclose(joints[0], joints[-1]), "the arm moved"
+
+    # The replay of the episode: one frame per observation, GIF every second frame and small.
+    import cv2
+    from PIL import Image
+
+    cap = cv2.VideoCapture(str(tmp_path / "ep.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == steps + 1 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 256
+    cap.release()
+    gif = Image.open(tmp_path / "ep.gif")
+    assert gif.n_frames == math.ceil((steps + 1) / 2) and (tmp_path / "ep.gif").stat().st_size <= 2_000_000
+
+
+def test_replay_renders_one_frame_per_recorded_step(tmp_path):
+    from sim.expert import ScriptedExpert
+
+    env, expert = StackingEnv(), ScriptedExpert()
+    obs, _ = env.reset(seed=5)
+    joints, task = [obs["joint_positions"]], [obs["task_state"]]
+    for _ in range(12):
+        obs, *_ = env.step(expert.act(obs))
+        joints.append(obs["joint_positions"])
+        task.append(obs["task_state"])
+    env.close()
+    frames = replay_to_files(5, np.array(joints), np.array(task), video=tmp_path / "r.mp4", gif=tmp_path / "r.gif",
+                             size=128)
+    assert len(frames) == 13 and frames[0].shape == (128, 128, 3) and frames[0].dtype == np.uint8
+    assert frames[0].std() > 10, "a scene, not a blank image"
+    assert np.abs(frames[-1].astype(int) - frames[0].astype(int)).sum() > 0, "the arm moved between frames"
+    import cv2
+    from PIL import Image
+
+    cap = cv2.VideoCapture(str(tmp_path / "r.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 13
+    cap.release()
+    assert Image.open(tmp_path / "r.gif").n_frames == 7
+    with pytest.raises(ValueError):
+        replay_to_files(5, np.zeros((0, 8)), np.zeros((0, 17)), gif=tmp_path / "none.gif")
+
+
+@pytest.mark.parametrize("true_yaw", [-3.0, -0.7, 0.0, 0.4, 1.2, 2.9])
+def test_yaw_from_its_fourfold_encoding_follows_the_previous_frame(true_yaw):
+    four = math.atan2(math.sin(4 * true_yaw), math.cos(4 * true_yaw))
+    assert _nearest_yaw(four, true_yaw + 0.1) == pytest.approx(true_yaw, abs=1e-9)
+
+
+def test_over_ros_needs_an_onnx_policy():
+    from sim.ros_eval import evaluate_over_ros
+
+    with pytest.raises(ValueError, match="ONNX"):
+        evaluate_over_ros("expert", [0])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not SHIPPED.exists(), reason="models/stack_int8.onnx is not shipped yet")
+def test_shipped_model_stacks_at_least_as_recorded(tmp_path):
+    """`gato-ros eval` in-process on the model card's CI seeds: at least its recorded success count."""
+    if not SHIPPED_CARD.exists():
+        pytest.skip("models/stack_int8.json (ci_seeds, ci_successes) is not written yet")
+    card = json.loads(SHIPPED_CARD.read_text())
+    seeds, expected = [int(s) for s in card["ci_seeds"]], int(card["ci_successes"])
+    from gato_ros.cli import main
+
+    successes = 0
+    for seed in seeds:  # the card's seeds need not be consecutive: one eval per seed
+        out = tmp_path / f"eval-{seed}.json"
+        assert main(["eval", "--policy", str(SHIPPED), "--provider", "cpu", "--seed", str(seed), "--episodes", "1",
+                     "--json", str(out)]) == 0
+        successes += json.loads(out.read_text())["successes"]
+    assert successes >= expected, f"{successes}/{len(seeds)} stacked, the model card records {expected}"
