@@ -553,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     executor.add_node(node)
     try:
         autostart(node)
-        executor.spin()
+        # spin_once with a timeout, not spin(): on sim time with the clock paused nothing else would
+        # wake the executor, and the Python signal handler only runs between calls.
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
