@@ -23,14 +23,14 @@ demo: venv
 	$(VENV)/bin/gato-ros demo
 
 test: venv
-	$(VENV)/bin/ruff check gato_ros sim tests launch
+	$(VENV)/bin/ruff check gato_ros sim tests launch scripts
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow tests
 
 lint: venv
-	$(VENV)/bin/ruff check gato_ros sim tests launch
+	$(VENV)/bin/ruff check gato_ros sim tests launch scripts
 
 bench: venv
 	$(VENV)/bin/gato-ros bench --json runs/bench.json
