@@ -63,35 +63,17 @@ def run_dagger_episode(seed: int, beta: float):
     """DAgger (Ross et al. 2011): the learned policy drives (the expert instead with probability
     `beta` per step) and every visited state is labelled with the expert's command. Behaviour
     cloning alone only sees the expert's own states; these teach recovery from the policy's mistakes."""
-    from sim.expert import Episode
+    from sim.expert import run_episode
 
-    env, expert, policy = _worker["env"], _worker["expert"], _worker["policy"]
+    policy = _worker["policy"]
     rng = np.random.default_rng([seed, 2])
-    obs, info = env.reset(seed=seed)
     policy.reset()
-    frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
-    labels, executed = [], []
-    done = False
-    while not done:
-        label = expert.act(obs)
-        command = policy.step(obs)
-        if rng.random() < beta:
-            command = label
-        for k, v in obs.items():
-            frames[k].append(v)
-        labels.append(label)
-        executed.append(command)
-        obs, _, terminated, truncated, info = env.step(command)
-        done = terminated or truncated
-    return Episode(
-        observations={k: np.stack(v) for k, v in frames.items()},
-        actions=np.asarray(labels, dtype=np.float32),
-        executed=np.asarray(executed, dtype=np.float32),
-        success=bool(info["success"]),
-        nan=bool(info["nan"]),
-        seed=seed,
-        noisy=False,
-    )
+
+    def driver(obs: dict[str, np.ndarray], label: np.ndarray) -> np.ndarray:
+        command = policy.step(obs)  # every step, so the policy's context holds the whole episode
+        return label if rng.random() < beta else command
+
+    return run_episode(_worker["env"], _worker["expert"], seed, driver=driver)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -194,9 +194,12 @@ def run_episode(
     seed: int,
     noisy: bool = False,
     tokenize_spec=None,
+    driver=None,
 ) -> Episode:
     """Roll the expert out for one episode. With `tokenize_spec` every command goes through Gato's
-    action token round trip before the arm sees it (the label stays the expert's command)."""
+    action token round trip before the arm sees it (the label stays the expert's command).
+    `driver(obs, label) -> command`, when given, decides what the arm is sent instead (DAgger: a
+    learned policy drives while the expert only labels)."""
     from gato_ros.tokenizer import detokenize_action, tokenize_action
 
     rng = np.random.default_rng([seed, 1])  # noise stream apart from the env's reset stream
@@ -207,6 +210,8 @@ def run_episode(
     while not done:
         action = expert.act(obs)
         command = expert.noisy(action, rng) if noisy else action
+        if driver is not None:
+            command = driver(obs, action)
         if tokenize_spec is not None:
             command = detokenize_action(tokenize_spec, tokenize_action(tokenize_spec, command))
         for k, v in obs.items():
