@@ -75,7 +75,12 @@ class SimBridge(Node):
         self.prm = prm
         self.env = StackingEnv(image_size=prm["image_size"] or None, max_steps=prm["max_steps"])
         self.period = 1.0 / self.env.config.control_hz
+        # Sim time counts whole nanoseconds: a float sum of periods drifts a few ns off the period grid
+        # over a long run, and a /clock stamp 1 ns short of a timer's deadline makes a node on sim time
+        # skip that tick (the step then runs on the previous command).
+        self.period_ns = round(1e9 / self.env.config.control_hz)
         self.lock = threading.Lock()  # env and episode state: the step thread vs the services
+        self.sim_ns = 0
         self.sim_time = 0.0
         self.command = np.zeros(8)
         self.command_time = -math.inf
@@ -141,10 +146,14 @@ class SimBridge(Node):
 
     # --- episodes ---
 
+    def _advance_clock(self) -> None:
+        self.sim_ns += self.period_ns
+        self.sim_time = self.sim_ns / 1e9
+
     def _reset_locked(self) -> None:
         obs, _ = self.env.reset(seed=self.seed)
         # /clock moves one period, so a node on sim time ticks on the first observation before the first step.
-        self.sim_time += self.period
+        self._advance_clock()
         self.episode = {"seed": self.seed, "steps": 0, "success": False, "done": False, "nan": False,
                         "start_time": self.sim_time, "wall_start": time.monotonic(), "wall_s": 0.0,
                         "commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0, "stale_at": []}
@@ -195,7 +204,7 @@ class SimBridge(Node):
             else:
                 command = self.command
             obs, _, terminated, truncated, info = self.env.step(command)
-            self.sim_time += self.period
+            self._advance_clock()
             if not self.episode["done"]:
                 self.episode["steps"] += 1
             if info.get("nan"):
@@ -235,7 +244,7 @@ class SimBridge(Node):
     def _publish(self, obs: dict[str, np.ndarray]) -> None:
         # The observation goes out before /clock: a node on sim time ticks when the clock moves and by
         # then holds this observation, so its command answers it (as in-process stepping would).
-        stamp = Time(nanoseconds=int(round(self.sim_time * 1e9))).to_msg()
+        stamp = Time(nanoseconds=self.sim_ns).to_msg()
         js = JointState(name=list(JOINT_NAMES), position=obs["joint_positions"].tolist(),
                         velocity=obs["joint_velocities"].tolist())
         js.header.stamp = stamp
