@@ -182,6 +182,10 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    # No busy-waiting between calls: the runtime shares the CPU with the ROS executor, the DDS threads
+    # and the robot's other processes; spinning ORT workers starved the control timer on 2 cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
