@@ -81,7 +81,6 @@ class SimBridge(Node):
         self.period_ns = round(1e9 / self.env.config.control_hz)
         self.lock = threading.Lock()  # env and episode state: the step thread vs the services
         self.sim_ns = 0
-        self.sim_time = 0.0
         self.command = np.zeros(8)
         self.command_time = -math.inf
         self.rejected = 0
@@ -146,9 +145,12 @@ class SimBridge(Node):
 
     # --- episodes ---
 
+    @property
+    def sim_time(self) -> float:
+        return self.sim_ns / 1e9
+
     def _advance_clock(self) -> None:
         self.sim_ns += self.period_ns
-        self.sim_time = self.sim_ns / 1e9
 
     def _reset_locked(self) -> None:
         obs, _ = self.env.reset(seed=self.seed)
