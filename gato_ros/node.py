@@ -233,9 +233,8 @@ def load_prompt(path: str, spec: EmbodimentSpec, episode: int = 0, steps: int = 
 
 import rclpy  # noqa: E402  (below the ROS-free core on purpose: that part documents itself first)
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.exceptions import ParameterUninitializedException  # noqa: E402
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
@@ -283,14 +282,12 @@ class PolicyNode(LifecycleNode):
         self._timer = None
         self._command_pub = None
         self._input_subs: list[Any] = []
-        self._control_group = MutuallyExclusiveCallbackGroup()
         self._reset_stats()
         # Diagnostics and services live for the node's whole life, so a failed configure is visible.
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diag_timer = self.create_timer(1.0, self._publish_diagnostics, MutuallyExclusiveCallbackGroup())
-        services = MutuallyExclusiveCallbackGroup()
-        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=services)
-        self.create_service(Trigger, "~/load_prompt", self._on_load_prompt, callback_group=services)
+        self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self.create_service(Trigger, "~/load_prompt", self._on_load_prompt)
 
     def _param(self, name: str) -> Any:
         try:
@@ -342,21 +339,18 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.runtime, self.loop, self.period_s, self.prompt = runtime, loop, 1.0 / rate, prompt
         self._command_pub = self.create_publisher(Float64MultiArray, self._param("command_topic"), 10)
-        inputs = MutuallyExclusiveCallbackGroup()
-        images = MutuallyExclusiveCallbackGroup()  # decoding may take a few ms: never behind joint states
         if loop.uses_joints:
             self._input_subs.append(self.create_subscription(
                 JointState, self._param("joint_states_topic"), lambda m: loop.on_joint_state(m, self._now()),
-                qos_profile_sensor_data, callback_group=inputs))
+                qos_profile_sensor_data))
         if loop.image_specs:
             self._input_subs.append(self.create_subscription(
                 Image, self._param("image_topic"), lambda m: loop.on_image(m, self._now()),
-                qos_profile_sensor_data, callback_group=images))
+                qos_profile_sensor_data))
         for o in loop.vector_specs:
             self._input_subs.append(self.create_subscription(
                 Float64MultiArray, OBSERVATION_TOPIC_PREFIX + o.name,
-                lambda m, key=o.name: loop.on_vector(key, m, self._now()), qos_profile_sensor_data,
-                callback_group=inputs))
+                lambda m, key=o.name: loop.on_vector(key, m, self._now()), qos_profile_sensor_data))
         self.last_error = ""
         self.state_label = "inactive"
         self.get_logger().info(
@@ -374,7 +368,7 @@ class PolicyNode(LifecycleNode):
                 return TransitionCallbackReturn.FAILURE
             self._reset_stats()
             self._active = True
-            self._timer = self.create_timer(self.period_s, self._on_tick, self._control_group)
+            self._timer = self.create_timer(self.period_s, self._on_tick)
         self.state_label = "active"
         self.get_logger().info(f"active: publishing on {self._command_pub.topic_name} every {self.period_s:.4f} s")
         return TransitionCallbackReturn.SUCCESS
@@ -549,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     node = PolicyNode()
-    executor = MultiThreadedExecutor(num_threads=4)
+    # One thread: rclpy's MultiThreadedExecutor busy-waits while a ready entity's callback group is
+    # busy; the spinning thread held the GIL and stretched a 3 ms tick to 200 ms (measured: one core
+    # at 100%, 7 of 11 periods late). The tick and the input callbacks are each a few ms, so running
+    # them in turn keeps the period; the locks stay for users who add the node to their own executor.
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         autostart(node)

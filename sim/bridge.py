@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     bridge = SimBridge()
-    executor = MultiThreadedExecutor(num_threads=2)
+    # Single-threaded: physics runs in its own thread; rclpy's MultiThreadedExecutor busy-waits and
+    # holds the GIL (see gato_ros.node.main).
+    executor = SingleThreadedExecutor()
     executor.add_node(bridge)
     bridge.start()
     try:

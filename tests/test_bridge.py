@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
@@ -44,7 +44,7 @@ class Harness:
         sub(Float64MultiArray, f"{self.ns}/obs/task_state", self.got["task"].append, qos_profile_sensor_data)
         sub(Clock, f"{self.ns}/clock", self.got["clock"].append, 10)
         self.cmd_pub = self.peer.create_publisher(Float64MultiArray, topics["command_topic"], 10)
-        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.bridge)
         self.executor.add_node(self.peer)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)

@@ -1,6 +1,6 @@
 """The policy node over real rclpy + Fast DDS on loopback, with a real exported ONNX model.
 
-The node runs in-process in a background MultiThreadedExecutor; a peer node plays the robot
+The node runs in-process in a background SingleThreadedExecutor (as in `policy_node`); a peer node plays the robot
 (JointState, Image and a task-state vector) and records the commands. Every test namespaces its
 topics so concurrent test runs in the same ROS domain cannot cross-talk.
 """
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -108,7 +108,7 @@ class Robot:
         self.diagnostics_received: list[float] = []
         self.peer.create_subscription(Float64MultiArray, topics["command_topic"], self._on_command, 1000)
         self.peer.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         if node:
             self.executor.add_node(self.node)
         self.executor.add_node(self.peer)
