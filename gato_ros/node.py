@@ -233,6 +233,7 @@ def load_prompt(path: str, spec: EmbodimentSpec, episode: int = 0, steps: int = 
 
 import rclpy  # noqa: E402  (below the ROS-free core on purpose: that part documents itself first)
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.exceptions import ParameterUninitializedException  # noqa: E402
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
@@ -282,6 +283,8 @@ class PolicyNode(LifecycleNode):
         self._timer = None
         self._command_pub = None
         self._input_subs: list[Any] = []
+        # The control timer's own group: in a multi-threaded executor it never waits behind inputs.
+        self._control_group = MutuallyExclusiveCallbackGroup()
         self._reset_stats()
         # Diagnostics and services live for the node's whole life, so a failed configure is visible.
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -368,7 +371,7 @@ class PolicyNode(LifecycleNode):
                 return TransitionCallbackReturn.FAILURE
             self._reset_stats()
             self._active = True
-            self._timer = self.create_timer(self.period_s, self._on_tick)
+            self._timer = self.create_timer(self.period_s, self._on_tick, self._control_group)
         self.state_label = "active"
         self.get_logger().info(f"active: publishing on {self._command_pub.topic_name} every {self.period_s:.4f} s")
         return TransitionCallbackReturn.SUCCESS
