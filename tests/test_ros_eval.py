@@ -155,16 +155,18 @@ def test_shipped_model_stacks_at_least_as_recorded(tmp_path):
 
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not SHIPPED.exists(), reason="models/stack_int8.onnx is not shipped yet")
-def test_shipped_model_keeps_the_control_rate_over_ros(tmp_path):
-    """The shipped policy in its real deployment shape: sim_bridge and policy_node as processes over DDS."""
+def test_shipped_model_stacks_over_ros_at_the_control_rate(tmp_path):
+    """The shipped policy in its real deployment shape, sim_bridge and policy_node as processes over DDS:
+    a whole episode on the card's first CI seed, which it stacks over ROS as in-process (measured on all
+    100 evaluation seeds: the same 97 succeed both ways)."""
     from sim.ros_eval import LAST_RUN, evaluate_over_ros
 
-    steps = 60
-    results = evaluate_over_ros(str(SHIPPED), [100_000], provider="cpu", max_steps=steps, log_dir=tmp_path / "logs",
-                                progress=False)
+    seed = int(json.loads(SHIPPED_CARD.read_text())["ci_seeds"][0]) if SHIPPED_CARD.exists() else 100_000
+    results = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False)
     assert LAST_RUN["exit_codes"] == {"bridge": 0, "node": 0}
     r = results[0]
     load = f"{r} (load average {os.getloadavg()})"
     assert abs(r.control_rate_hz - 20.0) <= 2.0, load
     assert abs(r.wall_rate_hz - 20.0) <= 2.0, load
     assert r.rejected_commands == 0 and not r.nan
+    assert r.success, f"seed {seed} not stacked over ROS in {r.steps} steps ({r.stale_steps} stale commands)"

@@ -39,10 +39,11 @@ def compared() -> tuple[np.ndarray, np.ndarray, object]:
 
 def test_int8_picks_the_fp32_action_tokens(compared) -> None:
     got, expected, _ = compared
-    # Measured at export: 85.0 % exact, 95.7 % within 3 bins (soft-label training leaves neighbouring
-    # bins near-tied, and int8 noise flips such ties), gripper 99.5 %.
-    assert (got == expected).mean() >= 0.80
-    assert (np.abs(got - expected) <= 3).mean() >= 0.93
+    # Measured at export: 80.7 % exact, 95.2 % within 3 bins, gripper 100 %. Soft-label training leaves
+    # neighbouring bins near-tied and any 8-bit noise flips such ties: weight-only 8-bit with fp32 compute
+    # (MatMulNBits) reached only 87.4 % exact, at twice the step time (scripts/quant_agreement.py).
+    assert (got == expected).mean() >= 0.77
+    assert (np.abs(got - expected) <= 3).mean() >= 0.92
     assert (got[:, -1] == expected[:, -1]).mean() >= 0.99
 
 
@@ -50,7 +51,7 @@ def test_int8_torques_stay_close_to_fp32(compared) -> None:
     got, expected, spec = compared
     err = np.abs([tk.detokenize_action(spec, g) - tk.detokenize_action(spec, r) for g, r in zip(got, expected,
                                                                                               strict=True)])[:, :7]
-    # Measured at export: mean 0.011 N·m, p99 0.24 N·m, max 1.46 N·m (a near-zero torque changing sign).
-    assert err.mean() <= 0.03
-    assert np.percentile(err, 99) <= 0.5
-    assert err.max() <= 3.0
+    # Measured at export: mean 0.012 N·m, p99 0.22 N·m, max 1.32 N·m (a near-zero torque changing sign).
+    assert err.mean() <= 0.02
+    assert np.percentile(err, 99) <= 0.4
+    assert err.max() <= 2.5
