@@ -150,7 +150,9 @@ def plot_summary(summary: dict, latency_ms: np.ndarray, path: Path) -> None:
         axes[2].hist(latency_ms, bins=50, color="tab:gray")
         axes[2].axvline(summary["step_latency_ms"]["p99"], color="k", ls="--", label="p99")
         axes[2].legend()
-    axes[2].set(xlabel="policy step latency (ms)", ylabel="steps", title="latency per control step")
+    # Over ROS the measured latency spans the whole path: observation published -> command received.
+    xlabel = "observation → command latency (ms)" if "over-ros" in summary["mode"] else "policy step latency (ms)"
+    axes[2].set(xlabel=xlabel, ylabel="steps", title="latency per control step")
     fig.suptitle(f"{Path(summary['policy']).name} · {summary['mode']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
