@@ -18,9 +18,11 @@ publishes the observation before /clock, so a policy node on sim time ticks on o
 its command arrives before step t + 1; a reset advances /clock by one period (the policy acts on the
 first observation before the first step) and restarts the step schedule. `wait_for_reset` keeps the
 sim still until the first ~/reset, `pause_when_done` stops stepping (and /clock) when an episode
-ends. Per episode the status reports commands received, steps that had a fresh command (one that
-arrived after the observation it answers) or a stale one, and the wall-clock latency from
-publishing an observation to receiving the command that answers it.
+ends. ~/trajectory (Trigger) returns, as JSON, every observation vector the bridge published in the
+current and the previous episode (exact floats: a record that survives best-effort QoS, for replays
+and for comparing with in-process stepping). Per episode the status reports commands received,
+steps that had a fresh command (one that arrived after the observation it answers) or a stale one,
+and the wall-clock latency from publishing an observation to receiving the command that answers it.
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ class SimBridge(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/status", self._on_status)
+        self.create_service(Trigger, "~/trajectory", self._on_trajectory)
+        self.trajectory: dict[str, Any] = {}
+        self.previous_trajectory: dict[str, Any] | None = None
         with self.lock:
             self._reset_locked()
         self._stop = threading.Event()
@@ -160,6 +165,9 @@ class SimBridge(Node):
                         "start_time": self.sim_time, "wall_start": time.monotonic(), "wall_s": 0.0,
                         "commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0, "stale_at": []}
         self.latency_ms = []
+        if self.trajectory:
+            self.previous_trajectory = self.trajectory
+        self.trajectory = {"seed": self.seed, "observations": {}}
         self.seed += 1
         self.command, self.command_time = np.zeros(8), -math.inf
         self._publish(obs)
@@ -172,6 +180,12 @@ class SimBridge(Node):
             self._reset_locked()
             self._started = True
             response.success, response.message = True, json.dumps(self.episode)
+        return response
+
+    def _on_trajectory(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self.lock:
+            response.success = bool(self.trajectory)
+            response.message = json.dumps({"current": self.trajectory, "previous": self.previous_trajectory})
         return response
 
     def _on_status(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -265,9 +279,19 @@ class SimBridge(Node):
                 self.vector_pubs[key] = self.create_publisher(
                     Float64MultiArray, self.prm["observation_prefix"] + key, qos_profile_sensor_data)
             self.vector_pubs[key].publish(Float64MultiArray(data=np.asarray(value, np.float64).reshape(-1).tolist()))
+        self._record(obs)
         if self.clock_pub is not None:
             self.clock_pub.publish(Clock(clock=stamp))
         self._published_at, self._answered = time.monotonic(), False
+
+    def _record(self, obs: dict[str, np.ndarray]) -> None:
+        """One entry per observation of the episode (steps + 1 of them); none after it ended."""
+        record = self.trajectory["observations"]
+        if len(next(iter(record.values()), ())) > self.episode["steps"]:
+            return
+        for key, value in obs.items():
+            if key != "image":
+                record.setdefault(key, []).append(np.asarray(value, np.float64).reshape(-1).tolist())
 
     def _camera_info(self, h: int, w: int, stamp: Any) -> CameraInfo:
         f = 0.5 * h / math.tan(math.radians(self.env.config.camera["fov"]) / 2)  # vertical fov, square pixels

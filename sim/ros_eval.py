@@ -130,7 +130,7 @@ class Processes:
 
 
 class Supervisor:
-    """An rclpy node in this process: service calls, episode recording, the node's diagnostics."""
+    """An rclpy node in this process: service calls, the bridge's episode record, the node's diagnostics."""
 
     def __init__(self) -> None:
         import rclpy
@@ -138,26 +138,18 @@ class Supervisor:
         from lifecycle_msgs.srv import GetState
         from rcl_interfaces.srv import SetParameters
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import JointState
-        from std_msgs.msg import Float64MultiArray
         from std_srvs.srv import Trigger
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node(f"gato_eval_supervisor_{os.getpid()}", context=self.context)
-        self.lock = threading.Lock()
-        self.joints: list[tuple[int, np.ndarray]] = []  # (stamp ns, positions) of the recorded episode
-        self.task: list[np.ndarray] = []
         self.diagnostics: dict[str, str] = {}
         self.pokes: list[Any] = []  # unanswered wake-up calls to the node (it may exit before answering)
-        sub = self.node.create_subscription
-        sub(JointState, "/joint_states", self._on_joints, qos_profile_sensor_data)
-        sub(Float64MultiArray, "/gato/observations/task_state", self._on_task, qos_profile_sensor_data)
-        sub(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         client = self.node.create_client
         self.bridge_reset = client(Trigger, f"/{BRIDGE}/reset")
         self.bridge_status = client(Trigger, f"/{BRIDGE}/status")
+        self.bridge_trajectory = client(Trigger, f"/{BRIDGE}/trajectory")
         self.bridge_params = client(SetParameters, f"/{BRIDGE}/set_parameters")
         self.node_reset = client(Trigger, f"/{NODE}/reset")
         self.node_state = client(GetState, f"/{NODE}/get_state")
@@ -166,30 +158,20 @@ class Supervisor:
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 
-    def _on_joints(self, msg: Any) -> None:
-        with self.lock:
-            self.joints.append((msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, np.array(msg.position)))
-
-    def _on_task(self, msg: Any) -> None:
-        with self.lock:
-            self.task.append(np.array(msg.data))
-
     def _on_diagnostics(self, msg: Any) -> None:
         for status in msg.status:
             if NODE in status.name:
                 self.diagnostics = {kv.key: kv.value for kv in status.values}
 
-    def clear_recording(self) -> None:
-        with self.lock:
-            self.joints, self.task = [], []
-
-    def recording(self, start_time: float) -> tuple[np.ndarray, np.ndarray]:
-        """Joint positions (T, 8) and task states (T, 17) of the episode that started at `start_time` (sim s)."""
-        with self.lock:
-            joints = [q for stamp, q in self.joints if stamp >= round(start_time * 1e9) - 1000]
-            task = list(self.task)
-        n = min(len(joints), len(task))  # best-effort QoS on loopback: a lost message shortens the video
-        return np.array(joints[:n]), np.array(task[:n])
+    def recording(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Joint positions (steps + 1, 8) and task states (steps + 1, 17) of episode `seed`, as the bridge
+        recorded them (the topics are best-effort: a subscriber here could miss a message)."""
+        record = json.loads(self.trigger(self.bridge_trajectory).message)
+        episode = next((e for e in (record["current"], record["previous"]) if e and e["seed"] == seed), None)
+        if episode is None:
+            raise RuntimeError(f"the bridge holds no record of episode seed {seed}")
+        observations = episode["observations"]
+        return np.array(observations["joint_positions"]), np.array(observations["task_state"])
 
     def call(self, client: Any, request: Any, timeout_s: float = 10.0) -> Any:
         if not client.wait_for_service(timeout_sec=timeout_s):
@@ -314,7 +296,7 @@ def evaluate_over_ros(
         _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
               "the bridge's services and the policy node to become active", procs)
         node = supervisor.node
-        _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 2,
+        _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 1,
               30.0, "the node and the bridge to discover each other", procs)
         time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
@@ -324,8 +306,7 @@ def evaluate_over_ros(
             supervisor.set_seed(seed)
             if not supervisor.trigger(supervisor.node_reset).success:
                 raise RuntimeError(f"the policy node refused ~/reset:\n{procs.log_tail('node')}")
-            supervisor.clear_recording()
-            start = json.loads(supervisor.trigger(supervisor.bridge_reset).message)
+            supervisor.trigger(supervisor.bridge_reset)
 
             def finished(seed: int = seed) -> bool:
                 status = supervisor.status()
@@ -339,7 +320,7 @@ def evaluate_over_ros(
                 status = status["previous"]
             results.append(_result(status, period))
             if i == 0:
-                joints, task = supervisor.recording(start["start_time"])
+                joints, task = supervisor.recording(seed)
                 recorded = (seed, joints, task)
     finally:
         codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)

@@ -150,3 +150,28 @@ def test_reset_with_a_seed_and_status():
         assert not np.allclose(poses[0], np.array(sim.got["task"][0].data)[3:9] * 0)
     finally:
         sim.close()
+
+
+def test_trajectory_records_every_observation_of_the_current_and_previous_episode():
+    sim = Harness(real_time_factor=0.0, max_steps=12, pause_when_done=True)  # as fast as it can, 12-step episodes
+    try:
+        assert sim.wait_for(lambda: sim.status()["done"], 20.0)
+        sim.bridge.set_parameters([Parameter("seed", value=5)])
+        sim.call("reset")
+        assert sim.wait_for(lambda: sim.status()["done"], 20.0)
+        record = json.loads(sim.call("trajectory").message)
+        current, previous = record["current"], record["previous"]
+        assert (previous["seed"], current["seed"]) == (0, 5)
+        for episode in (previous, current):  # the reset's observation and one per step, none after the end
+            obs = episode["observations"]
+            assert len(obs["joint_positions"]) == len(obs["task_state"]) == 13
+            assert len(obs["joint_positions"][0]) == 8 and len(obs["task_state"][0]) == 17
+        from sim.env import StackingEnv  # the same seed in-process, holding still: the same first observation
+
+        env = StackingEnv(max_steps=12)
+        first, _ = env.reset(seed=5)
+        env.close()
+        assert current["observations"]["joint_positions"][0] == first["joint_positions"].tolist()
+        assert current["observations"]["task_state"][0] == first["task_state"].tolist()
+    finally:
+        sim.close()
