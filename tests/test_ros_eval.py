@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from sim.replay import _nearest_yaw, replay_to_files  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "stack_int8.onnx"
 SHIPPED_CARD = ROOT / "models" / "stack_int8.json"
+
+
+@pytest.fixture(autouse=True)
+def own_ros_domain(monkeypatch):
+    """Each closed loop in a DDS domain of its own: participants that earlier tests in this process left
+    to the garbage collector must not take part in the discovery of the bridge and node processes."""
+    current = int(os.environ.get("ROS_DOMAIN_ID", "0"))
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(random.choice([d for d in range(1, 101) if d != current])))
 
 
 @pytest.fixture(scope="module")
