@@ -5,6 +5,8 @@
 Cases per preset and context fill (128 / 512 / 1024 tokens):
     torch-nocache   torch eager, full re-forward over the context for every action token
     ort-nocache     the same graph in ONNX Runtime with an empty cache (full re-forward)
+    torch-kv        torch eager with the runtime's algorithm: a KV cache of `context` tokens (oldest
+                    dropped), one forward for the observation and one per further action token
     ort-kv-fp32     PolicyRuntime: rolling KV cache, ring of exactly `context` slots, full
     ort-kv-int8     the same with the int8 file (CPU)
     ort-kv-fp16 / ort-kv-int4   CUDA only (gato-1.18b, when a GPU is present)
@@ -114,6 +116,44 @@ def torch_nocache(model: GatoModel, spec, context: int):
     return step
 
 
+def torch_kv(model: GatoModel, spec, context: int):
+    """What serving the policy from torch would cost: PolicyRuntime's calls, in torch eager."""
+    ids, local = window_stream(spec, context)
+    first = 10_000
+    with torch.inference_mode():
+        _, past = model(torch.from_numpy(ids)[None], torch.arange(context)[None] + first, torch.from_numpy(local)[None],
+                        last_only=True)
+    cache = {"past": past, "positions": torch.arange(context)[None] + first, "next": first + context}
+    per = tok.timestep_token_count(spec)
+    observations = [torch.from_numpy(tok.tokenize_observation(spec, o).tokens) for o in synthetic(spec, 64, seed=2)]
+    lo, hi = tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS
+    i = 0
+
+    def forward(new_ids: torch.Tensor, new_local: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(new_ids.numel())[None] + cache["next"]
+        logits, presents = model(new_ids[None], positions, new_local[None], cache["past"], cache["positions"],
+                                 last_only=True)
+        cache["past"] = [(torch.cat([k, nk], 2)[:, :, -context:], torch.cat([v, nv], 2)[:, :, -context:])
+                         for (k, v), (nk, nv) in zip(cache["past"], presents, strict=True)]
+        cache["positions"] = torch.cat([cache["positions"], positions], 1)[:, -context:]
+        cache["next"] += new_ids.numel()
+        return logits[0, -1, lo:hi]
+
+    @torch.inference_mode()
+    def step() -> None:
+        nonlocal i
+        obs = observations[i % len(observations)]
+        i += 1
+        # the previous step's last action token, then this observation (as the runtime prefills them)
+        last = torch.tensor([lo + 512])
+        logits = forward(torch.cat([last, obs]), torch.cat([torch.tensor([per - 1]), torch.arange(obs.numel())]))
+        for a in range(1, spec.action_size):
+            token = torch.argmax(logits).reshape(1) + lo
+            logits = forward(token, torch.tensor([obs.numel() + a - 1]))
+
+    return step
+
+
 def ort_kv(path: Path, spec, context: int, threads: int, provider: str = "cpu"):
     rt = PolicyRuntime(str(path), provider=provider, context_tokens=context, threads=threads)
     per = tok.timestep_token_count(spec)
@@ -157,12 +197,14 @@ def run_preset(preset: str, out_dir: Path, threads: int, quick: bool, gpu: bool,
                      for v in ("fp32", "fp16", "int4")]
         elif quick and preset != "tiny" and context > 128:
             # a full re-forward of gato-79m over 512+ tokens takes minutes per step on 2 cores
-            todo += [("ort-kv-fp32", ort_kv(paths["fp32"], spec, context, threads), steps, budget),
+            todo += [("torch-kv", torch_kv(model, spec, context), steps, budget),
+                     ("ort-kv-fp32", ort_kv(paths["fp32"], spec, context, threads), steps, budget),
                      ("ort-kv-int8", ort_kv(paths["int8"], spec, context, threads), steps, budget)]
         else:
             todo += [("torch-nocache", torch_nocache(model, spec, context), steps, slow_budget),
                      ("ort-nocache", ort_nocache(paths["fp32"], spec, model.config, context, threads), steps,
                       slow_budget),
+                     ("torch-kv", torch_kv(model, spec, context), steps, budget),
                      ("ort-kv-fp32", ort_kv(paths["fp32"], spec, context, threads), steps, budget),
                      ("ort-kv-int8", ort_kv(paths["int8"], spec, context, threads), steps, budget)]
         for name, fn, n, b in todo:
@@ -231,14 +273,17 @@ def run(args: argparse.Namespace) -> int:
         "cases": cases,
         "ratios": {
             "kv_vs_nocache_1024": ratio(cases, "tiny", 1024, "ort-nocache", "ort-kv-fp32"),
-            # same work (full re-forward) in both engines; then the whole serving path vs torch eager
-            "ort_vs_torch": ratio(cases, "tiny", 1024, "torch-nocache", "ort-nocache"),
+            # the serving algorithm (KV cache) in torch eager vs in ONNX Runtime; then the same no-cache
+            # work in both engines; then the whole serving path vs torch eager re-forwarding
+            "ort_vs_torch": ratio(cases, "tiny", 1024, "torch-kv", "ort-kv-fp32"),
+            "ort_vs_torch_nocache": ratio(cases, "tiny", 1024, "torch-nocache", "ort-nocache"),
             "runtime_vs_torch_eager_1024": ratio(cases, "tiny", 1024, "torch-nocache", "ort-kv-fp32"),
             "int8_vs_fp32": ratio(cases, "tiny", 1024, "ort-kv-int8", "ort-kv-fp32"),
             "int8_action_agreement": extra.get("int8_action_agreement"),
             "gato-79m": {
                 "kv_vs_nocache_1024": ratio(cases, "gato-79m", 1024, "ort-nocache", "ort-kv-fp32"),
-                "ort_vs_torch": ratio(cases, "gato-79m", 1024, "torch-nocache", "ort-nocache"),
+                "ort_vs_torch": ratio(cases, "gato-79m", 1024, "torch-kv", "ort-kv-fp32"),
+                "ort_vs_torch_nocache": ratio(cases, "gato-79m", 128, "torch-nocache", "ort-nocache"),
                 "runtime_vs_torch_eager_1024": ratio(cases, "gato-79m", 1024, "torch-nocache", "ort-kv-fp32"),
                 "int8_vs_fp32": ratio(cases, "gato-79m", 1024, "ort-kv-int8", "ort-kv-fp32"),
             },

@@ -4,7 +4,7 @@ import json
 import sys
 from collections import defaultdict
 
-COLUMNS = ("torch-nocache", "ort-nocache", "ort-kv-fp32", "ort-kv-int8", "ort-kv-fp16", "ort-kv-int4")
+COLUMNS = ("torch-nocache", "ort-nocache", "torch-kv", "ort-kv-fp32", "ort-kv-int8", "ort-kv-fp16", "ort-kv-int4")
 
 
 def main(path: str) -> None:
