@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -489,3 +490,21 @@ class PolicyRuntime:
             self.step(self.zero_observation())
         self.reset()
         self.steps = 0
+
+
+def teacher_forced_tokens(runtime: PolicyRuntime, reference: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The action tokens `runtime` chooses along a recorded stream while it is fed the recorded ones
+    (teacher forcing, so every step is compared in the same context), and each step's seconds.
+
+    `reference` holds `episode` (T,), `tokens` (T, A) and `obs.<key>` (T, ...), as
+    scripts/write_fp32_reference.py records them; each episode starts from a reset."""
+    episodes, recorded = reference["episode"], reference["tokens"]
+    chosen, seconds = [], []
+    for e in np.unique(episodes):
+        runtime.reset()
+        for t in np.flatnonzero(episodes == e):
+            obs = {o.name: reference[f"obs.{o.name}"][t] for o in runtime.spec.observations}
+            start = time.perf_counter()
+            chosen.append(runtime.step_tokens(obs, teacher=recorded[t]))
+            seconds.append(time.perf_counter() - start)
+    return np.array(chosen), np.array(seconds)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import onnx
 
 from gato_ros import tokenizer as tk
 from gato_ros.export import body_matmuls, compress_text_rows, save
-from gato_ros.runtime import PolicyRuntime
+from gato_ros.runtime import PolicyRuntime, teacher_forced_tokens
 
 
 def weight_only_8bit(fp32: Path, out: Path, block_size: int = 32) -> Path:
@@ -38,16 +37,8 @@ def weight_only_8bit(fp32: Path, out: Path, block_size: int = 32) -> Path:
 
 def agreement(path: Path, reference: dict[str, np.ndarray]) -> dict[str, float]:
     runtime = PolicyRuntime(str(path), provider="cpu", threads=1)
-    episodes, expected = reference["episode"], reference["tokens"]
-    got, latency = [], []
-    for e in np.unique(episodes):
-        runtime.reset()
-        for t in np.flatnonzero(episodes == e):
-            obs = {o.name: reference[f"obs.{o.name}"][t] for o in runtime.spec.observations}
-            start = time.perf_counter()
-            got.append(runtime.step_tokens(obs, teacher=expected[t]))
-            latency.append(time.perf_counter() - start)
-    got = np.array(got)
+    expected = reference["tokens"]
+    got, latency = teacher_forced_tokens(runtime, reference)
     err = np.abs([tk.detokenize_action(runtime.spec, g) - tk.detokenize_action(runtime.spec, r)
                   for g, r in zip(got, expected, strict=True)])[:, :-1]  # torques; the gripper is counted apart
     return {"identical": float((got == expected).mean()), "within_3_bins": float((np.abs(got - expected) <= 3).mean()),

@@ -23,18 +23,12 @@ pytestmark = pytest.mark.skipif(not (SHIPPED.exists() and REFERENCE.exists()), r
 
 @pytest.fixture(scope="module")
 def compared() -> tuple[np.ndarray, np.ndarray, object]:
-    from gato_ros.runtime import PolicyRuntime
+    from gato_ros.runtime import PolicyRuntime, teacher_forced_tokens
 
-    ref = np.load(REFERENCE)
+    ref = dict(np.load(REFERENCE))
     runtime = PolicyRuntime(str(SHIPPED), provider="cpu", threads=1)
-    episodes, expected = ref["episode"], ref["tokens"]
-    got = []
-    for e in np.unique(episodes):
-        runtime.reset()
-        for t in np.flatnonzero(episodes == e):
-            obs = {o.name: ref[f"obs.{o.name}"][t] for o in runtime.spec.observations}
-            got.append(runtime.step_tokens(obs, teacher=expected[t]))
-    return np.array(got), expected, runtime.spec
+    got, _ = teacher_forced_tokens(runtime, ref)
+    return got, ref["tokens"], runtime.spec
 
 
 def test_int8_picks_the_fp32_action_tokens(compared) -> None:
