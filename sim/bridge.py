@@ -261,8 +261,10 @@ class SimBridge(Node):
         # The observation goes out before /clock: a node on sim time ticks when the clock moves and by
         # then holds this observation, so its command answers it (as in-process stepping would).
         stamp = Time(nanoseconds=self.sim_ns).to_msg()
-        js = JointState(name=list(JOINT_NAMES), position=obs["joint_positions"].tolist(),
-                        velocity=obs["joint_velocities"].tolist())
+        vectors = {key: np.asarray(value, np.float64).reshape(-1).tolist()  # once: published and recorded
+                   for key, value in obs.items() if key != "image"}
+        js = JointState(name=list(JOINT_NAMES), position=vectors["joint_positions"],
+                        velocity=vectors["joint_velocities"])
         js.header.stamp = stamp
         self.joint_pub.publish(js)
         if "image" in obs:
@@ -272,26 +274,25 @@ class SimBridge(Node):
             msg.header.stamp, msg.header.frame_id = stamp, "camera"
             self.image_pub.publish(msg)
             self.info_pub.publish(self._camera_info(h, w, stamp))
-        for key, value in obs.items():
-            if key in ("joint_positions", "joint_velocities", "image"):
+        for key, values in vectors.items():
+            if key in ("joint_positions", "joint_velocities"):
                 continue
             if key not in self.vector_pubs:
                 self.vector_pubs[key] = self.create_publisher(
                     Float64MultiArray, self.prm["observation_prefix"] + key, qos_profile_sensor_data)
-            self.vector_pubs[key].publish(Float64MultiArray(data=np.asarray(value, np.float64).reshape(-1).tolist()))
-        self._record(obs)
+            self.vector_pubs[key].publish(Float64MultiArray(data=values))
+        self._record(vectors)
         if self.clock_pub is not None:
             self.clock_pub.publish(Clock(clock=stamp))
         self._published_at, self._answered = time.monotonic(), False
 
-    def _record(self, obs: dict[str, np.ndarray]) -> None:
+    def _record(self, vectors: dict[str, list[float]]) -> None:
         """One entry per observation of the episode (steps + 1 of them); none after it ended."""
         record = self.trajectory["observations"]
-        if len(next(iter(record.values()), ())) > self.episode["steps"]:
+        if len(record.get("joint_positions", ())) > self.episode["steps"]:
             return
-        for key, value in obs.items():
-            if key != "image":
-                record.setdefault(key, []).append(np.asarray(value, np.float64).reshape(-1).tolist())
+        for key, values in vectors.items():
+            record.setdefault(key, []).append(values)
 
     def _camera_info(self, h: int, w: int, stamp: Any) -> CameraInfo:
         f = 0.5 * h / math.tan(math.radians(self.env.config.camera["fov"]) / 2)  # vertical fov, square pixels
