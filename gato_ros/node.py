@@ -547,9 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     node = PolicyNode()
     # One thread: rclpy's MultiThreadedExecutor busy-waits while a ready entity's callback group is
-    # busy; the spinning thread held the GIL and stretched a 3 ms tick to 200 ms (measured: one core
-    # at 100%, 7 of 11 periods late). The tick and the input callbacks are each a few ms, so running
-    # them in turn keeps the period; the locks stay for users who add the node to their own executor.
+    # busy, holding the GIL: in 8 s at 20 Hz it delivered 31 commands instead of 160, with gaps up to
+    # 2 s and a core at 100 % (scripts/executor_ticks.py). The tick and the input callbacks are each a
+    # few ms, so running them in turn keeps the period; the locks stay for users who add the node to
+    # their own executor.
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
