@@ -281,12 +281,11 @@ class Bag:
             yield from self._read_file(path, wanted)
 
     def _read_file(self, path: Path, wanted: set[str] | None) -> Iterator[BagMessage]:
-        from mcap.records import Channel, Footer, Message, Schema
+        from mcap.records import Channel, Message, Schema
         from mcap.stream_reader import StreamReader
 
         schemas: dict[int, Schema] = {}
         channels: dict[int, Channel] = {}
-        finished = False
         with open(path, "rb") as stream:
             reader = StreamReader(stream, validate_crcs=True, record_size_limit=1 << 30)
             try:
@@ -310,16 +309,11 @@ class Bag:
                         schema = schemas.get(channel.schema_id)
                         yield BagMessage(channel.topic, schema.name if schema else "", record.data, record.log_time,
                                          record.publish_time or record.log_time, record.sequence)
-                    elif isinstance(record, Footer):
-                        finished = True
             except Exception as err:  # EndOfFile, bad CRC, garbage lengths: the file ends here for us
                 self.truncated = True
                 reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                 self.problems.append(f"{path.name}: cut off or corrupt after its last complete chunk ({reason})")
                 return
-        if not finished:
-            self.truncated = True
-            self.problems.append(f"{path.name}: ends without the MCAP footer (cut off)")
 
 
 def open_bag(path: str | Path) -> Bag:
