@@ -60,6 +60,7 @@ class Recorder:
         self.subscriptions: dict[str, Any] = {}
         self.lock = threading.Lock()  # the writer: callbacks vs close()
         self.node.create_timer(DISCOVERY_PERIOD_S, self.discover)
+        self.node.create_timer(max(flush_interval_s / 2, 0.01), self._flush_if_due)
         self.discover()
 
     def wanted(self, name: str) -> bool:
@@ -109,6 +110,11 @@ class Recorder:
                     self.writer.write(topic, data, received, info.get("source_timestamp") or received)
 
         return on_message
+
+    def _flush_if_due(self) -> None:
+        with self.lock:
+            if not self.writer.closed:
+                self.writer.flush_if_due()
 
     def close(self) -> Path:
         with self.lock:

@@ -197,10 +197,15 @@ class BagWriter:
         entry.count += 1
         self.start_ns = log_time_ns if self.start_ns is None else min(self.start_ns, log_time_ns)
         self.end_ns = log_time_ns if self.end_ns is None else max(self.end_ns, log_time_ns)
-        now = time.monotonic()
         if self._chunk_opened is None:
-            self._chunk_opened = now
-        elif now - self._chunk_opened >= self.flush_interval_s:
+            self._chunk_opened = time.monotonic()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Close the open chunk once it is `flush_interval_s` old (a recorder calls this from a timer, so a
+        quiet topic's last messages reach the disk too)."""
+        if self._chunk_opened is not None and time.monotonic() - self._chunk_opened >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> None:
