@@ -36,6 +36,14 @@ OUTPUT_MODES: tuple[str, ...] = ("effort", "position", "velocity", "trajectory")
 SAFE_ACTIONS: tuple[str, ...] = ("hold", "damp", "zero")
 
 JOINT_COMMAND_TOPIC = "~/joint_command"  # node → watchdog, sensor_msgs/JointState, stamped
+# Default controller topics, relative so that a namespace moves them (ros2_control's conventions).
+ARM_COMMAND_TOPICS: dict[str, str] = {
+    "effort": "effort_controller/commands",  # std_msgs/Float64MultiArray, arm joints only
+    "position": "position_controller/commands",
+    "velocity": "velocity_controller/commands",
+    "trajectory": "joint_trajectory_controller/joint_trajectory",  # trajectory_msgs/JointTrajectory
+}
+GRIPPER_COMMAND_TOPIC = "gripper_controller/commands"  # std_msgs/Float64MultiArray, [finger force N]
 # The JointState field a mode's values travel in on JOINT_COMMAND_TOPIC.
 JOINT_STATE_FIELD: dict[str, str] = {"effort": "effort", "position": "position", "velocity": "velocity",
                                      "trajectory": "position"}
