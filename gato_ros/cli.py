@@ -12,7 +12,7 @@ import sys
 
 # name -> (module exposing `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("gato_ros.demo", "closed-loop stacking demo: sim bridge + policy node over ROS 2"),
+    "demo": ("sim.demo", "closed-loop stacking demo: sim bridge + policy node over ROS 2"),
     "node": ("gato_ros.node", "run the ROS 2 policy node (lifecycle node gato_policy)"),
     "sim": ("sim.bridge", "run the PyBullet arm as a ROS 2 robot (joint states, camera, effort commands)"),
     "collect": ("sim.collect", "collect scripted-expert episodes into a dataset"),

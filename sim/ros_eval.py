@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.evaluate import EpisodeResult
+from sim.results import EpisodeResult
 
 BRIDGE, NODE = "sim_bridge", "gato_policy"
 COMMAND_TOPIC = "/effort_controller/commands"
