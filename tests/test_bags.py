@@ -200,3 +200,15 @@ def test_a_cut_off_recording_keeps_its_whole_episodes_and_says_so(tmp_path: Path
     observations, actions = read_dataset(tmp_path / "ds").episode(0)
     np.testing.assert_array_equal(observations["task_state"], first[0]["task_state"])
     np.testing.assert_array_equal(actions, first[1].astype(np.float32))
+
+
+def test_tick_records_keep_their_contract() -> None:
+    from gato_ros.ticks import TickError, parse_tick
+
+    record = parse_tick(tick_json(3, 5_000_000_000, "m.onnx", [32001, 1], float("nan"), True, "stale", [0.0, -0.5]))
+    assert record == {"seq": 3, "stamp_ns": 5_000_000_000, "model": "m.onnx", "tokens": [32001, 1], "step_ms": None,
+                      "safe": True, "reason": "stale", "command": [0.0, -0.5]}
+    for bad, why in (("[1]", "not a JSON object"), ("{", "not JSON"), ('{"seq": 1}', "lacks field 'stamp_ns'"),
+                     (json.dumps({**record, "safe": 1}), "field 'safe' is int")):
+        with pytest.raises(TickError, match=why):
+            parse_tick(bad)
