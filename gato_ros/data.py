@@ -5,6 +5,10 @@
     DIR/episodes.jsonl   one line per episode: episode, shard, start, length + free metadata
     DIR/shard-NNNNN.npz  "obs.<key>" (steps, *shape), "actions" (steps, A) float32, "episode" (steps,)
 
+Shards of a spec with image keys are deflate-compressed (np.savez_compressed): rendered frames are
+flat colours and consecutive frames repeat, so uint8 frames shrink many times and read back
+bit-exact. Shards without images stay uncompressed (noisy floats barely shrink, and it costs time).
+
 Every file is written under a temporary name and renamed when complete, and dataset.json comes
 last: a directory without it is an unfinished (or crashed) collection, never mistaken for data.
 """
@@ -90,7 +94,8 @@ class EpisodeWriter:
             [np.full(len(act), first + i, dtype=np.int64) for i, (_, act, _) in enumerate(self._pending)]
         )
         tmp = self.out_dir / (name + ".tmp.npz")
-        np.savez(tmp, **arrays)
+        save = np.savez_compressed if self.spec.image_keys else np.savez
+        save(tmp, **arrays)
         os.replace(tmp, self.out_dir / name)
         for _, act, meta in self._pending:
             self._index.append({**meta, "episode": len(self._index), "shard": name, "start": start, "length": len(act)})

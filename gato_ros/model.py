@@ -87,19 +87,23 @@ class ValueEmbedding(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """One ResNet-v2 block (pre-activation: GroupNorm, GELU, conv) per 16x16 patch -> one vector."""
+    """One ResNet-v2 block (pre-activation: GroupNorm, GELU, conv) per 16x16 patch -> one vector.
+
+    The stem is a 4x4 convolution with stride 4, so the residual block runs at 4x4: three 3x3
+    convolutions at the full 16x16 made pixel training ~27x slower per step than state training
+    (DESIGN.md, "Notes for the seeing policy"); at 4x4 they cost 16x less.
+    """
 
     def __init__(self, config: GatoConfig) -> None:
         super().__init__()
         c = config.patch_channels
         groups = math.gcd(c, 8)
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.stem = nn.Conv2d(3, c, 4, stride=4)  # 16x16 -> 4x4
         self.norm1 = nn.GroupNorm(groups, c)
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, c)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1)
         self.norm_out = nn.GroupNorm(groups, c)
-        self.pool = nn.AvgPool2d(4)  # 16x16 -> 4x4 keeps the projection small
         self.proj = nn.Linear(c * 16, config.n_embd)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -107,8 +111,26 @@ class PatchEmbedding(nn.Module):
         x = self.stem(patches.reshape(-1, 3, contract.PATCH_SIZE, contract.PATCH_SIZE))
         h = self.conv1(F.gelu(self.norm1(x)))
         x = x + self.conv2(F.gelu(self.norm2(h)))
-        x = self.pool(F.gelu(self.norm_out(x)))
+        x = F.gelu(self.norm_out(x))
         return self.proj(x.flatten(1)).reshape(*lead, -1)
+
+
+def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_patch: torch.Tensor) -> torch.Tensor:
+    """[B, S, D]: the patch network's output at PATCH_TOKEN slots (rows elsewhere are meaningless).
+
+    The network runs on the patch tokens only (gathered by index), never on the other tokens of the
+    window, in training and in the exported graph alike. One zero patch is always appended so the
+    network never sees an empty batch (an action token's forward pass holds no patch, and GroupNorm's
+    exported Reshape cannot infer a dimension of an empty tensor).
+    """
+    B, S = is_patch.shape
+    flat = is_patch.reshape(-1)
+    index = torch.nonzero(flat).squeeze(1)
+    selected = patches.reshape(B * S, 3, contract.PATCH_SIZE, contract.PATCH_SIZE).index_select(0, index)
+    selected = torch.cat([selected, selected.new_zeros((1, 3, contract.PATCH_SIZE, contract.PATCH_SIZE))])
+    vectors = patch_embed(selected)  # [P + 1, D]
+    slot = (torch.cumsum(flat.to(torch.int64), 0) - 1).clamp(min=0)  # the k-th patch token -> row k
+    return vectors.index_select(0, slot).reshape(B, S, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +207,8 @@ class GatoModel(nn.Module):
         d = config.n_embd
         self.tokens = nn.Embedding(config.vocab_size, d)
         self.values = ValueEmbedding(config) if config.value_embedding else None
-        self.patch_embed = PatchEmbedding(config)
+        with torch.random.fork_rng(devices=[]):  # the patch network's shape never changes the other weights' init
+            self.patch_embed = PatchEmbedding(config)
         self.patch_rows = nn.Embedding(contract.PATCH_POSITION_INTERVALS, d)
         self.patch_cols = nn.Embedding(contract.PATCH_POSITION_INTERVALS, d)
         self.local_positions = nn.Embedding(config.max_local_positions, d)
@@ -228,8 +251,9 @@ class GatoModel(nn.Module):
             continuous = (input_ids >= first) & (input_ids < first + contract.NUM_BINS)
             x = torch.where(continuous.unsqueeze(-1), self.values(input_ids), x)
         if patches is not None:
-            is_patch = (input_ids == contract.PATCH_TOKEN).unsqueeze(-1)
-            pe = self.patch_embed(patches.to(x.dtype))
+            is_patch = input_ids == contract.PATCH_TOKEN
+            pe = embed_patch_tokens(self.patch_embed, patches.to(x.dtype), is_patch)
+            is_patch = is_patch.unsqueeze(-1)
             if patch_positions is not None:
                 pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)
                 pe = pe + self.patch_rows(pos[..., 0]) + self.patch_cols(pos[..., 1])

@@ -35,11 +35,11 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
     return jobs
 
 
-def _init_worker(image_size: int | None, policy: str | None = None, beta: float = 0.0) -> None:
+def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0) -> None:
     from sim.env import StackingEnv
     from sim.expert import ScriptedExpert
 
-    _worker["env"] = StackingEnv(image_size=image_size)
+    _worker["env"] = StackingEnv(**env_options)
     _worker["expert"] = ScriptedExpert()
     _worker["beta"] = beta
     if policy is not None:
@@ -81,7 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)), help="parallel processes")
     parser.add_argument("--out", required=True, help="dataset directory (must not hold a finished dataset)")
     parser.add_argument("--noise-fraction", type=float, default=0.5, help="share of noise-injected demos")
-    parser.add_argument("--image-size", type=int, default=None, help="add a camera image of this size (px)")
+    parser.add_argument("--image-size", type=int, default=None, help="add camera images of this size (px)")
+    parser.add_argument("--cameras", nargs="+", default=None, choices=("scene", "wrist"),
+                        help="named cameras (observation keys camera_<name>); default: the scene camera as `image`")
+    parser.add_argument("--no-task-state", action="store_true",
+                        help="leave the privileged task_state out of the spec (camera + joints only)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
     parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
@@ -91,9 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.spec import stacking_spec
+    from sim.spec import env_overrides, stacking_spec
 
-    spec = stacking_spec(image_size=args.image_size)
+    cameras = tuple(args.cameras) if args.cameras else None
+    spec = stacking_spec(image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
     lengths: list[int] = []
@@ -102,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
         EpisodeWriter(args.out, spec) as writer,
-        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(args.image_size, args.policy, args.beta))
+        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_overrides(spec), args.policy, args.beta))
         as pool,
     ):
         progress = tqdm(pool.imap(_run_job, jobs), total=len(jobs), unit="ep", desc="collect")
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                     "steps": episode.steps,
                     "nan": episode.nan,
                 }
-                writer.add_episode(episode.observations, episode.actions, metadata)
+                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata)
                 kept += 1
                 steps += episode.steps
             lengths.append(episode.steps)

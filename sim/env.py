@@ -12,7 +12,8 @@ Observation dict:
     joint_velocities (8,)  same order
     task_state       (17,) privileged: hand xyz, red xyz, blue xyz, red - hand, blue - red,
                            sin/cos of 4 × red yaw (a cube looks the same every 90°)
-    image            (H, W, 3) uint8, only when `image_size` is set (TinyRenderer, fixed camera)
+    image            (H, W, 3) uint8, only when `image_size` is set and `cameras` is not (the scene camera)
+    camera_<name>    (H, W, 3) uint8, one per camera in `cameras` ("scene", "wrist": sim/cameras.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import gymnasium as gym
 import numpy as np
 import pybullet as p
 import pybullet_data
+
+from sim import cameras as cams
 
 JOINT_NAMES = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
 ARM_TORQUE_LIMITS = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
@@ -54,15 +57,16 @@ class StackingConfig:
     physics_hz: int = 1000
     control_hz: int = 20
     max_steps: int = 200
-    image_size: int | None = None  # None: no camera (rendering costs ~38 ms per frame)
+    image_size: int | None = None  # None: no camera (rendering costs ~14-30 ms per frame: README)
+    cameras: tuple[str, ...] | None = None  # named cameras (sim/cameras.py); None: the legacy `image` key
     hold_steps: int = 5  # consecutive steps the stack must hold after release
     place_tolerance: float = 0.015  # top cube's xy offset from the bottom one (m)
     workspace: tuple[float, float, float, float] = (0.4, 0.65, -0.2, 0.2)  # x_lo, x_hi, y_lo, y_hi
     min_separation: float = 0.1
     friction: float = 1.0
     camera: dict = field(
-        default_factory=lambda: {"eye": (1.05, 0.0, 0.45), "target": (0.5, 0.0, 0.0), "up": (0, 0, 1), "fov": 50.0}
-    )
+        default_factory=lambda: {k: getattr(cams.CAMERAS["scene"], k) for k in ("eye", "target", "up", "fov")}
+    )  # the scene camera's pose (perturb it here for robustness runs)
 
 
 def yaw_of(quaternion) -> float:
@@ -88,8 +92,12 @@ class StackingEnv(gym.Env):
             "joint_velocities": gym.spaces.Box(-np.inf, np.inf, (8,), np.float64),
             "task_state": gym.spaces.Box(-np.inf, np.inf, (17,), np.float64),
         }
-        if c.image_size:
-            spaces["image"] = gym.spaces.Box(0, 255, (c.image_size, c.image_size, 3), np.uint8)
+        if c.cameras is not None:
+            cams.check_cameras(c.cameras)
+            if not c.image_size:
+                raise ValueError("cameras need an image_size")
+        for key in self.image_keys:
+            spaces[key] = gym.spaces.Box(0, 255, (c.image_size, c.image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
         limits = np.concatenate([ARM_TORQUE_LIMITS, [FINGER_FORCE_LIMIT]])
         self.action_space = gym.spaces.Box(-limits, limits, dtype=np.float64)
@@ -184,7 +192,7 @@ class StackingEnv(gym.Env):
             p.stepSimulation(physicsClientId=cid)
         self.steps += 1
         obs = self._observe()
-        nan = nan or not all(np.all(np.isfinite(v)) for k, v in obs.items() if k != "image")
+        nan = nan or not all(np.all(np.isfinite(v)) for k, v in obs.items() if k not in self.image_keys)
         if nan:
             # Physics blew up: end as a failure, loudly, and hand back the last finite observation.
             log.warning("NaN physics state at step %d: episode ends as a failure", self.steps)
@@ -233,20 +241,28 @@ class StackingEnv(gym.Env):
             "joint_velocities": np.array([s[1] for s in states]),
             "task_state": task,
         }
-        if self.config.image_size:
-            obs["image"] = self.render(self.config.image_size)
+        for key, name in self.image_keys.items():
+            obs[key] = self.render(self.config.image_size, name)
         return obs
 
-    def render(self, size: int | None = None) -> np.ndarray:
-        """RGB (size, size, 3) uint8 from the fixed camera (TinyRenderer: runs headless)."""
+    @property
+    def image_keys(self) -> dict[str, str]:
+        """Observation key -> camera name, in the order the cameras were listed."""
+        c = self.config
+        if not c.image_size:
+            return {}
+        if c.cameras is None:
+            return {cams.LEGACY_IMAGE_KEY: "scene"}
+        return {cams.observation_key(name): name for name in c.cameras}
+
+    def camera(self, name: str) -> cams.Camera:
+        """Camera `name`; the scene camera's pose comes from the config (so it can be perturbed)."""
+        return cams.FixedCamera(**self.config.camera) if name == "scene" else cams.CAMERAS[name]
+
+    def render(self, size: int | None = None, camera: str = "scene") -> np.ndarray:
+        """RGB (size, size, 3) uint8 from camera `camera` (TinyRenderer: runs headless)."""
         size = size or self.config.image_size or 64
-        cam = self.config.camera
-        view = p.computeViewMatrix(cam["eye"], cam["target"], cam["up"], physicsClientId=self.client)
-        proj = p.computeProjectionMatrixFOV(cam["fov"], 1.0, 0.05, 5.0, physicsClientId=self.client)
-        _, _, rgba, _, _ = p.getCameraImage(
-            size, size, view, proj, renderer=p.ER_TINY_RENDERER, physicsClientId=self.client
-        )
-        return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
+        return cams.render_camera(self.camera(camera), size, self.robot, self.client)
 
     def close(self) -> None:
         if self.client is not None and p.isConnected(self.client):

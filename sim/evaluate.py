@@ -64,9 +64,10 @@ def _init_worker(policy: str, provider: str, max_steps: int | None) -> None:
     from sim.env import StackingEnv
 
     _worker["policy"] = make_policy(policy, provider)
+    from sim.spec import env_overrides
+
     spec = getattr(_worker["policy"], "spec", None)
-    image = next((o.shape[0] for o in spec.observations if o.kind == "image"), None) if spec else None
-    overrides = {"image_size": image} if image else {}
+    overrides = env_overrides(spec) if spec else {}
     if max_steps:
         overrides["max_steps"] = max_steps
     _worker["env"] = StackingEnv(**overrides)

@@ -9,6 +9,7 @@ and rounded; near-constant entries get a floor so they do not blow up.
 from __future__ import annotations
 
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+from sim.cameras import camera_from_key, observation_key
 from sim.env import ARM_TORQUE_LIMITS, GRIPPER_CLOSE, GRIPPER_OPEN, JOINT_NAMES
 
 JOINT_POSITION_OFFSET = (0.0, 0.2, 0.0, -2.27, 0.0, 2.46, 0.63, 0.03)
@@ -20,8 +21,10 @@ TASK_STATE_OFFSET = (0.5, 0.0, 0.15, 0.53, 0.0, 0.03, 0.53, 0.0, 0.02, 0.03, 0.0
 TASK_STATE_SCALE = (0.09, 0.1, 0.12, 0.07, 0.11, 0.03, 0.07, 0.11, 0.02, 0.07, 0.04, 0.13, 0.1, 0.15, 0.03, 0.7, 0.7)
 
 
-def stacking_spec(image_size: int | None = None, privileged: bool = True) -> EmbodimentSpec:
-    """Panda stacking: proprioception (+ privileged `task_state`) (+ an RGB `image` when sized).
+def stacking_spec(image_size: int | None = None, privileged: bool = True,
+                  cameras: tuple[str, ...] | None = None) -> EmbodimentSpec:
+    """Panda stacking: proprioception (+ privileged `task_state`) (+ RGB images when sized: one
+    `camera_<name>` per camera in `cameras`, or the legacy scene `image` without `cameras`).
 
     Actions in controller order: 7 arm torques (N·m, Panda limits) and the gripper as a discrete
     choice between finger forces (+15 N open, -15 N close).
@@ -33,14 +36,32 @@ def stacking_spec(image_size: int | None = None, privileged: bool = True) -> Emb
     if privileged:
         observations.append(ObservationSpec("task_state", (17,), "continuous", TASK_STATE_OFFSET, TASK_STATE_SCALE))
     if image_size:
-        observations.append(ObservationSpec("image", (image_size, image_size, 3), "image"))
+        keys = ["image"] if cameras is None else [observation_key(c) for c in cameras]
+        observations += [ObservationSpec(key, (image_size, image_size, 3), "image") for key in keys]
     arm = zip(JOINT_NAMES[:7], ARM_TORQUE_LIMITS, strict=True)
     actions = [ActionSpec(name, "continuous", float(limit)) for name, limit in arm]
     actions.append(ActionSpec(JOINT_NAMES[7], "discrete", 20.0, (GRIPPER_OPEN, GRIPPER_CLOSE)))
     return EmbodimentSpec(
-        name="panda_stack" + (f"_img{image_size}" if image_size else ""),
+        name="panda_stack" + _name_suffix(image_size, privileged, cameras),
         observations=tuple(observations),
         actions=tuple(actions),
         control_rate_hz=20.0,
         joint_names=JOINT_NAMES,
     )
+
+
+def _name_suffix(image_size: int | None, privileged: bool, cameras: tuple[str, ...] | None) -> str:
+    suffix = "" if privileged else "_blind" if not image_size else "_seeing"
+    if image_size:
+        suffix += f"_img{image_size}" + ("" if cameras is None else "_" + "_".join(cameras))
+    return suffix
+
+
+def env_overrides(spec: EmbodimentSpec) -> dict:
+    """The `StackingEnv` options that produce `spec`'s images: collection, evaluation and the bridge
+    build their env from the model's spec through this, so they all render the same cameras."""
+    images = [o for o in spec.observations if o.kind == "image"]
+    if not images:
+        return {}
+    cameras = tuple(c for c in (camera_from_key(o.name) for o in images) if c is not None)
+    return {"image_size": int(images[0].shape[0]), "cameras": cameras or None}
