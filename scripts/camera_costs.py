@@ -36,8 +36,9 @@ def measure(seeds: list[int], sizes: list[int]) -> dict[tuple[str, int], dict[st
                 t0 = time.perf_counter()
                 render_camera(camera, size, env.robot, env.client)
                 r["ms"].append((time.perf_counter() - t0) * 1e3)
-                r["red"].append(body_pixels(camera, size, env.robot, env.client, env.cubes[0]))
-                r["blue"].append(body_pixels(camera, size, env.robot, env.client, env.cubes[1]))
+                red, blue = body_pixels(camera, size, env.robot, env.client, env.cubes[:2])
+                r["red"].append(red)
+                r["blue"].append(blue)
             obs, _, terminated, truncated, _ = env.step(expert.act(obs))
             done = terminated or truncated
     env.close()

@@ -94,16 +94,17 @@ def render_camera(camera: Camera, size: int, robot: int, client: int) -> np.ndar
     """RGB (size, size, 3) uint8 from `camera` (TinyRenderer)."""
     view = _view_matrix(camera, robot, client)
     projection = p.computeProjectionMatrixFOV(camera.fov, 1.0, camera.near, camera.far, physicsClientId=client)
+    # No segmentation mask: the same pixels, a little less work per frame.
     _, _, rgba, _, _ = p.getCameraImage(size, size, view, projection, renderer=p.ER_TINY_RENDERER,
-                                        physicsClientId=client)
+                                        flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client)
     return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
 
 
-def body_pixels(camera: Camera, size: int, robot: int, client: int, body: int) -> int:
-    """How many pixels of `camera` show `body` (from the renderer's segmentation mask)."""
+def body_pixels(camera: Camera, size: int, robot: int, client: int, bodies: list[int]) -> list[int]:
+    """How many pixels of `camera` show each of `bodies` (from the renderer's segmentation mask)."""
     view = _view_matrix(camera, robot, client)
     projection = p.computeProjectionMatrixFOV(camera.fov, 1.0, camera.near, camera.far, physicsClientId=client)
     _, _, _, _, segmentation = p.getCameraImage(size, size, view, projection, renderer=p.ER_TINY_RENDERER,
                                                 physicsClientId=client)
     mask = np.asarray(segmentation).reshape(size, size)
-    return int(np.count_nonzero((mask & ((1 << 24) - 1)) == body))
+    return [int(np.count_nonzero(mask == body)) for body in bodies]
