@@ -4,7 +4,8 @@ Rolls out a few scripted-expert episodes with the camera(s) on, writes them as t
 privileged task_state; joints + camera images, no task_state), and times optimizer steps of the
 `tiny` model on a window of `--timesteps` timesteps, batch `--batch-size`, as `gato-ros train` runs
 them (`GatoModel.action_loss`, backward, AdamW). Batches are built before the clock starts; their
-build time is printed apart.
+build time is printed apart. The cases take turns step by step, so load from other jobs on the machine
+hits them alike.
 
 `--before` adds the patch network as it was before it ran on patch tokens only: the same ResNet-v2
 block at the full 16x16 resolution (3x3 stem, 4x4 average pool at the end), applied to every token
@@ -107,33 +108,40 @@ def write_datasets(root: Path, episodes: int, image_size: int, cameras: tuple[st
     return {name: root / name for name in specs}
 
 
-def time_steps(model: GatoModel, data: Path, timesteps: int, batch_size: int, steps: int) -> dict[str, float]:
-    dataset = read_dataset(data)
-    seq_len = timesteps * tok.timestep_token_count(dataset.spec)
-    windows = SequenceDataset(dataset, seq_len, train=True, seed=0)
-    loader = DataLoader(windows, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
-    batches: list[dict[str, torch.Tensor]] = []
-    while len(batches) < steps + 2:  # more passes when the episodes hold fewer windows
-        batches += list(itertools.islice(loader, steps + 2 - len(batches)))
-    batch_seconds = (time.perf_counter() - t0) / len(batches)
-    optimizer = make_optimizer(model, 1e-3, 0.01, torch.device("cpu"))
-    model.train()
-    seconds: list[float] = []
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
-    for i, batch in enumerate(batches):
+class Case:
+    """One model on one dataset, with its batches built ahead and its own optimizer."""
+
+    def __init__(self, model: GatoModel, data: Path, timesteps: int, batch_size: int, steps: int) -> None:
+        dataset = read_dataset(data)
+        self.seq_len = timesteps * tok.timestep_token_count(dataset.spec)
+        windows = SequenceDataset(dataset, self.seq_len, train=True, seed=0)
+        loader = DataLoader(windows, batch_size=batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()
-        loss = model.action_loss(**batch)
-        optimizer.zero_grad(set_to_none=True)
+        self.batches: list[dict[str, torch.Tensor]] = []
+        while len(self.batches) < steps:  # more passes when the episodes hold fewer windows
+            self.batches += list(itertools.islice(loader, steps - len(self.batches)))
+        self.batch_seconds = (time.perf_counter() - t0) / len(self.batches)
+        self.patch_tokens = int((self.batches[0]["input_ids"] == tok.PATCH_TOKEN).sum()) // batch_size
+        self.model = model.train()
+        self.optimizer = make_optimizer(model, 1e-3, 0.01, torch.device("cpu"))
+        self.seconds: list[float] = []
+        self.user = self.system = 0.0
+
+    def step(self, i: int) -> None:
+        usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        loss = self.model.action_loss(**self.batches[i])
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if i >= 2:  # the first steps allocate
-            seconds.append(time.perf_counter() - t0)
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    user, system = usage1.ru_utime - usage0.ru_utime, usage1.ru_stime - usage0.ru_stime
-    return {"seq_len": seq_len, "patch_tokens": int((batches[0]["input_ids"] == tok.PATCH_TOKEN).sum()) // batch_size,
-            "step_s": float(np.median(seconds)), "batch_s": batch_seconds, "system_share": system / (user + system)}
+        self.optimizer.step()
+        seconds, usage1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        if i >= WARMUP_STEPS:
+            self.seconds.append(seconds)
+            self.user += usage1.ru_utime - usage0.ru_utime
+            self.system += usage1.ru_stime - usage0.ru_stime
+
+
+WARMUP_STEPS = 2  # the first steps allocate
 
 
 def main() -> None:
@@ -158,11 +166,17 @@ def main() -> None:
               f"niceness {os.nice(0)}")
         print("| case | tokens/window | patch tokens/window | s/step (median) | batch build s | system time share |")
         print("|---|---|---|---|---|---|")
+        runs = {}
         for name, (make_model, dataset) in cases.items():
             torch.manual_seed(0)
-            r = time_steps(make_model(config), data[dataset], args.timesteps, args.batch_size, args.steps)
-            print(f"| {name} | {r['seq_len']} | {r['patch_tokens']} | {r['step_s']:.2f} | {r['batch_s']:.2f} "
-                  f"| {100 * r['system_share']:.0f} % |")
+            runs[name] = Case(make_model(config), data[dataset], args.timesteps, args.batch_size,
+                              args.steps + WARMUP_STEPS)
+        for i in range(args.steps + WARMUP_STEPS):  # interleaved: a load change on the machine hits every case
+            for case in runs.values():
+                case.step(i)
+        for name, c in runs.items():
+            print(f"| {name} | {c.seq_len} | {c.patch_tokens} | {np.median(c.seconds):.2f} | {c.batch_seconds:.2f} "
+                  f"| {100 * c.system / max(1e-9, c.user + c.system):.0f} % |")
 
 
 if __name__ == "__main__":

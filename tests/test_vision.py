@@ -97,3 +97,27 @@ def test_patch_network_runs_on_patch_tokens_only():
     other[0, 5] = 0.3  # one patch token's pixels change: only its own embedding moves
     changed = (model.embed(ids, local, other, positions) - x).abs().amax(-1) > 0
     assert changed.nonzero().tolist() == [[0, 5]]
+
+
+def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
+    """The shipped variant is int8: an image model quantizes (the patch projection's Gemm stays a typed
+    node) and, teacher-forced on fp32's tokens, picks the same action tokens."""
+    from gato_ros.export import export
+    from gato_ros.runtime import PolicyRuntime
+
+    spec = stacking_spec(64, privileged=False, cameras=CAMERAS)
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
+                        patch_channels=8)
+    paths = export(GatoModel(config).eval(), spec, tmp_path / "seeing.onnx", ("fp32", "int8"))
+    env = StackingEnv(image_size=64, cameras=CAMERAS)
+    obs, _ = env.reset(seed=2)
+    episode = []
+    for _ in range(6):
+        episode.append({o.name: obs[o.name] for o in spec.observations})
+        obs, *_ = env.step(np.zeros(8))
+    fp32 = PolicyRuntime(str(paths["fp32"]), provider="cpu", threads=1)
+    reference = np.array([fp32.step_tokens(o) for o in episode])
+    int8 = PolicyRuntime(str(paths["int8"]), provider="cpu", threads=1)
+    got = np.array([int8.step_tokens(o, teacher=t) for o, t in zip(episode, reference, strict=True)])
+    assert (got == reference).mean() >= 0.9
