@@ -1,0 +1,95 @@
+"""Pilot tools for the seeing policy: a dataset with fewer observation keys, and a closed-loop check
+that also says how close the hand came to the red cube.
+
+    # the same episodes without the wrist camera (without any camera: keep the joints only)
+    .venv/bin/python scripts/seeing_pilot.py subset data/sw64 data/s64 \
+        --keep joint_positions joint_velocities camera_scene
+    # closed loop, in-process: success and closest approach of the hand to the red cube per seed
+    .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10
+
+Behaviour cloning of a seeing policy rarely stacks before DAgger (DESIGN.md), so success alone says
+little; "reached" (the hand came within 3 cm of the red cube's centre) says whether the policy found
+the cube, which only the image can tell it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from gato_ros.data import EpisodeWriter, read_dataset
+
+REACH_M = 0.03
+
+
+def subset(source: str, out: str, keep: list[str]) -> None:
+    """Write the episodes of `source` with only the observation keys in `keep` (same actions, metadata)."""
+    dataset = read_dataset(source)
+    missing = set(keep) - {o.name for o in dataset.spec.observations}
+    if missing:
+        raise SystemExit(f"{source}: no observation key(s) {sorted(missing)}")
+    observations = tuple(o for o in dataset.spec.observations if o.name in keep)
+    spec = replace(dataset.spec, name=f"{dataset.spec.name}[{','.join(keep)}]", observations=observations)
+    with EpisodeWriter(out, spec) as writer:
+        for meta, (obs, actions) in zip(dataset.episodes, dataset, strict=True):
+            free = {k: v for k, v in meta.items() if k not in ("episode", "shard", "start", "length")}
+            writer.add_episode({k: obs[k] for k in keep}, actions, free)
+    print(f"subset: {len(dataset)} episodes with {keep} written to {out}")
+
+
+def reach(policy_path: str, seeds: list[int]) -> dict:
+    from gato_ros.runtime import PolicyRuntime
+    from sim.env import StackingEnv
+    from sim.spec import env_overrides
+
+    policy = PolicyRuntime(policy_path, provider="cpu", threads=1)
+    env = StackingEnv(**env_overrides(policy.spec))
+    per_episode = []
+    for seed in seeds:
+        obs, info = env.reset(seed=seed)
+        policy.reset()
+        closest, done = np.inf, False
+        while not done:
+            closest = min(closest, float(np.linalg.norm(obs["task_state"][3:6] - obs["task_state"][0:3])))
+            obs, _, terminated, truncated, info = env.step(policy.step(obs))  # the policy reads its spec's keys
+            done = terminated or truncated
+        per_episode.append({"seed": seed, "success": bool(info["success"]), "closest_cm": 100 * closest,
+                            "reached": closest < REACH_M, "steps": int(info["steps"])})
+        print(json.dumps(per_episode[-1]))
+    closest = [e["closest_cm"] for e in per_episode]
+    summary = {"policy": policy_path, "episodes": len(seeds), "successes": sum(e["success"] for e in per_episode),
+               "reached": sum(e["reached"] for e in per_episode), "closest_cm_median": float(np.median(closest)),
+               "per_episode": per_episode}
+    print(f"reach {policy_path}: reached the red cube (< {100 * REACH_M:.0f} cm) in {summary['reached']}/{len(seeds)}, "
+          f"stacked {summary['successes']}/{len(seeds)}, median closest approach {summary['closest_cm_median']:.1f} cm")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_subset = sub.add_parser("subset", help="a dataset with fewer observation keys")
+    p_subset.add_argument("source")
+    p_subset.add_argument("out")
+    p_subset.add_argument("--keep", nargs="+", required=True, help="observation keys to keep")
+    p_reach = sub.add_parser("reach", help="closed-loop success and closest approach to the red cube")
+    p_reach.add_argument("policy", help="PATH.onnx")
+    p_reach.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
+    p_reach.add_argument("--episodes", type=int, default=10)
+    p_reach.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.command == "subset":
+        subset(args.source, args.out, args.keep)
+    else:
+        summary = reach(args.policy, [args.seeds + i for i in range(args.episodes)])
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
