@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from gato_ros import tokenizer as tok
+from gato_ros.attention_graph import build_serving_graph
 from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
 from gato_ros.runtime import tokenizer_constants
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 OPSET = 17
-VARIANTS = ("fp32", "int8", "int4", "fp16")
+VARIANTS = ("fp32", "int8", "int8-dynamic", "int4", "fp16")
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, with headroom for the graph itself
 
 
@@ -256,9 +257,38 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path))  # by path: works for external data too
 
 
-def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False
-                ) -> Path:
-    config, images = model.config, bool(spec.image_keys)
+def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: str) -> bool:
+    """The node-by-node graph (gato_ros/attention_graph.py) serves state-only specs with the action head."""
+    return attention == "fused" and not spec.image_keys and not full_vocab_head
+
+
+def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False) -> Path:
+    """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
+    phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
+    ranges = action_vocab(spec)
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges)
+    save(proto, out)
+    return out
+
+
+def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
+                attention: str = "fused") -> Path:
+    """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
+    and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
+    if fused_graph_applies(spec, full_vocab_head, attention):
+        return export_fused(model, spec, out, context)
+    proto = torchscript_graph(model, bool(spec.image_keys))
+    ranges = None if full_vocab_head else action_vocab(spec)
+    if ranges is not None:
+        restrict_head(proto, ranges)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges)
+    save(proto, out)
+    return out
+
+
+def torchscript_graph(model: GatoModel, images: bool) -> onnx.ModelProto:
+    config = model.config
     inputs, outputs = io_names(config.n_layer, images)
     wrapper = OnnxPolicy(model.eval(), images)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -266,13 +296,7 @@ def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int,
         torch.onnx.export(wrapper, example_inputs(config, images), str(raw), input_names=inputs,
                           output_names=outputs, dynamic_axes=dynamic_axes(config.n_layer, images),
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        proto = onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
-    ranges = None if full_vocab_head else action_vocab(spec)
-    if ranges is not None:
-        restrict_head(proto, ranges)
-    set_metadata(proto, config, spec, context, "fp32", ranges)
-    save(proto, out)
-    return out
+        return onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -335,8 +359,10 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     logging.disable(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            # DefaultTensorType: shape inference gives no type to com.microsoft outputs (fused attention)
             quantize_dynamic(proto, str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto))
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto),
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
             quantized = onnx.load(str(Path(tmp) / "q.onnx"))
     finally:
         logging.disable(logging.NOTSET)
@@ -368,8 +394,8 @@ def compress_text_rows(src: Path, dst: Path) -> None:
     save(proto, dst)
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """int8 = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
+def quantize_int8_dynamic(src: Path, dst: Path) -> None:
+    """int8-dynamic = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
 
     What is int8: the blocks' qkv / attention-output / MLP weights (int8, per output channel) and their
     matrix products (MatMulInteger on per-call uint8 activations); the table's text rows, on disk only.
@@ -413,7 +439,10 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
     dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
     if variant == "fp32":
         return dst
-    {"int8": quantize_int8, "int4": quantize_int4, "fp16": convert_fp16}[variant](fp32, dst)
+    from gato_ros.quantize import quantize_int8_weights  # imports this module's helpers
+
+    {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
+     "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
     # quantizers may drop or keep stale props
     set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)))
@@ -446,12 +475,13 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
-           context: int | None = None, check: bool = True, full_vocab_head: bool = False) -> dict[str, Path]:
+           context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused"
+           ) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
     covers the spec's action vocabulary only, or every token with `full_vocab_head`."""
     out = Path(out)
     context = int(context or model.config.context_window)
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head)
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention)
     if check:
         diff = parity(model, spec, fp32)
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
@@ -461,7 +491,10 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
-        paths[v] = make_variant(fp32, v, model.config, spec, context)
+        if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
+            paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True)
+        else:
+            paths[v] = make_variant(fp32, v, model.config, spec, context)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
         print(f"{v}: {paths[v]} ({size / 2**20:.1f} MiB)")
     return paths
@@ -474,9 +507,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", help="spec.json path, or 'builtin' / 'builtin-image' (with --random-init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="fp32 .onnx path; variants go beside it")
-    parser.add_argument("--variants", default="fp32", help="comma list of fp32,int8,int4,fp16")
+    parser.add_argument("--variants", default="fp32", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--context-tokens", type=int, help="rolling cache capacity (default: the model's window)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
+    parser.add_argument("--attention", default="fused", choices=("fused", "plain"),
+                        help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, state-only "
+                             "specs); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
 
@@ -486,5 +522,5 @@ def run(args: argparse.Namespace) -> int:
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head)
+           full_vocab_head=args.full_vocab_head, attention=args.attention)
     return 0

@@ -187,6 +187,9 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # and the robot's other processes; spinning ORT workers starved the control timer on 2 cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Masked attention scores exp() to denormals, which the CPU computes ~8x slower: flushing them to zero
+    # made the tiny policy's softmax over a masked window 8x faster (values below 1e-38 change nothing).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
 
