@@ -46,11 +46,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy()
 
 
+def table_device(model: GatoModel) -> torch.device:
+    return model.tokens.weight.device
+
+
 def merged_input_table(model: GatoModel) -> np.ndarray:
     """The token table with each continuous id's row replaced by its value embedding (what `embed` gathers)."""
     table = _np(model.tokens.weight).copy()
     if model.values is not None:
-        bins = torch.arange(tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+        bins = torch.arange(tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS, device=table_device(model))
         with torch.no_grad():
             table[tok.CONTINUOUS_OFFSET:tok.CONTINUOUS_OFFSET + tok.NUM_BINS] = _np(model.values(bins))
     return table

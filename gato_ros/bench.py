@@ -122,20 +122,23 @@ def torch_nocache(model: GatoModel, spec, context: int):
 
 
 def torch_kv(model: GatoModel, spec, context: int):
-    """What serving the policy from torch would cost: PolicyRuntime's calls, in torch eager."""
+    """What serving the policy from torch would cost: PolicyRuntime's calls, in torch eager (on the model's
+    device; a CUDA step ends with a synchronize so the time covers its kernels)."""
+    device = model.tokens.weight.device
     ids, local = window_stream(spec, context)
     first = 10_000
     with torch.inference_mode():
-        _, past = model(torch.from_numpy(ids)[None], torch.arange(context)[None] + first, torch.from_numpy(local)[None],
-                        last_only=True)
-    cache = {"past": past, "positions": torch.arange(context)[None] + first, "next": first + context}
+        _, past = model(torch.from_numpy(ids)[None].to(device), torch.arange(context, device=device)[None] + first,
+                        torch.from_numpy(local)[None].to(device), last_only=True)
+    cache = {"past": past, "positions": torch.arange(context, device=device)[None] + first, "next": first + context}
     per = tok.timestep_token_count(spec)
-    observations = [torch.from_numpy(tok.tokenize_observation(spec, o).tokens) for o in synthetic(spec, 64, seed=2)]
+    observations = [torch.from_numpy(tok.tokenize_observation(spec, o).tokens).to(device)
+                    for o in synthetic(spec, 64, seed=2)]
     lo, hi = tok.CONTINUOUS_OFFSET, tok.CONTINUOUS_OFFSET + tok.NUM_BINS
     i = 0
 
     def forward(new_ids: torch.Tensor, new_local: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(new_ids.numel())[None] + cache["next"]
+        positions = torch.arange(new_ids.numel(), device=device)[None] + cache["next"]
         logits, presents = model(new_ids[None], positions, new_local[None], cache["past"], cache["positions"],
                                  last_only=True)
         cache["past"] = [(torch.cat([k, nk], 2)[:, :, -context:], torch.cat([v, nv], 2)[:, :, -context:])
@@ -150,11 +153,14 @@ def torch_kv(model: GatoModel, spec, context: int):
         obs = observations[i % len(observations)]
         i += 1
         # the previous step's last action token, then this observation (as the runtime prefills them)
-        last = torch.tensor([lo + 512])
-        logits = forward(torch.cat([last, obs]), torch.cat([torch.tensor([per - 1]), torch.arange(obs.numel())]))
+        last = torch.tensor([lo + 512], device=device)
+        local_ids = torch.cat([torch.tensor([per - 1]), torch.arange(obs.numel())]).to(device)
+        logits = forward(torch.cat([last, obs]), local_ids)
         for a in range(1, spec.action_size):
             token = torch.argmax(logits).reshape(1) + lo
-            logits = forward(token, torch.tensor([obs.numel() + a - 1]))
+            logits = forward(token, torch.tensor([obs.numel() + a - 1], device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return step
 

@@ -249,7 +249,8 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    if model.ByteSize() > TWO_GB:
+    # Summed from the tensors: ByteSize() itself fails on a message past protobuf's 2 GB limit.
+    if sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
     else:
