@@ -34,6 +34,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.model import GatoModel
 
@@ -98,10 +99,10 @@ def _embedding(g: _Graph, model: GatoModel) -> str:
     c = model.config
     table = g.const("model.tokens.weight", merged_input_table(model))  # text/discrete rows: the tied table's
     lo, hi = g.const("/embed/zero", 0, np.int64), g.const("/embed/vocab_max", c.vocab_size - 1, np.int64)
-    ids = g.op1("Clip", ["input_ids", lo, hi], "/embed/")
+    ids = g.op1("Clip", [contract.INPUT_IDS, lo, hi], "/embed/")
     x = g.op1("Gather", [table, ids], "/embed/", axis=0)
     local_max = g.const("/embed/local_max", c.max_local_positions - 1, np.int64)
-    local = g.op1("Clip", ["local_positions", lo, local_max], "/embed/")
+    local = g.op1("Clip", [contract.LOCAL_POSITIONS, lo, local_max], "/embed/")
     local_table = g.const("model.local_positions.weight", _np(model.local_positions.weight))
     return g.op1("Add", [x, g.op1("Gather", [local_table, local], "/embed/", axis=0)], "/embed/")
 
@@ -112,7 +113,7 @@ def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
     k = model.rope_k.cpu().numpy().astype(np.int64)  # one multiplier per rotary pair of a head
     per_column = np.tile(np.concatenate([k, k]), 2 * c.n_head)  # [q heads | k heads], each [first, second half]
     period = g.const(p + "period", c.rope_period, np.int64)
-    pos = g.op1("Mod", ["position_ids", period], p)
+    pos = g.op1("Mod", [contract.POSITION_IDS, period], p)
     phase = g.op1("Mul", [g.op1("Unsqueeze", [pos, g.const(p + "last", [-1], np.int64)], p),
                           g.const(p + "multipliers", per_column, np.int64)], p)
     phase = g.op1("Mod", [phase, period], p)
@@ -127,8 +128,8 @@ def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
 def _mask_bias(g: _Graph, model: GatoModel) -> str:
     """[B, 1, S, C+S]: 0 where 0 <= q - k < window, MASKED elsewhere (empty slots sit at -2^40)."""
     p = "/mask/"
-    keys = g.op1("Concat", ["past_positions", "position_ids"], p, axis=1)
-    delta = g.op1("Sub", [g.op1("Unsqueeze", ["position_ids", g.const(p + "last", [-1], np.int64)], p),
+    keys = g.op1("Concat", [contract.PAST_POSITIONS, contract.POSITION_IDS], p, axis=1)
+    delta = g.op1("Sub", [g.op1("Unsqueeze", [contract.POSITION_IDS, g.const(p + "last", [-1], np.int64)], p),
                           g.op1("Unsqueeze", [keys, g.const(p + "middle", [1], np.int64)], p)], p)
     ahead = g.op1("Less", [delta, g.const(p + "zero", 0, np.int64)], p)
     too_old = g.op1("Less", [g.const(p + "window_minus_one", model.config.context_window - 1, np.int64), delta], p)
@@ -190,10 +191,10 @@ def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, 
                          axis=-1)
     qk = g.op1("Add", [g.op1("Mul", [qk, cos], p), g.op1("Mul", [qk_rot, sin], p)], p)  # apply_rope
     q, k = g.op("Split", [qk, g.const(p + "split_qk", [d, d], np.int64)], p, outputs=2, axis=-1)
-    present_k = _heads(g, k, heads, dh, p, f"present.{i}.key")
-    present_v = _heads(g, v, heads, dh, p, f"present.{i}.value")
-    keys = g.op1("Concat", [f"past_key_values.{i}.key", present_k], p, axis=2)
-    values = g.op1("Concat", [f"past_key_values.{i}.value", present_v], p, axis=2)
+    present_k = _heads(g, k, heads, dh, p, contract.present_key_name(i))
+    present_v = _heads(g, v, heads, dh, p, contract.present_value_name(i))
+    keys = g.op1("Concat", [contract.past_key_name(i), present_k], p, axis=2)
+    values = g.op1("Concat", [contract.past_value_name(i), present_v], p, axis=2)
     y = g.op1("MultiHeadAttention", [q, keys, values, "", "", bias], p, domain=ORT_DOMAIN, num_heads=heads,
               scale=1.0)  # q carries the 1/sqrt(Dh)
     return _matmul(g, y, _np(attn.proj.weight).T, f"blocks.{i}.attn.proj")
@@ -229,20 +230,18 @@ def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = n
     logits = g.op1("Gemm", [h, head], "/head/", transB=1)
     if dtype is np.float16:
         logits = g.op1("Cast", [logits], "/head/", to=TensorProto.FLOAT)
-    g.nodes.append(helper.make_node("Unsqueeze", [logits, g.const("/head/axis", [1], np.int64)], ["logits"],
+    g.nodes.append(helper.make_node("Unsqueeze", [logits, g.const("/head/axis", [1], np.int64)], [contract.LOGITS],
                                     name="/head/logits"))
     elem = TensorProto.FLOAT16 if dtype is np.float16 else TensorProto.FLOAT
     dh = c.n_embd // c.n_head
-    ints = [("input_ids", ["batch", "sequence"]), ("position_ids", ["batch", "sequence"]),
-            ("local_positions", ["batch", "sequence"]), ("past_positions", ["batch", "past_sequence"])]
+    batch_seq, batch_past = ["batch", "sequence"], ["batch", "past_sequence"]
+    ints = [(contract.INPUT_IDS, batch_seq), (contract.POSITION_IDS, batch_seq), (contract.LOCAL_POSITIONS, batch_seq),
+            (contract.PAST_POSITIONS, batch_past)]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, s) for n, s in ints]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, len(logit_ids)])]
-    for i in range(c.n_layer):
-        for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem,
-                                                        ["batch", c.n_head, "past_sequence", dh]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", elem,
-                                                         ["batch", c.n_head, "sequence", dh]))
+    outputs = [helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT, ["batch", 1, len(logit_ids)])]
+    cache_in, cache_out = [elem, ["batch", c.n_head, "past_sequence", dh]], [elem, ["batch", c.n_head, "sequence", dh]]
+    inputs += [helper.make_tensor_value_info(n, *cache_in) for n in contract.past_names(c.n_layer)]
+    outputs += [helper.make_tensor_value_info(n, *cache_out) for n in contract.present_names(c.n_layer)]
     graph = helper.make_graph(g.nodes, "gato_ros_policy", inputs, outputs, g.inits)
     proto = helper.make_model(graph, producer_name="gato_ros", opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid(ORT_DOMAIN, 1)])

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.attention_graph import build_serving_graph
-from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
-from gato_ros.runtime import tokenizer_constants
+from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
+from gato_ros.model import GatoModel
+from gato_ros.quantize import body_matmuls, store_body_int8, store_text_rows_int8, table_name
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 OPSET = 17
@@ -97,15 +99,6 @@ def range_ids(ranges: list[tuple[int, int]]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ graph
-def io_names(n_layer: int, images: bool) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "local_positions", "past_positions"]
-    inputs += [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    if images:
-        inputs += ["patches", "patch_positions"]
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return inputs, outputs
-
-
 class OnnxPolicy(torch.nn.Module):
     """Flat-argument view of GatoModel.forward(last_only=True) in the ONNX file's input order.
 
@@ -156,13 +149,13 @@ def dynamic_axes(n_layer: int, images: bool) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(n_layer, images)
     axes: dict[str, dict[int, str]] = {}
     for name in inputs:
-        if name.startswith("past_key_values."):
+        if contract.is_past_name(name):
             axes[name] = {0: "batch", 2: "past_sequence"}
-        elif name == "past_positions":
+        elif name == contract.PAST_POSITIONS:
             axes[name] = {0: "batch", 1: "past_sequence"}
         else:
             axes[name] = {0: "batch", 1: "sequence"}
-    axes["logits"] = {0: "batch"}
+    axes[contract.LOGITS] = {0: "batch"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "sequence"}
     return axes
@@ -172,20 +165,22 @@ def cache_update_graph(n_layer: int, elem_type: int) -> bytes:
     """The ring write as a graph, for runtimes that keep the cache on a GPU (numpy cannot reach it):
     updated.{j} = cache.{j} with slots[s] ← new.{j}[:, :, s] (ScatterElements on the cache axis)."""
     n = 2 * n_layer
+    slots = contract.CACHE_UPDATE_SLOTS
     nodes = [
         helper.make_node("Constant", [], ["shape4"],
                          value=helper.make_tensor("s", TensorProto.INT64, [4], [1, 1, -1, 1])),
-        helper.make_node("Reshape", ["slots", "shape4"], ["slots4"]),
-        helper.make_node("Shape", ["new.0"], ["new_shape"]),
+        helper.make_node("Reshape", [slots, "shape4"], ["slots4"]),
+        helper.make_node("Shape", [contract.cache_update_names(0)[1]], ["new_shape"]),
         helper.make_node("Expand", ["slots4", "new_shape"], ["index"]),
     ]
-    inputs = [helper.make_tensor_value_info("slots", TensorProto.INT64, ["S"])]
+    inputs = [helper.make_tensor_value_info(slots, TensorProto.INT64, ["S"])]
     outputs = []
     for j in range(n):
-        nodes.append(helper.make_node("ScatterElements", [f"cache.{j}", "index", f"new.{j}"], [f"updated.{j}"], axis=2))
-        inputs += [helper.make_tensor_value_info(f"cache.{j}", elem_type, ["B", "H", "C", "D"]),
-                   helper.make_tensor_value_info(f"new.{j}", elem_type, ["B", "H", "S", "D"])]
-        outputs.append(helper.make_tensor_value_info(f"updated.{j}", elem_type, ["B", "H", "C", "D"]))
+        cache, new, updated = contract.cache_update_names(j)
+        nodes.append(helper.make_node("ScatterElements", [cache, "index", new], [updated], axis=2))
+        inputs += [helper.make_tensor_value_info(cache, elem_type, ["B", "H", "C", "D"]),
+                   helper.make_tensor_value_info(new, elem_type, ["B", "H", "S", "D"])]
+        outputs.append(helper.make_tensor_value_info(updated, elem_type, ["B", "H", "C", "D"]))
     graph = helper.make_graph(nodes, "gato_ros_cache_update", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gato_ros")
     model.ir_version = 8
@@ -211,32 +206,33 @@ def restrict_head(model: onnx.ModelProto, ranges: list[tuple[int, int]]) -> None
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([gather, *nodes])
-    logits = next(o for o in graph.output if o.name == "logits")
+    logits = next(o for o in graph.output if o.name == contract.LOGITS)
     logits.type.tensor_type.shape.dim[2].dim_value = len(ids)
     del graph.value_info[:]  # intermediate shapes inferred for the full vocabulary
 
 
 def logit_ranges(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     """The head's id ranges from `gato_ros.logit_ids` (None: the full vocabulary)."""
-    value = next((p.value for p in model.metadata_props if p.key == "gato_ros.logit_ids"), None)
+    value = next((p.value for p in model.metadata_props if p.key == contract.META_LOGIT_IDS), None)
     return None if value is None else [(int(lo), int(hi)) for lo, hi in json.loads(value)]
 
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
                  ranges: list[tuple[int, int]] | None = None) -> None:
-    cache_type = next(i for i in model.graph.input if i.name == "past_key_values.0.key").type.tensor_type.elem_type
+    cache_input = contract.past_key_name(0)
+    cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
     props = {
-        "gato_ros.config": config.to_json(),
-        "gato_ros.spec": spec.to_json(),
-        "gato_ros.tokenizer": json.dumps(tokenizer_constants(), sort_keys=True),
-        "gato_ros.context_tokens": str(context),
-        "gato_ros.variant": variant,
-        "gato_ros.empty_position": str(EMPTY_POSITION),
-        "gato_ros.cache_update": base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
+        contract.META_CONFIG: config.to_json(),
+        contract.META_SPEC: spec.to_json(),
+        contract.META_TOKENIZER: json.dumps(contract.tokenizer_constants(), sort_keys=True),
+        contract.META_CONTEXT_TOKENS: str(context),
+        contract.META_VARIANT: variant,
+        contract.META_EMPTY_POSITION: str(EMPTY_POSITION),
+        contract.META_CACHE_UPDATE: base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
     }
     if ranges is not None:
-        props["gato_ros.logit_ids"] = json.dumps([list(r) for r in ranges])
-    kept = [p for p in model.metadata_props if p.key not in props and p.key != "gato_ros.logit_ids"]
+        props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
+    kept = [p for p in model.metadata_props if p.key not in props and p.key != contract.META_LOGIT_IDS]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for k, v in props.items():
@@ -301,45 +297,12 @@ def torchscript_graph(model: GatoModel, images: bool) -> onnx.ModelProto:
 
 
 # ------------------------------------------------------------------------------------------ variants
-def table_name(model: onnx.ModelProto) -> str:
-    """The token table: the one initializer with a vocabulary-sized first axis (Gather and head share it)."""
-    return next(i.name for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == tok.VOCAB_SIZE)
-
-
 def head_nodes(model: onnx.ModelProto) -> list[str]:
     """The node(s) computing the logits from the tied table (whole, or its action rows): kept in full
     precision (near-tied neighbouring bins, sensitive)."""
     table = table_name(model)
     return [n.name for n in model.graph.node
             if n.op_type in ("MatMul", "Gemm") and {table, "logit_table"} & set(n.input[1:])]
-
-
-def int8_weight(name: str, w: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Symmetric int8 copy of `w` with one scale per slice along `axis`, and the nodes that turn it back
-    into fp32 under `name`. They read initializers only, so ORT folds them at session load: the file
-    holds int8, the session computes in fp32 at fp32 speed."""
-    reduce = tuple(d for d in range(w.ndim) if d != axis)
-    scale = np.abs(w).max(axis=reduce) / 127.0
-    scale[scale == 0] = 1.0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    inits = [numpy_helper.from_array(q, name + "_int8"),
-             numpy_helper.from_array(scale.reshape(shape).astype(np.float32), name + "_scale")]
-    # Cast + Mul rather than DequantizeLinear: ORT keeps DequantizeLinear out of constant folding (for its
-    # QDQ fusions), which would dequantize the table on every call.
-    nodes = [helper.make_node("Cast", [name + "_int8"], [name + "_cast"], to=TensorProto.FLOAT, name=name + "_cast"),
-             helper.make_node("Mul", [name + "_cast", name + "_scale"], [name], name=name + "_dequantize")]
-    return inits, nodes
-
-
-def body_matmuls(model: onnx.ModelProto) -> list[str]:
-    """The attention and MLP projections of the transformer blocks (MatMul with a constant weight). The
-    attention's own MatMuls (Q·Kᵀ, softmax·V) read two activations and the value embedding encodes every
-    observation value: they stay fp32, like the head."""
-    weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name.startswith("/blocks.") and n.input[1] in weights]
 
 
 def quantize_body_dynamic(src: Path, dst: Path) -> None:
@@ -373,28 +336,6 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     save(quantized, dst)
 
 
-def compress_text_rows(src: Path, dst: Path) -> None:
-    """The 31k text rows of the token table (never gathered nor chosen by a control policy, whose actions
-    are constrained to their ranges) stored int8 per row and rebuilt to fp32 at session load. Every row an
-    action can take -- discrete ids [0, DISCRETE_RANGE), the continuous bins, the special tokens -- stays
-    fp32, and the Gather and the head still share one table."""
-    proto = onnx.load(str(src))
-    graph, table = proto.graph, table_name(proto)
-    init = next(i for i in graph.initializer if i.name == table)
-    w = numpy_helper.to_array(init)
-    lo, hi = tok.DISCRETE_RANGE, tok.CONTINUOUS_OFFSET
-    text, dequantize = int8_weight(table + ".text", w[lo:hi], axis=0)  # one scale per row (token)
-    graph.initializer.remove(init)
-    graph.initializer.extend(text + [numpy_helper.from_array(w[:lo], table + ".discrete"),
-                                     numpy_helper.from_array(w[hi:], table + ".actions")])
-    concat = helper.make_node("Concat", [table + ".discrete", table + ".text", table + ".actions"], [table], axis=0,
-                              name=table + "_concat")
-    body = list(graph.node)
-    del graph.node[:]
-    graph.node.extend([*dequantize, concat, *body])  # these read initializers only: ORT folds them at load
-    save(proto, dst)
-
-
 def quantize_int8_dynamic(src: Path, dst: Path) -> None:
     """int8-dynamic = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
 
@@ -412,7 +353,19 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body.onnx"
         quantize_body_dynamic(src, body)
-        compress_text_rows(body, dst)
+        proto = onnx.load(str(body))
+    store_text_rows_int8(proto)
+    save(proto, dst)
+
+
+def quantize_int8_weights(src: Path, dst: Path) -> None:
+    """int8 = int8 storage of the block projections and the table's text rows, fp32 compute
+    (gato_ros/quantize.py says why)."""
+    proto = onnx.load(str(src))
+    if store_body_int8(proto) == 0:
+        raise RuntimeError(f"{src}: no transformer projections found to store as int8")
+    store_text_rows_int8(proto)
+    save(proto, dst)
 
 
 def quantize_int4(src: Path, dst: Path) -> None:
@@ -431,7 +384,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
     proto = onnx.load(str(src))
     # The KV cache goes fp16 (half the memory and bandwidth on the GPU); patches and logits stay fp32.
     # The runtime reads the cache type from the graph's inputs.
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=["patches", "logits"]))
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS]))
     half.topological_sort()  # the converter appends its input casts after their consumers
     save(half.model, dst)
 
@@ -440,8 +393,6 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
     dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
     if variant == "fp32":
         return dst
-    from gato_ros.quantize import quantize_int8_weights  # imports this module's helpers
-
     {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
      "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))

@@ -1,10 +1,10 @@
-"""int8 with fp32's choices: int8 weights on disk, fp32 arithmetic in the session.
+"""int8 graph rewrites (ONNX protos in, ONNX protos out) and why the int8 variant computes in fp32.
 
 Measured on the shipped stacking policy (scripts/quant_agreement.py, teacher-forced on two expert
 episodes, against the fp32 model of the same weights): quantizing *activations* to 8 bits at any place
 in the blocks flips action tokens. Dynamic int8 (MatMulInteger) on every projection kept 88.8 % of
 tokens within one bin; on the MLPs only 92.0 %, on the attention only 92.8 %, on the four attention
-output projections alone (the smallest share) still only 95.6 %, with 100 % nowhere in between. Soft-label
+output projections alone (the smallest share) still only 95.6 %. Soft-label
 training leaves neighbouring bins near-tied and the policy acts on the argmax, so 8-bit activation noise
 moves actions that the weights alone would not.
 
@@ -20,17 +20,49 @@ is about twice as fast.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+
+from gato_ros import tokenizer as tok
+
+
+def table_name(model: onnx.ModelProto) -> str:
+    """The token table: the one initializer with a vocabulary-sized first axis (Gather and head share it)."""
+    return next(i.name for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == tok.VOCAB_SIZE)
+
+
+def int8_weight(name: str, w: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Symmetric int8 copy of `w` with one scale per slice along `axis`, and the nodes that turn it back
+    into fp32 under `name`. They read initializers only, so ORT folds them at session load: the file
+    holds int8, the session computes in fp32 at fp32 speed."""
+    reduce = tuple(d for d in range(w.ndim) if d != axis)
+    scale = np.abs(w).max(axis=reduce) / 127.0
+    scale[scale == 0] = 1.0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    inits = [numpy_helper.from_array(q, name + "_int8"),
+             numpy_helper.from_array(scale.reshape(shape).astype(np.float32), name + "_scale")]
+    # Cast + Mul rather than DequantizeLinear: ORT keeps DequantizeLinear out of constant folding (for its
+    # QDQ fusions), which would dequantize the table on every call.
+    nodes = [helper.make_node("Cast", [name + "_int8"], [name + "_cast"], to=TensorProto.FLOAT, name=name + "_cast"),
+             helper.make_node("Mul", [name + "_cast", name + "_scale"], [name], name=name + "_dequantize")]
+    return inits, nodes
+
+
+def body_matmuls(model: onnx.ModelProto) -> list[str]:
+    """The attention and MLP projections of the transformer blocks (MatMul with a constant weight). The
+    attention's own MatMuls (Q·Kᵀ, softmax·V) read two activations and the value embedding encodes every
+    observation value: they stay fp32, like the head."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.name.startswith("/blocks.") and n.input[1] in weights]
 
 
 def store_body_int8(proto: onnx.ModelProto) -> int:
     """Replace each block projection's fp32 weight initializer by int8 + per-output-channel scale, rebuilt
     under the same name at load. Returns how many weights were rewritten."""
-    from gato_ros.export import body_matmuls, int8_weight
-
     graph = proto.graph
     names = set(body_matmuls(proto))
     weights = {n.input[1] for n in graph.node if n.name in names}
@@ -51,16 +83,21 @@ def store_body_int8(proto: onnx.ModelProto) -> int:
     return len(weights)
 
 
-def quantize_int8_weights(src: Path, dst: Path) -> None:
-    """int8 storage of the block weights and the table's text rows; fp32 compute."""
-    import tempfile
-
-    from gato_ros.export import compress_text_rows, save
-
-    proto = onnx.load(str(src))
-    if store_body_int8(proto) == 0:
-        raise RuntimeError(f"{src}: no transformer projections found to store as int8")
-    with tempfile.TemporaryDirectory() as tmp:
-        body = Path(tmp) / "body.onnx"
-        save(proto, body)
-        compress_text_rows(body, dst)
+def store_text_rows_int8(proto: onnx.ModelProto) -> None:
+    """The 31k text rows of the token table (never gathered nor chosen by a control policy, whose actions
+    are constrained to their ranges) stored int8 per row and rebuilt to fp32 at session load. Every row an
+    action can take -- discrete ids [0, DISCRETE_RANGE), the continuous bins, the special tokens -- stays
+    fp32, and the Gather and the head still share one table."""
+    graph, table = proto.graph, table_name(proto)
+    init = next(i for i in graph.initializer if i.name == table)
+    w = numpy_helper.to_array(init)
+    lo, hi = tok.DISCRETE_RANGE, tok.CONTINUOUS_OFFSET
+    text, dequantize = int8_weight(table + ".text", w[lo:hi], axis=0)  # one scale per row (token)
+    graph.initializer.remove(init)
+    graph.initializer.extend(text + [numpy_helper.from_array(w[:lo], table + ".discrete"),
+                                     numpy_helper.from_array(w[hi:], table + ".actions")])
+    concat = helper.make_node("Concat", [table + ".discrete", table + ".text", table + ".actions"], [table], axis=0,
+                              name=table + "_concat")
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*dequantize, concat, *body])  # these read initializers only: ORT folds them at load

@@ -22,7 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.contract import GatoConfig
+from gato_ros.model import GatoModel
 from gato_ros.spec import EmbodimentSpec
 from gato_ros.train import save_checkpoint
 

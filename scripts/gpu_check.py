@@ -31,8 +31,9 @@ import onnxruntime as ort
 import torch
 
 from gato_ros.bench import ort_kv, synthetic, torch_kv
+from gato_ros.contract import GatoConfig
 from gato_ros.export import builtin_spec, export, export_fused
-from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.model import GatoModel
 from gato_ros.runtime import PolicyRuntime
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from gato_ros import tokenizer as tk
-from gato_ros.export import body_matmuls, compress_text_rows, save
+from gato_ros.export import save
+from gato_ros.quantize import body_matmuls, store_text_rows_int8
 from gato_ros.runtime import PolicyRuntime, teacher_forced_tokens
 
 
@@ -29,9 +30,9 @@ def weight_only_8bit(fp32: Path, out: Path, block_size: int = 32) -> Path:
     quant = MatMulNBitsQuantizer(proto, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=0,
                                  nodes_to_include=body_matmuls(proto))
     quant.process()
-    body = out.with_suffix(".body.onnx")
-    save(quant.model.model, body)
-    compress_text_rows(body, out)
+    proto = quant.model.model
+    store_text_rows_int8(proto)
+    save(proto, out)
     return out
 
 

@@ -11,8 +11,9 @@ import onnx
 import pytest
 import torch
 
+from gato_ros.contract import GatoConfig
 from gato_ros.export import builtin_spec, export, parity
-from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.model import GatoModel
 from gato_ros.runtime import PolicyRuntime
 
 torch.set_num_threads(1)

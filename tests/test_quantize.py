@@ -13,8 +13,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from gato_ros.contract import GatoConfig
 from gato_ros.export import builtin_spec, export
-from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.model import GatoModel
 from gato_ros.recover import RecoveryError, recover_checkpoint
 from gato_ros.runtime import PolicyRuntime
 from gato_ros.train import load_checkpoint
