@@ -44,7 +44,7 @@ def subset(source: str, out: str, keep: list[str]) -> None:
 def reach(policy_path: str, seeds: list[int]) -> dict:
     from gato_ros.runtime import PolicyRuntime
     from sim.env import StackingEnv
-    from sim.spec import env_overrides
+    from sim.spec import env_overrides, policy_observation
 
     policy = PolicyRuntime(policy_path, provider="cpu", threads=1)
     env = StackingEnv(**env_overrides(policy.spec))
@@ -55,7 +55,7 @@ def reach(policy_path: str, seeds: list[int]) -> dict:
         closest, done = np.inf, False
         while not done:
             closest = min(closest, float(np.linalg.norm(obs["task_state"][3:6] - obs["task_state"][0:3])))
-            obs, _, terminated, truncated, info = env.step(policy.step(obs))  # the policy reads its spec's keys
+            obs, _, terminated, truncated, info = env.step(policy.step(policy_observation(policy.spec, obs)))
             done = terminated or truncated
         per_episode.append({"seed": seed, "success": bool(info["success"]), "closest_cm": 100 * closest,
                             "reached": closest < REACH_M, "steps": int(info["steps"])})

@@ -64,13 +64,14 @@ def run_dagger_episode(seed: int, beta: float):
     `beta` per step) and every visited state is labelled with the expert's command. Behaviour
     cloning alone only sees the expert's own states; these teach recovery from the policy's mistakes."""
     from sim.expert import run_episode
+    from sim.spec import policy_observation
 
     policy = _worker["policy"]
     rng = np.random.default_rng([seed, 2])
     policy.reset()
 
     def driver(obs: dict[str, np.ndarray], label: np.ndarray) -> np.ndarray:
-        command = policy.step(obs)  # every step, so the policy's context holds the whole episode
+        command = policy.step(policy_observation(policy.spec, obs))  # every step: its context holds the episode
         return label if rng.random() < beta else command
 
     return run_episode(_worker["env"], _worker["expert"], seed, driver=driver)

@@ -74,6 +74,8 @@ def _init_worker(policy: str, provider: str, max_steps: int | None) -> None:
 
 
 def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:
+    from sim.spec import policy_observation
+
     env, policy = _worker["env"], _worker["policy"]
     obs, info = env.reset(seed=seed)
     policy.reset()
@@ -83,7 +85,7 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeRes
         if frames is not None:
             frames.append(env.render(256))
         t0 = time.perf_counter()
-        action = policy.step(obs)
+        action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))
         result.step_ms.append(1e3 * (time.perf_counter() - t0))
         obs, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated

@@ -57,6 +57,12 @@ def _name_suffix(image_size: int | None, privileged: bool, cameras: tuple[str, .
     return suffix
 
 
+def policy_observation(spec: EmbodimentSpec, observation: dict) -> dict:
+    """The env's observation cut to the keys of `spec`: the env always gives `task_state` (the expert acts
+    on it), a seeing policy's spec leaves it out and the runtime refuses keys it does not know."""
+    return {o.name: observation[o.name] for o in spec.observations}
+
+
 def env_overrides(spec: EmbodimentSpec) -> dict:
     """The `StackingEnv` options that produce `spec`'s images: collection, evaluation and the bridge
     build their env from the model's spec through this, so they all render the same cameras."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -121,3 +122,34 @@ def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
     int8 = PolicyRuntime(str(paths["int8"]), provider="cpu", threads=1)
     got = np.array([int8.step_tokens(o, teacher=t) for o, t in zip(episode, reference, strict=True)])
     assert (got == reference).mean() >= 0.9
+
+
+@pytest.fixture(scope="module")
+def seeing_policy(tmp_path_factory):
+    """A random-init tiny seeing policy (scene + wrist cameras, joints, no task_state), exported."""
+    from gato_ros.export import export
+
+    spec = stacking_spec(64, privileged=False, cameras=CAMERAS)
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=1, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
+                        patch_channels=8)
+    return export(GatoModel(config).eval(), spec, tmp_path_factory.mktemp("seeing") / "seeing.onnx")["fp32"]
+
+
+def test_eval_and_dagger_drive_a_seeing_policy(seeing_policy, tmp_path):
+    """`gato-ros eval` and DAgger collection build the env the policy's spec needs (its cameras) and hand
+    it only the keys it knows (the env also gives task_state, which the runtime refuses)."""
+    from sim import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    out = tmp_path / "eval.json"
+    args = parser.parse_args(["--policy", str(seeing_policy), "--episodes", "1", "--max-steps", "4", "--provider",
+                              "cpu", "--json", str(out)])
+    assert evaluate.run(args) == 0
+    assert json.loads(out.read_text())["per_episode"][0]["steps"] == 4
+    collect._worker.clear()
+    collect._init_worker({"image_size": 64, "cameras": CAMERAS, "max_steps": 4}, str(seeing_policy), 0.0)
+    job, episode, _ = collect._run_job(collect.Job(0, seed=9, noisy=False))
+    assert episode.steps == 4 and {"camera_scene", "camera_wrist", "task_state"} <= episode.observations.keys()
+    collect._worker.clear()
