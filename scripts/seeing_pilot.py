@@ -6,6 +6,9 @@ that also says how close the hand came to the red cube.
         --keep joint_positions joint_velocities camera_scene
     # closed loop, in-process: success and closest approach of the hand to the red cube per seed
     .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10
+    # offline: action loss on the held-out episodes (the split `gato-ros train` made), all windows and
+    # the first window of each episode, where only the cube's position says where to go
+    .venv/bin/python scripts/seeing_pilot.py offline checkpoints/pilot data/sw64 --val-fraction 0.1
 
 Behaviour cloning of a seeing policy rarely stacks before DAgger (DESIGN.md), so success alone says
 little; "reached" (the hand came within 3 cm of the red cube's centre) says whether the policy found
@@ -69,6 +72,36 @@ def reach(policy_path: str, seeds: list[int]) -> dict:
     return summary
 
 
+def offline(checkpoint: str, data: str, val_fraction: float, seed: int) -> dict:
+    import torch
+
+    from gato_ros import tokenizer as tok
+    from gato_ros.sequences import SequenceDataset
+    from gato_ros.train import load_checkpoint, split_episodes
+
+    torch.set_num_threads(1)
+    model, config, spec = load_checkpoint(checkpoint)
+    dataset = read_dataset(data, spec)
+    _, held_out = split_episodes(len(dataset), val_fraction, seed)
+    windows = SequenceDataset(dataset, config.context_window, held_out, train=False, seed=seed)
+    step_tokens = tok.timestep_token_count(spec)
+    result = {}
+    with torch.no_grad():
+        for name, items in (("all windows", range(len(windows))),
+                            ("first window", [i for i, (_, s) in enumerate(windows.index) if s == 0])):
+            total = count = 0.0
+            for i in items:
+                batch = {k: v[None] for k, v in windows[i].items()}
+                n = int(batch["loss_mask"].sum())
+                total += float(model.action_loss(**batch)) * n
+                count += n
+            result[name] = total / max(count, 1)
+    print(f"offline {checkpoint} on {len(held_out)} held-out episodes of {data} ({config.context_window} tokens = "
+          f"{config.context_window // step_tokens} timesteps per window): action loss, all windows "
+          f"{result['all windows']:.3f}, first window {result['first window']:.3f}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,9 +114,16 @@ def main() -> None:
     p_reach.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
     p_reach.add_argument("--episodes", type=int, default=10)
     p_reach.add_argument("--json", type=Path, default=None)
+    p_offline = sub.add_parser("offline", help="held-out action loss, all windows and each episode's first")
+    p_offline.add_argument("checkpoint")
+    p_offline.add_argument("data")
+    p_offline.add_argument("--val-fraction", type=float, default=0.05, help="as given to gato-ros train")
+    p_offline.add_argument("--seed", type=int, default=0, help="as given to gato-ros train")
     args = parser.parse_args()
     if args.command == "subset":
         subset(args.source, args.out, args.keep)
+    elif args.command == "offline":
+        offline(args.checkpoint, args.data, args.val_fraction, args.seed)
     else:
         summary = reach(args.policy, [args.seeds + i for i in range(args.episodes)])
         if args.json:
