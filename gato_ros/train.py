@@ -274,10 +274,13 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
     torch.manual_seed(args.seed)
     train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
     train_set = SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob, args.prompt_tokens,
-                                train=True, seed=args.seed)
+                                train=True, seed=args.seed,
+                                observation_local_positions_only=config.observation_local_positions_only)
     val_stride = max(1, seq_len // tok.timestep_token_count(spec))
     val_set = SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens,
-                              train=False, seed=args.seed) if val_eps and master else None
+                              train=False, seed=args.seed,
+                              observation_local_positions_only=config.observation_local_positions_only,
+                              ) if val_eps and master else None
     per_rank = args.batch_size // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=False)

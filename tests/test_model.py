@@ -200,3 +200,30 @@ def test_action_loss_is_zero_only_for_a_perfect_fit() -> None:
     labels, entropy = model._label_table(h.device)
     assert torch.allclose(labels, soft_labels(torch.arange(tok.NUM_BINS), tok.NUM_BINS, 2.5))
     assert entropy[500].item() == pytest.approx(math.log(2.5 * math.sqrt(2 * math.pi * math.e)), rel=1e-3)
+
+
+def test_local_positions_reach_observation_tokens_only() -> None:
+    """Gato adds local position encodings to observation tokens only: in a new model an action token embeds
+    the same at every action slot of a timestep; a config read from a file without the field (the shipped
+    model) keeps the old layout, where every token of a timestep got its index."""
+    from gato_ros.export import builtin_spec
+
+    spec = builtin_spec()
+    n_obs, per_step = tok.observation_token_count(spec), tok.timestep_token_count(spec)
+    token = torch.full((1, per_step), tok.CONTINUOUS_OFFSET + 700)  # one id in every slot of a timestep
+    new = GatoConfig(n_layer=1, n_embd=32, n_head=4, n_ff=64, context_window=WINDOW, max_local_positions=64)
+    legacy_json = {k: v for k, v in new.to_dict().items() if k != "observation_local_positions_only"}
+    for config, only_observations in ((new, True), (GatoConfig.from_dict(legacy_json), False)):
+        assert config.observation_local_positions_only is only_observations
+        torch.manual_seed(0)
+        model = GatoModel(config).eval()
+        local = torch.from_numpy(tok.timestep_local_positions(spec, config.observation_local_positions_only))[None]
+        with torch.no_grad():
+            e = model.embed(token, local)[0]
+        observation_spread = (e[: n_obs - 1] - e[0]).abs().amax()
+        action_spread = (e[n_obs:] - e[n_obs]).abs().amax()
+        assert observation_spread > 1e-3  # observation tokens still tell their slot apart
+        assert bool(action_spread == 0.0) is only_observations
+        if only_observations:  # no local encoding at all, not the one of slot 0: the value embedding alone
+            with torch.no_grad():
+                assert (e[n_obs:] - model.values(token)[0, n_obs:]).abs().max() < 1e-6

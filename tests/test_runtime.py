@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -12,10 +14,18 @@ import onnx
 import pytest
 import torch
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.export import builtin_spec, export
 from gato_ros.model import GatoConfig, GatoModel
-from gato_ros.runtime import ModelLoadError, ObservationError, PolicyRuntime, cuda_device_count
+from gato_ros.runtime import (
+    ModelLoadError,
+    ModelRuntimeError,
+    NonFiniteLogitsError,
+    ObservationError,
+    PolicyRuntime,
+    cuda_device_count,
+)
 
 torch.set_num_threads(1)
 
@@ -202,3 +212,74 @@ def test_memory_flat_over_1e5_steps(model_path):
     print(f"RSS {before:.1f} -> {after:.1f} MiB over 1e5 steps (peak {resource.getrusage(0).ru_maxrss / 1024:.1f})")
     assert after - before < 20.0
     assert rt.position == 100_000 * tok.timestep_token_count(rt.spec) - 1  # last action token pending
+
+
+def with_metadata(src: str, dst, **changes: str):
+    """A copy of the model file at `dst` with metadata keys set (a value of None removes the key)."""
+    proto = onnx.load(src)
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(changes)
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        if v is not None:
+            proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(dst))
+    return str(dst)
+
+
+def test_non_finite_logits_raise_instead_of_choosing_bin_zero(tmp_path):
+    """NaN logits must not become a command: argmax over NaN is bin 0, every joint at -limit."""
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=1, n_embd=32, n_head=2, n_ff=64, context_window=64)).eval()
+    with torch.no_grad():
+        model.ln_f.weight.fill_(float("nan"))
+    path = export(model, builtin_spec(), tmp_path / "nan.onnx", check=False)["fp32"]
+    rt = PolicyRuntime(str(path), provider="cpu", threads=1, warmup=False)
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits") as caught:
+        rt.step(rt.zero_observation())
+    assert isinstance(caught.value, ModelRuntimeError)
+
+
+def test_cache_capacity_must_be_the_trained_window(tmp_path, model_path):
+    """The fixture's model was trained (exported) with a 64-token window: 43 or 5000 slots would serve it a
+    context it never saw, unless the file declares it was trained for that capacity."""
+    for capacity in (43, 5000):
+        with pytest.raises(ModelLoadError, match="context_window=64"):
+            PolicyRuntime(model_path, provider="cpu", context_tokens=capacity, threads=1, warmup=False)
+    assert PolicyRuntime(model_path, provider="cpu", context_tokens=64, threads=1, warmup=False).capacity == 64
+    declared = with_metadata(model_path, tmp_path / "declared.onnx", **{contract.META_TRAINED_CAPACITIES: "[43]"})
+    assert PolicyRuntime(declared, provider="cpu", context_tokens=43, threads=1, warmup=False).capacity == 43
+    with pytest.raises(ModelLoadError, match="context_window=64"):
+        PolicyRuntime(declared, provider="cpu", context_tokens=44, threads=1, warmup=False)
+
+
+def test_export_writes_declared_capacities_and_refuses_undeclared_ones(tmp_path):
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=1, n_embd=32, n_head=2, n_ff=64, context_window=64)).eval()
+    with pytest.raises(ValueError, match="context_window=64"):
+        export(model, builtin_spec(), tmp_path / "a.onnx", context=43, check=False)
+    path = export(model, builtin_spec(), tmp_path / "b.onnx", context=43, trained_capacities=(43, 96), check=False)
+    rt = PolicyRuntime(str(path["fp32"]), provider="cpu", threads=1, warmup=False)
+    assert rt.capacity == 43 and rt.info.trained_capacities == (43, 96)
+    assert PolicyRuntime(str(path["fp32"]), provider="cpu", context_tokens=64, threads=1, warmup=False).capacity == 64
+
+
+@pytest.mark.parametrize("field", ["window", "tokenizer", "cache names"])
+def test_a_file_that_disagrees_with_the_runtime_is_refused_naming_the_field(tmp_path, model_path, field):
+    if field == "window":  # the default capacity the file names is not the window its config was trained with
+        bad = with_metadata(model_path, tmp_path / "window.onnx", **{contract.META_CONTEXT_TOKENS: "48"})
+        named = "gato_ros.context_tokens=48"
+    elif field == "tokenizer":
+        constants = {**contract.tokenizer_constants(), "SEPARATOR_TOKEN": 40000}
+        bad = with_metadata(model_path, tmp_path / "tok.onnx", **{contract.META_TOKENIZER: json.dumps(constants)})
+        named = "SEPARATOR_TOKEN"
+    else:  # a graph whose cache inputs are named another way than the contract's
+        proto = onnx.load(model_path)
+        old, new = contract.past_value_name(1), "past.1.v"
+        next(i for i in proto.graph.input if i.name == old).name = new
+        for node in proto.graph.node:
+            node.input[:] = [new if i == old else i for i in node.input]
+        onnx.save(proto, str(tmp_path / "names.onnx"))
+        bad, named = str(tmp_path / "names.onnx"), old
+    with pytest.raises(ModelLoadError, match=re.escape(named)):
+        PolicyRuntime(bad, provider="cpu", threads=1, warmup=False)
