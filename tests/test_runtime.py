@@ -38,6 +38,20 @@ def model_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def context_runtime(tmp_path_factory):
+    """A random model whose actions depend on its context: block weights 4x the init's (at std 0.02 attention is
+    nearly uniform and a random model answers every context alike)."""
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=128)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("blocks.") and p.dim() == 2:
+                p.mul_(4.0)
+    path = export(model, builtin_spec(), tmp_path_factory.mktemp("ctx") / "policy.onnx", check=False)["fp32"]
+    return PolicyRuntime(str(path), provider="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
 def runtime(model_path):
     return PolicyRuntime(model_path, provider="cpu", threads=1)
 
@@ -81,15 +95,72 @@ def test_reset_forgets_and_is_deterministic(runtime):
     assert runtime.position == 0 and np.all(runtime.past_positions == runtime.info.empty_position)
 
 
-def test_prompt_preloads_the_context(runtime):
+def demonstration(spec, steps: int, seed: int) -> dict[str, np.ndarray]:
+    """One recorded episode (observations and torques, gripper closing halfway) as a prompt or dataset holds it."""
+    demo = observations(spec, steps, seed=seed)
+    rng = np.random.default_rng(seed)
+    torques = rng.normal(scale=5.0, size=(steps, spec.action_size - 1))
+    gripper = np.where(np.arange(steps) < steps // 2, 15.0, -15.0)[:, None]
+    return {"observations": {k: np.stack([o[k] for o in demo]) for k in demo[0]},
+            "actions": np.concatenate([torques, gripper], axis=1)}
+
+
+def test_prompt_preloads_the_context_and_changes_the_action(context_runtime):
+    runtime = context_runtime
     spec = runtime.spec
-    demo = observations(spec, 6, seed=3)
-    prompt = {"observations": {k: np.stack([o[k] for o in demo]) for k in demo[0]},
-              "actions": np.tile(np.array([1.0, -2.0, 0.5, 3.0, 0.0, 0.1, -0.1, 15.0]), (6, 1))}
+    prompt = demonstration(spec, 2, seed=3)
+    episode = observations(spec, 4, seed=4)
+    runtime.reset()
+    plain = np.array([runtime.step_tokens(o) for o in episode])
     runtime.reset(prompt)
-    assert runtime.position == 6 * tok.timestep_token_count(spec)
-    action = runtime.step(demo[0])
-    assert np.all(np.isfinite(action))
+    assert runtime.position == 2 * tok.timestep_token_count(spec)
+    prompted = np.array([runtime.step_tokens(o) for o in episode])
+    assert (prompted != plain).any(), "the prompt in the context had no effect on any action token"
+    runtime.reset(demonstration(spec, 2, seed=5))
+    assert (np.array([runtime.step_tokens(o) for o in episode]) != prompted).any(), "another prompt, same actions"
+
+
+def test_runtime_prompt_lays_out_tokens_as_training_does(tmp_path, runtime):
+    """The stream the runtime feeds for reset(prompt) + steps is, token for token, the training window that starts
+    with the same demonstration as prompt: ids, local positions and positions."""
+    from gato_ros.data import EpisodeWriter, read_dataset
+    from gato_ros.sequences import SequenceDataset
+
+    spec, prompt_steps, steps = runtime.spec, 2, 2
+    per_step = tok.timestep_token_count(spec)
+    prompt, episode = demonstration(spec, prompt_steps, seed=6), demonstration(spec, steps, seed=7)
+    with EpisodeWriter(tmp_path / "data", spec) as writer:
+        for e in (prompt, episode):
+            writer.add_episode(e["observations"], e["actions"], {})
+    stored = read_dataset(tmp_path / "data")
+    windows = SequenceDataset(stored, (prompt_steps + steps) * per_step, prompt_prob=1.0,
+                              prompt_tokens=prompt_steps * per_step, train=False,
+                              observation_local_positions_only=runtime.info.config.observation_local_positions_only)
+    window = windows[windows.index.index((1, 0))]  # episode 1 from its start, prompted with episode 0
+
+    fed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    forward = runtime.forward
+
+    def recording_forward(ids, local, *rest):
+        fed.append((np.array(ids), np.array(local), runtime.position + np.arange(len(ids))))
+        return forward(ids, local, *rest)
+
+    runtime.forward = recording_forward
+    try:
+        stored_prompt, stored_episode = stored.episode(0), stored.episode(1)
+        runtime.reset({"observations": stored_prompt[0], "actions": stored_prompt[1]})
+        for t in range(steps):
+            obs = {k: v[t] for k, v in stored_episode[0].items()}
+            runtime.step_tokens(obs, teacher=tok.tokenize_action(spec, stored_episode[1][t]))
+    finally:
+        del runtime.forward
+    ids, local, positions = (np.concatenate(parts) for parts in zip(*fed, strict=True))
+    n = len(ids)
+    assert n == (prompt_steps + steps) * per_step - 1  # the last action token waits for the next tick
+    assert np.array_equal(ids, window["input_ids"][:n].numpy())
+    assert np.array_equal(local, window["local_positions"][:n].numpy())
+    assert np.array_equal(positions, window["position_ids"][:n].numpy())
+    assert window["loss_mask"][: prompt_steps * per_step - 1].sum() == 0  # no loss on the prompt
 
 
 def test_device_cache_path_matches_host_path(model_path, runtime):
