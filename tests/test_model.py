@@ -142,6 +142,19 @@ def test_attention_is_relative_for_huge_positions() -> None:
         assert (base - rolling_forward(model, stream, 4, offset)).abs().max().item() <= 1e-4
 
 
+def test_rotary_turns_by_the_same_angle_at_every_step_across_the_wrap() -> None:
+    """From any position to the next, every rotary pair turns by the same angle 2π k / P, over three whole
+    periods: at the wrap of `position mod P` too, so attention stays relative for a run of any length."""
+    model = small_model()
+    period = model.config.rope_period
+    positions = torch.arange(3 * period + 1).unsqueeze(0)
+    cos, sin = rope_cos_sin(positions, model.rope_k, period)
+    z = torch.complex(cos[0, 0].double(), sin[0, 0].double())  # [positions, pairs]
+    turn = z[1:] * z[:-1].conj()
+    expected = torch.exp(1j * 2 * math.pi * model.rope_k.double() / period)
+    assert (turn - expected).abs().max().item() < 1e-5
+
+
 def test_window_limits_what_a_query_sees() -> None:
     model = small_model()
     stream = random_stream(3 * WINDOW)
