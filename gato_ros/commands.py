@@ -1,0 +1,102 @@
+"""What the policy process sends the arm, and the safe action: one contract for the node and the watchdog.
+
+numpy only (no ROS, no torch), so the node, the watchdog process and the tests share it.
+
+Output modes, as the arm's ros2_control controller takes them:
+    effort      arm torques (N·m), std_msgs/Float64MultiArray on `<controller>/commands`
+    position    arm joint positions (rad), same message type
+    velocity    arm joint velocities (rad/s), same message type
+    trajectory  a one-point trajectory_msgs/JointTrajectory for joint_trajectory_controller
+The gripper is never on the arm's topic: it has an output of its own.
+
+Between the policy node and the watchdog the command travels stamped: a sensor_msgs/JointState on the
+node's `~/joint_command` (JOINT_COMMAND_TOPIC, relative to the node) whose `header.stamp` is the node
+clock at the start of the tick that computed it, `name` the robot's joint names (arm, then gripper),
+and the field of the output mode filled (`effort`, `position` or `velocity`; `trajectory` fills
+`position`). The watchdog judges a command's age from that stamp, not from when it arrived.
+
+The safe action (`SAFE_ACTIONS`) replaces the policy's command on any fault:
+    hold  a damped hold of the joint positions captured at the fault, gripper unchanged
+    damp  velocity damping only (the arm may sink slowly only if gravity compensation is off), gripper unchanged
+    zero  zeros for the arm and the gripper (releases the grip: not safe while carrying)
+Zero torque is not safe by itself: over gravity compensation a moving or loaded arm coasts, and a
+zero finger force opens the hand (two zero ticks while carrying dropped the cube in the sim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+OutputMode = Literal["effort", "position", "velocity", "trajectory"]
+SafeActionKind = Literal["hold", "damp", "zero"]
+OUTPUT_MODES: tuple[str, ...] = ("effort", "position", "velocity", "trajectory")
+SAFE_ACTIONS: tuple[str, ...] = ("hold", "damp", "zero")
+
+JOINT_COMMAND_TOPIC = "~/joint_command"  # node → watchdog, sensor_msgs/JointState, stamped
+# Default controller topics, relative so that a namespace moves them (ros2_control's conventions).
+ARM_COMMAND_TOPICS: dict[str, str] = {
+    "effort": "effort_controller/commands",  # std_msgs/Float64MultiArray, arm joints only
+    "position": "position_controller/commands",
+    "velocity": "velocity_controller/commands",
+    "trajectory": "joint_trajectory_controller/joint_trajectory",  # trajectory_msgs/JointTrajectory
+}
+GRIPPER_COMMAND_TOPIC = "gripper_controller/commands"  # std_msgs/Float64MultiArray, [finger force N]
+# The JointState field a mode's values travel in on JOINT_COMMAND_TOPIC.
+JOINT_STATE_FIELD: dict[str, str] = {"effort": "effort", "position": "position", "velocity": "velocity",
+                                     "trajectory": "position"}
+
+
+@dataclass(frozen=True)
+class HoldGains:
+    """Joint-space PD gains of the `hold` torque (effort mode), one per arm joint."""
+
+    stiffness: tuple[float, ...]  # N·m/rad
+    damping: tuple[float, ...]  # N·m·s/rad
+
+
+@dataclass(frozen=True)
+class FaultSnapshot:
+    """What the safe action holds: the arm's joint positions when the fault began, and the gripper's last command."""
+
+    arm_positions: np.ndarray
+    gripper_command: float
+
+
+def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnapshot, positions: np.ndarray,
+                     velocities: np.ndarray, gains: HoldGains, limits: np.ndarray) -> np.ndarray:
+    """The arm part of the safe action in `mode`, from the latest valid joint state (finite, within `limits`).
+
+    effort:      hold τ = K (q_fault − q) − D q̇;  damp τ = −D q̇;  zero τ = 0
+    position:    hold and damp command q_fault (position controllers hold by themselves); zero is refused
+    velocity:    0 rad/s for every kind
+    trajectory:  hold and damp send q_fault (zero velocity at the point)
+    """
+    if kind not in SAFE_ACTIONS:
+        raise ValueError(f"safe action must be one of {SAFE_ACTIONS}, got {kind!r}")
+    q_fault = np.asarray(snapshot.arm_positions, dtype=np.float64)
+    if mode == "effort":
+        q = np.asarray(positions, dtype=np.float64)
+        qd = np.asarray(velocities, dtype=np.float64)
+        if kind == "zero":
+            tau = np.zeros_like(q_fault)
+        elif kind == "damp":
+            tau = -np.asarray(gains.damping) * qd
+        else:
+            tau = np.asarray(gains.stiffness) * (q_fault - q) - np.asarray(gains.damping) * qd
+        tau = np.where(np.isfinite(tau), tau, 0.0)
+        return np.clip(tau, -limits, limits)
+    if mode == "velocity":
+        return np.zeros_like(q_fault)
+    if mode in ("position", "trajectory"):
+        if kind == "zero":
+            raise ValueError("a zero position is a large motion, not a safe action: use hold or damp")
+        return q_fault.copy()
+    raise ValueError(f"output mode must be one of {OUTPUT_MODES}, got {mode!r}")
+
+
+def safe_gripper_command(kind: SafeActionKind, snapshot: FaultSnapshot) -> float:
+    """hold and damp keep the gripper's last command (a grasp stays closed); zero sends 0."""
+    return 0.0 if kind == "zero" else float(snapshot.gripper_command)
