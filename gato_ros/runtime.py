@@ -106,7 +106,42 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
+    """What the file says about itself, checked against this runtime's contract (ModelLoadError naming the field)."""
     meta = session.get_modelmeta().custom_metadata_map
+    config, spec, context, trained_capacities = read_metadata(meta, path)
+    key = check_signature(session, config, bool(spec.image_keys), path)
+    heads, head_dim = key.shape[1], key.shape[3]
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        heads, head_dim = config.n_head, config.head_dim
+    cache_dtype = _ORT_TYPES.get(key.type)
+    if cache_dtype is None:
+        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
+    update = meta.get(contract.META_CACHE_UPDATE)
+    info = ModelInfo(
+        config=config,
+        spec=spec,
+        context_tokens=context,
+        variant=meta.get(contract.META_VARIANT, "fp32"),
+        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
+        num_layers=config.n_layer,
+        num_heads=int(heads),
+        head_dim=int(head_dim),
+        cache_dtype=np.dtype(cache_dtype),
+        has_images=bool(spec.image_keys),
+        cache_update=base64.b64decode(update) if update else None,
+        logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
+        trained_capacities=trained_capacities,
+    )
+    if not info.accepts_capacity(context):
+        raise ModelLoadError(f"{path}: {contract.META_CONTEXT_TOKENS}={context} disagrees with the window the model "
+                             f"was trained with (config context_window={config.context_window}) and "
+                             f"{contract.META_TRAINED_CAPACITIES} does not list it")
+    return info
+
+
+def read_metadata(meta: dict[str, str], path: str) -> tuple[GatoConfig, EmbodimentSpec, int, tuple[int, ...]]:
+    """(config, spec, default capacity, declared capacities); refuses a file without gato_ros metadata or with
+    other tokenizer constants than `gato_ros.contract`'s."""
     missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelLoadError(f"{path} is ONNX but not a gato_ros policy: metadata lacks {missing}")
@@ -118,49 +153,23 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         trained_capacities = tuple(int(c) for c in json.loads(meta.get(contract.META_TRAINED_CAPACITIES, "[]")))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: unreadable gato_ros metadata ({e})") from e
-    ours = contract.tokenizer_constants()
-    differ = {k: (constants.get(k), v) for k, v in ours.items() if constants.get(k) != v}
+    differ = {k: (constants.get(k), v) for k, v in contract.tokenizer_constants().items() if constants.get(k) != v}
     if differ:
         raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
+    return config, spec, context, trained_capacities
 
+
+def check_signature(session: ort.InferenceSession, config: GatoConfig, images: bool, path: str) -> Any:
+    """Every input and output name the contract gives for the config's n_layer is in the graph; returns the first
+    cache input's description (its shape and type set the cache's)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    num_layers = config.n_layer
-    has_images = bool(spec.image_keys)
-    required, wanted_out = contract.io_names(num_layers, has_images)
+    required, wanted_out = contract.io_names(config.n_layer, images)
     lacking = [n for n in required if n not in inputs] + [n for n in wanted_out if n not in outputs]
     if lacking:
-        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for n_layer={num_layers} "
-                             f"(missing {lacking})")
-    key = inputs[contract.past_key_name(0)]
-    heads, head_dim = key.shape[1], key.shape[3]
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
-        heads, head_dim = config.n_head, config.head_dim
-    cache_dtype = _ORT_TYPES.get(key.type)
-    if cache_dtype is None:
-        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
-    update = meta.get(contract.META_CACHE_UPDATE)
-    logit_ids = read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path)
-    info = ModelInfo(
-        config=config,
-        spec=spec,
-        context_tokens=context,
-        variant=meta.get(contract.META_VARIANT, "fp32"),
-        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
-        num_layers=num_layers,
-        num_heads=int(heads),
-        head_dim=int(head_dim),
-        cache_dtype=np.dtype(cache_dtype),
-        has_images=has_images,
-        cache_update=base64.b64decode(update) if update else None,
-        logit_ids=logit_ids,
-        trained_capacities=trained_capacities,
-    )
-    if not info.accepts_capacity(context):
-        raise ModelLoadError(f"{path}: {contract.META_CONTEXT_TOKENS}={context} disagrees with the window the model "
-                             f"was trained with (config context_window={config.context_window}) and "
-                             f"{contract.META_TRAINED_CAPACITIES} does not list it")
-    return info
+        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for "
+                             f"n_layer={config.n_layer} (missing {lacking})")
+    return inputs[contract.past_key_name(0)]
 
 
 def read_logit_ids(meta: dict[str, str], spec: EmbodimentSpec, width: Any, path: str) -> np.ndarray | None:
