@@ -352,6 +352,64 @@ def test_bad_observation_vector_gives_safe_command(robot):
     robot.wait_running(timeout=3.0)
 
 
+# ----------------------------------------------------------------------------- parameters and timing
+
+
+def test_parameters_are_described_ranged_and_applied_live_or_refused(robot):
+    robot.wait_running()
+    node = robot.node
+    stale = node.describe_parameter("stale_timeout_s")
+    assert stale.description and stale.floating_point_range[0].from_value > 0
+    assert node.describe_parameter("max_overruns").integer_range[0].from_value == 1
+    assert node.describe_parameter("autostart").read_only
+    refused = node.set_parameters([Parameter("stale_timeout_s", value=float("nan"))])[0]
+    assert not refused.successful and node.loop.stale_timeout_s == 0.25
+    refused = node.set_parameters([Parameter("model_path", value="other.onnx")])[0]
+    assert not refused.successful and "configure" in refused.reason
+    refused = node.set_parameters([Parameter("torque_limits", value=[1.0, 2.0])])[0]
+    assert not refused.successful and "torque_limits" in refused.reason
+    assert not node.set_parameters([Parameter("safe_action", value="coast")])[0].successful
+    try:
+        assert node.set_parameters([Parameter("torque_limits", value=[0.25] * 7)])[0].successful
+        time.sleep(2 * PERIOD)
+        t = time.monotonic()
+        time.sleep(10 * PERIOD)
+        cmds = robot.commands_since(t)
+        assert_valid(cmds, [0.25] * 7)
+        assert np.abs(np.stack(cmds)).max() == 0.25, "the micro model's torques are clamped to the new limit"
+        assert node.set_parameters([Parameter("safe_action", value="damp")])[0].successful
+        assert node.loop.safe_settings.kind == "damp"
+    finally:
+        node.set_parameters([Parameter("torque_limits", value=list(ARM_LIMITS)),
+                             Parameter("safe_action", value="hold")])
+
+
+@pytest.mark.parametrize("override, error", [({"stale_timeout_s": float("nan")}, "stale_timeout_s"),
+                                             ({"output_mode": "position"}, "effort")])
+def test_a_bad_parameter_leaves_the_node_up_and_unconfigured(model_path, override, error):
+    r = Robot(model_path, **override)
+    try:
+        assert r.node.state_label == "unconfigured" and error in r.node.last_error, r.node.last_error
+        assert r.wait_for(lambda: any(error in d.status[0].message for d in list(r.diagnostics)), 3.0)
+        assert not r.ticks, "nothing is sent"
+    finally:
+        r.close()
+
+
+def test_consecutive_deadline_overruns_switch_to_the_safe_action(model_path):
+    """At 400 Hz the micro model's ~3 ms step overruns every 2.5 ms period: after max_overruns in a row the loop
+    sends the safe action, and the diagnostics say why."""
+    r = Robot(model_path, control_rate_hz=400.0, max_overruns=3)
+    try:
+        assert r.wait_for(lambda: any("deadline overruns" in rec["reason"] for _, rec in list(r.ticks)), 10.0)
+        assert r.wait_for(lambda: any(s.level == bytes([ERROR]) and "deadline" in s.message
+                                      for d in list(r.diagnostics) for s in d.status), 5.0)
+        values = {kv.key: kv.value for kv in r.diagnostics[-1].status[0].values}
+        assert int(values["deadline_misses"]) >= 3
+    finally:
+        r.close()
+
+
 # ----------------------------------------------------------------------------- lifecycle and services
 
 
