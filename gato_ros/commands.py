@@ -25,7 +25,6 @@ zero finger force opens the hand (two zero ticks while carrying dropped the cube
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,7 +44,6 @@ ARM_COMMAND_TOPICS: dict[str, str] = {
     "trajectory": "joint_trajectory_controller/joint_trajectory",  # trajectory_msgs/JointTrajectory
 }
 GRIPPER_COMMAND_TOPIC = "gripper_controller/commands"  # std_msgs/Float64MultiArray, [finger force N]
-TICK_TOPIC = "~/tick"  # node → recorder, std_msgs/String holding one JSON object per tick (see encode_tick)
 # The JointState field a mode's values travel in on JOINT_COMMAND_TOPIC.
 JOINT_STATE_FIELD: dict[str, str] = {"effort": "effort", "position": "position", "velocity": "velocity",
                                      "trajectory": "position"}
@@ -149,35 +147,3 @@ def check_safe_action(kind: str, mode: str) -> None:
         raise ValueError(f"safe_action must be one of {SAFE_ACTIONS}, got {kind!r}")
     if kind == "zero" and mode in ("position", "trajectory"):
         raise ValueError(f"safe_action 'zero' in {mode} mode would command every joint to 0 rad: use hold or damp")
-
-
-# ----------------------------------------------------------------------------- the per-tick record
-
-TICK_FIELDS: tuple[str, ...] = ("seq", "stamp_ns", "model", "tokens", "step_ms", "safe", "reason", "command")
-
-
-def encode_tick(seq: int, stamp_ns: int, model: str, tokens: Any, step_ms: float | None, safe: bool, reason: str,
-                command: Any) -> str:
-    """One tick as the JSON text published on TICK_TOPIC.
-
-    seq       +1 per tick since activation (a gap means a lost message)
-    stamp_ns  node clock at the start of the tick (the same stamp as JOINT_COMMAND_TOPIC's command)
-    model     the model's file name
-    tokens    the action tokens the policy chose ([] on a safe tick)
-    step_ms   the policy's compute time (null on a safe tick)
-    safe      whether this tick sent the safe action
-    reason    why it did ("" while running)
-    command   what was sent, controller order: the arm joints, then the gripper
-    """
-    return json.dumps({"seq": int(seq), "stamp_ns": int(stamp_ns), "model": str(model),
-                       "tokens": [int(t) for t in tokens], "step_ms": None if step_ms is None else float(step_ms),
-                       "safe": bool(safe), "reason": str(reason), "command": [float(c) for c in command]})
-
-
-def decode_tick(text: str) -> dict[str, Any]:
-    """The dict of a TICK_TOPIC message; a message lacking a field raises ValueError."""
-    record = json.loads(text)
-    missing = [f for f in TICK_FIELDS if f not in record]
-    if missing:
-        raise ValueError(f"tick record lacks {missing}")
-    return record

@@ -41,6 +41,7 @@ from std_srvs.srv import Trigger
 
 from gato_ros import commands, control, ros_io
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
+from gato_ros.ticks import TICK_TOPIC, tick_json
 
 NODE_NAME = "gato_policy"
 MODEL_FILE = "stack_int8.onnx"
@@ -140,6 +141,7 @@ class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self.refused_overrides: list[str] = []
+        self.seq = 0  # of the last ~/tick record, over the node's life (gato_ros.ticks)
         for name, spec in PARAMETERS.items():
             self._declare(name, spec)
         self.state_label = "unconfigured"
@@ -190,7 +192,6 @@ class PolicyNode(LifecycleNode):
         self.clock_jumps = control.ClockJumpDetector()
         self._tick_times: deque[float] = deque(maxlen=1000)
         self._latencies: deque[float] = deque(maxlen=1000)
-        self.seq = -1  # of the last ~/tick record
 
     # --- parameters ---
 
@@ -282,7 +283,7 @@ class PolicyNode(LifecycleNode):
     def _create_outputs(self, loop: ControlLoop) -> None:
         reliable = QoSProfile(depth=10)
         self._outputs = {"joint_command": self.create_publisher(JointState, commands.JOINT_COMMAND_TOPIC, reliable),
-                         "tick": self.create_publisher(String, commands.TICK_TOPIC, QoSProfile(depth=100))}
+                         "tick": self.create_publisher(String, TICK_TOPIC, QoSProfile(depth=100))}
         if self._param("direct_output"):
             arm_type = ros_io.arm_command_type(loop.mode)
             arm_topic = self._param("arm_command_topic") or commands.ARM_COMMAND_TOPICS[loop.mode]
@@ -400,7 +401,7 @@ class PolicyNode(LifecycleNode):
             names = (*names, loop.layout.gripper_name)
         outputs["joint_command"].publish(ros_io.joint_command_message(loop.mode, names, result.command, stamp_ns))
         self.seq += 1
-        outputs["tick"].publish(String(data=commands.encode_tick(
+        outputs["tick"].publish(String(data=tick_json(
             self.seq, stamp_ns, Path(self.model_path).name, result.tokens, result.step_ms, result.safe, result.reason,
             result.command)))
         if "arm" in outputs and result.arm is not None:

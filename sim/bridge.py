@@ -46,7 +46,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
-from std_msgs.msg import Float64MultiArray
+from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from sim.env import JOINT_NAMES, StackingEnv
@@ -99,6 +99,9 @@ class SimBridge(Node):
         self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
         self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if prm["publish_clock"] else None
         self.vector_pubs: dict[str, Any] = {}
+        # Episode boundaries for recordings (gato-ros dataset cuts episodes here): JSON {"event": "start" | "end",
+        # "seed", ...}, published before the observation that begins the episode / follows its last step.
+        self.episode_pub = self.create_publisher(String, "~/episode", QoSProfile(depth=100))
         self.create_subscription(Float64MultiArray, prm["command_topic"], self._on_command, 10)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_service(Trigger, "~/reset", self._on_reset)
@@ -170,6 +173,7 @@ class SimBridge(Node):
         self.trajectory = {"seed": self.seed, "observations": {}}
         self.seed += 1
         self.command, self.command_time = np.zeros(8), -math.inf
+        self.episode_pub.publish(String(data=json.dumps({"event": "start", "seed": self.episode["seed"]})))
         self._publish(obs)
         rtf = float(self.prm["real_time_factor"])
         if rtf > 0:  # the first step comes a full period after the reset: the policy's first command is in by then
@@ -227,6 +231,7 @@ class SimBridge(Node):
                 self.get_logger().error(f"NaN physics state in episode seed {self.episode['seed']} at step "
                                         f"{info.get('steps')}: episode failed, resetting")
                 self.episode.update(done=True, nan=True, success=False)
+                self._announce_end()
                 failed = dict(self.episode)
                 self._reset_locked()
                 self.episode["previous"] = failed
@@ -237,7 +242,12 @@ class SimBridge(Node):
                 self.get_logger().info(f"episode seed {self.episode['seed']}: "
                                        f"{'success' if self.episode['success'] else 'failure'} "
                                        f"after {self.episode['steps']} steps")
+                self._announce_end()
             self._publish(obs)
+
+    def _announce_end(self) -> None:
+        end = {key: self.episode[key] for key in ("seed", "steps", "success", "nan")}
+        self.episode_pub.publish(String(data=json.dumps({"event": "end", **end})))
 
     def _run(self) -> None:
         rtf = float(self.prm["real_time_factor"])

@@ -38,6 +38,7 @@ from gato_ros import commands
 from gato_ros.control import ControlLoop, build_layout
 from gato_ros.node import ERROR, OK, WARN, PolicyNode, autostart
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+from gato_ros.ticks import parse_tick
 
 torch = pytest.importorskip("torch", reason="exporting the test model needs torch")
 torch.set_num_threads(1)
@@ -114,7 +115,7 @@ class Robot:
         sub(Float64MultiArray, commands.ARM_COMMAND_TOPICS["effort"], self._on_command, 1000)
         sub(Float64MultiArray, commands.GRIPPER_COMMAND_TOPIC,
             lambda m: self.gripper.append((time.monotonic(), np.array(m.data))), 1000)
-        sub(String, "gato_policy/tick", lambda m: self.ticks.append((time.monotonic(), json.loads(m.data))), 1000)
+        sub(String, "gato_policy/tick", lambda m: self.ticks.append((time.monotonic(), parse_tick(m.data))), 1000)
         sub(JointState, "gato_policy/joint_command", self.joint_commands.append, 1000)
         sub(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.executor = SingleThreadedExecutor(context=self.context)
@@ -244,7 +245,7 @@ def test_every_tick_sends_arm_gripper_stamped_command_and_tick_record(robot):
     arm = [c for _, c in list(robot.commands)]
     gripper = [float(g[0]) for _, g in list(robot.gripper)]
     for r in ticks:
-        assert set(commands.TICK_FIELDS) <= set(r) and r["model"] == "node_test.onnx"
+        assert r == parse_tick(json.dumps(r)) and r["model"] == "node_test.onnx"  # the recorder's contract
         assert len(r["command"]) == 8 and len(r["tokens"]) == 8 and r["step_ms"] > 0 and r["reason"] == ""
         stamped = by_stamp[r["stamp_ns"]]
         assert list(stamped.name) == list(JOINTS) and list(stamped.effort) == r["command"]

@@ -56,44 +56,37 @@ def test_colcon_build_installs_the_ros_layout(tmp_path: Path) -> None:
 # Import name → rosdep key, where they differ (ROS packages import under their own name).
 ROSDEP_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv", "onnxruntime": "python3-onnxruntime-pip",
                "yaml": "python3-yaml"}
-TRAINING_STACK = {"torch", "onnx", "matplotlib", "safetensors", "tqdm", "sim"}  # not on a robot
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(third-party top-level modules, gato_ros modules) that `path` imports, lazily or not."""
+    third, ours = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            for alias in node.names:
+                (ours.add(alias.name.split(".")[1]) if alias.name.startswith("gato_ros.")
+                 else third.add(alias.name.split(".")[0]))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names)
+            if node.module == "gato_ros":
+                ours |= {alias.name for alias in node.names}
+            elif node.module.startswith("gato_ros."):
+                ours.add(node.module.split(".")[1])
+            else:
+                third.add(node.module.split(".")[0])
+    return third - set(sys.stdlib_module_names) - {"gato_ros"}, ours
 
 
 def robot_side_imports() -> dict[str, set[str]]:
-    """Third-party imports of every gato_ros module that a robot runs (no training stack, even indirectly),
-    and of the launch file."""
-    modules = {p.stem: _imports(p) for p in (ROOT / "gato_ros").glob("*.py")}
-
-    def robot_side(name: str, seen: frozenset[str] = frozenset()) -> bool:
-        own = {m for m in modules[name] if m != "gato_ros"}
-        uses = {m for m in _gato_ros_modules(ROOT / "gato_ros" / f"{name}.py") if m in modules} - seen - {name}
-        return not own & TRAINING_STACK and all(robot_side(m, seen | {name}) for m in uses)
-
-    out = {n: imports - {"gato_ros"} for n, imports in modules.items() if robot_side(n)}
-    out["launch/policy.launch.py"] = _imports(ROOT / "launch" / "policy.launch.py") - {"gato_ros"}
+    """Third-party imports of what a robot runs: the launch file, the policy node and every gato_ros module
+    they reach (the recording and training extras are pip extras, not reached from here)."""
+    out: dict[str, set[str]] = {}
+    todo = [("launch/policy.launch.py", ROOT / "launch" / "policy.launch.py"),
+            ("node", ROOT / "gato_ros" / "node.py")]
+    while todo:
+        name, path = todo.pop()
+        if name in out or not path.exists():
+            continue
+        out[name], ours = _imports(path)
+        todo += [(m, ROOT / "gato_ros" / f"{m}.py") for m in ours]
     return out
-
-
-def _gato_ros_modules(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "gato_ros":
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gato_ros."):
-            names.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gato_ros.")}
-    return names
 
 
 def test_package_xml_lists_every_runtime_dependency_of_the_robot_side_code() -> None:
