@@ -78,29 +78,29 @@ class JointLayout:
         return self.arm_names + ((self.gripper_name,) if self.gripper_name else ())
 
 
-def _gripper_action(spec: EmbodimentSpec, gripper_joint: str) -> int | None:
+def _find_gripper_action(spec: EmbodimentSpec, gripper_action: str) -> int | None:
     names = [a.name for a in spec.actions]
-    if gripper_joint == NO_GRIPPER:
+    if gripper_action == NO_GRIPPER:
         return None
-    if gripper_joint:
-        if gripper_joint not in names:
-            raise ValueError(f"gripper_joint {gripper_joint!r} is not one of the model's actions {names}")
-        return names.index(gripper_joint)
+    if gripper_action:
+        if gripper_action not in names:
+            raise ValueError(f"gripper_action {gripper_action!r} is not one of the model's actions {names}")
+        return names.index(gripper_action)
     discrete = [i for i, a in enumerate(spec.actions) if a.kind == "discrete"]
     return discrete[0] if len(discrete) == 1 else None
 
 
 def build_layout(spec: EmbodimentSpec, joint_name_map: Mapping[str, str] | None = None,
-                 arm_joint_names: Sequence[str] = (), gripper_joint: str = "") -> JointLayout:
+                 arm_joint_names: Sequence[str] = (), gripper_action: str = "") -> JointLayout:
     """The layout for a model; `arm_joint_names` (robot names) orders the arm controller's joints.
 
-    `gripper_joint`: "" = the model's one discrete action, "none" = no gripper output, else a model action name."""
+    `gripper_action`: "" = the model's one discrete action, "none" = no gripper output, else a model action name."""
     rename = dict(joint_name_map or {})
     unknown = sorted(set(rename) - set(spec.joint_names) - {a.name for a in spec.actions})
     if unknown:
         raise ValueError(f"joint_name_map names joints the model does not have: {unknown}")
     model_joints = list(spec.joint_names)
-    gripper = _gripper_action(spec, gripper_joint)
+    gripper = _find_gripper_action(spec, gripper_action)
     arm_model = [a.name for i, a in enumerate(spec.actions) if i != gripper]
     missing = [n for n in arm_model if n not in model_joints]
     if missing:

@@ -88,7 +88,7 @@ PARAMETERS: dict[str, Param] = {
     "output_mode": Param("effort", "effort | position | velocity | trajectory; must suit the model's actions"),
     "joint_name_map": Param(Parameter.Type.STRING_ARRAY, "model joint → robot joint, as 'panda_joint1=fr3_joint1'"),
     "joint_names": Param(Parameter.Type.STRING_ARRAY, "arm controller joint order (robot names); unset = model's"),
-    "gripper_joint": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
+    "gripper_action": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
     "joint_states_topic": Param("joint_states", "sensor_msgs/JointState in"),
     "image_topic": Param("camera/image_raw", "sensor_msgs/Image in (models with an image key)"),
     "arm_command_topic": Param("", "arm controller topic; empty = the output mode's default (commands.py)"),
@@ -239,7 +239,7 @@ class PolicyNode(LifecycleNode):
         self.model_path = self._param("model_path") or default_model_path()
         runtime = PolicyRuntime(self.model_path, **self._runtime_kwargs())
         layout = control.build_layout(runtime.spec, control.parse_joint_name_map(self._param("joint_name_map") or ()),
-                                      self._param("joint_names") or (), self._param("gripper_joint"))
+                                      self._param("joint_names") or (), self._param("gripper_action"))
         values = {n: self._param(n) for n in PARAMETERS}
         settings = self._loop_settings(values, layout)
         loop = ControlLoop(runtime, layout, self._param("output_mode"), settings.limits, settings.stale_timeout_s,

@@ -88,7 +88,7 @@ def test_layout_maps_joint_names_orders_the_arm_and_keeps_the_gripper_apart(runt
     reordered = build_layout(runtime.spec, parse_joint_name_map(FR3_MAP), order)
     assert reordered.arm_actions.tolist() == [6, 0, 1, 2, 3, 4, 5]
     assert reordered.spec_limits.tolist() == [12.0, 87, 87, 87, 87, 12, 12, 20.0]
-    assert build_layout(runtime.spec, gripper_joint="none").gripper_name is None
+    assert build_layout(runtime.spec, gripper_action="none").gripper_name is None
     with pytest.raises(ValueError, match="permutation"):
         build_layout(runtime.spec, parse_joint_name_map(FR3_MAP), PANDA[:7])
     with pytest.raises(ValueError, match="does not have"):
