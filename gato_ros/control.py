@@ -166,6 +166,16 @@ class JointReading:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """Why a tick sends the safe action: `reason` with its details (ages, values), `cause` without the
+    numbers that change every tick, so that a lasting fault is logged once."""
+
+    level: int
+    reason: str
+    cause: str
+
+
+@dataclass(frozen=True)
 class TickResult:
     """What one tick sends: the arm command (controller order; None = nothing to send) and the gripper's."""
 
@@ -176,6 +186,7 @@ class TickResult:
     safe: bool
     tokens: tuple[int, ...] = ()
     step_ms: float | None = None
+    cause: str = ""  # the reason without per-tick details ("" while running)
 
     @property
     def message(self) -> str:
@@ -353,21 +364,23 @@ class ControlLoop:
 
     # --- the tick ---
 
-    def _input_fault(self, inputs: dict[str, Buffered], now: float) -> tuple[int, str] | None:
-        missing, stale, invalid = [], [], []
+    def _input_fault(self, inputs: dict[str, Buffered], now: float) -> Fault | None:
+        missing, stale, invalid = [], [], {}
         for name in self.required_inputs():
             buf = inputs.get(name)
             if buf is None:
                 missing.append(name)
             elif now - buf.received > self.stale_timeout_s or not now >= buf.received:
-                stale.append(f"{name} ({now - buf.received:.3f} s old)")
+                stale.append((name, now - buf.received))
             elif buf.error is not None:
-                invalid.append(buf.error)
+                invalid[name] = buf.error
         if invalid:
-            return ERROR, "invalid input: " + "; ".join(invalid)
+            return Fault(ERROR, "invalid input: " + "; ".join(invalid.values()), f"invalid input: {sorted(invalid)}")
         if missing or stale:
-            parts = ([f"missing {missing}"] if missing else []) + ([f"stale {stale}"] if stale else [])
-            return WARN, "safe action: " + ", ".join(parts)
+            ages = [f"{name} ({age:.3f} s old)" for name, age in stale]
+            parts = ([f"missing {missing}"] if missing else []) + ([f"stale {ages}"] if stale else [])
+            causes = ([f"missing {missing}"] if missing else []) + ([f"stale {[n for n, _ in stale]}"] if stale else [])
+            return Fault(WARN, "safe action: " + ", ".join(parts), "safe action: " + ", ".join(causes))
         return None
 
     def _observation(self, inputs: dict[str, Buffered]) -> dict[str, np.ndarray]:
@@ -388,11 +401,13 @@ class ControlLoop:
             tokens = self.runtime.step_tokens(obs)
             action = np.asarray(tok.detokenize_action(self.spec, tokens), dtype=np.float64).reshape(-1)
         except Exception as err:  # NonFiniteLogitsError or any runtime failure: the safe action, never a crash
-            return self._fault(ERROR, f"policy failed: {type(err).__name__}: {err}", now)
+            return self._fault(Fault(ERROR, f"policy failed: {type(err).__name__}: {err}",
+                                     f"policy failed: {type(err).__name__}"), now)
         step_ms = (time.perf_counter() - start) * 1e3
         layout = self.layout
         if action.shape != (self.spec.action_size,) or not np.all(np.isfinite(action)):
-            return self._fault(ERROR, f"policy returned a non-finite or misshapen action {action.tolist()}", now)
+            return self._fault(Fault(ERROR, f"policy returned a non-finite or misshapen action {action.tolist()}",
+                                     "policy returned a non-finite or misshapen action"), now)
         arm = np.clip(action[layout.arm_actions], -self.limits[: len(layout.arm_names)],
                       self.limits[: len(layout.arm_names)])
         gripper = None
@@ -404,19 +419,19 @@ class ControlLoop:
                 self._last_gripper = gripper
         return TickResult(arm, gripper, OK, "", False, tuple(int(t) for t in tokens), step_ms)
 
-    def tick(self, now: float, fault: tuple[int, str] | None = None) -> TickResult:
-        """One control period at monotonic time `now`. `fault` (level, reason) forces the safe action
-        (the node's deadline-overrun rule); otherwise the inputs decide."""
+    def tick(self, now: float, fault: Fault | None = None) -> TickResult:
+        """One control period at monotonic time `now`. `fault` forces the safe action (the node's
+        deadline-overrun rule); otherwise the inputs decide."""
         with self._lock:
             inputs = dict(self._inputs)
         fault = fault or self._input_fault(inputs, now)
         if fault is not None:
-            return self._fault(*fault, now)
+            return self._fault(fault, now)
         return self._run_policy(self._observation(inputs), now)
 
     # --- the safe action ---
 
-    def _fault(self, level: int, reason: str, now: float | None = None) -> TickResult:
+    def _fault(self, fault: Fault, now: float | None = None) -> TickResult:
         now = time.monotonic() if now is None else now
         with self._lock:
             joints = self._joints
@@ -429,7 +444,7 @@ class ControlLoop:
         gripper = None
         if self.layout.gripper_action is not None:
             gripper = commands.safe_gripper_command(self.safe_settings.kind, snapshot)  # type: ignore[arg-type]
-        return TickResult(arm, gripper, level, reason, True)
+        return TickResult(arm, gripper, fault.level, fault.reason, True, cause=fault.cause)
 
     def _joint_state_fresh(self, now: float) -> bool:
         latest = self._inputs.get("joint_states")
@@ -451,7 +466,7 @@ class ControlLoop:
 
     def safe_action(self, level: int = WARN, reason: str = "safe action") -> TickResult:
         """The safe action now (deactivate, shutdown): from the fault snapshot, or one taken now."""
-        return self._fault(level, reason)
+        return self._fault(Fault(level, reason, reason))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -489,9 +504,11 @@ class DeadlineMonitor:
     def describe(self) -> str:
         return f"{self.streak} consecutive deadline overruns ({self.total} in all; max_overruns {self.max_overruns})"
 
-    def fault(self) -> tuple[int, str] | None:
-        """(ERROR, reason) while the overrun rule holds the safe action, else None."""
-        return (ERROR, f"safe action: deadline overruns ({self.describe()})") if self.tripped else None
+    def fault(self) -> Fault | None:
+        """The fault while the overrun rule holds the safe action, else None."""
+        if not self.tripped:
+            return None
+        return Fault(ERROR, f"safe action: deadline overruns ({self.describe()})", "safe action: deadline overruns")
 
     def level(self) -> int:
         if self.tripped:

@@ -186,7 +186,7 @@ class PolicyNode(LifecycleNode):
     def _reset_stats(self) -> None:
         self.ticks = 0
         self.safe_ticks = 0
-        self.level, self.message = OK, ""
+        self.level, self.message, self.cause = OK, "", None
         self.worst_level = OK  # since the last diagnostics message
         self.deadline = control.DeadlineMonitor(self.period_s or 1.0, int(self._param("max_overruns")))
         self.clock_jumps = control.ClockJumpDetector()
@@ -417,9 +417,9 @@ class PolicyNode(LifecycleNode):
         self._tick_times.append(now)
         if result.step_ms is not None:
             self._latencies.append(result.step_ms * 1e-3)
-        if result.message != self.message:  # log changes only: each fault once, with its cause
+        if result.cause != self.cause:  # log changes only: each fault once, with its cause
             self._log(result.level, result.message)
-        self.level, self.message = result.level, result.message
+        self.level, self.message, self.cause = result.level, result.message, result.cause
         self.worst_level = max(self.worst_level, result.level, self.deadline.level())
         if result.level == ERROR:
             self.last_error = result.message

@@ -139,6 +139,17 @@ def test_staleness_is_judged_on_the_monotonic_receive_time(runtime):
     assert loop.tick(9.9).safe, "an input received after `now` is never fresh"
 
 
+def test_a_lasting_fault_keeps_one_cause_while_its_details_change(runtime):
+    """The node logs a fault when its cause changes: the ages in the reason must not make every tick new."""
+    loop = make_loop(runtime, stale_timeout_s=0.25)
+    feed(loop, 0.0)
+    first, later = loop.tick(0.3), loop.tick(0.35)
+    assert first.reason != later.reason and first.cause == later.cause == "safe action: stale ['joint_states', " \
+        "'task_state']"
+    loop.on_joint_state(joints(position=[np.nan] * 8), 0.4)
+    assert loop.tick(0.41).cause == "invalid input: ['joint_states']"
+
+
 @pytest.mark.parametrize("offset_s, ok", [(0.0, True), (0.4, True), (-5.0, False), (5.0, False)])
 def test_a_header_stamp_far_from_the_node_clock_is_invalid(runtime, offset_s, ok):
     loop = make_loop(runtime, max_stamp_offset_s=1.0)
@@ -160,7 +171,7 @@ def test_deadline_overruns_warn_then_switch_to_the_safe_action_until_on_time_aga
         monitor.record(t, 0.07)
         t += PERIOD
         assert monitor.level() == (WARN if i in (1, 2) else ERROR if i == 3 else OK)
-    assert monitor.fault()[0] == ERROR and "4 consecutive deadline overruns" in monitor.fault()[1]
+    assert monitor.fault().level == ERROR and "4 consecutive deadline overruns" in monitor.fault().reason
     for _ in range(3):
         monitor.record(t, 0.001)
         t += PERIOD
