@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -545,21 +545,34 @@ class ClockJumpDetector:
 # ----------------------------------------------------------------------------- the policy's context
 
 
-def load_prompt(path: str, runtime: Any, episode: int = 0, steps: int = 0) -> dict[str, Any]:
-    """A demonstration episode from a gato_ros dataset as the runtime's prompt: its last `steps` steps
-    (0 = all), cut to the whole steps that fit the runtime's context (older ones would only be overwritten)."""
-    from gato_ros.data import read_dataset
+def open_prompt(path: str, runtime: Any, episode: int = 0, steps: int = 0) -> Callable[[], dict[str, Any]]:
+    """Check that `path` is a gato_ros dataset recorded with the runtime's spec and holds `episode` (its
+    metadata only: quick, so a bad path is refused at once), and return the function that reads that
+    episode as a prompt: its last `steps` steps (0 = all), cut to the whole steps that fit the runtime's
+    context (older ones would only be overwritten). The read is the slow part: ContextLoader runs it."""
+    from gato_ros.data import DatasetError, read_dataset
 
-    spec = runtime.spec
-    observations, actions = read_dataset(path, spec=spec).episode(episode)
-    fit = max(1, int(runtime.capacity) // tok.timestep_token_count(spec))
-    keep = min(len(actions), fit, steps or len(actions))
-    return {"observations": {k: v[-keep:] for k, v in observations.items()}, "actions": actions[-keep:]}
+    dataset = read_dataset(path, spec=runtime.spec)
+    if not 0 <= episode < len(dataset):
+        raise DatasetError(f"{path} has {len(dataset)} episodes, no episode {episode}")
+    fit = max(1, int(runtime.capacity) // tok.timestep_token_count(runtime.spec))
+
+    def read() -> dict[str, Any]:
+        observations, actions = dataset.episode(episode)
+        keep = min(len(actions), fit, steps or len(actions))
+        return {"observations": {k: v[-keep:] for k, v in observations.items()}, "actions": actions[-keep:]}
+
+    return read
+
+
+def load_prompt(path: str, runtime: Any, episode: int = 0, steps: int = 0) -> dict[str, Any]:
+    """`open_prompt` and its read, at once."""
+    return open_prompt(path, runtime, episode, steps)()
 
 
 class ContextLoader:
-    """Prepares a new policy context (a prompt prefilled into a spare runtime) on a thread of its own,
-    so ~/reset and ~/load_prompt never hold the control tick; the tick swaps it in with `take`."""
+    """Prepares a new policy context on a thread of its own (the prompt read from disk and prefilled into a
+    spare runtime), so ~/reset and ~/load_prompt never hold the control tick; the tick swaps it in with `take`."""
 
     def __init__(self, make_runtime: Any) -> None:
         self._make_runtime = make_runtime
@@ -569,18 +582,19 @@ class ContextLoader:
         self._thread: threading.Thread | None = None
         self.state = "idle"
 
-    def start(self, prompt: dict[str, Any], note: str) -> bool:
-        """Begin preparing; False while a preparation is still running."""
+    def start(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> bool:
+        """Begin preparing the context of `make_prompt()`; False while a preparation is still running."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return False
             self.state = "preparing"
-            self._thread = threading.Thread(target=self._prepare, args=(prompt, note), daemon=True)
+            self._thread = threading.Thread(target=self._prepare, args=(make_prompt, note), daemon=True)
             self._thread.start()
         return True
 
-    def _prepare(self, prompt: dict[str, Any], note: str) -> None:
+    def _prepare(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> None:
         try:
+            prompt = make_prompt()
             runtime = self._spare or self._make_runtime()
             self._spare = None
             runtime.reset(prompt=prompt)

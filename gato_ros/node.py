@@ -494,7 +494,8 @@ class PolicyNode(LifecycleNode):
                 self.runtime.reset()
             response.success, response.message = True, "context reset"
             return response
-        started = self._loader.start(self.prompt, "context reset with the demonstration prompt")
+        prompt = self.prompt
+        started = self._loader.start(lambda: prompt, "context reset with the demonstration prompt")
         response.success = started
         response.message = ("resetting with the demonstration prompt off the control thread; it takes over "
                             "between two ticks" if started else f"busy: {self._loader.state}")
@@ -506,23 +507,21 @@ class PolicyNode(LifecycleNode):
         if self.runtime is None:
             response.success, response.message = False, "not configured"
             return response
-        try:  # reading the file is bounded I/O, and this is not the control thread (the timer has its own turn)
-            prompt = control.load_prompt(path, self.runtime, self._param("prompt_episode"),
-                                         self._param("prompt_steps")) if path else None
-        except Exception as err:
-            response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
-            return response
-        if prompt is None:
+        if not path:
             self.prompt = None
             with self._tick_lock:
                 self.runtime.reset()
             response.success, response.message = True, "prompt cleared (prompt_path is empty)"
             return response
-        steps = len(prompt["actions"])
-        started = self._loader.start(prompt, f"prompt of {steps} steps from {path} is live")
+        try:  # the dataset's metadata only: a bad path or episode is refused here, at once
+            read = control.open_prompt(path, self.runtime, self._param("prompt_episode"), self._param("prompt_steps"))
+        except Exception as err:
+            response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
+            return response
+        started = self._loader.start(read, f"prompt from {path} is live")
         response.success = started
-        response.message = (f"loading {steps} prompt steps from {path} off the control thread; they take over "
-                            f"between two ticks" if started else f"busy: {self._loader.state}")
+        response.message = (f"loading the prompt from {path} off the control thread; it takes over between two "
+                            f"ticks (diagnostics key 'context')" if started else f"busy: {self._loader.state}")
         return response
 
 

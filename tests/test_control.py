@@ -358,6 +358,8 @@ def test_a_prompt_is_cut_to_the_context_and_prepared_off_the_calling_thread(runt
     per_step = runtime.obs_tokens + runtime.spec.action_size
     assert len(prompt["actions"]) == runtime.capacity // per_step
     assert len(load_prompt(str(tmp_path / "demo"), runtime, steps=1)["actions"]) == 1
+    with pytest.raises(ValueError, match="no episode 3"):
+        load_prompt(str(tmp_path / "demo"), runtime, episode=3)
     made: list[str] = []
 
     def make() -> PolicyRuntime:
@@ -366,12 +368,12 @@ def test_a_prompt_is_cut_to_the_context_and_prepared_off_the_calling_thread(runt
 
     loader = ContextLoader(make)
     assert loader.take() is None
-    assert loader.start(prompt, "live")
+    assert loader.start(lambda: prompt, "live")
     loader.wait(30.0)
     fresh, taken_prompt, note = loader.take(current=runtime)
     assert note == "live" and taken_prompt is prompt and fresh.position > 0, "the prompt is in the new context"
     assert made and made[0] != threading.current_thread().name
-    assert loader.start(None, "again")
+    assert loader.start(lambda: None, "again")
     loader.wait(30.0)
     assert loader.take()[0] is runtime, "the replaced runtime is reused as the spare"
     loader.close()
