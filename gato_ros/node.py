@@ -396,10 +396,10 @@ class PolicyNode(LifecycleNode):
 
     def _publish(self, result: TickResult, stamp_ns: int) -> None:
         loop, outputs = self.loop, self._outputs
-        names = loop.layout.arm_names if result.arm is not None else ()
-        if result.gripper is not None:
-            names = (*names, loop.layout.gripper_name)
-        outputs["joint_command"].publish(ros_io.joint_command_message(loop.mode, names, result.command, stamp_ns))
+        if result.arm is not None:  # None: a position mode with no joint state yet, nothing to hold, nothing sent
+            names = loop.layout.command_names if result.gripper is not None else loop.layout.arm_names
+            outputs["joint_command"].publish(ros_io.joint_command_message(loop.mode, names, result.command,
+                                                                          stamp_ns))
         self.seq += 1
         outputs["tick"].publish(String(data=tick_json(
             self.seq, stamp_ns, Path(self.model_path).name, result.tokens, result.step_ms, result.safe, result.reason,
@@ -407,7 +407,7 @@ class PolicyNode(LifecycleNode):
         if "arm" in outputs and result.arm is not None:
             outputs["arm"].publish(ros_io.arm_command_message(loop.mode, loop.layout.arm_names, result.arm,
                                                               self.period_s))
-        if "gripper" in outputs and result.gripper is not None:
+        if "gripper" in outputs and result.gripper is not None and result.arm is not None:
             outputs["gripper"].publish(ros_io.gripper_command_message(result.gripper))
 
     def _account(self, result: TickResult, now: float) -> None:
