@@ -431,9 +431,10 @@ def carry_then_fault(runtime: PolicyRuntime, kind: str, seed: int = 100000) -> d
         env.close()
 
 
-def test_hold_carries_the_cube_through_stale_and_invalid_input(runtime):
-    out = carry_then_fault(runtime, "hold")
-    print(f"hold: hand drift {out['drift_m'] * 100:.2f} cm during the fault, cube lowest at z = "
+@pytest.mark.parametrize("seed", [100000, 100001, 100002])
+def test_hold_carries_the_cube_through_stale_and_invalid_input(runtime, seed):
+    out = carry_then_fault(runtime, "hold", seed)
+    print(f"seed {seed}, hold: hand drift {out['drift_m'] * 100:.2f} cm during the fault, cube lowest at z = "
           f"{out['lowest_cube_z'] * 100:.1f} cm, {out['cube_to_hand_m'] * 100:.1f} cm from the hand after resuming")
     assert out["reasons"] == {"safe action", "invalid input"}, "both faults gave the safe action"
     assert out["drift_m"] < 0.01, f"the hand drifted {out['drift_m'] * 100:.2f} cm"
