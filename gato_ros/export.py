@@ -33,12 +33,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gato_ros import contract
 from gato_ros import tokenizer as tok
+from gato_ros.attention_graph import build_serving_graph
 from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
 from gato_ros.model import GatoModel
+from gato_ros.quantize import body_matmuls, store_body_int8, store_text_rows_int8, table_name
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 OPSET = 17
-VARIANTS = ("fp32", "int8", "int4", "fp16")
+VARIANTS = ("fp32", "int8", "int8-dynamic", "int4", "fp16")
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, with headroom for the graph itself
 
 
@@ -243,7 +245,8 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    if model.ByteSize() > TWO_GB:
+    # Summed from the tensors: ByteSize() itself fails on a message past protobuf's 2 GB limit.
+    if sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
     else:
@@ -251,9 +254,38 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path))  # by path: works for external data too
 
 
-def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False
-                ) -> Path:
-    config, images = model.config, bool(spec.image_keys)
+def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: str) -> bool:
+    """The node-by-node graph (gato_ros/attention_graph.py) serves state-only specs with the action head."""
+    return attention == "fused" and not spec.image_keys and not full_vocab_head
+
+
+def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False) -> Path:
+    """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
+    phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
+    ranges = action_vocab(spec)
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges)
+    save(proto, out)
+    return out
+
+
+def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
+                attention: str = "fused") -> Path:
+    """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
+    and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
+    if fused_graph_applies(spec, full_vocab_head, attention):
+        return export_fused(model, spec, out, context)
+    proto = torchscript_graph(model, bool(spec.image_keys))
+    ranges = None if full_vocab_head else action_vocab(spec)
+    if ranges is not None:
+        restrict_head(proto, ranges)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges)
+    save(proto, out)
+    return out
+
+
+def torchscript_graph(model: GatoModel, images: bool) -> onnx.ModelProto:
+    config = model.config
     inputs, outputs = io_names(config.n_layer, images)
     wrapper = OnnxPolicy(model.eval(), images)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -261,55 +293,16 @@ def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int,
         torch.onnx.export(wrapper, example_inputs(config, images), str(raw), input_names=inputs,
                           output_names=outputs, dynamic_axes=dynamic_axes(config.n_layer, images),
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        proto = onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
-    ranges = None if full_vocab_head else action_vocab(spec)
-    if ranges is not None:
-        restrict_head(proto, ranges)
-    set_metadata(proto, config, spec, context, "fp32", ranges)
-    save(proto, out)
-    return out
+        return onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
 
 
 # ------------------------------------------------------------------------------------------ variants
-def table_name(model: onnx.ModelProto) -> str:
-    """The token table: the one initializer with a vocabulary-sized first axis (Gather and head share it)."""
-    return next(i.name for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == tok.VOCAB_SIZE)
-
-
 def head_nodes(model: onnx.ModelProto) -> list[str]:
     """The node(s) computing the logits from the tied table (whole, or its action rows): kept in full
     precision (near-tied neighbouring bins, sensitive)."""
     table = table_name(model)
     return [n.name for n in model.graph.node
             if n.op_type in ("MatMul", "Gemm") and {table, "logit_table"} & set(n.input[1:])]
-
-
-def int8_weight(name: str, w: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Symmetric int8 copy of `w` with one scale per slice along `axis`, and the nodes that turn it back
-    into fp32 under `name`. They read initializers only, so ORT folds them at session load: the file
-    holds int8, the session computes in fp32 at fp32 speed."""
-    reduce = tuple(d for d in range(w.ndim) if d != axis)
-    scale = np.abs(w).max(axis=reduce) / 127.0
-    scale[scale == 0] = 1.0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    inits = [numpy_helper.from_array(q, name + "_int8"),
-             numpy_helper.from_array(scale.reshape(shape).astype(np.float32), name + "_scale")]
-    # Cast + Mul rather than DequantizeLinear: ORT keeps DequantizeLinear out of constant folding (for its
-    # QDQ fusions), which would dequantize the table on every call.
-    nodes = [helper.make_node("Cast", [name + "_int8"], [name + "_cast"], to=TensorProto.FLOAT, name=name + "_cast"),
-             helper.make_node("Mul", [name + "_cast", name + "_scale"], [name], name=name + "_dequantize")]
-    return inits, nodes
-
-
-def body_matmuls(model: onnx.ModelProto) -> list[str]:
-    """The attention and MLP projections of the transformer blocks (MatMul with a constant weight). The
-    attention's own MatMuls (Q·Kᵀ, softmax·V) read two activations and the value embedding encodes every
-    observation value: they stay fp32, like the head."""
-    weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name.startswith("/blocks.") and n.input[1] in weights]
 
 
 def quantize_body_dynamic(src: Path, dst: Path) -> None:
@@ -330,8 +323,10 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     logging.disable(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            # DefaultTensorType: shape inference gives no type to com.microsoft outputs (fused attention)
             quantize_dynamic(proto, str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto))
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto),
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
             quantized = onnx.load(str(Path(tmp) / "q.onnx"))
     finally:
         logging.disable(logging.NOTSET)
@@ -341,30 +336,8 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     save(quantized, dst)
 
 
-def compress_text_rows(src: Path, dst: Path) -> None:
-    """The 31k text rows of the token table (never gathered nor chosen by a control policy, whose actions
-    are constrained to their ranges) stored int8 per row and rebuilt to fp32 at session load. Every row an
-    action can take -- discrete ids [0, DISCRETE_RANGE), the continuous bins, the special tokens -- stays
-    fp32, and the Gather and the head still share one table."""
-    proto = onnx.load(str(src))
-    graph, table = proto.graph, table_name(proto)
-    init = next(i for i in graph.initializer if i.name == table)
-    w = numpy_helper.to_array(init)
-    lo, hi = tok.DISCRETE_RANGE, tok.CONTINUOUS_OFFSET
-    text, dequantize = int8_weight(table + ".text", w[lo:hi], axis=0)  # one scale per row (token)
-    graph.initializer.remove(init)
-    graph.initializer.extend(text + [numpy_helper.from_array(w[:lo], table + ".discrete"),
-                                     numpy_helper.from_array(w[hi:], table + ".actions")])
-    concat = helper.make_node("Concat", [table + ".discrete", table + ".text", table + ".actions"], [table], axis=0,
-                              name=table + "_concat")
-    body = list(graph.node)
-    del graph.node[:]
-    graph.node.extend([*dequantize, concat, *body])  # these read initializers only: ORT folds them at load
-    save(proto, dst)
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """int8 = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
+def quantize_int8_dynamic(src: Path, dst: Path) -> None:
+    """int8-dynamic = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
 
     What is int8: the blocks' qkv / attention-output / MLP weights (int8, per output channel) and their
     matrix products (MatMulInteger on per-call uint8 activations); the table's text rows, on disk only.
@@ -380,7 +353,19 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body.onnx"
         quantize_body_dynamic(src, body)
-        compress_text_rows(body, dst)
+        proto = onnx.load(str(body))
+    store_text_rows_int8(proto)
+    save(proto, dst)
+
+
+def quantize_int8_weights(src: Path, dst: Path) -> None:
+    """int8 = int8 storage of the block projections and the table's text rows, fp32 compute
+    (gato_ros/quantize.py says why)."""
+    proto = onnx.load(str(src))
+    if store_body_int8(proto) == 0:
+        raise RuntimeError(f"{src}: no transformer projections found to store as int8")
+    store_text_rows_int8(proto)
+    save(proto, dst)
 
 
 def quantize_int4(src: Path, dst: Path) -> None:
@@ -408,7 +393,8 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
     dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
     if variant == "fp32":
         return dst
-    {"int8": quantize_int8, "int4": quantize_int4, "fp16": convert_fp16}[variant](fp32, dst)
+    {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
+     "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
     # quantizers may drop or keep stale props
     set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)))
@@ -441,12 +427,13 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
-           context: int | None = None, check: bool = True, full_vocab_head: bool = False) -> dict[str, Path]:
+           context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused"
+           ) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
     covers the spec's action vocabulary only, or every token with `full_vocab_head`."""
     out = Path(out)
     context = int(context or model.config.context_window)
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head)
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention)
     if check:
         diff = parity(model, spec, fp32)
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
@@ -456,7 +443,10 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
-        paths[v] = make_variant(fp32, v, model.config, spec, context)
+        if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
+            paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True)
+        else:
+            paths[v] = make_variant(fp32, v, model.config, spec, context)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
         print(f"{v}: {paths[v]} ({size / 2**20:.1f} MiB)")
     return paths
@@ -469,9 +459,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", help="spec.json path, or 'builtin' / 'builtin-image' (with --random-init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="fp32 .onnx path; variants go beside it")
-    parser.add_argument("--variants", default="fp32", help="comma list of fp32,int8,int4,fp16")
+    parser.add_argument("--variants", default="fp32", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--context-tokens", type=int, help="rolling cache capacity (default: the model's window)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
+    parser.add_argument("--attention", default="fused", choices=("fused", "plain"),
+                        help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, state-only "
+                             "specs); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
 
@@ -481,5 +474,5 @@ def run(args: argparse.Namespace) -> int:
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head)
+           full_vocab_head=args.full_vocab_head, attention=args.attention)
     return 0

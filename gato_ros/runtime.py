@@ -175,6 +175,9 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # and the robot's other processes; spinning ORT workers starved the control timer on 2 cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Masked attention scores exp() to denormals, which the CPU computes ~8x slower: flushing them to zero
+    # made the tiny policy's softmax over a masked window 8x faster (values below 1e-38 change nothing).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
 
@@ -291,7 +294,10 @@ class PolicyRuntime:
         if self.device_cache:
             device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
             self._device = device
-            self._caches = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, device, 0)
+            # Zero-filled, not left uninitialized: an empty slot is hidden by its position, but a NaN left in its
+            # memory would still poison the attention (0 weight × NaN value = NaN; an additive mask adds to it).
+            # (One array each: on the CPU an OrtValue wraps its numpy array instead of copying it.)
+            self._caches = [[ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, info.cache_dtype), device, 0)
                              for _ in self._past_names()] for _ in range(2)]
             self._current = 0
             so = _session_options(None)

@@ -29,7 +29,8 @@ def small_model(window: int) -> GatoModel:
 @pytest.fixture(scope="module")
 def state_export(tmp_path_factory):
     model, spec = small_model(64), builtin_spec()
-    paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx", ("int8", "int4", "fp16"))
+    paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx",
+                   ("int8", "int8-dynamic", "int4", "fp16"))
     return model, spec, paths
 
 
@@ -125,21 +126,30 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
     model, _, paths = state_export
     ops = {v: {n.op_type for n in onnx.load(str(p)).graph.node} for v, p in paths.items()}
     assert "MatMulNBits" in ops["int4"]
+    dynamic = onnx.load(str(paths["int8-dynamic"]))
+    weights = {i.name: i for i in dynamic.graph.initializer}
+    # int8-dynamic: int8 compute in the blocks: every qkv / attention-output / MLP projection is a
+    # MatMulInteger on an int8 weight, its activation quantized per call.
+    integer = [n for n in dynamic.graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 4 * model.config.n_layer
+    assert all(n.name.startswith("/blocks.") and weights[n.input[1]].data_type == onnx.TensorProto.INT8
+               for n in integer)
+    assert {n.input[0] for n in integer} <= {o for n in dynamic.graph.node if n.op_type == "DynamicQuantizeLinear"
+                                             for o in n.output}
+    # int8: the same projections stored int8 (rebuilt to fp32 at load), fp32 compute.
     proto = onnx.load(str(paths["int8"]))
     int8 = {i.name: i for i in proto.graph.initializer}
-    # int8 compute in the blocks: every qkv / attention-output / MLP projection is a MatMulInteger on an
-    # int8 weight, its activation quantized per call.
-    integer = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
-    assert len(integer) == 4 * model.config.n_layer
-    assert all(n.name.startswith("/blocks.") and int8[n.input[1]].data_type == onnx.TensorProto.INT8 for n in integer)
-    assert {n.input[0] for n in integer} <= {o for n in proto.graph.node if n.op_type == "DynamicQuantizeLinear"
-                                             for o in n.output}
-    # The head stays a full-precision Gemm over the action rows gathered from the one shared table, whose
-    # text rows are stored as int8.
+    assert "MatMulInteger" not in ops["int8"]
+    projections = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name.startswith("/blocks.")
+                   and n.name.endswith(("qkv/MatMul", "proj/MatMul", "fc/MatMul"))]
+    assert len(projections) == 4 * model.config.n_layer
+    assert all(int8[n.input[1] + "_int8"].data_type == onnx.TensorProto.INT8 for n in projections)
+    # The head stays a full-precision Gemm over the action rows of the tied table, whose text rows are
+    # stored as int8.
     head = [n for n in proto.graph.node if n.op_type == "Gemm"]
     assert len(head) == 1 and head[0].input[1] == "logit_table"
-    gather = next(n for n in proto.graph.node if n.output[0] == "logit_table")
-    assert gather.op_type == "Gather" and gather.input[0] == "model.tokens.weight"
+    assert int8["logit_table"].data_type == onnx.TensorProto.FLOAT
+    assert list(int8["logit_table"].dims) == [len(ACTION_IDS), model.config.n_embd]
     table = int8["model.tokens.weight.text_int8"]
     assert table.data_type == onnx.TensorProto.INT8
     assert list(table.dims) == [tok.CONTINUOUS_OFFSET - tok.DISCRETE_RANGE, model.config.n_embd]
@@ -149,8 +159,8 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
 
 @pytest.mark.parametrize("which", ["action", "full"])
 def test_token_table_is_stored_once(which, state_export, full_head_export):
-    """The input embedding and the tied head read one initializer: no transposed copy of the table beside
-    it, and no copy of its action rows (the head Gathers them; ORT folds that at session load)."""
+    """One vocabulary-sized table, no transposed copy of it beside it. The full-vocabulary head shares it with
+    the input Gather; the serving head stores its 1026 action rows (`logit_table`, a 3 % copy)."""
     model, _, paths = state_export if which == "action" else full_head_export
     proto = onnx.load(str(paths["fp32"]))
     tables = [i.name for i in proto.graph.initializer if tok.VOCAB_SIZE in i.dims]
@@ -159,9 +169,9 @@ def test_token_table_is_stored_once(which, state_export, full_head_export):
     if which == "full":
         assert sorted(n.op_type for n in readers) == ["Gather", "Gemm"]
     else:
-        assert [n.op_type for n in readers] == ["Gather", "Gather"]
-        ids = next(i for i in proto.graph.initializer if i.name == "logit_ids")
-        assert np.array_equal(onnx.numpy_helper.to_array(ids), ACTION_IDS)
+        assert [n.op_type for n in readers] == ["Gather"]
+        head = next(i for i in proto.graph.initializer if i.name == "logit_table")
+        assert np.array_equal(onnx.numpy_helper.to_array(head), model.tokens.weight.detach().numpy()[ACTION_IDS])
     assert paths["fp32"].stat().st_size < 1.3 * 4 * model.num_params()
 
 
