@@ -303,7 +303,7 @@ def evaluate_over_ros(
             "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
         procs.start("node", _console_script("policy_node", "gato_ros.node") + [
             "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-            "-p", "use_sim_time:=true", "-p", f"command_topic:={COMMAND_TOPIC}"])
+            "-p", "use_sim_time:=true", "-p", "direct_output:=true"])  # no watchdog here: the node drives the bridge
         supervisor = Supervisor()
         _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
               "the bridge's services and the policy node to become active", procs)
