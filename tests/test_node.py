@@ -528,15 +528,19 @@ def test_load_prompt_of_2000_steps_never_delays_the_tick(model_path, tmp_path):
 # ----------------------------------------------------------------------------- fuzz
 
 NAMES = st.sampled_from(list(JOINTS) + ["other", "", "panda_joint1"])
-FLOATS = st.one_of(st.floats(-10, 10), st.sampled_from([np.nan, np.inf, -np.inf, 1e308, -1e308, 0.0]))
+# No subnormals: the runtime's ONNX Runtime session flushes denormals to zero on the thread that runs it
+# (session.set_denormal_as_zero), and hypothesis refuses to draw subnormal floats on such a thread.
+FLOATS = st.one_of(st.floats(-10, 10, allow_subnormal=False),
+                   st.sampled_from([np.nan, np.inf, -np.inf, 1e308, -1e308, 0.0]))
+COORDINATES = st.floats(-3, 3, allow_subnormal=False)
 
 
 @st.composite
 def joint_messages(draw):
     if draw(st.booleans()):  # often a valid message in a random order, so the runtime runs too
         names = draw(st.permutations(list(JOINTS)))
-        pos = draw(st.lists(st.floats(-3, 3), min_size=8, max_size=8))
-        return JointState(name=names, position=pos, velocity=draw(st.lists(st.floats(-3, 3), min_size=8, max_size=8)))
+        pos = draw(st.lists(COORDINATES, min_size=8, max_size=8))
+        return JointState(name=names, position=pos, velocity=draw(st.lists(COORDINATES, min_size=8, max_size=8)))
     n = draw(st.integers(0, 10))
     return JointState(name=draw(st.lists(NAMES, min_size=n, max_size=n)),
                       position=draw(st.lists(FLOATS, max_size=10)), velocity=draw(st.lists(FLOATS, max_size=10)))
