@@ -92,13 +92,15 @@ def image(h: int = 48, w: int = 64, encoding: str = "rgb8") -> Image:
 class Robot:
     """The node under test plus a peer playing the robot, spinning in a background thread."""
 
-    def __init__(self, model_path: str, start: bool = True, node: bool = True, **params) -> None:
+    def __init__(self, model_path: str, start: bool = True, node: bool = True, cli_args: list[str] | None = None,
+                 **params) -> None:
         self.ns = "/t" + uuid.uuid4().hex[:8]
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         params = {"model_path": model_path, "threads": 1, "direct_output": True, **params}  # 2 shared cores
         overrides = [Parameter(k, value=v) for k, v in params.items()]
-        self.node = PolicyNode(context=self.context, namespace=self.ns, parameter_overrides=overrides) if node else None
+        self.node = PolicyNode(context=self.context, namespace=self.ns, parameter_overrides=overrides,
+                               cli_args=[a.replace("NS", self.ns) for a in cli_args or []]) if node else None
         self.peer = rclpy.create_node("robot", context=self.context, namespace=self.ns)
         # Relative names in the peer's namespace: the same names the node resolves in its own.
         self.joint_pub = self.peer.create_publisher(JointState, "joint_states", qos_profile_sensor_data)
@@ -408,6 +410,43 @@ def test_consecutive_deadline_overruns_switch_to_the_safe_action(model_path):
         values = {kv.key: kv.value for kv in r.diagnostics[-1].status[0].values}
         assert int(values["deadline_misses"]) >= 3
     finally:
+        r.close()
+
+
+def test_a_clock_jump_is_counted_and_never_makes_old_data_fresh(model_path):
+    """On sim time, /clock steps back 100 s while the node runs: the jump is counted in the diagnostics, the
+    ticks go on, and inputs that stop still go stale on time (their age is monotonic, not the node clock's)."""
+    from rosgraph_msgs.msg import Clock
+
+    r = Robot(model_path, start=False, use_sim_time=True, cli_args=["--ros-args", "-r", "/clock:=NS/clock"])
+    clock_pub = r.peer.create_publisher(Clock, "clock", 10)
+    offset_ns = [1_000 * 10**9]
+    stop = threading.Event()
+
+    def publish_clock() -> None:  # sim time runs with the wall clock, plus an offset the test can step
+        while not stop.is_set():
+            ns = time.monotonic_ns() + offset_ns[0]
+            clock_pub.publish(Clock(clock=rclpy.time.Time(nanoseconds=ns).to_msg()))
+            time.sleep(0.005)
+
+    clock_thread = threading.Thread(target=publish_clock, daemon=True)
+    clock_thread.start()
+    try:
+        assert r.wait_for(lambda: r.node.get_clock().now().nanoseconds > 10**12, 10.0), "the node follows /clock"
+        autostart(r.node)
+        r.wait_running()
+        offset_ns[0] -= 100 * 10**9
+        assert r.wait_for(lambda: r.node.clock_jumps.count >= 1, 3.0), "the step back is counted"
+        r.wait_running(timeout=3.0)
+        assert r.wait_for(lambda: any(kv.key == "clock_jumps" and int(kv.value) >= 1 for d in list(r.diagnostics)
+                                      for kv in d.status[0].values), 3.0)
+        r.enabled["joints"] = False
+        t = time.monotonic()
+        delay = r.first_safe_after(t)
+        assert delay is not None and delay <= r.node.loop.stale_timeout_s + PERIOD + 0.1, delay
+    finally:
+        stop.set()
+        clock_thread.join()
         r.close()
 
 
