@@ -283,6 +283,7 @@ class ControlLoop:
                 raise ValueError(f"model observation {key!r} has shape {spec.observation(key).shape}, "
                                  f"expected one value per joint ({len(spec.joint_names)})")
         self.observed_joint_keys = [k for k in JOINT_KEYS if k in keys]
+        self._needs_velocity = "joint_velocities" in keys
         self.image_specs = [o for o in spec.observations if o.kind == "image"]
         self.vector_specs = [o for o in spec.observations if o.kind != "image" and o.name not in JOINT_KEYS]
         self._lock = threading.Lock()
@@ -305,12 +306,15 @@ class ControlLoop:
         return ros_io.stamp_error(ros_io.header_stamp_ns(msg), now_ns, self.max_stamp_offset_s)
 
     def on_joint_state(self, msg: Any, received: float, now_ns: int | None = None) -> None:
-        """A sensor_msgs/JointState (robot names, any order). Velocities are always read: the hold needs them."""
+        """A sensor_msgs/JointState (robot names, any order). Velocities are required when the model observes
+        them; otherwise they are read where present and valid (the hold damps with them) and may be absent."""
         try:
             error = self._stamp_error(msg, now_ns)
             if error:
                 raise ros_io.InputError(error)
-            pos, vel = ros_io.joint_state_arrays(msg, self.layout.robot_joint_names, True)
+            pos, vel = ros_io.joint_state_arrays(msg, self.layout.robot_joint_names, self._needs_velocity)
+            if vel is None:
+                vel = self._optional_velocities(msg)
             value: Any = (pos, vel)
         except (ros_io.InputError, ValueError, TypeError) as err:
             value, error = None, f"joint states: {err}"
@@ -319,6 +323,12 @@ class ControlLoop:
                 if self._joints is None or received >= self._joints.received:
                     self._joints = JointReading(value[0], value[1], received)
         self._store("joint_states", value, error, received)
+
+    def _optional_velocities(self, msg: Any) -> np.ndarray | None:
+        try:
+            return ros_io.joint_state_arrays(msg, self.layout.robot_joint_names, True)[1]
+        except (ros_io.InputError, ValueError, TypeError):
+            return None
 
     def on_image(self, msg: Any, received: float, now_ns: int | None = None) -> None:
         try:

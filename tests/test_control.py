@@ -231,6 +231,13 @@ def test_hold_keeps_the_fault_snapshot_for_the_whole_fault_and_drops_it_on_recov
     np.testing.assert_allclose(second.arm, 0.0, atol=1e-12)
 
 
+def test_a_model_observing_velocities_needs_them(runtime):
+    loop = make_loop(runtime)
+    feed(loop, 0.0, joints(velocity=[]))
+    result = loop.tick(0.01)
+    assert result.safe and "velocities" in result.reason
+
+
 @pytest.mark.parametrize("kind", ["damp", "zero"])
 def test_damp_brakes_and_zero_releases(runtime, kind):
     loop = make_loop(runtime, kind)

@@ -564,6 +564,28 @@ def test_load_prompt_of_2000_steps_never_delays_the_tick(model_path, tmp_path):
         r.close()
 
 
+def test_a_positions_only_model_runs_without_velocities_and_holds_undamped(tmp_path):
+    """A driver that publishes positions only: a model that does not observe velocities runs on it, and its hold
+    has no velocity to damp with (ROS-free: the control loop with a real exported model)."""
+    from gato_ros.export import export
+    from gato_ros.model import GatoConfig, GatoModel
+    from gato_ros.runtime import PolicyRuntime
+
+    spec = EmbodimentSpec("positions-only", (ObservationSpec("joint_positions", (8,)),), SPEC.actions, 20.0, JOINTS)
+    torch.manual_seed(0)
+    config = GatoConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2, n_ff=64, context_window=64)
+    path = export(GatoModel(config).eval(), spec, tmp_path / "positions.onnx", check=False)["fp32"]
+    runtime = PolicyRuntime(str(path), threads=1)
+    loop = ControlLoop(runtime, build_layout(runtime.spec))
+    loop.on_joint_state(JointState(name=list(JOINTS), position=[0.1] * 8), 0.0)
+    assert not loop.tick(0.01).safe, loop.tick(0.01).reason
+    loop.on_joint_state(JointState(name=list(JOINTS), position=[0.2] * 8), 0.02)
+    loop.on_joint_state(JointState(name=list(JOINTS), position=[np.nan] * 8), 0.03)
+    held = loop.tick(0.04)
+    assert held.safe and held.level == ERROR
+    np.testing.assert_allclose(held.arm, 0.0, atol=1e-12)  # the fault began at the last valid state
+
+
 # ----------------------------------------------------------------------------- fuzz
 
 NAMES = st.sampled_from(list(JOINTS) + ["other", "", "panda_joint1"])
