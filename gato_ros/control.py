@@ -199,9 +199,9 @@ class TickResult:
         return arm + ([] if self.gripper is None else [float(self.gripper)])
 
 
-# The hold's default gains, for the simulated Panda at 20 Hz (scripts/hold_gains.py prints them): full
-# matrices M0·ω² and M0·2ζω (ω = 9 rad/s, ζ = 0.75), M0 the joint-space mass matrix averaged over the
-# poses in which the shipped policy carries a cube. The torque is held for a whole 50 ms period, and the
+# The hold's default gains, for the simulated Panda at 20 Hz (scripts/hold_gains.py derives and checks them):
+# full matrices M0·ω² and M0·2ζω (ω = 9 rad/s, ζ = 0.75), M0 the joint-space mass matrix averaged over the
+# poses in which the first shipped int8 policy carries a cube (stable over the re-exported one's too). The torque is held for a whole 50 ms period, and the
 # Panda's joints 1/3/5/7 are nearly coaxial there: per-joint gains that brake one joint excite the others
 # (every diagonal choice tried either went unstable or let the hand drift > 1 cm), mass-scaled ones do not.
 DEFAULT_HOLD_STIFFNESS = (
