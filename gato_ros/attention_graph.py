@@ -104,9 +104,14 @@ def _embedding(g: _Graph, model: GatoModel) -> str:
     ids = g.op1("Clip", [contract.INPUT_IDS, lo, hi], "/embed/")
     x = g.op1("Gather", [table, ids], "/embed/", axis=0)
     local_max = g.const("/embed/local_max", c.max_local_positions - 1, np.int64)
-    local = g.op1("Clip", [contract.LOCAL_POSITIONS, lo, local_max], "/embed/")
+    # A negative local position (contract.NO_LOCAL_POSITION) adds nothing, as in GatoModel.embed: it clips to -1,
+    # which Gather reads as the last row, a zero row appended to the table (folded by ORT at load).
+    none = g.const("/embed/no_local", contract.NO_LOCAL_POSITION, np.int64)
+    local = g.op1("Clip", [contract.LOCAL_POSITIONS, none, local_max], "/embed/")
     local_table = g.const("model.local_positions.weight", _np(model.local_positions.weight))
-    return g.op1("Add", [x, g.op1("Gather", [local_table, local], "/embed/", axis=0)], "/embed/")
+    zero_row = g.const("/embed/no_local_row", np.zeros((1, c.n_embd)))
+    with_zero = g.op1("Concat", [local_table, zero_row], "/embed/", axis=0)
+    return g.op1("Add", [x, g.op1("Gather", [with_zero, local], "/embed/", axis=0)], "/embed/")
 
 
 def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:

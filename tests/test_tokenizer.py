@@ -103,7 +103,11 @@ def test_timestep_layout_images_then_sorted_tensors_then_separator() -> None:
     assert ts.tokens.shape == (n_patches + 2 + 3 + 1,) == (tk.observation_token_count(SPEC),)
     assert np.all(ts.tokens[:n_patches] == tk.PATCH_TOKEN)
     assert ts.tokens[-1] == tk.SEPARATOR_TOKEN
-    assert ts.local_positions.tolist() == list(range(len(ts.tokens)))
+    # Local positions on observation tokens only (Gato): the separator gets none; files from before: every token.
+    assert ts.local_positions.tolist() == [*range(len(ts.tokens) - 1), tk.NO_LOCAL_POSITION]
+    legacy = tk.tokenize_observation(SPEC, observation(np.random.default_rng(0)),
+                                     observation_local_positions_only=False)
+    assert legacy.local_positions.tolist() == list(range(len(ts.tokens)))
     # "a_state" sorts before "joint_positions" and is normalized (1 → 0 → the bin just above zero)
     obs = observation(np.random.default_rng(0)) | {"a_state": np.array([1.0, 1.0])}
     tokens = tk.tokenize_observation(SPEC, obs).tokens
@@ -122,6 +126,12 @@ def test_episode_stream_marks_action_tokens_for_the_loss() -> None:
     mask = stream["loss_mask"].reshape(steps, per_step)
     assert mask[:, -3:].all() and not mask[:, :-3].any()
     assert stream["tokens"].reshape(steps, per_step)[:, -1].tolist() == [1] * steps  # gripper index of -15
+    local = stream["local_positions"].reshape(steps, per_step)
+    n_obs = tk.observation_token_count(SPEC)
+    assert (local[:, : n_obs - 1] == np.arange(n_obs - 1)).all()
+    assert (local[:, n_obs - 1 :] == tk.NO_LOCAL_POSITION).all()
+    legacy = tk.tokenize_episode(SPEC, obs, actions, observation_local_positions_only=False)["local_positions"]
+    assert (legacy.reshape(steps, per_step) == np.arange(per_step)).all()
 
 
 @settings(max_examples=200, deadline=None)
