@@ -342,7 +342,7 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
         "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-        "-p", "use_sim_time:=true", "-p", f"command_topic:={COMMAND_TOPIC}"])
+        "-p", "use_sim_time:=true", "-p", "direct_output:=true"])  # no watchdog here: the node drives the bridge
 
 
 def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None) -> None:
