@@ -8,8 +8,9 @@ This module writes the same function directly with onnx.helper (state-only specs
 - embedding: one Gather from a table whose continuous rows hold the value embedding of each bin
   (ValueEmbedding is a function of the token id alone, so it is precomputed), plus the local positions;
 - rotary: cos/sin of every q/k column computed once per call, in int64 phases (exact, as in the model) and
-  fp32 angles; the rotate-half partner of q and k comes from the same MatMul (the projection's columns
-  permuted and negated: [q k v | rot(q) rot(k)]), so rope is two Mul and one Add per layer;
+  fp32 angles; rope is q * cos + rotate_half(q) * sin, with rotate_half(q) and rotate_half(k) from extra
+  columns of the qkv MatMul (the projection's columns permuted and negated) on narrow models, from five
+  nodes on wide ones;
 - mask: one additive bias [B, 1, S, C+S] from positions (0 <= q - k < window), shared by every layer. It
   masks by position, not slot order, which is what the ring cache (slots in arbitrary order) needs;
 - attention: com.microsoft MultiHeadAttention per layer over Concat(cache, new keys) with that bias. Measured
@@ -40,7 +41,8 @@ from gato_ros.model import GatoModel
 
 ORT_DOMAIN = "com.microsoft"
 MASKED = {np.float32: -1e9, np.float16: -65504.0}  # additive bias of a hidden key: exp() of it is exactly 0
-ROTARY_PREFIX = "/rope/"  # nodes that must stay fp32 (phases up to the period overflow fp16)
+ROTARY_PREFIX = "/rope/"
+ROTATE_BY_MATMUL_MAX_WIDTH = 128  # see _attention  # nodes that must stay fp32 (phases up to the period overflow fp16)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -102,9 +104,14 @@ def _embedding(g: _Graph, model: GatoModel) -> str:
     ids = g.op1("Clip", [contract.INPUT_IDS, lo, hi], "/embed/")
     x = g.op1("Gather", [table, ids], "/embed/", axis=0)
     local_max = g.const("/embed/local_max", c.max_local_positions - 1, np.int64)
-    local = g.op1("Clip", [contract.LOCAL_POSITIONS, lo, local_max], "/embed/")
+    # A negative local position (contract.NO_LOCAL_POSITION) adds nothing, as in GatoModel.embed: it clips to -1,
+    # which Gather reads as the last row, a zero row appended to the table (folded by ORT at load).
+    none = g.const("/embed/no_local", contract.NO_LOCAL_POSITION, np.int64)
+    local = g.op1("Clip", [contract.LOCAL_POSITIONS, none, local_max], "/embed/")
     local_table = g.const("model.local_positions.weight", _np(model.local_positions.weight))
-    return g.op1("Add", [x, g.op1("Gather", [local_table, local], "/embed/", axis=0)], "/embed/")
+    zero_row = g.const("/embed/no_local_row", np.zeros((1, c.n_embd)))
+    with_zero = g.op1("Concat", [local_table, zero_row], "/embed/", axis=0)
+    return g.op1("Add", [x, g.op1("Gather", [with_zero, local], "/embed/", axis=0)], "/embed/")
 
 
 def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
@@ -156,11 +163,14 @@ def _skip_norm(g: _Graph, x: str, skip: str, bias: tuple[str, np.ndarray], norm:
                ) -> tuple[str, str]:
     """(LayerNorm(x + skip + bias), x + skip + bias): the residual add with the projection's bias and the next
     norm in one node."""
-    outs = g.op("SkipLayerNormalization", [x, skip, g.const(f"model.{name}.weight", _np(norm.weight)),
-                                           g.const(f"model.{name}.bias", _np(norm.bias)),
-                                           g.const(*bias)],
-                f"/{name}/", outputs=4, domain=ORT_DOMAIN, epsilon=norm.eps)
-    return outs[0], outs[3]
+    node = f"/{name}/SkipLayerNormalization"
+    normed, residual = node + "_output", node + "_sum"
+    inputs = [x, skip, g.const(f"model.{name}.weight", _np(norm.weight)), g.const(f"model.{name}.bias", _np(norm.bias)),
+              g.const(*bias)]
+    # outputs 1 and 2 (mean, inverse std) left out: the CUDA kernel does not produce them
+    g.nodes.append(helper.make_node("SkipLayerNormalization", inputs, [normed, "", "", residual], name=node,
+                                    domain=ORT_DOMAIN, epsilon=norm.eps))
+    return normed, residual
 
 
 def _matmul(g: _Graph, x: str, weight: np.ndarray, name: str) -> str:
@@ -174,21 +184,41 @@ def _matmul(g: _Graph, x: str, weight: np.ndarray, name: str) -> str:
     return product
 
 
+def _rotate_half(g: _Graph, x: str, n_head: int, head_dim: int, prefix: str) -> str:
+    """rotate_half per head of [B, S, n_head * head_dim]: [a, b] -> [-b, a] (five cheap nodes)."""
+    split = g.op1("Reshape", [x, g.const(prefix + f"halves_{g.count}", [0, 0, n_head, 2, head_dim // 2], np.int64)],
+                  prefix)
+    first, second = g.op("Split", [split], prefix, outputs=2, axis=3)
+    turned = g.op1("Concat", [g.op1("Neg", [second], prefix), first], prefix, axis=3)
+    return g.op1("Reshape", [turned, g.const(prefix + f"merged_{g.count}", [0, 0, n_head * head_dim], np.int64)],
+                 prefix)
+
+
 def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, bias: str) -> str:
-    """The attention output before its projection's bias (added by the next SkipLayerNormalization)."""
+    """The attention output before its projection's bias (added by the next SkipLayerNormalization).
+
+    rotate_half(q), rotate_half(k) come from extra columns of the qkv MatMul up to ROTATE_BY_MATMUL_MAX_WIDTH
+    (one wider MatMul beats five small nodes when per-node overhead dominates) and from nodes above it (the
+    columns add 2/3 to the qkv product: gato-79m fp32 was 15 % slower with them, 200 vs 172 ms CPU per step)."""
     c, attn = model.config, model.blocks[i].attn
     d, heads = c.n_embd, c.n_head
     dh, p = d // heads, f"/blocks.{i}/attn/"
     w, b = _np(attn.qkv.weight).T, _np(attn.qkv.bias)  # [D, 3D]: q, k, v
     scale = 1.0 / math.sqrt(dh)  # folded into q (rope is linear)
-    w_qk, b_qk = np.concatenate([w[:, :d] * scale, w[:, d:2 * d]], 1), np.concatenate([b[:d] * scale, b[d:2 * d]])
-    rot_w = np.concatenate([rotate_half_columns(w_qk[:, :d], heads), rotate_half_columns(w_qk[:, d:], heads)], 1)
-    rot_b = np.concatenate([rotate_half_columns(b_qk[:d], heads), rotate_half_columns(b_qk[d:], heads)])
-    qkv = _matmul(g, h, np.concatenate([w_qk, w[:, 2 * d:], rot_w], 1), f"blocks.{i}.attn.qkv")
-    qkv = g.op1("Add", [qkv, g.const(f"model.blocks.{i}.attn.qkv.bias", np.concatenate([b_qk, b[2 * d:], rot_b]))],
-                p)
-    qk, v, qk_rot = g.op("Split", [qkv, g.const(p + "split_qkv", [2 * d, d, 2 * d], np.int64)], p, outputs=3,
-                         axis=-1)
+    w_qkv = np.concatenate([w[:, :d] * scale, w[:, d:]], 1)
+    b_qkv = np.concatenate([b[:d] * scale, b[d:]])
+    by_matmul = d <= ROTATE_BY_MATMUL_MAX_WIDTH
+    if by_matmul:
+        w_qkv = np.concatenate([w_qkv, rotate_half_columns(w_qkv[:, :2 * d], 2 * heads)], 1)
+        b_qkv = np.concatenate([b_qkv, rotate_half_columns(b_qkv[:2 * d], 2 * heads)])
+    qkv = _matmul(g, h, w_qkv, f"blocks.{i}.attn.qkv")
+    qkv = g.op1("Add", [qkv, g.const(f"model.blocks.{i}.attn.qkv.bias", b_qkv)], p)
+    if by_matmul:
+        sizes = g.const(p + "split_qkv", [2 * d, d, 2 * d], np.int64)
+        qk, v, qk_rot = g.op("Split", [qkv, sizes], p, outputs=3, axis=-1)
+    else:
+        qk, v = g.op("Split", [qkv, g.const(p + "split_qkv", [2 * d, d], np.int64)], p, outputs=2, axis=-1)
+        qk_rot = _rotate_half(g, qk, 2 * heads, dh, p)
     qk = g.op1("Add", [g.op1("Mul", [qk, cos], p), g.op1("Mul", [qk_rot, sin], p)], p)  # apply_rope
     q, k = g.op("Split", [qk, g.const(p + "split_qk", [d, d], np.int64)], p, outputs=2, axis=-1)
     present_k = _heads(g, k, heads, dh, p, contract.present_key_name(i))

@@ -33,6 +33,10 @@ VOCAB_SIZE = SEPARATOR_TOKEN + 3
 PATCH_SIZE = 16
 PATCH_POSITION_INTERVALS = 128
 
+# The local position of a token that gets no local position encoding: the separator and the action tokens of
+# a model with `observation_local_positions_only` (Gato adds local positions to observation tokens only).
+NO_LOCAL_POSITION = -1
+
 TOKENIZER_CONSTANT_NAMES = ("MU", "M", "NUM_BINS", "TEXT_VOCAB_SIZE", "CONTINUOUS_OFFSET", "DISCRETE_RANGE",
                             "SEPARATOR_TOKEN", "PATCH_TOKEN", "PAD_TOKEN", "VOCAB_SIZE", "PATCH_SIZE",
                             "PATCH_POSITION_INTERVALS")
@@ -130,7 +134,7 @@ def cache_update_names(j: int) -> tuple[str, str, str]:
 
 # Fields added after files were first shipped, with the value that reproduces a file written before them:
 # a config read from JSON without the field behaves as it was trained.
-LEGACY_DEFAULTS: dict[str, object] = {}
+LEGACY_DEFAULTS: dict[str, object] = {"observation_local_positions_only": False}
 
 
 @dataclass
@@ -150,6 +154,9 @@ class GatoConfig:
     patch_channels: int = 32  # width of the per-patch ResNet-v2 block
     dropout: float = 0.0
     label_sigma: float = 2.5  # Gaussian soft labels over continuous bins, in bins (0: hard labels)
+    # Local position encodings on observation tokens only, as in the paper: the separator and the action tokens
+    # get NO_LOCAL_POSITION. False: every token of a timestep gets its index (files written before this field).
+    observation_local_positions_only: bool = True
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -218,7 +218,7 @@ def logit_ranges(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
 
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
-                 ranges: list[tuple[int, int]] | None = None) -> None:
+                 ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = ()) -> None:
     cache_input = contract.past_key_name(0)
     cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
     props = {
@@ -232,7 +232,10 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
     }
     if ranges is not None:
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
-    kept = [p for p in model.metadata_props if p.key not in props and p.key != contract.META_LOGIT_IDS]
+    if trained_capacities:
+        props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
+    optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES)
+    kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for k, v in props.items():
@@ -259,27 +262,28 @@ def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: 
     return attention == "fused" and not spec.image_keys and not full_vocab_head
 
 
-def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False) -> Path:
+def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False,
+                 trained_capacities: tuple[int, ...] = ()) -> Path:
     """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
     phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
     ranges = action_vocab(spec)
     proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32)
-    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities)
     save(proto, out)
     return out
 
 
 def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
-                attention: str = "fused") -> Path:
+                attention: str = "fused", trained_capacities: tuple[int, ...] = ()) -> Path:
     """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
     and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
     if fused_graph_applies(spec, full_vocab_head, attention):
-        return export_fused(model, spec, out, context)
+        return export_fused(model, spec, out, context, trained_capacities=trained_capacities)
     proto = torchscript_graph(model, bool(spec.image_keys))
     ranges = None if full_vocab_head else action_vocab(spec)
     if ranges is not None:
         restrict_head(proto, ranges)
-    set_metadata(proto, model.config, spec, context, "fp32", ranges)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities)
     save(proto, out)
     return out
 
@@ -378,19 +382,80 @@ def quantize_int4(src: Path, dst: Path) -> None:
     save(quant.model.model, dst)
 
 
+def rotary_angle_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+    """(Cast, Mul, Cos or Sin) triples that turn the integer rotary phase into cos/sin: the angle is
+    Cast(phase) * 2π/P. The value embedding's Fourier features have no Cast right before their Mul."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for trig in (n for n in model.graph.node if n.op_type in ("Cos", "Sin")):
+        scale = producer.get(trig.input[0])
+        if scale is None or scale.op_type != "Mul":
+            continue
+        cast = next((producer[i] for i in scale.input if i in producer and producer[i].op_type == "Cast"), None)
+        if cast is not None:
+            found.append((cast, scale, trig))
+    return found
+
+
+def keep_rotary_angles_fp32(model: onnx.ModelProto) -> None:
+    """Compute the rotary angle and its cos/sin in fp32 inside an fp16 graph, then cast cos/sin to fp16.
+
+    The phase runs up to rope_period - 1 = 65535, past fp16's range (65504 is the largest finite value and
+    anything from 65520 rounds to inf): cast to fp16 the angle is inf and cos/sin NaN. cos/sin lie in [-1, 1]
+    and are safe in fp16. (onnxruntime's converter has a node_block_list for this, but it emits duplicate
+    cast names when a blocked node feeds two blocked nodes, as the angle feeds Cos and Sin.)"""
+    triples = rotary_angle_nodes(model)
+    if not triples:
+        raise RuntimeError("found no rotary angle nodes (Cast → Mul → Cos/Sin) to keep in fp32")
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    done: set[str] = set()
+    casts: list[onnx.NodeProto] = []
+    for cast, scale, trig in triples:
+        if cast.name not in done:
+            next(a for a in cast.attribute if a.name == "to").i = TensorProto.FLOAT
+            done.add(cast.name)
+        if scale.name not in done:
+            for k, name in enumerate(scale.input):
+                if name == cast.output[0]:
+                    continue
+                value = (numpy_helper.to_array(inits[name]) if name in inits else
+                         numpy_helper.to_array(next(a.t for a in producer[name].attribute if a.name == "value")))
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name + "_fp32"))
+                scale.input[k] = name + "_fp32"
+            done.add(scale.name)
+        half = trig.output[0]
+        trig.output[0] = half + "_fp32"
+        casts.append(helper.make_node("Cast", [trig.output[0]], [half], to=TensorProto.FLOAT16,
+                                      name=trig.name + "_to_fp16"))
+    graph.node.extend(casts)
+    used = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    stale = {t for c, s, n in triples for t in (*c.output, *s.output, *n.output)}
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
 def convert_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     proto = onnx.load(str(src))
     # The KV cache goes fp16 (half the memory and bandwidth on the GPU); patches and logits stay fp32.
-    # The runtime reads the cache type from the graph's inputs.
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS]))
+    # The runtime reads the cache type from the graph's inputs. The rotary angle path stays fp32.
+    half = convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS])
+    keep_rotary_angles_fp32(half)
+    half = OnnxModel(half)
     half.topological_sort()  # the converter appends its input casts after their consumers
     save(half.model, dst)
 
 
-def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentSpec, context: int) -> Path:
+def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentSpec, context: int,
+                 trained_capacities: tuple[int, ...] = ()) -> Path:
     dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
     if variant == "fp32":
         return dst
@@ -398,7 +463,8 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
      "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
     # quantizers may drop or keep stale props
-    set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)))
+    set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)),
+                 trained_capacities)
     save(proto, dst)
     return dst
 
@@ -411,7 +477,11 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
     config, images = model.config, bool(spec.image_keys)
     inputs, _ = io_names(config.n_layer, images)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    # As the runtime's sessions: ORT applies this flag process-wide from the first session a process creates
+    # (a later session cannot turn it on), and the parity check often comes first (export, bench).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ranges = logit_ranges(onnx.load(str(path), load_external_data=False))
     reference = OnnxPolicy(model, images, None if ranges is None else range_ids(ranges))
     worst = 0.0
@@ -428,13 +498,22 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
-           context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused"
-           ) -> dict[str, Path]:
+           context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused",
+           trained_capacities: tuple[int, ...] = ()) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
-    covers the spec's action vocabulary only, or every token with `full_vocab_head`."""
+    covers the spec's action vocabulary only, or every token with `full_vocab_head`.
+
+    `context` (the runtime's default cache capacity) is the model's window unless `trained_capacities` lists it:
+    those are the other capacities the model was trained to be served with (`gato_ros.trained_capacities`); the
+    runtime refuses any capacity that is neither."""
     out = Path(out)
     context = int(context or model.config.context_window)
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention)
+    trained_capacities = tuple(sorted({int(c) for c in trained_capacities} - {model.config.context_window}))
+    if context != model.config.context_window and context not in trained_capacities:
+        raise ValueError(f"context {context} differs from the model's trained window (context_window="
+                         f"{model.config.context_window}); list it in trained_capacities if the model was trained "
+                         f"for it")
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities)
     if check:
         diff = parity(model, spec, fp32)
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
@@ -445,9 +524,10 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
         if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
-            paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True)
+            paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True,
+                                    trained_capacities=trained_capacities)
         else:
-            paths[v] = make_variant(fp32, v, model.config, spec, context)
+            paths[v] = make_variant(fp32, v, model.config, spec, context, trained_capacities)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
         print(f"{v}: {paths[v]} ({size / 2**20:.1f} MiB)")
     return paths
@@ -462,6 +542,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="fp32 .onnx path; variants go beside it")
     parser.add_argument("--variants", default="fp32", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--context-tokens", type=int, help="rolling cache capacity (default: the model's window)")
+    parser.add_argument("--trained-capacities", default="",
+                        help="comma list of cache capacities, besides the window, the model was trained to be served "
+                             "with (written as gato_ros.trained_capacities; the runtime refuses any other)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
     parser.add_argument("--attention", default="fused", choices=("fused", "plain"),
                         help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, state-only "
@@ -474,6 +557,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    capacities = tuple(int(c) for c in args.trained_capacities.split(",") if c.strip())
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head, attention=args.attention)
+           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities)
     return 0

@@ -56,6 +56,15 @@ class ModelLoadError(RuntimeError):
     """The model file is missing, is not ONNX, or is not a gato_ros policy for this tokenizer."""
 
 
+class ModelRuntimeError(RuntimeError):
+    """A loaded model failed during a step; the command of that step must not reach the arm."""
+
+
+class NonFiniteLogitsError(ModelRuntimeError):
+    """The model produced NaN or inf logits for an action (argmax would pick bin 0: full -limit torque).
+    The context holds the failed tick's tokens: reset() before stepping again."""
+
+
 def cuda_device_count() -> int:
     """GPUs visible through the driver API, without loading any CUDA runtime; 0 when there is no driver."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
@@ -86,13 +95,53 @@ class ModelInfo:
     has_images: bool
     cache_update: bytes | None
     logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
+    trained_capacities: tuple[int, ...]  # cache capacities besides config.context_window the model was trained for
+
+    def accepts_capacity(self, capacity: int) -> bool:
+        """A cache of `capacity` slots serves the model as trained: its window, or one the file declares."""
+        return capacity == self.config.context_window or capacity in self.trained_capacities
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
+    """What the file says about itself, checked against this runtime's contract (ModelLoadError naming the field)."""
     meta = session.get_modelmeta().custom_metadata_map
+    config, spec, context, trained_capacities = read_metadata(meta, path)
+    key = check_signature(session, config, bool(spec.image_keys), path)
+    heads, head_dim = key.shape[1], key.shape[3]
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        heads, head_dim = config.n_head, config.head_dim
+    cache_dtype = _ORT_TYPES.get(key.type)
+    if cache_dtype is None:
+        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
+    update = meta.get(contract.META_CACHE_UPDATE)
+    info = ModelInfo(
+        config=config,
+        spec=spec,
+        context_tokens=context,
+        variant=meta.get(contract.META_VARIANT, "fp32"),
+        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
+        num_layers=config.n_layer,
+        num_heads=int(heads),
+        head_dim=int(head_dim),
+        cache_dtype=np.dtype(cache_dtype),
+        has_images=bool(spec.image_keys),
+        cache_update=base64.b64decode(update) if update else None,
+        logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
+        trained_capacities=trained_capacities,
+    )
+    if not info.accepts_capacity(context):
+        raise ModelLoadError(f"{path}: {contract.META_CONTEXT_TOKENS}={context} disagrees with the window the model "
+                             f"was trained with (config context_window={config.context_window}) and "
+                             f"{contract.META_TRAINED_CAPACITIES} does not list it")
+    return info
+
+
+def read_metadata(meta: dict[str, str], path: str) -> tuple[GatoConfig, EmbodimentSpec, int, tuple[int, ...]]:
+    """(config, spec, default capacity, declared capacities); refuses a file without gato_ros metadata or with
+    other tokenizer constants than `gato_ros.contract`'s."""
     missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelLoadError(f"{path} is ONNX but not a gato_ros policy: metadata lacks {missing}")
@@ -101,45 +150,26 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         spec = EmbodimentSpec.from_json(meta[contract.META_SPEC])
         constants = json.loads(meta[contract.META_TOKENIZER])
         context = int(meta[contract.META_CONTEXT_TOKENS])
+        trained_capacities = tuple(int(c) for c in json.loads(meta.get(contract.META_TRAINED_CAPACITIES, "[]")))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: unreadable gato_ros metadata ({e})") from e
-    ours = contract.tokenizer_constants()
-    differ = {k: (constants.get(k), v) for k, v in ours.items() if constants.get(k) != v}
+    differ = {k: (constants.get(k), v) for k, v in contract.tokenizer_constants().items() if constants.get(k) != v}
     if differ:
         raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
+    return config, spec, context, trained_capacities
 
+
+def check_signature(session: ort.InferenceSession, config: GatoConfig, images: bool, path: str) -> Any:
+    """Every input and output name the contract gives for the config's n_layer is in the graph; returns the first
+    cache input's description (its shape and type set the cache's)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    num_layers = config.n_layer
-    has_images = bool(spec.image_keys)
-    required, wanted_out = contract.io_names(num_layers, has_images)
+    required, wanted_out = contract.io_names(config.n_layer, images)
     lacking = [n for n in required if n not in inputs] + [n for n in wanted_out if n not in outputs]
     if lacking:
-        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for n_layer={num_layers} "
-                             f"(missing {lacking})")
-    key = inputs[contract.past_key_name(0)]
-    heads, head_dim = key.shape[1], key.shape[3]
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
-        heads, head_dim = config.n_head, config.head_dim
-    cache_dtype = _ORT_TYPES.get(key.type)
-    if cache_dtype is None:
-        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
-    update = meta.get(contract.META_CACHE_UPDATE)
-    logit_ids = read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path)
-    return ModelInfo(
-        config=config,
-        spec=spec,
-        context_tokens=context,
-        variant=meta.get(contract.META_VARIANT, "fp32"),
-        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
-        num_layers=num_layers,
-        num_heads=int(heads),
-        head_dim=int(head_dim),
-        cache_dtype=np.dtype(cache_dtype),
-        has_images=has_images,
-        cache_update=base64.b64decode(update) if update else None,
-        logit_ids=logit_ids,
-    )
+        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for "
+                             f"n_layer={config.n_layer} (missing {lacking})")
+    return inputs[contract.past_key_name(0)]
 
 
 def read_logit_ids(meta: dict[str, str], spec: EmbodimentSpec, width: Any, path: str) -> np.ndarray | None:
@@ -177,6 +207,7 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Masked attention scores exp() to denormals, which the CPU computes ~8x slower: flushing them to zero
     # made the tiny policy's softmax over a masked window 8x faster (values below 1e-38 change nothing).
+    # ORT applies it process-wide from the first session a process creates (scripts/graph_numbers.py).
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
@@ -250,7 +281,16 @@ class PolicyRuntime:
         self.info = read_model_info(self.session, self.model_path)
         self.spec = self.info.spec
         self.capacity = int(context_tokens or self.info.context_tokens)
+        if not self.info.accepts_capacity(self.capacity):
+            raise ModelLoadError(
+                f"{self.model_path}: a cache of {self.capacity} tokens differs from the window the model was trained "
+                f"with (context_window={self.info.config.context_window}; also trained for "
+                f"{list(self.info.trained_capacities)} per {contract.META_TRAINED_CAPACITIES}): it would see another "
+                f"context than in training. Leave context_tokens unset, or export with --trained-capacities.")
         self.obs_tokens = tok.observation_token_count(self.spec)
+        self.local_only_observations = self.info.config.observation_local_positions_only
+        # Local position of each token of a timestep, as training laid them out (the tokenizer's rule).
+        self._local = tok.timestep_local_positions(self.spec, self.local_only_observations)
         if self.capacity < self.obs_tokens + self.spec.action_size:
             raise ModelLoadError(f"context of {self.capacity} tokens cannot hold one timestep "
                                  f"({self.obs_tokens + self.spec.action_size} tokens)")
@@ -405,7 +445,8 @@ class PolicyRuntime:
         self._pending: tuple[int, int] | None = None  # (token, local position) of the last action token
         if prompt is None:
             return
-        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]))
+        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]),
+                                      observation_local_positions_only=self.local_only_observations)
         ids, local = stream["tokens"], stream["local_positions"]
         patches = patch_pos = None
         if self.info.has_images:
@@ -423,6 +464,9 @@ class PolicyRuntime:
     def _choose(self, logits: np.ndarray, index: int) -> int:
         first, last, token = self._ranges[index]  # the action's columns and the token id of the first
         allowed = logits[first:last]
+        if not np.isfinite(allowed).all():
+            raise NonFiniteLogitsError(f"{self.model_path}: non-finite logits for action "
+                                       f"{self.spec.actions[index].name!r} at position {self.position}")
         if self.temperature <= 0.0:
             return token + int(np.argmax(allowed))
         z = allowed.astype(np.float64) / self.temperature
@@ -434,7 +478,8 @@ class PolicyRuntime:
 
         `teacher` (A tokens): feed these into the context instead of the chosen ones (teacher forcing,
         to compare variants of a model on the same token stream); the chosen tokens are still returned."""
-        ts = tok.tokenize_observation(self.spec, observation)  # validates: ObservationError
+        ts = tok.tokenize_observation(self.spec, observation,  # validates: ObservationError
+                                      observation_local_positions_only=self.local_only_observations)
         ids, local = ts.tokens, ts.local_positions
         patches = patch_pos = None
         if self.info.has_images:
@@ -458,9 +503,9 @@ class PolicyRuntime:
             tokens[i] = self._choose(logits, i)
             fed = tokens if teacher is None else teacher
             if i < A - 1:
-                one_id[0], one_local[0] = fed[i], self.obs_tokens + i
+                one_id[0], one_local[0] = fed[i], self._local[self.obs_tokens + i]
                 logits = self.forward(one_id, one_local)
-        self._pending = (int(fed[-1]), self.obs_tokens + A - 1)
+        self._pending = (int(fed[-1]), int(self._local[self.obs_tokens + A - 1]))
         return tokens
 
     def step(self, observation: dict[str, np.ndarray]) -> np.ndarray:

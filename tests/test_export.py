@@ -213,7 +213,7 @@ def test_rolling_cache_equals_full_forward(which, state_export, image_export):
         ts = tok.tokenize_observation(spec, obs)
         actions = rt.step_tokens(obs)
         ids += [ts.tokens, actions]
-        local.append(np.arange(n_obs + A))
+        local.append(tok.timestep_local_positions(spec, model.config.observation_local_positions_only))
         full = np.zeros((n_obs + A, 3, 16, 16), np.float32)
         pos = np.zeros((n_obs + A, 2), np.int64)
         full[: n_obs][ts.tokens == tok.PATCH_TOKEN] = ts.patches
@@ -270,3 +270,52 @@ def test_cli_exports_a_training_checkpoint(tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--variants", "int8"]) == 0
     rt = PolicyRuntime(str(out.with_name("policy.int8.onnx")), provider="cpu", threads=1)
     assert rt.spec == spec and rt.info.variant == "int8" and rt.capacity == 64
+
+
+def downstream_of_positions(proto: onnx.ModelProto) -> list[str]:
+    """Every tensor computed from `position_ids`: the rotary angles and cos/sin, the mask, what follows."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen: list[str] = []
+    todo = ["position_ids"]
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            for out in node.output:
+                if out not in seen:
+                    seen.append(out)
+                    todo.append(out)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def plain_fp16_export(tmp_path_factory):
+    """The TorchScript graph (`attention="plain"`, as image specs get) and its converter-made fp16 variant."""
+    model, spec = small_model(64), builtin_spec()
+    return model, spec, export(model, spec, tmp_path_factory.mktemp("plain") / "policy.onnx", ("fp16",),
+                               attention="plain")
+
+
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_fp16_rotary_angles_stay_finite_past_65520(graph, state_export, plain_fp16_export):
+    """The rotary phase runs to 65535; fp16 holds at most 65504 (65520 and up round to inf: NaN cos/sin).
+
+    ONNX Runtime's CPU provider runs fp16 nodes in fp32 and drops the cast pair around them, which hides a
+    fp16 phase; keeping every tensor on the position path alive as a graph output stops that, as a GPU
+    provider computing in fp16 would."""
+    import onnxruntime as ort
+
+    model, _, paths = state_export if graph == "fused" else plain_fp16_export
+    proto = onnx.load(str(paths["fp16"]))
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    proto.graph.output.extend(typed[t] for t in downstream_of_positions(proto) if t in typed)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names, _ = io_names(model.config.n_layer, False)
+    seq, cache = 8, 24
+    for start in (65500, 65512, 65528, 65536 * 3 - 8):  # the phase k * p mod 65536 passes 65520 for k = 1
+        kv = [np.random.default_rng(start).normal(size=(1, 2, cache, 16)).astype(np.float16) for _ in range(4)]
+        feed = dict(zip(names, [np.full((1, seq), tok.CONTINUOUS_OFFSET + 300), np.arange(start, start + seq)[None],
+                                np.arange(seq)[None], np.arange(start - cache, start)[None], *kv], strict=True))
+        logits = session.run(["logits"], feed)[0]
+        assert np.isfinite(logits).all(), f"non-finite fp16 logits at positions {start}..{start + seq - 1}"

@@ -45,6 +45,19 @@ def test_attention_is_one_fused_op_per_layer(exported) -> None:
     assert parity(model, spec, fused["fp32"]) < 1e-4 and parity(model, spec, plain["fp32"]) < 1e-4
 
 
+def test_wide_model_rotates_with_nodes_and_matches_torch(tmp_path) -> None:
+    """Above ROTATE_BY_MATMUL_MAX_WIDTH rotate_half is built from nodes instead of extra qkv columns: the
+    export's parity check (prefill and decode, <= 1e-4 vs torch) holds for that path too."""
+    from gato_ros.attention_graph import ROTATE_BY_MATMUL_MAX_WIDTH
+
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=1, n_embd=2 * ROTATE_BY_MATMUL_MAX_WIDTH, n_head=4, n_ff=64, context_window=64)
+    model, spec = GatoModel(config).eval(), builtin_spec()
+    path = export(model, spec, tmp_path / "wide.onnx", check=False)["fp32"]
+    assert "Neg" in ops(path)
+    assert parity(model, spec, path) < 1e-4
+
+
 def run_from(path, start: int, steps: int, device_cache: bool = False) -> np.ndarray:
     """Logits of every action decision over `steps` steps starting at absolute position `start`."""
     runtime = PolicyRuntime(str(path), provider="cpu", threads=1, device_cache=device_cache)
