@@ -83,7 +83,8 @@ def embed_every_token(self: GatoModel, input_ids: torch.Tensor, local_positions:
             pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)
             pe = pe + self.patch_rows(pos[..., 0]) + self.patch_cols(pos[..., 1])
         x = torch.where(is_patch, pe, x)
-    return x + self.local_positions(local_positions.clamp(0, self.config.max_local_positions - 1))
+    has_local = (local_positions >= 0).unsqueeze(-1).to(x.dtype)  # as GatoModel.embed: negative adds nothing
+    return x + self.local_positions(local_positions.clamp(0, self.config.max_local_positions - 1)) * has_local
 
 
 def full_resolution_model(config: GatoConfig) -> GatoModel:
@@ -114,7 +115,8 @@ class Case:
     def __init__(self, model: GatoModel, data: Path, timesteps: int, batch_size: int, steps: int) -> None:
         dataset = read_dataset(data)
         self.seq_len = timesteps * tok.timestep_token_count(dataset.spec)
-        windows = SequenceDataset(dataset, self.seq_len, train=True, seed=0)
+        windows = SequenceDataset(dataset, self.seq_len, train=True, seed=0,
+                                  observation_local_positions_only=model.config.observation_local_positions_only)
         loader = DataLoader(windows, batch_size=batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(0))
         t0 = time.perf_counter()

@@ -83,7 +83,8 @@ def offline(checkpoint: str, data: str, val_fraction: float, seed: int) -> dict:
     model, config, spec = load_checkpoint(checkpoint)
     dataset = read_dataset(data, spec)
     _, held_out = split_episodes(len(dataset), val_fraction, seed)
-    windows = SequenceDataset(dataset, config.context_window, held_out, train=False, seed=seed)
+    windows = SequenceDataset(dataset, config.context_window, held_out, train=False, seed=seed,
+                              observation_local_positions_only=config.observation_local_positions_only)
     step_tokens = tok.timestep_token_count(spec)
     result = {}
     with torch.no_grad():
