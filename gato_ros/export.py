@@ -319,9 +319,8 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
 
     hidden = "GatoRosHiddenGemm"
     proto = onnx.load(str(src))
-    head = set(head_nodes(proto))  # only the head: another Gemm (the patch projection) must stay typed
     for n in proto.graph.node:
-        if n.op_type == "Gemm" and n.name in head:
+        if n.op_type == "Gemm":
             n.op_type = hidden
     # It warns on the root logger to run its pre-processing (shape inference, ORT optimizations) first:
     # the exporter already folded the graph, and an ORT-optimized file would tie it to one ORT version.

@@ -101,8 +101,9 @@ def test_patch_network_runs_on_patch_tokens_only():
 
 
 def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
-    """The shipped variant is int8: an image model quantizes (the patch projection's Gemm stays a typed
-    node) and, teacher-forced on fp32's tokens, picks the same action tokens."""
+    """The shipped variant is int8: an image model quantizes in both int8 schemes (the patch network's
+    Conv/GroupNorm/Gemm sit in the graph beside the blocks) and, teacher-forced on fp32's tokens, picks
+    the same action tokens."""
     from gato_ros.export import export
     from gato_ros.runtime import PolicyRuntime
 
@@ -110,7 +111,7 @@ def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
     torch.manual_seed(0)
     config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
                         patch_channels=8)
-    paths = export(GatoModel(config).eval(), spec, tmp_path / "seeing.onnx", ("fp32", "int8"))
+    paths = export(GatoModel(config).eval(), spec, tmp_path / "seeing.onnx", ("fp32", "int8", "int8-dynamic"))
     env = StackingEnv(image_size=64, cameras=CAMERAS)
     obs, _ = env.reset(seed=2)
     episode = []
@@ -119,9 +120,10 @@ def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
         obs, *_ = env.step(np.zeros(8))
     fp32 = PolicyRuntime(str(paths["fp32"]), provider="cpu", threads=1)
     reference = np.array([fp32.step_tokens(o) for o in episode])
-    int8 = PolicyRuntime(str(paths["int8"]), provider="cpu", threads=1)
-    got = np.array([int8.step_tokens(o, teacher=t) for o, t in zip(episode, reference, strict=True)])
-    assert (got == reference).mean() >= 0.9
+    for variant in ("int8", "int8-dynamic"):
+        quantized = PolicyRuntime(str(paths[variant]), provider="cpu", threads=1)
+        got = np.array([quantized.step_tokens(o, teacher=t) for o, t in zip(episode, reference, strict=True)])
+        assert (got == reference).mean() >= 0.9, variant
 
 
 @pytest.fixture(scope="module")
