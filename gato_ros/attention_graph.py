@@ -132,10 +132,33 @@ def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
     return cos, sin
 
 
-def _mask_bias(g: _Graph, model: GatoModel) -> str:
-    """[B, 1, S, C+S]: 0 where 0 <= q - k < window, MASKED elsewhere (empty slots sit at -2^40)."""
+def _ring_slots(g: _Graph, n_head: int) -> tuple[str, str]:
+    """Where this call's tokens go in an in-place ring of L slots (L = the cache input's length): slot
+    position mod L. Returns (slots [B, S], ScatterND indices [B, H, S, 3] = (b, h, slot))."""
+    p = "/slots/"
+    ring = g.op1("Gather", [g.op1("Shape", [contract.PAST_POSITIONS], p), g.const(p + "axis1", 1, np.int64)], p, axis=0)
+    slots = g.op1("Mod", [contract.POSITION_IDS, ring], p)
+    seq = g.op1("Shape", [contract.POSITION_IDS], p)  # [B, S]
+    first, second = g.op("Split", [seq, g.const(p + "halves", [1, 1], np.int64)], p, outputs=2, axis=0)
+    heads, unit = g.const(p + "heads", [n_head], np.int64), g.const(p + "unit", [1], np.int64)
+    shape = g.op1("Concat", [first, heads, second, unit], p, axis=0)  # [B, H, S, 1]
+    batch = g.op1("Range", [g.const(p + "start", 0, np.int64),
+                            g.op1("Gather", [seq, g.const(p + "axis0", 0, np.int64)], p, axis=0),
+                            g.const(p + "step", 1, np.int64)], p)
+    b = g.op1("Reshape", [batch, g.const(p + "b_shape", [-1, 1, 1, 1], np.int64)], p)
+    h = g.const(p + "h", np.arange(n_head).reshape(1, -1, 1, 1), np.int64)
+    s_ = g.op1("Unsqueeze", [slots, g.const(p + "axes", [1, 3], np.int64)], p)  # [B, 1, S, 1]
+    return slots, g.op1("Concat", [g.op1("Expand", [t, shape], p) for t in (b, h, s_)], p, axis=3)
+
+
+def _mask_bias(g: _Graph, model: GatoModel, slots: str | None = None) -> str:
+    """[B, 1, S, K]: 0 where 0 <= q - k < window, MASKED elsewhere (empty slots sit at -2^40). Keys: the ring
+    after this call's write (in place, K = L) or the ring followed by the new tokens (K = C + S)."""
     p = "/mask/"
-    keys = g.op1("Concat", [contract.PAST_POSITIONS, contract.POSITION_IDS], p, axis=1)
+    if slots is not None:
+        keys = g.op1("ScatterElements", [contract.PAST_POSITIONS, slots, contract.POSITION_IDS], p, axis=1)
+    else:
+        keys = g.op1("Concat", [contract.PAST_POSITIONS, contract.POSITION_IDS], p, axis=1)
     delta = g.op1("Sub", [g.op1("Unsqueeze", [contract.POSITION_IDS, g.const(p + "last", [-1], np.int64)], p),
                           g.op1("Unsqueeze", [keys, g.const(p + "middle", [1], np.int64)], p)], p)
     ahead = g.op1("Less", [delta, g.const(p + "zero", 0, np.int64)], p)
@@ -191,7 +214,15 @@ def _rotate_half(g: _Graph, x: str, n_head: int, head_dim: int, prefix: str) -> 
                  prefix)
 
 
-def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, bias: str) -> str:
+def _last_position(g: _Graph, x: str, axis: int, prefix: str) -> str:
+    """x's last entry along `axis`, the axis kept (length 1)."""
+    return g.op1("Slice", [x, g.const(prefix + f"last_start_{g.count}", [-1], np.int64),
+                           g.const(prefix + f"last_end_{g.count}", [2**62], np.int64),
+                           g.const(prefix + f"last_axis_{g.count}", [axis], np.int64)], prefix)
+
+
+def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, bias: str,
+               last_query_only: bool = False, indices: str | None = None) -> str:
     """The attention output before its projection's bias (added by the next SkipLayerNormalization).
 
     rotate_half(q), rotate_half(k) come from extra columns of the qkv MatMul up to ROTATE_BY_MATMUL_MAX_WIDTH
@@ -218,10 +249,18 @@ def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, 
         qk_rot = _rotate_half(g, qk, 2 * heads, dh, p)
     qk = g.op1("Add", [g.op1("Mul", [qk, cos], p), g.op1("Mul", [qk_rot, sin], p)], p)  # apply_rope
     q, k = g.op("Split", [qk, g.const(p + "split_qk", [d, d], np.int64)], p, outputs=2, axis=-1)
-    present_k = _heads(g, k, heads, dh, p, contract.present_key_name(i))
-    present_v = _heads(g, v, heads, dh, p, contract.present_value_name(i))
-    keys = g.op1("Concat", [contract.past_key_name(i), present_k], p, axis=2)
-    values = g.op1("Concat", [contract.past_value_name(i), present_v], p, axis=2)
+    if indices is None:
+        present_k = _heads(g, k, heads, dh, p, contract.present_key_name(i))
+        present_v = _heads(g, v, heads, dh, p, contract.present_value_name(i))
+        keys = g.op1("Concat", [contract.past_key_name(i), present_k], p, axis=2)
+        values = g.op1("Concat", [contract.past_value_name(i), present_v], p, axis=2)
+    else:  # written into the ring in place (present is bound to past's memory), attended there
+        keys, values = (contract.present_key_name(i), contract.present_value_name(i))
+        for past, new, present in ((contract.past_key_name(i), k, keys), (contract.past_value_name(i), v, values)):
+            new_heads = _heads(g, new, heads, dh, p, present + "_new")
+            g.nodes.append(helper.make_node("ScatterND", [past, indices, new_heads], [present], name=p + present))
+    if last_query_only:  # every new token's keys/values are cached, only the last one's output is read
+        q, bias = _last_position(g, q, 1, p), _last_position(g, bias, 2, p)
     y = g.op1("MultiHeadAttention", [q, keys, values, "", "", bias], p, domain=ORT_DOMAIN, num_heads=heads,
               scale=1.0)  # q carries the 1/sqrt(Dh)
     return _matmul(g, y, _np(attn.proj.weight).T, f"blocks.{i}.attn.proj")
@@ -236,19 +275,24 @@ def _mlp(g: _Graph, i: int, model: GatoModel, h: str) -> str:
     return _matmul(g, gelu, _np(mlp.proj.weight).T, f"blocks.{i}.mlp.proj")
 
 
-def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = np.float32) -> onnx.ModelProto:
+def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = np.float32,
+                        layout: str = contract.CACHE_LAYOUT_IN_PLACE) -> onnx.ModelProto:
     """The serving graph of `model` (a state-only policy) with logits over `logit_ids`, weights and cache in
     `dtype` (np.float32 or np.float16; logits always fp32)."""
     c = model.config
     g = _Graph(dtype)
     x = _embedding(g, model)
-    cos, sin = _rotary(g, model)
-    bias = _mask_bias(g, model)
+    in_place = layout == contract.CACHE_LAYOUT_IN_PLACE
+    slots, indices = _ring_slots(g, c.n_head) if in_place else (None, None)
+    (cos, sin), bias = _rotary(g, model), _mask_bias(g, model, slots)
     h = _layer_norm(g, x, model.blocks[0].ln1, "blocks.0.ln1")
     for i, block in enumerate(model.blocks):
         last = i + 1 == c.n_layer
         attn_bias = (f"model.blocks.{i}.attn.proj.bias", _np(block.attn.proj.bias))
-        h, x = _skip_norm(g, x, _attention(g, i, model, h, cos, sin, bias), attn_bias, block.ln2, f"blocks.{i}.ln2")
+        y = _attention(g, i, model, h, cos, sin, bias, last_query_only=last, indices=indices)
+        if last:  # only the last position's output is read (the head): the rest of the layer runs for it alone
+            x = _last_position(g, x, 1, f"/blocks.{i}/")
+        h, x = _skip_norm(g, x, y, attn_bias, block.ln2, f"blocks.{i}.ln2")
         after = model.ln_f if last else model.blocks[i + 1].ln1
         mlp_bias = (f"model.blocks.{i}.mlp.proj.bias", _np(block.mlp.proj.bias))
         h, x = _skip_norm(g, x, _mlp(g, i, model, h), mlp_bias, after, "ln_f" if last else f"blocks.{i + 1}.ln1")
@@ -266,7 +310,8 @@ def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = n
             (contract.PAST_POSITIONS, batch_past)]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, s) for n, s in ints]
     outputs = [helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT, ["batch", 1, len(logit_ids)])]
-    cache_in, cache_out = [elem, ["batch", c.n_head, "past_sequence", dh]], [elem, ["batch", c.n_head, "sequence", dh]]
+    cache_in = [elem, ["batch", c.n_head, "past_sequence", dh]]
+    cache_out = cache_in if in_place else [elem, ["batch", c.n_head, "sequence", dh]]
     inputs += [helper.make_tensor_value_info(n, *cache_in) for n in contract.past_names(c.n_layer)]
     outputs += [helper.make_tensor_value_info(n, *cache_out) for n in contract.present_names(c.n_layer)]
     graph = helper.make_graph(g.nodes, "gato_ros_policy", inputs, outputs, g.inits)
