@@ -42,6 +42,7 @@ from gato_ros.model import GatoModel
 ORT_DOMAIN = "com.microsoft"
 MASKED = {np.float32: -1e9, np.float16: -65504.0}  # additive bias of a hidden key: exp() of it is exactly 0
 ROTARY_PREFIX = "/rope/"
+RING_INDICES = "/slots/ring_indices"
 ROTATE_BY_MATMUL_MAX_WIDTH = 128  # see _attention  # nodes that must stay fp32 (phases up to the period overflow fp16)
 
 
@@ -132,23 +133,13 @@ def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
     return cos, sin
 
 
-def _ring_slots(g: _Graph, n_head: int) -> tuple[str, str]:
+def _ring_slots(g: _Graph) -> tuple[str, str]:
     """Where this call's tokens go in an in-place ring of L slots (L = the cache input's length): slot
-    position mod L. Returns (slots [B, S], ScatterND indices [B, H, S, 3] = (b, h, slot))."""
+    position mod L. Returns the slots [B, S] and the same as [B, 1, S, 1], to expand to the keys' shape."""
     p = "/slots/"
     ring = g.op1("Gather", [g.op1("Shape", [contract.PAST_POSITIONS], p), g.const(p + "axis1", 1, np.int64)], p, axis=0)
     slots = g.op1("Mod", [contract.POSITION_IDS, ring], p)
-    seq = g.op1("Shape", [contract.POSITION_IDS], p)  # [B, S]
-    first, second = g.op("Split", [seq, g.const(p + "halves", [1, 1], np.int64)], p, outputs=2, axis=0)
-    heads, unit = g.const(p + "heads", [n_head], np.int64), g.const(p + "unit", [1], np.int64)
-    shape = g.op1("Concat", [first, heads, second, unit], p, axis=0)  # [B, H, S, 1]
-    batch = g.op1("Range", [g.const(p + "start", 0, np.int64),
-                            g.op1("Gather", [seq, g.const(p + "axis0", 0, np.int64)], p, axis=0),
-                            g.const(p + "step", 1, np.int64)], p)
-    b = g.op1("Reshape", [batch, g.const(p + "b_shape", [-1, 1, 1, 1], np.int64)], p)
-    h = g.const(p + "h", np.arange(n_head).reshape(1, -1, 1, 1), np.int64)
-    s_ = g.op1("Unsqueeze", [slots, g.const(p + "axes", [1, 3], np.int64)], p)  # [B, 1, S, 1]
-    return slots, g.op1("Concat", [g.op1("Expand", [t, shape], p) for t in (b, h, s_)], p, axis=3)
+    return slots, g.op1("Unsqueeze", [slots, g.const(p + "axes", [1, 3], np.int64)], p)
 
 
 def _mask_bias(g: _Graph, model: GatoModel, slots: str | None = None) -> str:
@@ -256,9 +247,14 @@ def _attention(g: _Graph, i: int, model: GatoModel, h: str, cos: str, sin: str, 
         values = g.op1("Concat", [contract.past_value_name(i), present_v], p, axis=2)
     else:  # written into the ring in place (present is bound to past's memory), attended there
         keys, values = (contract.present_key_name(i), contract.present_value_name(i))
-        for past, new, present in ((contract.past_key_name(i), k, keys), (contract.past_value_name(i), v, values)):
-            new_heads = _heads(g, new, heads, dh, p, present + "_new")
-            g.nodes.append(helper.make_node("ScatterND", [past, indices, new_heads], [present], name=p + present))
+        new_k, new_v = _heads(g, k, heads, dh, p, keys + "_new"), _heads(g, v, heads, dh, p, values + "_new")
+        if i == 0:  # the slot of each new key element [B, H, S, Dh], shared by the layers
+            g.nodes.append(helper.make_node("Expand", [indices, g.op1("Shape", [new_k], p)], [RING_INDICES],
+                                            name=p + RING_INDICES))
+        for past, new, present in ((contract.past_key_name(i), new_k, keys), (contract.past_value_name(i), new_v,
+                                                                                values)):
+            g.nodes.append(helper.make_node("ScatterElements", [past, RING_INDICES, new], [present], name=p + present,
+                                            axis=2))
     if last_query_only:  # every new token's keys/values are cached, only the last one's output is read
         q, bias = _last_position(g, q, 1, p), _last_position(g, bias, 2, p)
     y = g.op1("MultiHeadAttention", [q, keys, values, "", "", bias], p, domain=ORT_DOMAIN, num_heads=heads,
@@ -283,7 +279,7 @@ def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = n
     g = _Graph(dtype)
     x = _embedding(g, model)
     in_place = layout == contract.CACHE_LAYOUT_IN_PLACE
-    slots, indices = _ring_slots(g, c.n_head) if in_place else (None, None)
+    slots, indices = _ring_slots(g) if in_place else (None, None)
     (cos, sin), bias = _rotary(g, model), _mask_bias(g, model, slots)
     h = _layer_norm(g, x, model.blocks[0].ln1, "blocks.0.ln1")
     for i, block in enumerate(model.blocks):

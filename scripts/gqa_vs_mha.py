@@ -179,15 +179,16 @@ def timed_call(layout: str, sess: ort.InferenceSession, config: GatoConfig, n: i
     return bound_call(sess, config, feed, slots, None if layout == contract.CACHE_LAYOUT_IN_PLACE else n)
 
 
-def cpu_ms(run: Callable[[], object], calls: int) -> float:
-    for _ in range(5):
-        run()
-    cpu = []
-    for _ in range(calls):
-        c0 = time.thread_time()
-        run()
-        cpu.append(time.thread_time() - c0)
-    return float(np.median(cpu) * 1e3)
+def cpu_ms(runs: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
+    """p50 CPU ms per call of each, the calls interleaved so that a shared machine's load falls on all alike."""
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(calls + 5):
+        for name, run in runs.items():
+            c0 = time.thread_time()
+            run()
+            if i >= 5:
+                cpu[name].append(time.thread_time() - c0)
+    return {k: float(np.median(v) * 1e3) for k, v in cpu.items()}
 
 
 def stream_check(layout: str, calls: int = 40) -> float:
@@ -242,7 +243,7 @@ def main() -> None:
     model = GatoModel(config).eval()
     sessions = {layout: session(model, layout) for layout in layouts}
     for n in (1, 34):
-        times = {k: cpu_ms(timed_call(k, s, config, n, args.context), args.calls) for k, s in sessions.items()}
+        times = cpu_ms({k: timed_call(k, s, config, n, args.context) for k, s in sessions.items()}, args.calls)
         print(f"context {args.context}, {n:>2} new tokens, CPU ms per call (p50): "
               + "  ".join(f"{k} {v:.3f}" for k, v in times.items()))
 

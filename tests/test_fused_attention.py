@@ -45,7 +45,7 @@ def test_attention_is_one_fused_op_per_layer(exported) -> None:
         # the new keys/values are written into the ring in place: nothing copies the cache
         readers = [n.op_type for n in onnx.load(str(fused[variant])).graph.node
                    if any(contract.is_past_name(i) for i in n.input)]
-        assert readers == ["ScatterND"] * 2 * model.config.n_layer
+        assert readers == ["ScatterElements"] * 2 * model.config.n_layer
     assert "MultiHeadAttention" not in ops(plain["fp32"]) and "Softmax" in ops(plain["fp32"])
     assert parity(model, spec, fused["fp32"]) < 1e-4 and parity(model, spec, plain["fp32"]) < 1e-4
 
