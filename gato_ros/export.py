@@ -5,8 +5,9 @@
 
 One graph serves prefill (S observation tokens) and decode (S = 1): inputs are the new tokens, their
 absolute and local positions, the rolling cache (`past_key_values.{i}.key/value` [B, H, C, Dh]) and
-the absolute positions of its slots; outputs are the last position's logits and the new tokens'
-keys/values (`present.{i}.*`). Everything the runtime needs travels in `metadata_props`.
+the absolute positions of its slots; outputs are the last position's logits and `present.{i}.*`: the new
+tokens' keys/values, or, in the fused graph (`gato_ros.cache_layout` = ring-in-place), the whole ring with
+them written at slot position mod C. Everything the runtime needs travels in `metadata_props`.
 The serving head is restricted to the action vocabulary (the ids any action dimension can take, listed
 in `gato_ros.logit_ids`): `logits` is [B, 1, K] over those ids, K = 1026 for the Panda spec instead of
 33027 (`--full-vocab-head` keeps the whole vocabulary, and leaves the key out).

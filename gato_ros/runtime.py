@@ -9,16 +9,26 @@ the whole buffer plus `past_positions` (absolute position of each slot, EMPTY fo
 the model masks by position, so slot order does not matter and the newest keys simply overwrite the
 oldest slots: no recompute, no growth, memory flat for a run of any length.
 
+Files exported now declare an in-place ring (`gato_ros.cache_layout` = ring-in-place): the graph writes the new
+keys/values into the ring itself (slot = position mod L) and the runtime binds each present output to its past
+input's memory, so nothing is copied. That ring has L = C + `max_call_tokens` slots (room for one call's
+tokens, so a write never evicts a token the call may still see) and the runtime marks every slot older than
+the newest C tokens empty after each call: the model sees exactly what a ring of C slots shows it. Longer calls
+(a prompt) are split into pieces of at most `max_call_tokens`; causal attention makes that the same
+computation. Files without the key (earlier exports, the TorchScript graphs) keep a ring of exactly C slots
+that the runtime writes from the presents, as described below.
+
 The last action token of a tick is not run on its own: nothing needs its logits, so it is prepended
 to the next tick's prefill (one model call per step saved, the token stream is the same).
 
 Two ways to keep the cache:
-- host (CPU provider): numpy arrays bound to the session by pointer (IOBinding, no copies); the
-  ring write is a numpy slice assignment of the returned presents.
-- device (CUDA / TensorRT): OrtValues on the GPU, double-buffered; a tiny scatter graph shipped in
-  the file's metadata (`gato_ros.cache_update`) writes the presents into the ring on the device,
-  so the cache never crosses PCIe. It runs on the CPU provider too (`device_cache=True`), which is
-  how the tests check it on a machine without a GPU.
+- host (CPU provider): numpy arrays bound to the session by pointer (IOBinding, no copies); with the
+  earlier layout the ring write is a numpy slice assignment of the returned presents.
+- device (CUDA / TensorRT): OrtValues on the GPU, so the cache never crosses PCIe. An in-place ring is
+  bound as both input and output; with the earlier layout the OrtValues are double-buffered and a tiny
+  scatter graph shipped in the file's metadata (`gato_ros.cache_update`) writes the presents into the ring
+  on the device. It runs on the CPU provider too (`device_cache=True`), which is how the tests check it
+  on a machine without a GPU.
 """
 
 from __future__ import annotations
