@@ -276,6 +276,19 @@ def open_session(model_path: str, provider: str = "auto", threads: int | None = 
     raise ModelLoadError(f"no provider could load {model_path}: {errors}")
 
 
+def ring_slices(start: int, count: int, slots: int) -> list[tuple[slice, slice]]:
+    """Positions start .. start + count - 1 go to slots position mod `slots`: as (ring slots, index among the
+    positions) slice pairs, at most two since the positions are contiguous (none when count <= 0)."""
+    if count <= 0:
+        return []
+    lo = start % slots
+    first = min(count, slots - lo)
+    pieces = [(slice(lo, lo + first), slice(0, first))]
+    if first < count:
+        pieces.append((slice(0, count - first), slice(first, count)))
+    return pieces
+
+
 class PolicyRuntime:
     """Serve one gato_ros ONNX policy: `reset()`, then `step(observation)` once per control tick."""
 
@@ -448,25 +461,24 @@ class PolicyRuntime:
             for name, value in zip(self._past_names(), self._caches[self._current], strict=True):
                 io.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(io)
-        slots = (start + np.arange(S)) % self.ring_slots  # the graph's rule for an in-place ring
         if self.device_cache and not self.in_place:
-            self._write_device(presents, slots)
+            self._write_device(presents, (start + np.arange(S)) % self.ring_slots)
         elif not self.in_place:
             self._write_host(presents, start, S)
-        self.past_positions[0, slots] = feeds[contract.POSITION_IDS][0]
+        positions = self.past_positions[0]
+        for slots, taken in ring_slices(start, S, self.ring_slots):  # slot = position mod ring_slots
+            positions[slots] = feeds[contract.POSITION_IDS][0, taken]
         self.position = start + S
-        if self.in_place:  # the ring holds more slots than the capacity: the model sees the newest `capacity`
-            self.past_positions[self.past_positions < self.position - self.capacity] = self.info.empty_position
+        if self.in_place:  # the ring holds more slots than the capacity: hide what falls out of the newest C
+            expired = max(0, start - self.capacity)
+            for slots, _ in ring_slices(expired, self.position - self.capacity - expired, self.ring_slots):
+                positions[slots] = self.info.empty_position
         return self._logits[0, 0]
 
     def _write_host(self, presents: list[np.ndarray], start: int, S: int) -> None:  # noqa: N803
-        # Positions are contiguous, so the ring write is at most two slice copies per tensor.
-        lo = start % self.capacity
-        first = min(S, self.capacity - lo)
-        for cache, new in zip(self.cache, presents, strict=True):
-            cache[:, :, lo:lo + first] = new[:, :, :first]
-            if first < S:
-                cache[:, :, : S - first] = new[:, :, first:]
+        for slots, taken in ring_slices(start, S, self.capacity):
+            for cache, new in zip(self.cache, presents, strict=True):
+                cache[:, :, slots] = new[:, :, taken]
 
     def _write_device(self, presents: list[ort.OrtValue], slots: np.ndarray) -> None:
         source, target = self._caches[self._current], self._caches[1 - self._current]
