@@ -189,11 +189,14 @@ def _skip_norm(g: _Graph, x: str, skip: str, bias: tuple[str, np.ndarray], norm:
                ) -> tuple[str, str]:
     """(LayerNorm(x + skip + bias), x + skip + bias): the residual add with the projection's bias and the next
     norm in one node."""
-    outs = g.op("SkipLayerNormalization", [x, skip, g.const(f"model.{name}.weight", _np(norm.weight)),
-                                           g.const(f"model.{name}.bias", _np(norm.bias)),
-                                           g.const(*bias)],
-                f"/{name}/", outputs=4, domain=ORT_DOMAIN, epsilon=norm.eps)
-    return outs[0], outs[3]
+    node = f"/{name}/SkipLayerNormalization"
+    normed, residual = node + "_output", node + "_sum"
+    inputs = [x, skip, g.const(f"model.{name}.weight", _np(norm.weight)), g.const(f"model.{name}.bias", _np(norm.bias)),
+              g.const(*bias)]
+    # outputs 1 and 2 (mean, inverse std) left out: the CUDA kernel does not produce them
+    g.nodes.append(helper.make_node("SkipLayerNormalization", inputs, [normed, "", "", residual], name=node,
+                                    domain=ORT_DOMAIN, epsilon=norm.eps))
+    return normed, residual
 
 
 def _matmul(g: _Graph, x: str, weight: np.ndarray, name: str) -> str:

@@ -489,7 +489,11 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
     config, images = model.config, bool(spec.image_keys)
     inputs, _ = io_names(config.n_layer, images)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    # As the runtime's sessions: ORT applies this flag process-wide from the first session a process creates
+    # (a later session cannot turn it on), and the parity check often comes first (export, bench).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     proto = onnx.load(str(path), load_external_data=False)
     ranges, in_place = logit_ranges(proto), cache_layout(proto) == contract.CACHE_LAYOUT_IN_PLACE
     reference = OnnxPolicy(model, images, None if ranges is None else range_ids(ranges))

@@ -222,6 +222,7 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Masked attention scores exp() to denormals, which the CPU computes ~8x slower: flushing them to zero
     # made the tiny policy's softmax over a masked window 8x faster (values below 1e-38 change nothing).
+    # ORT applies it process-wide from the first session a process creates (scripts/graph_numbers.py).
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 

@@ -42,6 +42,16 @@ def test_mu_law_matches_paper_formula() -> None:
     np.testing.assert_allclose(tk.mu_law_decode(tk.mu_law_encode(x)), x, atol=1e-9)
 
 
+def test_each_value_lands_in_the_bin_whose_interval_holds_it() -> None:
+    """Bin i of 1024 uniform bins over [-1, 1] holds mu-law values in [i/512 - 1, (i+1)/512 - 1) (the paper's
+    formula, written here): on a dense grid every token is that bin, not a neighbour."""
+    x = np.concatenate([np.linspace(-256.0, 256.0, 4001), np.linspace(-1.0, 1.0, 4001)])
+    y = np.sign(x) * np.log(np.abs(x) * 100 + 1) / np.log(256 * 100 + 1)
+    bins = tk.tokenize_continuous(x) - 32000
+    inside = (bins / 512 - 1 <= y + 1e-12) & ((y < (bins + 1) / 512 - 1) | (bins == 1023))
+    assert inside.all(), f"{(~inside).sum()} values outside their bin, e.g. x={x[~inside][:3]}"
+
+
 @settings(max_examples=300, deadline=None)
 @given(arrays(np.float64, st.integers(1, 64), elements=st.floats(-256, 256, allow_nan=False)))
 def test_continuous_round_trip_within_bin_width(x: np.ndarray) -> None:
