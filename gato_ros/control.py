@@ -201,9 +201,10 @@ class TickResult:
 
 # The hold's default gains, for the simulated Panda at 20 Hz (scripts/hold_gains.py derives and checks them):
 # full matrices M0·ω² and M0·2ζω (ω = 9 rad/s, ζ = 0.75), M0 the joint-space mass matrix averaged over the
-# poses in which the first shipped int8 policy carries a cube (stable over the re-exported one's too). The torque is held for a whole 50 ms period, and the
-# Panda's joints 1/3/5/7 are nearly coaxial there: per-joint gains that brake one joint excite the others
-# (every diagonal choice tried either went unstable or let the hand drift > 1 cm), mass-scaled ones do not.
+# poses in which the first shipped int8 policy carries a cube (stable over the re-exported one's too). The
+# torque is held for a whole 50 ms period, and the Panda's joints 1/3/5/7 are nearly coaxial there: per-joint
+# gains that brake one joint excite the others (every diagonal choice tried either went unstable or let the
+# hand drift > 1 cm), mass-scaled ones do not.
 DEFAULT_HOLD_STIFFNESS = (
     105, -0.9834, 90.59, -2.756, -3.192, 0.1648, -0.3397,
     -0.9834, 130.3, -2.866, -61.16, -1.142, -9.276, -0.0006461,
