@@ -7,7 +7,8 @@ Cases per preset and context fill (128 / 512 / 1024 tokens):
     ort-nocache     the same graph in ONNX Runtime with an empty cache (full re-forward)
     torch-kv        torch eager with the runtime's algorithm: a KV cache of `context` tokens (oldest
                     dropped), one forward for the observation and one per further action token
-    ort-kv-fp32     PolicyRuntime: rolling KV cache, ring of exactly `context` slots, full
+    ort-kv-fp32     PolicyRuntime: rolling KV cache of `context` tokens, full (an in-place ring: the graph writes the
+                    new keys/values into it, gato_ros/attention_graph.py)
     ort-kv-int8     the same with the int8 file (int8 weights, fp32 compute: the shipped scheme)
     ort-kv-int8-dynamic   the same with int8 compute (MatMulInteger on per-call quantized activations)
     ort-kv-fp16 / ort-kv-int4   CUDA only (gato-1.18b, when a GPU is present)
@@ -34,7 +35,7 @@ import onnxruntime as ort
 import torch
 
 from gato_ros import tokenizer as tok
-from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
+from gato_ros.contract import CACHE_LAYOUT_IN_PLACE, EMPTY_POSITION, GatoConfig, io_names
 from gato_ros.export import builtin_spec, export
 from gato_ros.model import GatoModel
 from gato_ros.runtime import PolicyRuntime, cuda_device_count, open_session, read_model_info
@@ -91,14 +92,16 @@ def window_stream(spec, context: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ort_nocache(path: Path, spec, config: GatoConfig, context: int, threads: int):
     session, _ = open_session(str(path), "cpu", threads)  # the runtime's session options
-    logit_ids = read_model_info(session, str(path)).logit_ids  # None: a full-vocabulary head
+    info = read_model_info(session, str(path))
+    logit_ids = info.logit_ids  # None: a full-vocabulary head
     first = tok.CONTINUOUS_OFFSET if logit_ids is None else int(np.searchsorted(logit_ids, tok.CONTINUOUS_OFFSET))
     ids, local = window_stream(spec, context)
     names, _ = io_names(config.n_layer, False)
     head = config.n_embd // config.n_head
-    empty = np.zeros((1, config.n_head, 0, head), np.float32)
+    slots = context if info.cache_layout == CACHE_LAYOUT_IN_PLACE else 0  # an in-place ring holds the new tokens
+    empty = np.zeros((1, config.n_head, slots, head), np.float32)
     feed = {"input_ids": ids[None], "position_ids": np.arange(context, dtype=np.int64)[None] + 10_000,
-            "local_positions": local[None], "past_positions": np.zeros((1, 0), np.int64)}
+            "local_positions": local[None], "past_positions": np.full((1, slots), EMPTY_POSITION, np.int64)}
     feed.update({n: empty for n in names if n.startswith("past_key_values.")})
 
     def step() -> None:  # one forward over the whole window per action token

@@ -66,6 +66,14 @@ META_CACHE_UPDATE = "gato_ros.cache_update"
 META_LOGIT_IDS = "gato_ros.logit_ids"
 # JSON list of cache capacities besides config.context_window that the model was trained for (absent: none).
 META_TRAINED_CAPACITIES = "gato_ros.trained_capacities"
+# How the graph keeps its cache (absent: ring). Both are rings of slots in any order, masked by `past_positions`.
+# CACHE_LAYOUT_RING: present.* hold the new tokens' keys/values only; the runtime writes them into its ring.
+# CACHE_LAYOUT_IN_PLACE: present.* are the whole ring (past's shape, L slots) with the new tokens written at slot
+# position mod L; the runtime binds present to past's memory, so the write is in place and nothing is copied.
+# The runtime keeps L = capacity + the most tokens it passes in one call, so no write evicts a visible token.
+META_CACHE_LAYOUT = "gato_ros.cache_layout"
+CACHE_LAYOUT_RING = "ring"
+CACHE_LAYOUT_IN_PLACE = "ring-in-place"
 
 REQUIRED_METADATA = (META_CONFIG, META_SPEC, META_TOKENIZER, META_CONTEXT_TOKENS)
 

@@ -5,8 +5,9 @@
 
 One graph serves prefill (S observation tokens) and decode (S = 1): inputs are the new tokens, their
 absolute and local positions, the rolling cache (`past_key_values.{i}.key/value` [B, H, C, Dh]) and
-the absolute positions of its slots; outputs are the last position's logits and the new tokens'
-keys/values (`present.{i}.*`). Everything the runtime needs travels in `metadata_props`.
+the absolute positions of its slots; outputs are the last position's logits and `present.{i}.*`: the new
+tokens' keys/values, or, in the fused graph (`gato_ros.cache_layout` = ring-in-place), the whole ring with
+them written at slot position mod C. Everything the runtime needs travels in `metadata_props`.
 The serving head is restricted to the action vocabulary (the ids any action dimension can take, listed
 in `gato_ros.logit_ids`): `logits` is [B, 1, K] over those ids, K = 1026 for the Panda spec instead of
 33027 (`--full-vocab-head` keeps the whole vocabulary, and leaves the key out).
@@ -217,10 +218,15 @@ def logit_ranges(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     return None if value is None else [(int(lo), int(hi)) for lo, hi in json.loads(value)]
 
 
+def cache_layout(model: onnx.ModelProto) -> str:
+    """The file's `gato_ros.cache_layout` (absent: the ring whose presents hold the new tokens only)."""
+    return next((p.value for p in model.metadata_props if p.key == contract.META_CACHE_LAYOUT),
+                contract.CACHE_LAYOUT_RING)
+
+
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
-                 ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = ()) -> None:
-    cache_input = contract.past_key_name(0)
-    cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
+                 ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = (),
+                 layout: str = contract.CACHE_LAYOUT_RING) -> None:
     props = {
         contract.META_CONFIG: config.to_json(),
         contract.META_SPEC: spec.to_json(),
@@ -228,13 +234,19 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
         contract.META_CONTEXT_TOKENS: str(context),
         contract.META_VARIANT: variant,
         contract.META_EMPTY_POSITION: str(EMPTY_POSITION),
-        contract.META_CACHE_UPDATE: base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
     }
+    if layout == contract.CACHE_LAYOUT_RING:  # an in-place ring is written by the graph itself, on any device
+        cache_input = contract.past_key_name(0)
+        cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
+        props[contract.META_CACHE_UPDATE] = base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode()
+    else:
+        props[contract.META_CACHE_LAYOUT] = layout
     if ranges is not None:
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
     if trained_capacities:
         props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
-    optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES)
+    optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES, contract.META_CACHE_LAYOUT,
+                contract.META_CACHE_UPDATE)
     kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -267,8 +279,9 @@ def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int
     """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
     phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
     ranges = action_vocab(spec)
-    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32)
-    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities)
+    layout = contract.CACHE_LAYOUT_IN_PLACE
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout)
     save(proto, out)
     return out
 
@@ -462,8 +475,8 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
      "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
     # quantizers may drop or keep stale props
-    set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)),
-                 trained_capacities)
+    source = onnx.load(str(fp32), load_external_data=False)
+    set_metadata(proto, config, spec, context, variant, logit_ranges(source), trained_capacities, cache_layout(source))
     save(proto, dst)
     return dst
 
@@ -481,18 +494,32 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
     # (a later session cannot turn it on), and the parity check often comes first (export, bench).
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ranges = logit_ranges(onnx.load(str(path), load_external_data=False))
+    proto = onnx.load(str(path), load_external_data=False)
+    ranges, in_place = logit_ranges(proto), cache_layout(proto) == contract.CACHE_LAYOUT_IN_PLACE
     reference = OnnxPolicy(model, images, None if ranges is None else range_ids(ranges))
     worst = 0.0
     for s in (seq, 1):
         args = list(example_inputs(config, images, seq=s, cache=cache))
         args[3][0, : cache // 3] = EMPTY_POSITION  # some empty slots, as after a reset
         with torch.no_grad():
-            expected = reference(*args)
+            expected = [e.numpy() for e in reference(*args)]
+        if in_place:  # a ring of cache + s slots: the new tokens go to the s empty ones (positions cache.. mod L)
+            args, expected = with_room_for_new_tokens(args, expected, s, config.n_layer)
         got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args, strict=True)})
         for e, g in zip(expected, got, strict=True):
-            worst = max(worst, float(np.abs(e.numpy() - g.astype(np.float32)).max()))
+            worst = max(worst, float(np.abs(e - g.astype(np.float32)).max()))
     return worst
+
+
+def with_room_for_new_tokens(args: list[torch.Tensor], expected: list[np.ndarray], s: int, n_layer: int
+                             ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """`example_inputs` for an in-place ring: s empty slots appended, where the s new tokens land; the expected
+    presents become the ring after that write."""
+    kv = args[4:4 + 2 * n_layer]
+    grown = [torch.cat([t, torch.zeros(*t.shape[:2], s, t.shape[3])], 2) for t in kv]
+    positions = torch.cat([args[3], torch.full((1, s), EMPTY_POSITION)], 1)
+    rings = [torch.cat([t, torch.from_numpy(e)], 2).numpy() for t, e in zip(kv, expected[1:], strict=True)]
+    return [*args[:3], positions, *grown, *args[4 + 2 * n_layer:]], [expected[0], *rings]
 
 
 # ------------------------------------------------------------------------------------------ cli

@@ -176,14 +176,15 @@ def test_token_table_is_stored_once(which, state_export, full_head_export):
 
 
 def test_one_graph_serves_prefill_and_decode_with_empty_cache(state_export):
-    """A fresh run (cache of 0 slots) and a partly empty ring must both match torch."""
+    """A fresh run (a ring of empty slots; an in-place ring needs room for the new tokens, a plain one may have
+    0 slots) and a partly empty ring must both match torch."""
     import onnxruntime as ort
 
     model, spec, paths = state_export
     session = ort.InferenceSession(str(paths["fp32"]), providers=["CPUExecutionProvider"])
     names, _ = io_names(model.config.n_layer, False)
     ids = torch.tensor([[32100, 32500, 32900, tok.SEPARATOR_TOKEN]])
-    for cache in (0, 9):
+    for cache in (len(ids[0]), 9):
         kv = [torch.randn(1, 2, cache, 16) for _ in range(4)]
         past_positions = torch.full((1, cache), EMPTY_POSITION)
         args = [ids, torch.arange(4).unsqueeze(0) + 3, torch.arange(4).unsqueeze(0), past_positions, *kv]

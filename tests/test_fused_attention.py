@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from gato_ros import contract
 from gato_ros.contract import GatoConfig
 from gato_ros.export import builtin_spec, export, parity
 from gato_ros.model import GatoModel
@@ -41,6 +42,10 @@ def test_attention_is_one_fused_op_per_layer(exported) -> None:
         found = ops(fused[variant])
         assert found.count("MultiHeadAttention") == model.config.n_layer
         assert "Softmax" not in found
+        # the new keys/values are written into the ring in place: nothing copies the cache
+        readers = [n.op_type for n in onnx.load(str(fused[variant])).graph.node
+                   if any(contract.is_past_name(i) for i in n.input)]
+        assert readers == ["ScatterElements"] * 2 * model.config.n_layer
     assert "MultiHeadAttention" not in ops(plain["fp32"]) and "Softmax" in ops(plain["fp32"])
     assert parity(model, spec, fused["fp32"]) < 1e-4 and parity(model, spec, plain["fp32"]) < 1e-4
 
@@ -58,9 +63,9 @@ def test_wide_model_rotates_with_nodes_and_matches_torch(tmp_path) -> None:
     assert parity(model, spec, path) < 1e-4
 
 
-def run_from(path, start: int, steps: int, device_cache: bool = False) -> np.ndarray:
+def run_from(path, start: int, steps: int, device_cache: bool = False, capacity: int | None = None) -> np.ndarray:
     """Logits of every action decision over `steps` steps starting at absolute position `start`."""
-    runtime = PolicyRuntime(str(path), provider="cpu", threads=1, device_cache=device_cache)
+    runtime = PolicyRuntime(str(path), provider="cpu", threads=1, device_cache=device_cache, context_tokens=capacity)
     runtime.position = start
     seen = []
     choose = runtime._choose
@@ -93,3 +98,24 @@ def test_masked_slots_hide_whatever_memory_they_hold(tmp_path) -> None:
     host, device = run_from(path, 0, 3), run_from(path, 0, 3, device_cache=True)
     assert np.isfinite(device).all()
     np.testing.assert_allclose(device, host, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", [48, 64])
+def test_in_place_ring_serves_any_capacity_as_the_plain_ring_does(tmp_path, capacity: int) -> None:
+    """The in-place ring keeps more slots than the capacity (room for one call's tokens) and hides the older
+    ones; a file trained for a 48-token cache under a 64-token window must decide as the plain ring of exactly
+    48 slots does (there a query sees 48 past tokens, fewer than the window), on the host and device paths,
+    over a stream of 4 windows."""
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=64)).eval()
+    with torch.no_grad():  # sharper attention, so a token more or less in view changes the logits
+        for name, p in model.named_parameters():
+            if name.startswith("blocks.") and p.dim() == 2:
+                p.mul_(4.0)
+    spec, declared = builtin_spec(), (48,)
+    fused = export(model, spec, tmp_path / "fused.onnx", check=False, trained_capacities=declared)["fp32"]
+    plain = export(model, spec, tmp_path / "plain.onnx", attention="plain", check=False,
+                   trained_capacities=declared)["fp32"]
+    expected = run_from(plain, 0, 6, capacity=capacity)
+    for device_cache in (False, True):
+        np.testing.assert_allclose(run_from(fused, 0, 6, device_cache, capacity), expected, atol=1e-4)
