@@ -4,8 +4,9 @@ Records one scripted-expert episode with the cameras on, then replays its observ
 `PolicyRuntime.step` (tokenize, prefill the observation, decode 8 action tokens through the KV ring)
 for a `tiny` model whose window holds `--timesteps` timesteps, so the ring evicts every step. Rendering
 is not timed. Weights are random (latency does not depend on them). Cases: the state policy's spec
-(joints + task_state, no image: the baseline under the same load), the patch network as it is (patch
-tokens only, 4x4 after the stem) and, with `--before`, as it was (every token, 16x16).
+(joints + task_state, no image: the baseline under the same load), in the fused serving graph and in the
+plain TorchScript graph that image specs export through, the patch network as it is (patch tokens only,
+4x4 after the stem) and, with `--before`, as it was (every token, 16x16).
 
     nice -n 10 .venv/bin/python scripts/pixel_step_cost.py --before
 """
@@ -61,10 +62,13 @@ def main() -> None:
     pixels = stacking_spec(args.image_size, privileged=False, cameras=cameras)
     env = StackingEnv(image_size=args.image_size, cameras=cameras)  # also gives task_state
     episode = run_episode(env, ScriptedExpert(), seed=0)
-    cases = {"state (joints + task_state), no image": (stacking_spec(), GatoModel),
-             "pixels: patch tokens only, 4x4": (pixels, GatoModel)}
+    # (spec, model, graph): image specs always export the plain TorchScript graph; "state, plain graph"
+    # separates what the image tokens cost from what the unfused graph costs.
+    cases = {"state (joints + task_state), no image": (stacking_spec(), GatoModel, "fused"),
+             "state, plain graph (as image specs export)": (stacking_spec(), GatoModel, "plain"),
+             "pixels: patch tokens only, 4x4": (pixels, GatoModel, "plain")}
     if args.before:
-        cases["pixels, before: every token, 16x16"] = (pixels, full_resolution_model)
+        cases["pixels, before: every token, 16x16"] = (pixels, full_resolution_model, "plain")
     patches = sum((o.shape[0] // tok.PATCH_SIZE) * (o.shape[1] // tok.PATCH_SIZE) for o in pixels.image_keys)
     print(f"tiny, cameras {list(cameras)} at {args.image_size} px ({patches} patch tokens per timestep), window "
           f"{args.timesteps} timesteps; ORT CPU, 1 thread; {episode.steps * args.repeats} steps per case; "
@@ -72,13 +76,14 @@ def main() -> None:
     print("| case | tokens/timestep | file | wall ms/step p50 | p90 | p99 | CPU ms/step p50 |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (spec, make_model)) in enumerate(cases.items()):
+        for i, (name, (spec, make_model, graph)) in enumerate(cases.items()):
             keys = [o.name for o in spec.observations]
             observations = [{k: episode.observations[k][t] for k in keys} for t in range(episode.steps)]
             step_tokens = tok.timestep_token_count(spec)
             config = GatoConfig.from_preset("tiny", context_window=args.timesteps * step_tokens)
             torch.manual_seed(0)
-            paths = export(make_model(config).eval(), spec, Path(tmp) / f"case{i}.onnx", ("fp32", "int8"))
+            paths = export(make_model(config).eval(), spec, Path(tmp) / f"case{i}.onnx", ("fp32", "int8"),
+                           attention=graph)
             for variant in ("fp32", "int8"):
                 ms, cpu = step_times(paths[variant], observations, args.repeats)
                 print(f"| {name} | {step_tokens} | {variant} | {np.median(ms):.2f} | {np.percentile(ms, 90):.2f} "
