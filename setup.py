@@ -29,7 +29,9 @@ ROS = [
 ]
 TRAIN = ["torch==2.13.0", "onnx>=1.16", "onnx-ir", "safetensors", "tqdm", "matplotlib"]
 SIM = ["pybullet", "gymnasium>=1.0", "tqdm", "matplotlib"]
-DEV = TRAIN + SIM + ROS + [
+# rosbag2 bags in MCAP storage without a ROS install: the writer/reader (chunked, zstd) and the CDR decoder.
+RECORD = ["mcap>=1.6", "mcap-ros2-support>=0.5", "pyyaml", "matplotlib"]
+DEV = TRAIN + SIM + ROS + RECORD + [
     "pytest",
     "pytest-timeout",
     "hypothesis",
@@ -52,7 +54,7 @@ setup(
     ],
     package_data={PACKAGE: ["py.typed"]},
     install_requires=RUNTIME,
-    extras_require={"ros": ROS, "train": TRAIN, "sim": SIM, "dev": DEV},
+    extras_require={"ros": ROS, "train": TRAIN, "sim": SIM, "record": RECORD, "dev": DEV},
     zip_safe=True,
     maintainer="gato_ros developers",
     maintainer_email="gato-ros@example.com",

@@ -30,8 +30,9 @@ import onnxruntime as ort
 import torch
 
 from gato_ros import tokenizer as tok
-from gato_ros.export import builtin_spec, export, io_names
-from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
+from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
+from gato_ros.export import builtin_spec, export
+from gato_ros.model import GatoModel
 from gato_ros.runtime import PolicyRuntime, cuda_device_count, read_model_info
 
 CONTEXTS = (128, 512, 1024)

@@ -12,7 +12,7 @@ import sys
 
 # name -> (module exposing `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("gato_ros.demo", "closed-loop stacking demo: sim bridge + policy node over ROS 2"),
+    "demo": ("sim.demo", "closed-loop stacking demo: sim bridge + policy node over ROS 2"),
     "node": ("gato_ros.node", "run the ROS 2 policy node (lifecycle node gato_policy)"),
     "watchdog": ("gato_ros.watchdog", "run the policy watchdog: relays fresh commands, the safe action when they stop"),
     "sim": ("sim.bridge", "run the PyBullet arm as a ROS 2 robot (joint states, camera, effort commands)"),
@@ -21,6 +21,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gato_ros.export", "export a checkpoint to ONNX (fp32, int8, int4, fp16)"),
     "eval": ("sim.evaluate", "closed-loop success rate of a policy on the stacking task"),
     "bench": ("gato_ros.bench", "latency benchmark per control step"),
+    "record": ("gato_ros.record", "record the arm's inputs, commands and the policy's ticks as a rosbag2 MCAP bag"),
+    "dataset": ("gato_ros.bags", "turn recorded bags into a training dataset"),
+    "replay": ("gato_ros.bag_replay", "open-loop check of a policy on a recorded episode: per-joint action error"),
 }
 
 

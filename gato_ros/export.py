@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
-from gato_ros.model import EMPTY_POSITION, GatoConfig, GatoModel
-from gato_ros.runtime import tokenizer_constants
+from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
+from gato_ros.model import GatoModel
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 OPSET = 17
@@ -96,15 +97,6 @@ def range_ids(ranges: list[tuple[int, int]]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ graph
-def io_names(n_layer: int, images: bool) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "position_ids", "local_positions", "past_positions"]
-    inputs += [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    if images:
-        inputs += ["patches", "patch_positions"]
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return inputs, outputs
-
-
 class OnnxPolicy(torch.nn.Module):
     """Flat-argument view of GatoModel.forward(last_only=True) in the ONNX file's input order.
 
@@ -155,13 +147,13 @@ def dynamic_axes(n_layer: int, images: bool) -> dict[str, dict[int, str]]:
     inputs, outputs = io_names(n_layer, images)
     axes: dict[str, dict[int, str]] = {}
     for name in inputs:
-        if name.startswith("past_key_values."):
+        if contract.is_past_name(name):
             axes[name] = {0: "batch", 2: "past_sequence"}
-        elif name == "past_positions":
+        elif name == contract.PAST_POSITIONS:
             axes[name] = {0: "batch", 1: "past_sequence"}
         else:
             axes[name] = {0: "batch", 1: "sequence"}
-    axes["logits"] = {0: "batch"}
+    axes[contract.LOGITS] = {0: "batch"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "sequence"}
     return axes
@@ -171,20 +163,22 @@ def cache_update_graph(n_layer: int, elem_type: int) -> bytes:
     """The ring write as a graph, for runtimes that keep the cache on a GPU (numpy cannot reach it):
     updated.{j} = cache.{j} with slots[s] ← new.{j}[:, :, s] (ScatterElements on the cache axis)."""
     n = 2 * n_layer
+    slots = contract.CACHE_UPDATE_SLOTS
     nodes = [
         helper.make_node("Constant", [], ["shape4"],
                          value=helper.make_tensor("s", TensorProto.INT64, [4], [1, 1, -1, 1])),
-        helper.make_node("Reshape", ["slots", "shape4"], ["slots4"]),
-        helper.make_node("Shape", ["new.0"], ["new_shape"]),
+        helper.make_node("Reshape", [slots, "shape4"], ["slots4"]),
+        helper.make_node("Shape", [contract.cache_update_names(0)[1]], ["new_shape"]),
         helper.make_node("Expand", ["slots4", "new_shape"], ["index"]),
     ]
-    inputs = [helper.make_tensor_value_info("slots", TensorProto.INT64, ["S"])]
+    inputs = [helper.make_tensor_value_info(slots, TensorProto.INT64, ["S"])]
     outputs = []
     for j in range(n):
-        nodes.append(helper.make_node("ScatterElements", [f"cache.{j}", "index", f"new.{j}"], [f"updated.{j}"], axis=2))
-        inputs += [helper.make_tensor_value_info(f"cache.{j}", elem_type, ["B", "H", "C", "D"]),
-                   helper.make_tensor_value_info(f"new.{j}", elem_type, ["B", "H", "S", "D"])]
-        outputs.append(helper.make_tensor_value_info(f"updated.{j}", elem_type, ["B", "H", "C", "D"]))
+        cache, new, updated = contract.cache_update_names(j)
+        nodes.append(helper.make_node("ScatterElements", [cache, "index", new], [updated], axis=2))
+        inputs += [helper.make_tensor_value_info(cache, elem_type, ["B", "H", "C", "D"]),
+                   helper.make_tensor_value_info(new, elem_type, ["B", "H", "S", "D"])]
+        outputs.append(helper.make_tensor_value_info(updated, elem_type, ["B", "H", "C", "D"]))
     graph = helper.make_graph(nodes, "gato_ros_cache_update", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gato_ros")
     model.ir_version = 8
@@ -210,32 +204,33 @@ def restrict_head(model: onnx.ModelProto, ranges: list[tuple[int, int]]) -> None
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([gather, *nodes])
-    logits = next(o for o in graph.output if o.name == "logits")
+    logits = next(o for o in graph.output if o.name == contract.LOGITS)
     logits.type.tensor_type.shape.dim[2].dim_value = len(ids)
     del graph.value_info[:]  # intermediate shapes inferred for the full vocabulary
 
 
 def logit_ranges(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     """The head's id ranges from `gato_ros.logit_ids` (None: the full vocabulary)."""
-    value = next((p.value for p in model.metadata_props if p.key == "gato_ros.logit_ids"), None)
+    value = next((p.value for p in model.metadata_props if p.key == contract.META_LOGIT_IDS), None)
     return None if value is None else [(int(lo), int(hi)) for lo, hi in json.loads(value)]
 
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
                  ranges: list[tuple[int, int]] | None = None) -> None:
-    cache_type = next(i for i in model.graph.input if i.name == "past_key_values.0.key").type.tensor_type.elem_type
+    cache_input = contract.past_key_name(0)
+    cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
     props = {
-        "gato_ros.config": config.to_json(),
-        "gato_ros.spec": spec.to_json(),
-        "gato_ros.tokenizer": json.dumps(tokenizer_constants(), sort_keys=True),
-        "gato_ros.context_tokens": str(context),
-        "gato_ros.variant": variant,
-        "gato_ros.empty_position": str(EMPTY_POSITION),
-        "gato_ros.cache_update": base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
+        contract.META_CONFIG: config.to_json(),
+        contract.META_SPEC: spec.to_json(),
+        contract.META_TOKENIZER: json.dumps(contract.tokenizer_constants(), sort_keys=True),
+        contract.META_CONTEXT_TOKENS: str(context),
+        contract.META_VARIANT: variant,
+        contract.META_EMPTY_POSITION: str(EMPTY_POSITION),
+        contract.META_CACHE_UPDATE: base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
     }
     if ranges is not None:
-        props["gato_ros.logit_ids"] = json.dumps([list(r) for r in ranges])
-    kept = [p for p in model.metadata_props if p.key not in props and p.key != "gato_ros.logit_ids"]
+        props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
+    kept = [p for p in model.metadata_props if p.key not in props and p.key != contract.META_LOGIT_IDS]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for k, v in props.items():
@@ -404,7 +399,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
     proto = onnx.load(str(src))
     # The KV cache goes fp16 (half the memory and bandwidth on the GPU); patches and logits stay fp32.
     # The runtime reads the cache type from the graph's inputs.
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=["patches", "logits"]))
+    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS]))
     half.topological_sort()  # the converter appends its input casts after their consumers
     save(half.model, dst)
 

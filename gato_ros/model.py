@@ -14,77 +14,16 @@ masks from comparisons, plain matmul-softmax attention.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gato_ros import tokenizer as tok
-
-# Position of an empty cache slot: so far in the past that no query ever sees it.
-EMPTY_POSITION = -(2**40)
+from gato_ros import contract
+from gato_ros.contract import EMPTY_POSITION, PRESETS, GatoConfig  # noqa: F401  (re-exported for callers)
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class GatoConfig:
-    n_layer: int = 4
-    n_embd: int = 64
-    n_head: int = 4
-    n_ff: int = 256
-    vocab_size: int = tok.VOCAB_SIZE
-    context_window: int = 1024  # tokens a query can see, itself included (the runtime's cache size)
-    max_local_positions: int = 512  # tokens per timestep (observation + separator + actions)
-    rope_period: int = 65536  # positions are taken mod this; must exceed context_window
-    rope_base: float = 10000.0
-    value_embedding: bool = True  # embed continuous tokens from their value (False: plain lookup)
-    value_fourier_features: int = 16
-    value_clip: float = 8.0  # decoded values are clipped to +-value_clip for the linear term
-    patch_channels: int = 32  # width of the per-patch ResNet-v2 block
-    dropout: float = 0.0
-    label_sigma: float = 2.5  # Gaussian soft labels over continuous bins, in bins (0: hard labels)
-
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError("head dimension must be even for rotary embeddings")
-        if not 0 < self.context_window < self.rope_period:
-            raise ValueError(f"context_window {self.context_window} must be in (0, rope_period={self.rope_period})")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> GatoConfig:
-        if name not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**asdict(PRESETS[name]), **{k: v for k, v in overrides.items() if v is not None}})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> GatoConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
-
-    @classmethod
-    def from_json(cls, text: str) -> GatoConfig:
-        return cls.from_dict(json.loads(text))
-
-
-PRESETS: dict[str, GatoConfig] = {
-    "tiny": GatoConfig(n_layer=4, n_embd=64, n_head=4, n_ff=256),
-    # The paper's three sizes (Gato table 1: layers, width, feedforward, heads).
-    "gato-79m": GatoConfig(n_layer=8, n_embd=768, n_head=24, n_ff=3072, patch_channels=96),
-    "gato-364m": GatoConfig(n_layer=12, n_embd=1536, n_head=12, n_ff=6144, patch_channels=128),
-    "gato-1.18b": GatoConfig(n_layer=24, n_embd=2048, n_head=16, n_ff=8192, patch_channels=128),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +76,10 @@ class ValueEmbedding(nn.Module):
         self.proj = nn.Linear(2 + 2 * self.n_freq, config.n_embd)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        bins = (input_ids - tok.CONTINUOUS_OFFSET).clamp(0, tok.NUM_BINS - 1).to(torch.float32)
-        y = (bins + 0.5) / tok.NUM_BINS * 2.0 - 1.0
+        bins = (input_ids - contract.CONTINUOUS_OFFSET).clamp(0, contract.NUM_BINS - 1).to(torch.float32)
+        y = (bins + 0.5) / contract.NUM_BINS * 2.0 - 1.0
         # exp - 1 rather than expm1: the TorchScript ONNX exporter has no expm1 (and |y| >= 1/1024 here).
-        x = torch.sign(y) * (torch.exp(y.abs() * math.log1p(tok.M * tok.MU)) - 1.0) / tok.MU
+        x = torch.sign(y) * (torch.exp(y.abs() * math.log1p(contract.M * contract.MU)) - 1.0) / contract.MU
         x = x.clamp(-self.value_clip, self.value_clip) / self.value_clip
         angles = y.unsqueeze(-1) * self.freqs
         features = torch.cat([x.unsqueeze(-1), y.unsqueeze(-1), torch.sin(angles), torch.cos(angles)], dim=-1)
@@ -165,7 +104,7 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         lead = patches.shape[:-3]
-        x = self.stem(patches.reshape(-1, 3, tok.PATCH_SIZE, tok.PATCH_SIZE))
+        x = self.stem(patches.reshape(-1, 3, contract.PATCH_SIZE, contract.PATCH_SIZE))
         h = self.conv1(F.gelu(self.norm1(x)))
         x = x + self.conv2(F.gelu(self.norm2(h)))
         x = self.pool(F.gelu(self.norm_out(x)))
@@ -247,8 +186,8 @@ class GatoModel(nn.Module):
         self.tokens = nn.Embedding(config.vocab_size, d)
         self.values = ValueEmbedding(config) if config.value_embedding else None
         self.patch_embed = PatchEmbedding(config)
-        self.patch_rows = nn.Embedding(tok.PATCH_POSITION_INTERVALS, d)
-        self.patch_cols = nn.Embedding(tok.PATCH_POSITION_INTERVALS, d)
+        self.patch_rows = nn.Embedding(contract.PATCH_POSITION_INTERVALS, d)
+        self.patch_cols = nn.Embedding(contract.PATCH_POSITION_INTERVALS, d)
         self.local_positions = nn.Embedding(config.max_local_positions, d)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -285,13 +224,14 @@ class GatoModel(nn.Module):
     ) -> torch.Tensor:
         x = self.tokens(input_ids.clamp(0, self.config.vocab_size - 1))
         if self.values is not None:
-            continuous = (input_ids >= tok.CONTINUOUS_OFFSET) & (input_ids < tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+            first = contract.CONTINUOUS_OFFSET
+            continuous = (input_ids >= first) & (input_ids < first + contract.NUM_BINS)
             x = torch.where(continuous.unsqueeze(-1), self.values(input_ids), x)
         if patches is not None:
-            is_patch = (input_ids == tok.PATCH_TOKEN).unsqueeze(-1)
+            is_patch = (input_ids == contract.PATCH_TOKEN).unsqueeze(-1)
             pe = self.patch_embed(patches.to(x.dtype))
             if patch_positions is not None:
-                pos = patch_positions.clamp(0, tok.PATCH_POSITION_INTERVALS - 1)
+                pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)
                 pe = pe + self.patch_rows(pos[..., 0]) + self.patch_cols(pos[..., 1])
             x = torch.where(is_patch, pe, x)
         x = x + self.local_positions(local_positions.clamp(0, self.config.max_local_positions - 1))
@@ -373,13 +313,13 @@ class GatoModel(nn.Module):
         n = targets.shape[0]
         if n == 0:
             return h.sum() * 0.0
-        continuous = targets >= tok.CONTINUOUS_OFFSET
+        continuous = targets >= contract.CONTINUOUS_OFFSET
         total = h.new_zeros((), dtype=torch.float32)
         if continuous.any():
-            w = self.head_weight[tok.CONTINUOUS_OFFSET : tok.CONTINUOUS_OFFSET + tok.NUM_BINS]
+            w = self.head_weight[contract.CONTINUOUS_OFFSET : contract.CONTINUOUS_OFFSET + contract.NUM_BINS]
             logp = F.log_softmax(F.linear(h[continuous], w).float(), dim=-1)
             labels, entropy = self._label_table(h.device)
-            bins = targets[continuous] - tok.CONTINUOUS_OFFSET
+            bins = targets[continuous] - contract.CONTINUOUS_OFFSET
             total = total - (labels[bins] * logp).sum() - entropy[bins].sum()
         discrete = ~continuous
         if discrete.any():
@@ -395,8 +335,8 @@ class GatoModel(nn.Module):
         """Soft labels of every bin [1024, 1024] and their entropies, built once per device."""
         key = (str(device), self.config.label_sigma)
         if getattr(self, "_labels_key", None) != key:
-            bins = torch.arange(tok.NUM_BINS, device=device)
-            labels = soft_labels(bins, tok.NUM_BINS, self.config.label_sigma)
+            bins = torch.arange(contract.NUM_BINS, device=device)
+            labels = soft_labels(bins, contract.NUM_BINS, self.config.label_sigma)
             entropy = -(labels * torch.log(labels.clamp_min(1e-30))).sum(-1)
             self._labels, self._labels_key = (labels, entropy), key
         return self._labels

@@ -27,6 +27,7 @@ import numpy as np
 
 from gato_ros import ros_io
 from gato_ros.spec import EmbodimentSpec
+from gato_ros.ticks import TICK_TOPIC, tick_json
 
 NODE_NAME = "gato_policy"
 MODEL_FILE = "stack_int8.onnx"
@@ -241,7 +242,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
-from std_msgs.msg import Float64MultiArray  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 PARAMETERS: dict[str, Any] = {
@@ -289,6 +290,8 @@ class PolicyNode(LifecycleNode):
         # Diagnostics and services live for the node's whole life, so a failed configure is visible.
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
+        self._tick_pub = self.create_publisher(String, TICK_TOPIC, 10)  # one record per tick (gato_ros.ticks)
+        self._tick_seq = 0
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/load_prompt", self._on_load_prompt)
 
@@ -429,6 +432,7 @@ class PolicyNode(LifecycleNode):
             now = self._now()  # the node's clock: wall time, or the sim's /clock with use_sim_time
             result = self.loop.tick(now)
             self._command_pub.publish(Float64MultiArray(data=result.command.tolist()))
+            self._tick_pub.publish(String(data=self._tick_record(result)))
         # Bookkeeping outside the lock; a late or slow tick is counted, never fatal. Lateness is judged
         # on the node's clock (so a sim running faster or slower than real time is not "late"), the
         # tick's own duration on the wall clock (compute time).
@@ -451,6 +455,20 @@ class PolicyNode(LifecycleNode):
         self.worst_level = max(self.worst_level, result.level)
         if result.level == ERROR:
             self.last_error = result.message
+
+    def _tick_record(self, result: TickResult) -> str:
+        """The tick's JSON record (gato_ros.ticks): what a recording needs to replay this decision."""
+        from gato_ros.tokenizer import tokenize_action
+
+        self._tick_seq += 1
+        tokens: list[int] = []
+        if result.stepped:  # the command's tokens, in the model's action order
+            action = np.empty_like(result.command)
+            action[self.loop.order] = result.command
+            tokens = tokenize_action(self.loop.spec, action).tolist()
+        return tick_json(self._tick_seq, self.get_clock().now().nanoseconds, Path(self.model_path).name, tokens,
+                         result.latency_s * 1e3 if result.stepped else None, not result.stepped,
+                         "" if result.stepped else result.message, result.command.tolist())
 
     def achieved_rate_hz(self, window_s: float = 2.0) -> float:
         times = [t for t in list(self._tick_times) if t >= self._now() - window_s]

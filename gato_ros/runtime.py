@@ -36,15 +36,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
+from gato_ros.contract import GatoConfig
 from gato_ros.spec import EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
 ObservationError = tok.ObservationError
-
-# Must equal gato_ros.model.EMPTY_POSITION; read from the file when present (`gato_ros.empty_position`).
-DEFAULT_EMPTY_POSITION = -(2**40)
 
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -55,13 +54,6 @@ PROVIDER_NAMES = {
 
 class ModelLoadError(RuntimeError):
     """The model file is missing, is not ONNX, or is not a gato_ros policy for this tokenizer."""
-
-
-def tokenizer_constants() -> dict[str, float | int]:
-    """The constants an ONNX file was exported with; the runtime refuses a file that differs."""
-    names = ["MU", "M", "NUM_BINS", "TEXT_VOCAB_SIZE", "CONTINUOUS_OFFSET", "DISCRETE_RANGE", "SEPARATOR_TOKEN",
-             "PATCH_TOKEN", "PAD_TOKEN", "VOCAB_SIZE", "PATCH_SIZE", "PATCH_POSITION_INTERVALS"]
-    return {n: getattr(tok, n) for n in names}
 
 
 def cuda_device_count() -> int:
@@ -82,7 +74,7 @@ def cuda_device_count() -> int:
 class ModelInfo:
     """What the runtime reads from the file's metadata and graph signature."""
 
-    config: dict[str, Any]
+    config: GatoConfig
     spec: EmbodimentSpec
     context_tokens: int
     variant: str
@@ -101,49 +93,45 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
     meta = session.get_modelmeta().custom_metadata_map
-    missing = [k for k in ("gato_ros.config", "gato_ros.spec", "gato_ros.tokenizer", "gato_ros.context_tokens")
-               if k not in meta]
+    missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelLoadError(f"{path} is ONNX but not a gato_ros policy: metadata lacks {missing}")
     try:
-        config = json.loads(meta["gato_ros.config"])
-        spec = EmbodimentSpec.from_json(meta["gato_ros.spec"])
-        constants = json.loads(meta["gato_ros.tokenizer"])
-        context = int(meta["gato_ros.context_tokens"])
+        config = GatoConfig.from_json(meta[contract.META_CONFIG])
+        spec = EmbodimentSpec.from_json(meta[contract.META_SPEC])
+        constants = json.loads(meta[contract.META_TOKENIZER])
+        context = int(meta[contract.META_CONTEXT_TOKENS])
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: unreadable gato_ros metadata ({e})") from e
-    ours = tokenizer_constants()
+    ours = contract.tokenizer_constants()
     differ = {k: (constants.get(k), v) for k, v in ours.items() if constants.get(k) != v}
     if differ:
         raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
 
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    required = ["input_ids", "position_ids", "local_positions", "past_positions"]
-    required += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    num_layers = config.n_layer
     has_images = bool(spec.image_keys)
-    if has_images:
-        required += ["patches", "patch_positions"]
-    wanted_out = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    required, wanted_out = contract.io_names(num_layers, has_images)
     lacking = [n for n in required if n not in inputs] + [n for n in wanted_out if n not in outputs]
-    if num_layers == 0 or lacking:
-        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract (missing {lacking})")
-    key = inputs["past_key_values.0.key"]
+    if lacking:
+        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for n_layer={num_layers} "
+                             f"(missing {lacking})")
+    key = inputs[contract.past_key_name(0)]
     heads, head_dim = key.shape[1], key.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
-        heads, head_dim = int(config["n_head"]), int(config["n_embd"]) // int(config["n_head"])
+        heads, head_dim = config.n_head, config.head_dim
     cache_dtype = _ORT_TYPES.get(key.type)
     if cache_dtype is None:
         raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
-    update = meta.get("gato_ros.cache_update")
+    update = meta.get(contract.META_CACHE_UPDATE)
     logit_ids = read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path)
     return ModelInfo(
         config=config,
         spec=spec,
         context_tokens=context,
-        variant=meta.get("gato_ros.variant", "fp32"),
-        empty_position=int(meta.get("gato_ros.empty_position", DEFAULT_EMPTY_POSITION)),
+        variant=meta.get(contract.META_VARIANT, "fp32"),
+        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
         num_layers=num_layers,
         num_heads=int(heads),
         head_dim=int(head_dim),
@@ -157,10 +145,10 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
 def read_logit_ids(meta: dict[str, str], spec: EmbodimentSpec, width: Any, path: str) -> np.ndarray | None:
     """The ids behind the logits columns (`gato_ros.logit_ids`: sorted [lo, hi) ranges); None when the
     key is absent (a full-vocabulary head). A head that cannot score every action token is refused."""
-    if "gato_ros.logit_ids" not in meta:
+    if contract.META_LOGIT_IDS not in meta:
         return None
     try:
-        ranges = [(int(lo), int(hi)) for lo, hi in json.loads(meta["gato_ros.logit_ids"])]
+        ranges = [(int(lo), int(hi)) for lo, hi in json.loads(meta[contract.META_LOGIT_IDS])]
         ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges])
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: unreadable gato_ros.logit_ids ({e})") from e
@@ -272,7 +260,6 @@ class PolicyRuntime:
         self.last_step_ms = float("nan")
         self.steps = 0
         self._ranges = [self._columns(*tok.action_token_range(self.spec, i)) for i in range(self.spec.action_size)]
-        self._out_names = ["logits"] + self._present_names()
         self._allocate()
         self.reset()
         if warmup:
@@ -287,10 +274,10 @@ class PolicyRuntime:
 
     # ----------------------------------------------------------------------------------- buffers
     def _past_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.info.num_layers) for kv in ("key", "value")]
+        return contract.past_names(self.info.num_layers)
 
     def _present_names(self) -> list[str]:
-        return [f"present.{i}.{kv}" for i in range(self.info.num_layers) for kv in ("key", "value")]
+        return contract.present_names(self.info.num_layers)
 
     def _allocate(self) -> None:
         info, C = self.info, self.capacity
@@ -322,17 +309,17 @@ class PolicyRuntime:
             return self._io[S]
         info = self.info
         feeds = {
-            "input_ids": np.zeros((1, S), np.int64),
-            "position_ids": np.zeros((1, S), np.int64),
-            "local_positions": np.zeros((1, S), np.int64),
+            contract.INPUT_IDS: np.zeros((1, S), np.int64),
+            contract.POSITION_IDS: np.zeros((1, S), np.int64),
+            contract.LOCAL_POSITIONS: np.zeros((1, S), np.int64),
         }
         if info.has_images:
-            feeds["patches"] = np.zeros((1, S, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
-            feeds["patch_positions"] = np.zeros((1, S, 2), np.int64)
+            feeds[contract.PATCHES] = np.zeros((1, S, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
+            feeds[contract.PATCH_POSITIONS] = np.zeros((1, S, 2), np.int64)
         io = self.session.io_binding()
-        for name, arr in [*feeds.items(), ("past_positions", self.past_positions)]:
+        for name, arr in [*feeds.items(), (contract.PAST_POSITIONS, self.past_positions)]:
             io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+        io.bind_output(contract.LOGITS, "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
         shape = (1, info.num_heads, S, info.head_dim)
         if self.device_cache:
             presents = [ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, self._device, 0)
@@ -359,16 +346,16 @@ class PolicyRuntime:
             raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}")
         io, feeds, presents = self._binding(S)
         start = self.position
-        feeds["input_ids"][0] = ids
-        feeds["position_ids"][0] = np.arange(start, start + S)
-        feeds["local_positions"][0] = local
+        feeds[contract.INPUT_IDS][0] = ids
+        feeds[contract.POSITION_IDS][0] = np.arange(start, start + S)
+        feeds[contract.LOCAL_POSITIONS][0] = local
         if self.info.has_images:
             if patches is None:
-                feeds["patches"].fill(0.0)
-                feeds["patch_positions"].fill(0)
+                feeds[contract.PATCHES].fill(0.0)
+                feeds[contract.PATCH_POSITIONS].fill(0)
             else:
-                feeds["patches"][0] = patches
-                feeds["patch_positions"][0] = patch_pos
+                feeds[contract.PATCHES][0] = patches
+                feeds[contract.PATCH_POSITIONS][0] = patch_pos
         if self.device_cache:
             for name, value in zip(self._past_names(), self._caches[self._current], strict=True):
                 io.bind_ortvalue_input(name, value)
@@ -378,7 +365,7 @@ class PolicyRuntime:
             self._write_device(presents, slots)
         else:
             self._write_host(presents, start, S)
-        self.past_positions[0, slots] = feeds["position_ids"][0]
+        self.past_positions[0, slots] = feeds[contract.POSITION_IDS][0]
         self.position = start + S
         return self._logits[0, 0]
 
@@ -395,10 +382,11 @@ class PolicyRuntime:
         source, target = self._caches[self._current], self._caches[1 - self._current]
         io = self._scatter.io_binding()
         for i, (old, new, out) in enumerate(zip(source, presents, target, strict=True)):
-            io.bind_ortvalue_input(f"cache.{i}", old)
-            io.bind_ortvalue_input(f"new.{i}", new)
-            io.bind_ortvalue_output(f"updated.{i}", out)
-        io.bind_cpu_input("slots", slots.astype(np.int64))
+            cache_name, new_name, updated_name = contract.cache_update_names(i)
+            io.bind_ortvalue_input(cache_name, old)
+            io.bind_ortvalue_input(new_name, new)
+            io.bind_ortvalue_output(updated_name, out)
+        io.bind_cpu_input(contract.CACHE_UPDATE_SLOTS, slots.astype(np.int64))
         self._scatter.run_with_iobinding(io)
         self._current = 1 - self._current
 

@@ -1,6 +1,6 @@
 """Gato's serialization (Reed et al. 2022, section 2.1), numpy only.
 
-Token id space:
+Token id space (the constants live in gato_ros.contract, imported here):
     [0, 32000)          text (SentencePiece in Gato); discrete values use [0, 1024) of it
     [32000, 33024)      continuous values: mu-law, clipped to [-1, 1], 1024 uniform bins
     33024               separator between observation and action of a timestep
@@ -17,21 +17,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gato_ros.contract import (  # noqa: F401  (re-exported: callers use tok.NUM_BINS etc.)
+    CONTINUOUS_OFFSET,
+    DISCRETE_RANGE,
+    MU,
+    NUM_BINS,
+    PAD_TOKEN,
+    PATCH_POSITION_INTERVALS,
+    PATCH_SIZE,
+    PATCH_TOKEN,
+    SEPARATOR_TOKEN,
+    TEXT_VOCAB_SIZE,
+    VOCAB_SIZE,
+    M,
+)
 from gato_ros.spec import EmbodimentSpec, ObservationSpec
-
-MU = 100.0
-M = 256.0
-NUM_BINS = 1024
-TEXT_VOCAB_SIZE = 32000
-CONTINUOUS_OFFSET = TEXT_VOCAB_SIZE
-DISCRETE_RANGE = 1024
-SEPARATOR_TOKEN = CONTINUOUS_OFFSET + NUM_BINS
-PATCH_TOKEN = SEPARATOR_TOKEN + 1
-PAD_TOKEN = SEPARATOR_TOKEN + 2
-VOCAB_SIZE = SEPARATOR_TOKEN + 3
-
-PATCH_SIZE = 16
-PATCH_POSITION_INTERVALS = 128
 
 
 class ObservationError(ValueError):

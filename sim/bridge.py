@@ -60,7 +60,7 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
-from std_msgs.msg import Float64MultiArray
+from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
@@ -127,6 +127,9 @@ class SimBridge(Node):
         self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
         self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if prm["publish_clock"] else None
         self.vector_pubs: dict[str, Any] = {}
+        # Episode boundaries for recordings (gato-ros dataset cuts episodes here): JSON {"event": "start" | "end",
+        # "seed", ...}, published before the observation that begins the episode / follows its last step.
+        self.episode_pub = self.create_publisher(String, "~/episode", QoSProfile(depth=100))
         self.command_topic = prm["command_topic"] or ARM_COMMAND_TOPICS[self.mode]
         if self.mode == "trajectory":
             self.create_subscription(JointTrajectory, self.command_topic, self._on_trajectory_command, 10)
@@ -237,6 +240,7 @@ class SimBridge(Node):
         self.arm.reset(obs["joint_positions"][:7])  # a controller starts by holding where the arm is
         self.command_time = self.gripper_time = -math.inf
         self.gripper, self._held = 0.0, False
+        self.episode_pub.publish(String(data=json.dumps({"event": "start", "seed": self.episode["seed"]})))
         self._publish(obs)
         rtf = float(self.prm["real_time_factor"])
         if rtf > 0:  # the first step comes a full period after the reset: the policy's first command is in by then
@@ -290,6 +294,7 @@ class SimBridge(Node):
                 self.get_logger().error(f"NaN physics state in episode seed {self.episode['seed']} at step "
                                         f"{info.get('steps')}: episode failed, resetting")
                 self.episode.update(done=True, nan=True, success=False)
+                self._announce_end()
                 failed = dict(self.episode)
                 self._reset_locked()
                 self.episode["previous"] = failed
@@ -300,6 +305,7 @@ class SimBridge(Node):
                 self.get_logger().info(f"episode seed {self.episode['seed']}: "
                                        f"{'success' if self.episode['success'] else 'failure'} "
                                        f"after {self.episode['steps']} steps")
+                self._announce_end()
             self._publish(obs)
 
     def _step_env(self) -> tuple[dict[str, np.ndarray], bool, bool, dict]:
@@ -321,6 +327,10 @@ class SimBridge(Node):
             obs, _, terminated, truncated, info = self.env.step(
                 np.concatenate([np.zeros(7), [gripper]]), arm_torque=lambda dt, q, qd: law(t0 + dt, q, qd))
         return obs, terminated, truncated, info
+
+    def _announce_end(self) -> None:
+        end = {key: self.episode[key] for key in ("seed", "steps", "success", "nan")}
+        self.episode_pub.publish(String(data=json.dumps({"event": "end", **end})))
 
     def _run(self) -> None:
         rtf = float(self.prm["real_time_factor"])

@@ -16,22 +16,16 @@ import json
 import math
 import multiprocessing as mp
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from sim.replay import write_video
+from sim.results import EpisodeResult
+
 _worker: dict = {}
-
-
-@dataclass
-class EpisodeResult:
-    seed: int
-    success: bool
-    steps: int
-    nan: bool
-    step_ms: list[float] = field(default_factory=list)  # policy latency per control step
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -94,16 +88,6 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeRes
         done = terminated or truncated
     result.success, result.nan, result.steps = bool(info["success"]), bool(info["nan"]), int(info["steps"])
     return result
-
-
-def write_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
-    import cv2
-
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
 
 
 def summarize(results: list[EpisodeResult], policy: str, mode: str, seed: int, wall_s: float) -> dict:

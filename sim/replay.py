@@ -62,6 +62,16 @@ def replay_frames(seed: int, joint_positions: np.ndarray, task_states: np.ndarra
         env.close()
 
 
+def write_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
 def write_gif(frames: list[np.ndarray], path: Path, fps: float, size: int = 160, every: int = 2,
               max_bytes: int = 2_000_000) -> None:
     """A README-sized GIF: `size` px, every `every`-th frame; shrinks further until under `max_bytes`."""
@@ -80,8 +90,6 @@ def write_gif(frames: list[np.ndarray], path: Path, fps: float, size: int = 160,
 def replay_to_files(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, video: Path | str | None = None,
                     gif: Path | str | None = None, fps: float = 20.0, size: int = 256) -> list[np.ndarray]:
     """Render the recorded episode to an MP4 (`video`, `size` px) and/or a GIF; returns the frames."""
-    from sim.evaluate import write_video
-
     if len(joint_positions) == 0:
         raise ValueError("nothing was recorded: no frames to replay")
     frames = replay_frames(seed, joint_positions, task_states, size)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.evaluate import EpisodeResult
+from sim.results import EpisodeResult
 
 BRIDGE, NODE = "sim_bridge", "gato_policy"
 COMMAND_TOPIC = "/effort_controller/commands"
@@ -241,6 +241,16 @@ def _wait(predicate: Any, timeout_s: float, what: str, procs: Processes, poll_s:
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
 
 
+def _start_recorder(procs: Processes, bag: Path, node: Any) -> None:
+    """`gato-ros record` beside the bridge and the node; returns once it subscribes the node's tick records
+    and the bridge's episode events (it subscribes every topic it records in the same discovery pass)."""
+    from gato_ros.record import EPISODE_TOPIC, TICK_TOPIC
+
+    procs.start("recorder", _console_script("gato-ros", "gato_ros.cli") + ["record", "--out", str(bag)])
+    _wait(lambda: node.count_subscribers(TICK_TOPIC) >= 1 and node.count_subscribers(EPISODE_TOPIC) >= 1, 30.0,
+          "the recorder to subscribe", procs)
+
+
 def _result(status: dict, period: float) -> RosEpisodeResult:
     steps, commands = int(status["steps"]), int(status["commands"])
     return RosEpisodeResult(
@@ -265,8 +275,10 @@ def evaluate_over_ros(
     gif: Path | str | None = None,
     log_dir: Path | str | None = None,
     progress: bool = True,
+    record: Path | str | None = None,
 ) -> list[RosEpisodeResult]:
-    """Run one episode per seed through `sim_bridge` + `policy_node`; film the first one (`video`, `gif`)."""
+    """Run one episode per seed through `sim_bridge` + `policy_node`; film the first one (`video`, `gif`);
+    with `record` a `gato-ros record` process beside them writes the run into that bag directory."""
     if policy_path == "expert":
         raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
     from sim.env import StackingConfig
@@ -298,6 +310,8 @@ def evaluate_over_ros(
         node = supervisor.node
         _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 1,
               30.0, "the node and the bridge to discover each other", procs)
+        if record is not None:
+            _start_recorder(procs, Path(record), node)
         time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
         from tqdm import tqdm

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the env's)")
     parser.add_argument("--real-time-factor", type=float, default=1.0, help="sim speed; 1.0 = real time")
+    parser.add_argument("--record", type=Path, default=None, help="also record the run as a rosbag2 MCAP bag here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     video, gif = args.out / "episode1.mp4", args.out / "episode1.gif"
     start = time.perf_counter()
     results = evaluate_over_ros(model, seeds, provider=args.provider, max_steps=args.max_steps, video=video, gif=gif,
-                                real_time_factor=args.real_time_factor, log_dir=args.out / "logs")
+                                real_time_factor=args.real_time_factor, log_dir=args.out / "logs", record=args.record)
     summary = summarize(results, model, "over-ros demo", args.seed, time.perf_counter() - start)
     summary["over_ros"] = ros_summary(results)
     (args.out / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -63,4 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(describe(summary["over_ros"]))
     print(f"both processes exited with {LAST_RUN.get('exit_codes')}; wrote {args.out / 'demo.json'}, "
           f"{args.out / 'demo.png'}, {video}, {gif} (logs in {args.out / 'logs'})")
+    if args.record is not None:
+        print(f"recorded the run into the bag {args.record} (gato-ros dataset --from-bag {args.record} ...)")
     return 0

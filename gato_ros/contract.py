@@ -1,0 +1,195 @@
+"""The contract between the stages, written once: every stage imports it, it imports no stage.
+
+Tokenizer, model, training, export, runtime, node and bench agree on these names and numbers; a
+model file carries them in its metadata and the runtime refuses a file whose copy differs. This
+module imports only the standard library (no numpy, no torch, no rclpy), so any stage can use it.
+
+    token ids          the tokenizer's constants (Gato, Reed et al. 2022, section 2.1)
+    GatoConfig         the model's hyperparameters and PRESETS, JSON in checkpoints and ONNX files
+    EMPTY_POSITION     the absolute position of an empty cache slot
+    metadata keys      `gato_ros.*` keys of an ONNX file's metadata_props
+    tensor names       the ONNX graph's inputs and outputs, cache tensors included
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+# ----------------------------------------------------------------------------------------------
+# Token ids and tokenizer constants
+
+MU = 100.0
+M = 256.0
+NUM_BINS = 1024
+TEXT_VOCAB_SIZE = 32000
+CONTINUOUS_OFFSET = TEXT_VOCAB_SIZE
+DISCRETE_RANGE = 1024
+SEPARATOR_TOKEN = CONTINUOUS_OFFSET + NUM_BINS
+PATCH_TOKEN = SEPARATOR_TOKEN + 1
+PAD_TOKEN = SEPARATOR_TOKEN + 2
+VOCAB_SIZE = SEPARATOR_TOKEN + 3
+
+PATCH_SIZE = 16
+PATCH_POSITION_INTERVALS = 128
+
+TOKENIZER_CONSTANT_NAMES = ("MU", "M", "NUM_BINS", "TEXT_VOCAB_SIZE", "CONTINUOUS_OFFSET", "DISCRETE_RANGE",
+                            "SEPARATOR_TOKEN", "PATCH_TOKEN", "PAD_TOKEN", "VOCAB_SIZE", "PATCH_SIZE",
+                            "PATCH_POSITION_INTERVALS")
+
+
+def tokenizer_constants() -> dict[str, float | int]:
+    """The constants a model file is exported with (`gato_ros.tokenizer`); a runtime refuses a file that differs."""
+    return {name: globals()[name] for name in TOKENIZER_CONSTANT_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+# Position of an empty cache slot: so far in the past that no query ever sees it.
+EMPTY_POSITION = -(2**40)
+
+# ----------------------------------------------------------------------------------------------
+# ONNX metadata keys (metadata_props); docs/interfaces.md "ONNX file" says what each holds
+
+META_CONFIG = "gato_ros.config"
+META_SPEC = "gato_ros.spec"
+META_TOKENIZER = "gato_ros.tokenizer"
+META_CONTEXT_TOKENS = "gato_ros.context_tokens"
+META_VARIANT = "gato_ros.variant"
+META_EMPTY_POSITION = "gato_ros.empty_position"
+META_CACHE_UPDATE = "gato_ros.cache_update"
+META_LOGIT_IDS = "gato_ros.logit_ids"
+# JSON list of cache capacities besides config.context_window that the model was trained for (absent: none).
+META_TRAINED_CAPACITIES = "gato_ros.trained_capacities"
+
+REQUIRED_METADATA = (META_CONFIG, META_SPEC, META_TOKENIZER, META_CONTEXT_TOKENS)
+
+# ----------------------------------------------------------------------------------------------
+# ONNX tensor names
+
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+LOCAL_POSITIONS = "local_positions"
+PAST_POSITIONS = "past_positions"
+PATCHES = "patches"
+PATCH_POSITIONS = "patch_positions"
+LOGITS = "logits"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def past_names(n_layer: int) -> list[str]:
+    """The cache inputs in graph order: layer 0 key, layer 0 value, layer 1 key, ..."""
+    return [name(i) for i in range(n_layer) for name in (past_key_name, past_value_name)]
+
+
+def present_names(n_layer: int) -> list[str]:
+    """The new tokens' keys/values, outputs in the same order as `past_names`."""
+    return [name(i) for i in range(n_layer) for name in (present_key_name, present_value_name)]
+
+
+def is_past_name(name: str) -> bool:
+    return name.startswith("past_key_values.")
+
+
+def io_names(n_layer: int, images: bool) -> tuple[list[str], list[str]]:
+    """The policy graph's input and output names, in order."""
+    inputs = [INPUT_IDS, POSITION_IDS, LOCAL_POSITIONS, PAST_POSITIONS, *past_names(n_layer)]
+    if images:
+        inputs += [PATCHES, PATCH_POSITIONS]
+    return inputs, [LOGITS, *present_names(n_layer)]
+
+
+# The cache-update graph (`META_CACHE_UPDATE`): updated.{j} = cache.{j} with slots[s] <- new.{j}[:, :, s],
+# j over `past_names` order.
+CACHE_UPDATE_SLOTS = "slots"
+
+
+def cache_update_names(j: int) -> tuple[str, str, str]:
+    """(cache input, new-tokens input, updated output) of the j-th cache tensor in the cache-update graph."""
+    return f"cache.{j}", f"new.{j}", f"updated.{j}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Model configuration
+
+# Fields added after files were first shipped, with the value that reproduces a file written before them:
+# a config read from JSON without the field behaves as it was trained.
+LEGACY_DEFAULTS: dict[str, object] = {}
+
+
+@dataclass
+class GatoConfig:
+    n_layer: int = 4
+    n_embd: int = 64
+    n_head: int = 4
+    n_ff: int = 256
+    vocab_size: int = VOCAB_SIZE
+    context_window: int = 1024  # tokens a query can see, itself included (the runtime's cache size)
+    max_local_positions: int = 512  # tokens per timestep (observation + separator + actions)
+    rope_period: int = 65536  # positions are taken mod this; must exceed context_window
+    rope_base: float = 10000.0
+    value_embedding: bool = True  # embed continuous tokens from their value (False: plain lookup)
+    value_fourier_features: int = 16
+    value_clip: float = 8.0  # decoded values are clipped to +-value_clip for the linear term
+    patch_channels: int = 32  # width of the per-patch ResNet-v2 block
+    dropout: float = 0.0
+    label_sigma: float = 2.5  # Gaussian soft labels over continuous bins, in bins (0: hard labels)
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+        if not 0 < self.context_window < self.rope_period:
+            raise ValueError(f"context_window {self.context_window} must be in (0, rope_period={self.rope_period})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> GatoConfig:
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**{**asdict(PRESETS[name]), **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> GatoConfig:
+        """A config from JSON; a field the JSON lacks takes its LEGACY_DEFAULTS value, else the default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**LEGACY_DEFAULTS, **{k: v for k, v in raw.items() if k in known}})
+
+    @classmethod
+    def from_json(cls, text: str) -> GatoConfig:
+        return cls.from_dict(json.loads(text))
+
+
+PRESETS: dict[str, GatoConfig] = {
+    "tiny": GatoConfig(n_layer=4, n_embd=64, n_head=4, n_ff=256),
+    # The paper's three sizes (Gato table 1: layers, width, feedforward, heads).
+    "gato-79m": GatoConfig(n_layer=8, n_embd=768, n_head=24, n_ff=3072, patch_channels=96),
+    "gato-364m": GatoConfig(n_layer=12, n_embd=1536, n_head=12, n_ff=6144, patch_channels=128),
+    "gato-1.18b": GatoConfig(n_layer=24, n_embd=2048, n_head=16, n_ff=8192, patch_channels=128),
+}
