@@ -25,6 +25,7 @@ over gravity compensation, or its current position).
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -58,6 +59,8 @@ PANDA_EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
 PANDA_HOLD_STIFFNESS = (50.0, 75.0, 50.0, 42.0, 2.0, 2.2, 0.22)
 PANDA_HOLD_DAMPING = (5.0, 7.5, 5.0, 4.25, 0.2, 0.225, 0.0225)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+LEARN_INTERVALS = 10  # with control_rate_hz 0: the period is the median of the first ten stamp intervals
+UNKNOWN_PERIOD_MAX_AGE_S = 0.25  # the freshness bound before the first two commands give a period
 
 
 # ----------------------------------------------------------------------------- ROS-free core
@@ -81,9 +84,9 @@ class WatchdogCore:
     """
 
     mode: str
-    period_s: float
-    max_age_s: float
-    timeout_s: float
+    rate_hz: float  # the policy's control rate; 0 = learn it from the stamps of its first commands
+    max_age_periods: float
+    timeout_periods: float
     safe_action: str
     gains: HoldGains
     limits: np.ndarray
@@ -107,7 +110,10 @@ class WatchdogCore:
     snapshot: FaultSnapshot | None = None
     joint_state: tuple[list[str], np.ndarray, np.ndarray] | None = None
     joint_state_steady: float = -np.inf
+    period_learnt: bool = False  # set when a learnt period became final (the node re-times its check)
     _last_now: float = -np.inf
+    _last_stamp: float = -np.inf
+    _intervals: list[float] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -117,8 +123,38 @@ class WatchdogCore:
             raise ValueError(f"safe_action must be one of {SAFE_ACTIONS}, got {self.safe_action!r}")
         if self.safe_action == "zero" and self.mode in ("position", "trajectory"):
             raise ValueError("safe_action zero is a large motion in position modes: use hold or damp")
-        if not (self.timeout_s > 0 and self.max_age_s > 0 and self.period_s > 0):
-            raise ValueError("period, timeout and command age bound must be positive")
+        if not (self.timeout_periods > 0 and self.max_age_periods > 0 and self.rate_hz >= 0):
+            raise ValueError("timeout and command age bound must be positive, the rate positive or 0 (learn it)")
+        if self.timeout_periods + 0.1 >= 2.0:
+            raise ValueError("timeout_periods + 0.1 (the check interval) must stay under 2 periods, the bound the "
+                             "watchdog guarantees")
+
+    # --- the period: given, or learnt from the stamps ---
+
+    @property
+    def period_s(self) -> float:
+        """The control period; while it is being learnt, the median stamp interval so far (nan before two)."""
+        if self.rate_hz > 0:
+            return 1.0 / self.rate_hz
+        return float(np.median(self._intervals)) if self._intervals else math.nan
+
+    @property
+    def max_age_s(self) -> float:
+        period = self.period_s
+        return self.max_age_periods * period if math.isfinite(period) else UNKNOWN_PERIOD_MAX_AGE_S
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_periods * self.period_s  # nan while unknown: no fault can be judged yet
+
+    def _learn(self, stamp: float) -> bool:
+        """Counts the interval to the previous fresh command's stamp; True when the period is final now."""
+        if self.rate_hz > 0 or len(self._intervals) >= LEARN_INTERVALS:
+            return False
+        interval, self._last_stamp = stamp - self._last_stamp, stamp
+        if 0 < interval < 1.0:
+            self._intervals.append(interval)
+        return len(self._intervals) == LEARN_INTERVALS
 
     # --- inputs ---
 
@@ -147,7 +183,7 @@ class WatchdogCore:
                    steady: float) -> tuple[Command | None, str]:
         """A stamped command from the policy: the command to relay (None: dropped), and an event to log ("")."""
         with self._lock:
-            if now < self._last_now - self.period_s:
+            if now < self._last_now - min(self.max_age_s, 1.0):
                 self.clock_jumps += 1  # the node's clock stepped back: ages measured across it mean nothing
             self._last_now = max(self._last_now, now)
             age = now - stamp
@@ -166,6 +202,7 @@ class WatchdogCore:
             arm = array[[names.index(n) for n in self.arm_joints]]
             gripper = float(array[names.index(self.gripper_joint)]) if self.gripper_joint in names else None
             self.last_gripper = gripper if gripper is not None else self.last_gripper
+            self.period_learnt = self._learn(stamp) or self.period_learnt
             self.last_fresh_steady, self.armed, self.relayed = steady, True, self.relayed + 1
             self.last_drop = ""
             event = ""
@@ -175,7 +212,7 @@ class WatchdogCore:
             return Command(arm, gripper), event
 
     def _drop_reason(self, names: list[str], values: list[float], age: float) -> str:
-        if age < -self.period_s:
+        if age < -self.max_age_s:
             self.clock_jumps += 1
             return f"stamp {-age:.3f} s in the future (a clock stepped)"
         if age > self.max_age_s:
@@ -191,7 +228,7 @@ class WatchdogCore:
     def check(self, steady: float) -> tuple[Command | None, str]:
         """The safe action to publish now (None: nothing due), and an event to log once ("")."""
         with self._lock:
-            if not self.armed:
+            if not self.armed or not math.isfinite(self.period_s):
                 return None, ""
             silence = steady - self.last_fresh_steady
             event = ""
@@ -267,8 +304,9 @@ PARAMETERS: dict[str, Any] = {
     "output_mode": "effort",  # effort | position | velocity | trajectory: as the policy node's
     "arm_command_topic": "",  # "" = the mode's controller topic (gato_ros.commands.ARM_COMMAND_TOPICS)
     "gripper_command_topic": GRIPPER_COMMAND_TOPIC,
-    "gripper_joint": "panda_finger_joint1",  # the command's gripper entry; "" = no gripper
-    "control_rate_hz": 20.0,  # the policy node's rate
+    # The command's gripper entry (a robot joint name; the node's own `gripper_joint` names a model action).
+    "gripper_command_joint": "panda_finger_joint1",  # "" = no gripper
+    "control_rate_hz": 0.0,  # the policy node's rate; 0 = learn it from the stamps of its first commands
     "max_command_age_periods": 1.0,  # fresh: now - stamp <= this many periods
     "timeout_periods": 1.5,  # no fresh command for this long: the safe action
     "safe_action": "hold",  # hold | damp | zero
@@ -289,18 +327,15 @@ class PolicyWatchdog(Node):
             self.declare_parameter(name, default)
         prm = {name: self.get_parameter(name).value for name in PARAMETERS}
         rate = float(prm["control_rate_hz"])
-        if not np.isfinite(rate) or rate <= 0:
-            raise ValueError(f"control_rate_hz must be positive, got {rate}")
-        period = 1.0 / rate
+        if not np.isfinite(rate) or rate < 0:
+            raise ValueError(f"control_rate_hz must be positive or 0 (learn it), got {rate}")
         self.core = WatchdogCore(
-            mode=str(prm["output_mode"]), period_s=period,
-            max_age_s=float(prm["max_command_age_periods"]) * period,
-            timeout_s=float(prm["timeout_periods"]) * period, safe_action=str(prm["safe_action"]),
+            mode=str(prm["output_mode"]), rate_hz=rate, max_age_periods=float(prm["max_command_age_periods"]),
+            timeout_periods=float(prm["timeout_periods"]), safe_action=str(prm["safe_action"]),
             gains=HoldGains(tuple(prm["hold_stiffness"]), tuple(prm["hold_damping"])),
-            limits=np.asarray(prm["effort_limits"], dtype=np.float64), gripper_joint=str(prm["gripper_joint"]),
-            joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
-        self.period_s = period
-        self.time_from_start_s = float(prm["trajectory_time_from_start_s"]) or period
+            limits=np.asarray(prm["effort_limits"], dtype=np.float64),
+            gripper_joint=str(prm["gripper_command_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
+        self.time_from_start_s = float(prm["trajectory_time_from_start_s"])
         # Silence is judged on a clock that never steps: steady time, or the sim clock with use_sim_time.
         self.sim_time = bool(self.get_parameter("use_sim_time").value)
         self._steady_clock = self.get_clock() if self.sim_time else Clock(clock_type=ClockType.STEADY_TIME)
@@ -313,12 +348,15 @@ class PolicyWatchdog(Node):
         self.field = JOINT_STATE_FIELD[self.core.mode]
         self.create_subscription(JointState, prm["command_topic"], self._on_command, 10)
         self.create_subscription(JointState, prm["joint_states_topic"], self._on_joint_state, qos_profile_sensor_data)
-        self.create_timer(period / 10, self._on_check, clock=self._steady_clock)
+        # Ten checks a period; while the period is being learnt, every 5 ms (re-timed once it is known).
+        self._check_timer = self.create_timer(self.core.period_s / 10 if rate else 0.005, self._on_check,
+                                              clock=self._steady_clock)
         self.create_timer(1.0, self._publish_diagnostics, clock=self._steady_clock)
         self.get_logger().info(
             f"relaying {self.resolve_topic_name(prm['command_topic'])} → {self.arm_pub.topic_name} ({self.core.mode}) "
             f"and {self.gripper_pub.topic_name}; safe action '{self.core.safe_action}' after "
-            f"{self.core.timeout_s:.3f} s without a fresh command")
+            f"{self.core.timeout_periods:g} control periods without a fresh command "
+            f"({f'{rate:g} Hz' if rate else 'rate learnt from the command stamps'})")
 
     def _steady(self) -> float:
         return self._steady_clock.now().nanoseconds * 1e-9
@@ -341,6 +379,11 @@ class PolicyWatchdog(Node):
             self.relay_latency_s.append(time.perf_counter() - received)
         if event:
             self.get_logger().info(event)
+        if self.core.period_learnt:
+            self.core.period_learnt = False
+            self.destroy_timer(self._check_timer)
+            self._check_timer = self.create_timer(self.core.period_s / 10, self._on_check, clock=self._steady_clock)
+            self.get_logger().info(f"control period learnt from the command stamps: {self.core.period_s:.4f} s")
 
     def _on_check(self) -> None:
         command, event = self.core.check(self._steady())
@@ -352,7 +395,7 @@ class PolicyWatchdog(Node):
     def _publish(self, command: Command) -> None:
         if self.core.mode == "trajectory":
             msg = JointTrajectory(joint_names=list(self.core.arm_joints))
-            t = self.time_from_start_s
+            t = self.time_from_start_s or self.core.period_s
             msg.points = [JointTrajectoryPoint(positions=command.arm.tolist(), velocities=[0.0] * command.arm.size,
                                                time_from_start=Duration(sec=int(t), nanosec=int(t % 1 * 1e9)))]
             self.arm_pub.publish(msg)
@@ -369,7 +412,8 @@ class PolicyWatchdog(Node):
             "output_mode": core.mode, "safe_action": core.safe_action,
             "relayed": str(core.relayed), "dropped_stale": str(core.dropped_stale),
             "dropped_invalid": str(core.dropped_invalid), "clock_jumps": str(core.clock_jumps),
-            "faults": str(core.faults), "safe_commands": str(core.safe_commands), "last_fault": core.fault_cause,
+            "control_period_s": f"{core.period_s:.4f}", "faults": str(core.faults),
+            "safe_commands": str(core.safe_commands), "last_fault": core.fault_cause,
             "relay_latency_p50_us": f"{np.percentile(latency_us, 50):.1f}" if latency_us.size else "",
             "relay_latency_p99_us": f"{np.percentile(latency_us, 99):.1f}" if latency_us.size else "",
         }

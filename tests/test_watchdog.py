@@ -169,6 +169,23 @@ def test_the_safe_action_in_each_output_mode(mode):
         wd.close()
 
 
+def test_the_control_period_is_learnt_from_the_stamps_when_not_given():
+    """control_rate_hz 0 (the shared params file's "the model's rate"): the stamps of the first commands tell."""
+    wd = Harness(control_rate_hz=0.0)
+    try:
+        start = time.monotonic()
+        for i in range(15):  # the policy at 25 Hz, stamps on its own clock
+            wd.send([0.1 * i] * 7)
+            time.sleep(max(0.0, start + (i + 1) * 0.04 - time.monotonic()))
+        assert wd.wait_for(lambda: len(wd.arm) >= 15)
+        assert abs(wd.watchdog.core.period_s - 0.04) < 0.004
+        last_relayed = wd.arm[-1][0]
+        assert wd.wait_for(lambda: len(wd.arm) > 15, 1.0)
+        assert wd.arm[15][0] - last_relayed <= 2 * 0.04, "the safe action within 2 of the learnt periods"
+    finally:
+        wd.close()
+
+
 def test_zero_is_refused_as_a_safe_action_in_position_mode():
     with pytest.raises(ValueError, match="zero"):
         Harness("position", safe_action="zero")
