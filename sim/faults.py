@@ -1,63 +1,61 @@
-"""Fault injection over ROS: the sim bridge, the policy watchdog and a policy, each its own process.
+"""Fault trials over ROS: each fault the arm's contract names, injected into a running closed loop.
 
-What the watchdog guarantees (gato_ros.watchdog), measured from outside every process: an observer in
-this process subscribes the controller topic, the policy's stamped commands and the hand position.
-A trial injects one fault into the policy — SIGKILL, SIGSTOP (a hang) or a tick blocked inside the
-process — and measures
+On `sim.rig.LoopRig` (bridge, watchdog and policy, each its own process, and an observer here), a trial
+injects one fault, watches `watch_s` seconds, ends the fault and waits for the policy's commands to
+reach the controller again (recovery). Faults:
 
-    time to safe  from the last relayed policy command to the first other command on the controller
-                  topic (the watchdog's safe action), both as the observer received them
-    hand drift    how far the hand moved from where it was at the last relayed command, over the next
-                  `watch_s` seconds (the arm was moving under the policy when the fault hit)
+    sigkill, sigstop   the policy process is killed / stopped (a hang)            the watchdog acts
+    blocked_tick       a tick blocks inside the policy (the policy runs in this
+                       process; its runtime waits on an Event)                      the watchdog acts
+    overrun            every runtime step takes 1.5 periods                         whichever is first
+    nonfinite_decode   the model's logits turn NaN                                  the node acts
+    missing_input      joint states stop reaching the node                          the node acts
+    stale_input        joint states arrive stamped 2 s in the past                  the node acts
+    invalid_input      joint states arrive with NaN positions                       the node acts
 
-then ends the fault (restart, SIGCONT, release) and waits for relayed commands again (recovery).
+From what the observer received it measures: the first safe action on the controller topic (a command
+that is not the policy's, so the watchdog's, or one of the node's ticks marked safe), its time after the
+fault began and after the last fresh policy command that reached the controller, who sent it, and how
+far the hand moved from where it was when the fault began over the watch.
 
-The policy is `policy_node` (the shipped model) or, for the watchdog's own tests, `ReachPolicy`: a
-stand-in that publishes stamped commands exactly as the node does (gato_ros.commands), a joint PD
-toward a slowly moving target with the gripper closed, so the arm moves when a fault hits.
+The policy is `policy_node` serving a model, or `ReachPolicy`: a stand-in that publishes stamped
+commands exactly as the node does (gato_ros.commands), a joint PD toward a slowly moving target with the
+gripper closed, so the arm moves when a fault hits (it supports the process faults and blocked_tick).
 Used by tests/test_watchdog.py (a few trials) and scripts/fault_trials.py (>= 20 of each).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from gato_ros.commands import ARM_COMMAND_TOPICS, JOINT_COMMAND_TOPIC
+from gato_ros.commands import JOINT_COMMAND_TOPIC
 from sim.env import GRIPPER_CLOSE, HOME_Q, JOINT_NAMES
-from sim.ros_eval import Processes, _console_script
+from sim.rig import LoopRig
 
-FAULTS = ("sigkill", "sigstop", "blocked_tick")
-POLICY_COMMAND_TOPIC = "gato_policy/joint_command"  # the node's ~/joint_command, node name gato_policy
+PROCESS_FAULTS = ("sigkill", "sigstop")
+IN_PROCESS_FAULTS = ("blocked_tick", "overrun", "nonfinite_decode", "missing_input", "stale_input", "invalid_input")
+FAULTS = PROCESS_FAULTS + IN_PROCESS_FAULTS
+STAND_IN_FAULTS = PROCESS_FAULTS + ("blocked_tick",)
 STAND_IN_NAME = "gato_policy"  # the stand-in takes the node's name, so its ~/joint_command is the same topic
 
 
 @dataclass
 class TrialResult:
     fault: str
-    time_to_safe_s: float  # nan: no safe action seen
-    hand_drift_m: float
-    recovered: bool
-    safe_commands: int  # safe actions the observer received during the fault
-
-
-@dataclass
-class Received:
-    """What the observer saw, with perf_counter receive times."""
-
-    controller: list[tuple[float, tuple[float, ...]]] = field(default_factory=list)
-    policy: list[tuple[float, tuple[float, ...]]] = field(default_factory=list)
-    hand: list[tuple[float, np.ndarray]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    time_to_safe_s: float  # first safe action on the controller topic, after the fault began (nan: none)
+    after_last_fresh_s: float  # ... after the last fresh policy command the controller received
+    safe_by: str  # "watchdog" or "node"
+    hand_drift_m: float  # farthest the hand got from where it was when the fault began, over the watch
+    safe_commands: int  # safe actions the controller received during the watch
+    recovered: bool = False
 
 
 # ----------------------------------------------------------------------------- the stand-in policy
@@ -93,8 +91,8 @@ def make_reach_policy(context: Any = None, **kwargs: Any) -> Any:
             stamp = self.get_clock().now().to_msg()  # the start of the tick, as the node stamps it
             self.blocker.wait()  # a test clears it: this tick blocks inside the process
             q, qd = np.array(joints.position[:7]), np.array(joints.velocity[:7])
-            target = reach_target(time.time())
-            tau = np.asarray(PANDA_HOLD_STIFFNESS) * (target - q) - np.asarray(PANDA_HOLD_DAMPING) * qd
+            tau = np.asarray(PANDA_HOLD_STIFFNESS) * (reach_target(time.time()) - q)
+            tau -= np.asarray(PANDA_HOLD_DAMPING) * qd
             msg = JointState(name=list(JOINT_NAMES), effort=[*tau.tolist(), GRIPPER_CLOSE])
             msg.header.stamp = stamp
             self.pub.publish(msg)
@@ -120,206 +118,176 @@ def stand_in_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- the rig
+# ----------------------------------------------------------------------------- faults inside the policy
 
 
-class FaultRig:
-    """Bridge + watchdog (+ a policy process) and an observer; `trial(fault)` runs one fault end to end.
+class FaultyRuntime:
+    """The node's PolicyRuntime with a fault switched on from outside: a blocked, slow or non-finite step."""
 
-    `policy`: "stand_in" (ReachPolicy) or "node" (policy_node with `model_path`). The blocked tick runs
-    its policy in this process (`in_process_policy`, a callable that returns (node, blocker Event)).
-    """
+    def __init__(self, runtime: Any, period_s: float) -> None:
+        self.runtime, self.period_s = runtime, period_s
+        self.fault = "none"
+        self.release = threading.Event()
+        self.release.set()
 
-    def __init__(self, log_dir: Path, policy: str = "stand_in", rate_hz: float = 20.0,
-                 watchdog_args: list[str] | None = None, node_args: list[str] | None = None,
-                 in_process_policy: Any = None) -> None:
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.policy, self.rate_hz, self.period_s = policy, rate_hz, 1.0 / rate_hz
-        self.watchdog_args = list(watchdog_args or [])
-        self.node_args = list(node_args or [])
-        self.in_process_policy = in_process_policy
-        self.procs = Processes(self.log_dir)
-        self.seen = Received()
-        self.context = self.node = self.executor = self.thread = None
-        self.local_policy: Any = None
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runtime, name)
 
-    # --- processes ---
+    def step_tokens(self, observation: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+        if self.fault == "blocked_tick":
+            self.release.wait()
+        elif self.fault == "overrun":
+            time.sleep(1.5 * self.period_s)
+        return self.runtime.step_tokens(observation, *args, **kwargs)
 
-    def start(self) -> None:
-        os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-        self.procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
-            "--ros-args", "-p", "image_size:=0", "-p", "max_steps:=1000000", "-p", "real_time_factor:=1.0",
-            "--log-level", "warn"])
-        self.procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-            "--ros-args", "-p", f"control_rate_hz:={self.rate_hz}", *self.watchdog_args])
-        self._start_observer()
-        self.start_policy()
-        if not self.wait_relaying(120.0):
-            raise RuntimeError(f"the watchdog relays no policy commands\n{self.procs.log_tail('watchdog')}")
-        time.sleep(2.0)  # the arm catches up with the policy's motion from the home pose
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        logits = self.runtime.forward(*args, **kwargs)
+        return np.full_like(logits, np.nan) if self.fault == "nonfinite_decode" else logits
 
-    def start_policy(self) -> None:
-        if self.policy == "stand_in":
-            argv = [sys.executable, "-m", "sim.faults"]
-        else:
-            argv = _console_script("policy_node", "gato_ros.node") + ["--ros-args", *self.node_args]
-        self.procs.start("policy", argv)
 
-    def _end_policy_process(self) -> None:
-        proc = self.procs.procs.pop("policy", None)
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+class LocalPolicy:
+    """A policy run in this process (its own context and executor thread), with a fault switch."""
 
-    def stop(self) -> dict[str, int]:
-        if self.local_policy is not None:
-            self._stop_local_policy()
-        codes = self.procs.stop()
-        if self.context is not None:
-            import rclpy
-
-            self.executor.shutdown()
-            self.node.destroy_node()
-            rclpy.try_shutdown(context=self.context)
-            self.thread.join(timeout=5)
-        return codes
-
-    # --- observer ---
-
-    def _start_observer(self) -> None:
+    def __init__(self, rig: LoopRig) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import qos_profile_sensor_data
-        from sensor_msgs.msg import JointState
-        from std_msgs.msg import Float64MultiArray
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.node = rclpy.create_node(f"fault_observer_{os.getpid()}", context=self.context)
-        seen = self.seen
+        self.runtime: FaultyRuntime | None = None
+        self.blocker: threading.Event | None = None
+        if rig.policy == "stand_in":
+            self.node = make_reach_policy(context=self.context)
+            self.blocker = self.node.blocker
+        else:
+            from gato_ros.node import PolicyNode, autostart
 
-        def on_controller(msg: Float64MultiArray) -> None:
-            with seen.lock:
-                seen.controller.append((time.perf_counter(), tuple(msg.data)))
-
-        def on_policy(msg: JointState) -> None:
-            with seen.lock:
-                seen.policy.append((time.perf_counter(), tuple(msg.effort[:7])))
-
-        def on_task(msg: Float64MultiArray) -> None:
-            with seen.lock:
-                seen.hand.append((time.perf_counter(), np.array(msg.data[0:3])))
-
-        self.node.create_subscription(Float64MultiArray, ARM_COMMAND_TOPICS["effort"], on_controller, 100)
-        self.node.create_subscription(JointState, POLICY_COMMAND_TOPIC, on_policy, 100)
-        self.node.create_subscription(Float64MultiArray, "gato/observations/task_state", on_task,
-                                      qos_profile_sensor_data)
+            args = ["--ros-args"] + [a for p in rig.node_parameters() for a in ("-p", p)]
+            self.node = PolicyNode(context=self.context, cli_args=args)
+            autostart(self.node)
+            if self.node.loop is None:
+                raise RuntimeError(f"the in-process policy node did not configure: {self.node.last_error}")
+            self.runtime = FaultyRuntime(self.node.runtime, rig.period_s)
+            self.node.runtime = self.node.loop.runtime = self.runtime
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
 
-    def _start_local_policy(self) -> Any:
+    def inject(self, fault: str, rig: LoopRig) -> None:
+        if fault in ("missing_input", "stale_input", "invalid_input"):
+            rig.input_fault = fault.removesuffix("_input")
+        elif self.runtime is not None:
+            self.runtime.fault = fault
+            if fault == "blocked_tick":
+                self.runtime.release.clear()
+        elif fault == "blocked_tick" and self.blocker is not None:
+            self.blocker.clear()
+        else:
+            raise ValueError(f"the stand-in policy cannot take fault {fault!r}")
+
+    def end(self, rig: LoopRig) -> None:
+        rig.input_fault = "none"
+        if self.runtime is not None:
+            self.runtime.fault = "none"
+            self.runtime.release.set()
+        if self.blocker is not None:
+            self.blocker.set()
+
+    def close(self) -> None:
         import rclpy
-        from rclpy.executors import SingleThreadedExecutor
 
-        context = rclpy.Context()
-        rclpy.init(context=context)
-        node, blocker = (self.in_process_policy or _reach_with_blocker)(context)
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(node)
-        thread = threading.Thread(target=executor.spin, daemon=True)
-        thread.start()
-        self.local_policy = (context, node, executor, thread, blocker)
-        return blocker
+        if self.runtime is not None:
+            self.runtime.release.set()
+        if self.blocker is not None:
+            self.blocker.set()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self.thread.join(timeout=5)
 
-    def _stop_local_policy(self) -> None:
-        import rclpy
 
-        context, node, executor, thread, blocker = self.local_policy
-        blocker.set()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
-        thread.join(timeout=5)
-        self.local_policy = None
+# ----------------------------------------------------------------------------- the trials
 
-    # --- measuring ---
 
-    def relaying(self, since: float) -> bool:
-        """Controller commands received after `since` that are the policy's own (relayed), at least 5 of them."""
-        with self.seen.lock:
-            policy = {values for _, values in self.seen.policy}
-            relayed = [t for t, values in self.seen.controller if t > since and values in policy]
-        return len(relayed) >= 5
+class FaultRig(LoopRig):
+    """`LoopRig` with `trial(fault)`. In-process faults switch the policy to this process (once)."""
 
-    def wait_relaying(self, timeout_s: float) -> bool:
-        since = time.perf_counter()
-        end = since + timeout_s
-        while time.perf_counter() < end:
-            self.procs.check()
-            if self.relaying(since):
-                return True
-            time.sleep(0.05)
-        return False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("relay_inputs", kwargs.get("policy", "stand_in") == "node")
+        super().__init__(*args, **kwargs)
+        self.local: LocalPolicy | None = None
 
-    def measure(self, fault: str, t_fault: float, until: float) -> TrialResult:
-        with self.seen.lock:
-            policy = {values for _, values in self.seen.policy}
-            controller = [(t, v) for t, v in self.seen.controller if t_fault - 1.0 <= t <= until]
-            hand = [(t, h) for t, h in self.seen.hand if t_fault - 1.0 <= t <= until]
-        first_safe = next(((t, v) for t, v in controller if t >= t_fault and v not in policy), None)
-        if first_safe is None:
-            return TrialResult(fault, math.nan, math.nan, False, 0)
-        last_relayed = max((t for t, v in controller if t <= first_safe[0] and v in policy), default=math.nan)
-        safe = sum(1 for t, v in controller if t >= first_safe[0] and v not in policy)
-        before = [h for t, h in hand if t <= last_relayed]
-        after = [h for t, h in hand if t >= last_relayed]
-        drift = max((float(np.linalg.norm(h - before[-1])) for h in after), default=math.nan) if before else math.nan
-        return TrialResult(fault, first_safe[0] - last_relayed, drift, False, safe)
+    def stop(self) -> dict[str, int]:
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+        return super().stop()
 
-    def trial(self, fault: str, watch_s: float = 1.0, recover_timeout_s: float = 30.0,
+    def _use_local_policy(self, local: bool, settle_s: float) -> None:
+        if local == (self.local is not None):
+            return
+        if local:
+            self.end_policy_process()
+            self.local = LocalPolicy(self)
+        else:
+            self.local.close()
+            self.local = None
+            self.start_policy()
+        if not self.wait_relaying(120.0):
+            raise RuntimeError(f"no policy commands reach the controller\n{self.logs()}")
+        time.sleep(settle_s)  # the switch was a fault of its own: let the arm settle
+
+    def trial(self, fault: str, watch_s: float = 1.0, recover_timeout_s: float = 60.0,
               settle_s: float = 1.0) -> TrialResult:
         """One fault: inject, watch `watch_s`, end it, wait for recovery and `settle_s` more."""
-        if fault not in FAULTS:
-            raise ValueError(f"fault must be one of {FAULTS}")
-        blocker = None
-        if fault == "blocked_tick":  # the policy runs in this process for the duration of the trial
-            self._end_policy_process()
-            blocker = self._start_local_policy()
+        if fault not in FAULTS or (self.policy == "stand_in" and fault not in STAND_IN_FAULTS):
+            raise ValueError(f"fault must be one of {STAND_IN_FAULTS if self.policy == 'stand_in' else FAULTS}")
+        self._use_local_policy(fault in IN_PROCESS_FAULTS, settle_s)
         if not self.wait_relaying(60.0):
-            raise RuntimeError(f"no relayed commands before the trial\n{self.procs.log_tail('watchdog')}")
-        if blocker is not None:
-            time.sleep(settle_s)  # the switch to the in-process policy was a fault of its own: let the arm settle
+            raise RuntimeError(f"no policy commands reach the controller before the trial\n{self.logs()}")
         proc = self.procs.procs.get("policy")
-        t_fault = time.perf_counter()
+        t_fault = time.monotonic()
         if fault == "sigkill":
             proc.send_signal(signal.SIGKILL)
         elif fault == "sigstop":
             proc.send_signal(signal.SIGSTOP)
         else:
-            blocker.clear()
+            self.local.inject(fault, self)
         time.sleep(watch_s)
-        result = self.measure(fault, t_fault, time.perf_counter())
+        result = self.measure(fault, t_fault, time.monotonic())
         if fault == "sigkill":
-            self._end_policy_process()
+            self.end_policy_process()
             self.start_policy()
         elif fault == "sigstop":
             proc.send_signal(signal.SIGCONT)
         else:
-            blocker.set()
+            self.local.end(self)
         result.recovered = self.wait_relaying(recover_timeout_s)
         time.sleep(settle_s)  # the arm settles back on the policy's motion before the next fault
-        if fault == "blocked_tick":
-            self._stop_local_policy()
-            self.start_policy()
         return result
 
+    def measure(self, fault: str, t_fault: float, until: float) -> TrialResult:
+        seen = self.seen
+        with seen.lock:
+            policy = {values for *_, values in seen.commands}
+            node_safe = {tuple(record["command"][:7]) for _, record in seen.ticks if record.get("safe")}
+            controller = [(t, v) for t, _, v in seen.controller if t_fault - 2.0 <= t <= until]
+            hand = [(t, h) for t, h in seen.hand if t_fault - 2.0 <= t <= until]
 
-def _reach_with_blocker(context: Any) -> tuple[Any, threading.Event]:
-    node = make_reach_policy(context=context)
-    return node, node.blocker
+        def is_safe(values: tuple[float, ...]) -> bool:
+            return values not in policy or values in node_safe
+
+        first = next(((t, v) for t, v in controller if t >= t_fault and is_safe(v)), None)
+        if first is None:
+            return TrialResult(fault, math.nan, math.nan, "", math.nan, 0)
+        last_fresh = max((t for t, v in controller if t <= first[0] and not is_safe(v)), default=math.nan)
+        safe = sum(1 for t, v in controller if t >= first[0] and is_safe(v))
+        before = [h for t, h in hand if t <= t_fault]
+        after = [h for t, h in hand if t >= t_fault]
+        drift = max((float(np.linalg.norm(h - before[-1])) for h in after), default=math.nan) if before else math.nan
+        return TrialResult(fault, first[0] - t_fault, first[0] - last_fresh,
+                           "watchdog" if first[1] not in policy else "node", drift, safe)
 
 
 if __name__ == "__main__":
