@@ -304,8 +304,8 @@ PARAMETERS: dict[str, Any] = {
     "output_mode": "effort",  # effort | position | velocity | trajectory: as the policy node's
     "arm_command_topic": "",  # "" = the mode's controller topic (gato_ros.commands.ARM_COMMAND_TOPICS)
     "gripper_command_topic": GRIPPER_COMMAND_TOPIC,
-    # The command's gripper entry (a robot joint name; the node's own `gripper_joint` names a model action).
-    "gripper_command_joint": "panda_finger_joint1",  # "" = no gripper
+    # The command's gripper entry, a robot joint name (the node's `gripper_action` names the model's action).
+    "gripper_joint": "panda_finger_joint1",  # "" = no gripper
     "control_rate_hz": 0.0,  # the policy node's rate; 0 = learn it from the stamps of its first commands
     "max_command_age_periods": 1.0,  # fresh: now - stamp <= this many periods
     "timeout_periods": 1.5,  # no fresh command for this long: the safe action
@@ -334,7 +334,7 @@ class PolicyWatchdog(Node):
             timeout_periods=float(prm["timeout_periods"]), safe_action=str(prm["safe_action"]),
             gains=HoldGains(tuple(prm["hold_stiffness"]), tuple(prm["hold_damping"])),
             limits=np.asarray(prm["effort_limits"], dtype=np.float64),
-            gripper_joint=str(prm["gripper_command_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
+            gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
         self.time_from_start_s = float(prm["trajectory_time_from_start_s"])
         # Silence is judged on a clock that never steps: steady time, or the sim clock with use_sim_time.
         self.sim_time = bool(self.get_parameter("use_sim_time").value)
