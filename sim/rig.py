@@ -19,6 +19,7 @@ Used by sim/faults.py (fault trials), scripts/jitter.py and scripts/soak.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -233,6 +234,15 @@ def _python() -> str:
     import sys
 
     return sys.executable
+
+
+def machine() -> str:
+    """The CPU model and core count, for the line under every number a script prints."""
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    return f"{model or 'unknown CPU'}, {os.cpu_count()} cores, no GPU in use"
 
 
 def rss_mb(pid: int) -> float:
