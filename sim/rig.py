@@ -68,13 +68,14 @@ class LoopRig:
 
     def __init__(self, log_dir: Path, policy: str = "stand_in", model_path: str = "", rate_hz: float = 20.0,
                  watchdog: bool = True, direct_output: bool = False, relay_inputs: bool = False,
-                 node_args: list[str] | None = None, keep: int = 200_000) -> None:
+                 node_args: list[str] | None = None, max_steps: int = 1_000_000, keep: int = 200_000) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.model_path, self.rate_hz = policy, model_path, rate_hz
         self.period_s = 1.0 / rate_hz
         self.watchdog, self.direct_output, self.relay_inputs = watchdog, direct_output, relay_inputs
         self.node_args = list(node_args or [])
+        self.max_steps = max_steps  # the bridge's episode length (an episode that ends leaves the arm controlled)
         self.keep = keep  # the observer keeps this many of each record (a soak runs for long)
         self.procs = Processes(self.log_dir)
         self.seen = Seen()
@@ -88,7 +89,7 @@ class LoopRig:
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
         image_size = model_image_size(self.model_path) if self.model_path else 0
         self.procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
-            "--ros-args", "-p", f"image_size:={image_size}", "-p", "max_steps:=1000000",
+            "--ros-args", "-p", f"image_size:={image_size}", "-p", f"max_steps:={self.max_steps}",
             "-p", "real_time_factor:=1.0", "--log-level", "warn"])
         if self.watchdog:
             self.procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
