@@ -63,7 +63,8 @@ def measure(rig: LoopRig, seconds: float) -> dict:
         "relay_us": {"p50": watchdog.get("relay_latency_p50_us", ""), "p99": watchdog.get("relay_latency_p99_us", "")},
         "watchdog_faults": watchdog.get("faults", ""), "watchdog_dropped_stale": watchdog.get("dropped_stale", ""),
         "node_deadline_misses": node.get("deadline_misses", ""), "node_ticks": node.get("ticks", ""),
-        "node_step_p50_ms": node.get("step_latency_p50_ms", ""), "node_step_p99_ms": node.get("step_latency_p99_ms", ""),
+        "node_step_p50_ms": node.get("step_latency_p50_ms", ""),
+        "node_step_p99_ms": node.get("step_latency_p99_ms", ""),
     }
 
 
@@ -95,13 +96,14 @@ def main() -> int:
     print("| rate | wiring | commands | tick interval p50 / p99 / max | jitter p50 / p99 | stamp → controller "
           "p50 / p99 | relay (in the watchdog) p50 / p99 | node deadline misses |")
     print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in runs:
         ti, jit, e2e = r["tick_interval_ms"], r["jitter_ms"], r["stamp_to_controller_ms"]
         relay = f"{r['relay_us']['p50']} / {r['relay_us']['p99']} µs" if r["wiring"] == "watchdog" else "—"
         print(f"| {r['rate_hz']:g} Hz | {r['wiring']} | {r['commands']} | "
-              f"{ti.get('p50', float('nan')):.1f} / {ti.get('p99', float('nan')):.1f} / {ti.get('max', float('nan')):.1f}"
-              f" ms | {jit.get('p50', float('nan')):.2f} / {jit.get('p99', float('nan')):.2f} ms | "
-              f"{e2e.get('p50', float('nan')):.2f} / {e2e.get('p99', float('nan')):.2f} ms | {relay} | "
+              f"{ti.get('p50', nan):.1f} / {ti.get('p99', nan):.1f} / {ti.get('max', nan):.1f} ms | "
+              f"{jit.get('p50', nan):.2f} / {jit.get('p99', nan):.2f} ms | "
+              f"{e2e.get('p50', nan):.2f} / {e2e.get('p99', nan):.2f} ms | {relay} | "
               f"{r['node_deadline_misses']} of {r['node_ticks']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
