@@ -289,6 +289,7 @@ class WatchdogCore:
 import rclpy  # noqa: E402  (below the ROS-free core on purpose, as in gato_ros.node)
 from builtin_interfaces.msg import Duration  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
+from rcl_interfaces.msg import ParameterDescriptor  # noqa: E402
 from rclpy.clock import Clock, ClockType  # noqa: E402
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
@@ -324,7 +325,9 @@ class PolicyWatchdog(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         for name, default in PARAMETERS.items():
-            self.declare_parameter(name, default)
+            # Numbers take any numeric type (`control_rate_hz:=20` is an integer to ROS); cast below.
+            numeric = isinstance(default, float) or (isinstance(default, list) and isinstance(default[0], float))
+            self.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=numeric))
         prm = {name: self.get_parameter(name).value for name in PARAMETERS}
         rate = float(prm["control_rate_hz"])
         if not np.isfinite(rate) or rate < 0:
@@ -332,7 +335,7 @@ class PolicyWatchdog(Node):
         self.core = WatchdogCore(
             mode=str(prm["output_mode"]), rate_hz=rate, max_age_periods=float(prm["max_command_age_periods"]),
             timeout_periods=float(prm["timeout_periods"]), safe_action=str(prm["safe_action"]),
-            gains=HoldGains(tuple(prm["hold_stiffness"]), tuple(prm["hold_damping"])),
+            gains=HoldGains(tuple(map(float, prm["hold_stiffness"])), tuple(map(float, prm["hold_damping"]))),
             limits=np.asarray(prm["effort_limits"], dtype=np.float64),
             gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
         self.time_from_start_s = float(prm["trajectory_time_from_start_s"])

@@ -306,7 +306,7 @@ def evaluate_over_ros(
             "-p", "use_sim_time:=true", "-p", f"command_topic:={COMMAND_TOPIC}"])
         # The watchdog relays the node's stamped commands to the controller topics, as on a robot.
         procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={1.0 / period:g}"])
+            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={1.0 / period!r}"])
         supervisor = Supervisor()
         _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
               "the bridge's services and the policy node to become active", procs)
