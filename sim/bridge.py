@@ -22,10 +22,11 @@ a real controller refuses a message. `command_timeout_s` (> 0, sim time; default
 the real controllers do not have: an arm or gripper command older than that is replaced by zero effort.
 
 The env steps in a thread of its own at `real_time_factor` × real time (0 = as fast as it can) and
-publishes /clock, so nodes with use_sim_time follow it. Services: ~/reset (std_srvs/Trigger) starts
-an episode with the `seed` parameter (then seed + 1 for the next one); ~/status (Trigger) reports
-the episode as JSON in `message` and success in `success`. A NaN physics state ends the episode as
-a failure, logged as an error, and the env resets.
+publishes /clock, so nodes with use_sim_time follow it; with `wall_clock_stamps` (and real_time_factor 1)
+it stamps its messages with the system clock instead, like a real arm's driver, for nodes on the wall
+clock. Services: ~/reset (std_srvs/Trigger) starts an episode with the `seed` parameter (then seed + 1
+for the next one); ~/status (Trigger) reports the episode as JSON in `message` and success in `success`.
+A NaN physics state ends the episode as a failure, logged as an error, and the env resets.
 
 For closed-loop evaluation (`sim.ros_eval`) the bridge behaves like in-process stepping: it
 publishes the observation before /clock, so a policy node on sim time ticks on observation t and
@@ -80,6 +81,7 @@ PARAMETERS: dict[str, Any] = {
     "wait_for_reset": False,  # stay still (no steps, no /clock) until the first ~/reset
     "pause_when_done": False,  # stop stepping when an episode ends, until the next ~/reset
     "publish_clock": True,
+    "wall_clock_stamps": False,  # stamp messages with the system clock, as a real arm's driver does (no /clock then)
     "joint_states_topic": "joint_states",
     "image_topic": "camera/image_raw",
     "camera_info_topic": "camera/camera_info",
@@ -125,7 +127,8 @@ class SimBridge(Node):
         self.joint_pub = self.create_publisher(JointState, prm["joint_states_topic"], qos_profile_sensor_data)
         self.image_pub = self.create_publisher(Image, prm["image_topic"], qos_profile_sensor_data)
         self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
-        self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if prm["publish_clock"] else None
+        on_sim_clock = prm["publish_clock"] and not prm["wall_clock_stamps"]
+        self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if on_sim_clock else None
         self.vector_pubs: dict[str, Any] = {}
         # Episode boundaries for recordings (gato-ros dataset cuts episodes here): JSON {"event": "start" | "end",
         # "seed", ...}, published before the observation that begins the episode / follows its last step.
@@ -353,7 +356,7 @@ class SimBridge(Node):
     def _publish(self, obs: dict[str, np.ndarray]) -> None:
         # The observation goes out before /clock: a node on sim time ticks when the clock moves and by
         # then holds this observation, so its command answers it (as in-process stepping would).
-        stamp = Time(nanoseconds=self.sim_ns).to_msg()
+        stamp = (self.get_clock().now() if self.prm["wall_clock_stamps"] else Time(nanoseconds=self.sim_ns)).to_msg()
         vectors = {key: np.asarray(value, np.float64).reshape(-1).tolist()  # once: published and recorded
                    for key, value in obs.items() if key != "image"}
         self._arm_positions = np.asarray(vectors["joint_positions"][:7])

@@ -1,6 +1,7 @@
 """The closed loop as a robot runs it, for measurements from outside every process.
 
-`LoopRig` starts `sim_bridge` (real time, wall clock), `policy_watchdog` and a policy — `policy_node`
+`LoopRig` starts `sim_bridge` (real time, stamping with the wall clock like a real arm's driver; every
+node on the wall clock), `policy_watchdog` and a policy — `policy_node`
 serving an ONNX model, or the stand-in `ReachPolicy` (sim/faults.py) — each as its own process, or the
 policy in this process where a fault must be injected inside it. An observer node here records, with
 their receive times:
@@ -90,7 +91,7 @@ class LoopRig:
         image_size = model_image_size(self.model_path) if self.model_path else 0
         self.procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
             "--ros-args", "-p", f"image_size:={image_size}", "-p", f"max_steps:={self.max_steps}",
-            "-p", "real_time_factor:=1.0", "--log-level", "warn"])
+            "-p", "real_time_factor:=1.0", "-p", "wall_clock_stamps:=true", "--log-level", "warn"])
         if self.watchdog:
             self.procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
                 "--ros-args", "-p", f"control_rate_hz:={self.rate_hz}"])

@@ -136,6 +136,17 @@ def _joint1_speed_after(sim: Harness, steps: int) -> tuple[float, float]:
     return before, sim.got["joints"][-1].velocity[0]
 
 
+def test_wall_clock_stamps_like_a_real_arm_driver():
+    sim = Harness(real_time_factor=1.0, image_size=0, wall_clock_stamps=True)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 3, 20.0)
+        stamp = sim.got["joints"][-1].header.stamp
+        assert abs(stamp.sec + stamp.nanosec * 1e-9 - time.time()) < 1.0, "stamped with the system clock"
+        assert not sim.got["clock"], "no /clock: nodes stay on the wall clock"
+    finally:
+        sim.close()
+
+
 def test_the_last_effort_command_applies_until_a_new_one_arrives_forever(real_time):
     """As forward_command_controller: one command, sent once, still acts a second later (no timeout)."""
     sim = real_time
