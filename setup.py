@@ -35,6 +35,7 @@ DEV = TRAIN + SIM + ROS + RECORD + [
     "pytest",
     "pytest-timeout",
     "hypothesis",
+    "rosbags",  # an independent rosbag2 reader: tests open our bags with it
     "ruff",
     "colcon-core",
     "colcon-ros",

@@ -26,7 +26,7 @@ zero finger force opens the hand (two zero ticks while carrying dropped the cube
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,10 +51,17 @@ JOINT_STATE_FIELD: dict[str, str] = {"effort": "effort", "position": "position",
 
 @dataclass(frozen=True)
 class HoldGains:
-    """Joint-space PD gains of the `hold` torque (effort mode), one per arm joint."""
+    """Joint-space PD gains of the `hold` torque (effort mode): one per arm joint (a diagonal gain), or a
+    full n×n matrix, row-major, that couples the joints (e.g. a mass matrix times ωₙ² and 2ζωₙ)."""
 
-    stiffness: tuple[float, ...]  # N·m/rad
-    damping: tuple[float, ...]  # N·m·s/rad
+    stiffness: tuple[float, ...]  # N·m/rad: n values, or n·n
+    damping: tuple[float, ...]  # N·m·s/rad: n values, or n·n
+
+    def apply(self, gain: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+        """`gain` (this object's stiffness or damping) times the joint vector `x`."""
+        g = np.asarray(gain, dtype=np.float64).reshape(-1)
+        n = x.shape[0]
+        return g.reshape(n, n) @ x if g.size == n * n and n > 1 else g * x
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnap
                      velocities: np.ndarray, gains: HoldGains, limits: np.ndarray) -> np.ndarray:
     """The arm part of the safe action in `mode`, from the latest valid joint state (finite, within `limits`).
 
-    effort:      hold τ = K (q_fault − q) − D q̇;  damp τ = −D q̇;  zero τ = 0
+    effort:      hold τ = K (q_fault − q) − D q̇;  damp τ = −D q̇;  zero τ = 0  (K, D diagonal or full)
     position:    hold and damp command q_fault (position controllers hold by themselves); zero is refused
     velocity:    0 rad/s for every kind
     trajectory:  hold and damp send q_fault (zero velocity at the point)
@@ -83,9 +90,9 @@ def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnap
         if kind == "zero":
             tau = np.zeros_like(q_fault)
         elif kind == "damp":
-            tau = -np.asarray(gains.damping) * qd
+            tau = -gains.apply(gains.damping, qd)
         else:
-            tau = np.asarray(gains.stiffness) * (q_fault - q) - np.asarray(gains.damping) * qd
+            tau = gains.apply(gains.stiffness, q_fault - q) - gains.apply(gains.damping, qd)
         tau = np.where(np.isfinite(tau), tau, 0.0)
         return np.clip(tau, -limits, limits)
     if mode == "velocity":
@@ -100,3 +107,43 @@ def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnap
 def safe_gripper_command(kind: SafeActionKind, snapshot: FaultSnapshot) -> float:
     """hold and damp keep the gripper's last command (a grasp stays closed); zero sends 0."""
     return 0.0 if kind == "zero" else float(snapshot.gripper_command)
+
+
+# ----------------------------------------------------------------------------- output mode vs the model
+
+# What a model's actions are, and the controller modes that can take them. An effort policy cannot
+# drive a position controller; a position policy can drive a forward position controller or
+# joint_trajectory_controller (one point per tick).
+MODES_FOR_ACTIONS: dict[str, tuple[str, ...]] = {
+    "effort": ("effort",),
+    "position": ("position", "trajectory"),
+    "velocity": ("velocity",),
+}
+
+
+def model_action_mode(spec: Any) -> str:
+    """What the model's actions are: `spec.action_mode` where a spec declares it, else effort.
+
+    Every model gato_ros trains today outputs joint torques (N·m) and a finger force (N)."""
+    mode = getattr(spec, "action_mode", "effort") or "effort"
+    if mode not in MODES_FOR_ACTIONS:
+        raise ValueError(f"the model's action mode must be one of {tuple(MODES_FOR_ACTIONS)}, got {mode!r}")
+    return mode
+
+
+def check_output_mode(output_mode: str, action_mode: str) -> None:
+    """Refuse an output mode that the model's actions cannot drive, with the reason in the message."""
+    if output_mode not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+    allowed = MODES_FOR_ACTIONS[action_mode]
+    if output_mode not in allowed:
+        raise ValueError(f"output_mode {output_mode!r} cannot be driven by this model: its actions are "
+                         f"{action_mode} commands, which only a {' or '.join(allowed)} controller takes")
+
+
+def check_safe_action(kind: str, mode: str) -> None:
+    """Refuse a safe action that is not one in `mode` (a zero position is a large motion)."""
+    if kind not in SAFE_ACTIONS:
+        raise ValueError(f"safe_action must be one of {SAFE_ACTIONS}, got {kind!r}")
+    if kind == "zero" and mode in ("position", "trajectory"):
+        raise ValueError(f"safe_action 'zero' in {mode} mode would command every joint to 0 rad: use hold or damp")

@@ -33,6 +33,10 @@ VOCAB_SIZE = SEPARATOR_TOKEN + 3
 PATCH_SIZE = 16
 PATCH_POSITION_INTERVALS = 128
 
+# The local position of a token that gets no local position encoding: the separator and the action tokens of
+# a model with `observation_local_positions_only` (Gato adds local positions to observation tokens only).
+NO_LOCAL_POSITION = -1
+
 TOKENIZER_CONSTANT_NAMES = ("MU", "M", "NUM_BINS", "TEXT_VOCAB_SIZE", "CONTINUOUS_OFFSET", "DISCRETE_RANGE",
                             "SEPARATOR_TOKEN", "PATCH_TOKEN", "PAD_TOKEN", "VOCAB_SIZE", "PATCH_SIZE",
                             "PATCH_POSITION_INTERVALS")
@@ -62,6 +66,14 @@ META_CACHE_UPDATE = "gato_ros.cache_update"
 META_LOGIT_IDS = "gato_ros.logit_ids"
 # JSON list of cache capacities besides config.context_window that the model was trained for (absent: none).
 META_TRAINED_CAPACITIES = "gato_ros.trained_capacities"
+# How the graph keeps its cache (absent: ring). Both are rings of slots in any order, masked by `past_positions`.
+# CACHE_LAYOUT_RING: present.* hold the new tokens' keys/values only; the runtime writes them into its ring.
+# CACHE_LAYOUT_IN_PLACE: present.* are the whole ring (past's shape, L slots) with the new tokens written at slot
+# position mod L; the runtime binds present to past's memory, so the write is in place and nothing is copied.
+# The runtime keeps L = capacity + the most tokens it passes in one call, so no write evicts a visible token.
+META_CACHE_LAYOUT = "gato_ros.cache_layout"
+CACHE_LAYOUT_RING = "ring"
+CACHE_LAYOUT_IN_PLACE = "ring-in-place"
 
 REQUIRED_METADATA = (META_CONFIG, META_SPEC, META_TOKENIZER, META_CONTEXT_TOKENS)
 
@@ -130,7 +142,7 @@ def cache_update_names(j: int) -> tuple[str, str, str]:
 
 # Fields added after files were first shipped, with the value that reproduces a file written before them:
 # a config read from JSON without the field behaves as it was trained.
-LEGACY_DEFAULTS: dict[str, object] = {}
+LEGACY_DEFAULTS: dict[str, object] = {"observation_local_positions_only": False}
 
 
 @dataclass
@@ -150,6 +162,9 @@ class GatoConfig:
     patch_channels: int = 32  # width of the per-patch ResNet-v2 block
     dropout: float = 0.0
     label_sigma: float = 2.5  # Gaussian soft labels over continuous bins, in bins (0: hard labels)
+    # Local position encodings on observation tokens only, as in the paper: the separator and the action tokens
+    # get NO_LOCAL_POSITION. False: every token of a timestep gets its index (files written before this field).
+    observation_local_positions_only: bool = True
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

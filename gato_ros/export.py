@@ -5,8 +5,9 @@
 
 One graph serves prefill (S observation tokens) and decode (S = 1): inputs are the new tokens, their
 absolute and local positions, the rolling cache (`past_key_values.{i}.key/value` [B, H, C, Dh]) and
-the absolute positions of its slots; outputs are the last position's logits and the new tokens'
-keys/values (`present.{i}.*`). Everything the runtime needs travels in `metadata_props`.
+the absolute positions of its slots; outputs are the last position's logits and `present.{i}.*`: the new
+tokens' keys/values, or, in the fused graph (`gato_ros.cache_layout` = ring-in-place), the whole ring with
+them written at slot position mod C. Everything the runtime needs travels in `metadata_props`.
 The serving head is restricted to the action vocabulary (the ids any action dimension can take, listed
 in `gato_ros.logit_ids`): `logits` is [B, 1, K] over those ids, K = 1026 for the Panda spec instead of
 33027 (`--full-vocab-head` keeps the whole vocabulary, and leaves the key out).
@@ -33,12 +34,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gato_ros import contract
 from gato_ros import tokenizer as tok
+from gato_ros.attention_graph import build_serving_graph
 from gato_ros.contract import EMPTY_POSITION, GatoConfig, io_names
 from gato_ros.model import GatoModel
+from gato_ros.quantize import body_matmuls, store_body_int8, store_text_rows_int8, table_name
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 OPSET = 17
-VARIANTS = ("fp32", "int8", "int4", "fp16")
+VARIANTS = ("fp32", "int8", "int8-dynamic", "int4", "fp16")
 TWO_GB = 2**31 - 2**24  # protobuf's hard limit, with headroom for the graph itself
 
 
@@ -215,10 +218,15 @@ def logit_ranges(model: onnx.ModelProto) -> list[tuple[int, int]] | None:
     return None if value is None else [(int(lo), int(hi)) for lo, hi in json.loads(value)]
 
 
+def cache_layout(model: onnx.ModelProto) -> str:
+    """The file's `gato_ros.cache_layout` (absent: the ring whose presents hold the new tokens only)."""
+    return next((p.value for p in model.metadata_props if p.key == contract.META_CACHE_LAYOUT),
+                contract.CACHE_LAYOUT_RING)
+
+
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
-                 ranges: list[tuple[int, int]] | None = None) -> None:
-    cache_input = contract.past_key_name(0)
-    cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
+                 ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = (),
+                 layout: str = contract.CACHE_LAYOUT_RING) -> None:
     props = {
         contract.META_CONFIG: config.to_json(),
         contract.META_SPEC: spec.to_json(),
@@ -226,11 +234,20 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
         contract.META_CONTEXT_TOKENS: str(context),
         contract.META_VARIANT: variant,
         contract.META_EMPTY_POSITION: str(EMPTY_POSITION),
-        contract.META_CACHE_UPDATE: base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode(),
     }
+    if layout == contract.CACHE_LAYOUT_RING:  # an in-place ring is written by the graph itself, on any device
+        cache_input = contract.past_key_name(0)
+        cache_type = next(i for i in model.graph.input if i.name == cache_input).type.tensor_type.elem_type
+        props[contract.META_CACHE_UPDATE] = base64.b64encode(cache_update_graph(config.n_layer, cache_type)).decode()
+    else:
+        props[contract.META_CACHE_LAYOUT] = layout
     if ranges is not None:
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
-    kept = [p for p in model.metadata_props if p.key not in props and p.key != contract.META_LOGIT_IDS]
+    if trained_capacities:
+        props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
+    optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES, contract.META_CACHE_LAYOUT,
+                contract.META_CACHE_UPDATE)
+    kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for k, v in props.items():
@@ -243,7 +260,8 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    if model.ByteSize() > TWO_GB:
+    # Summed from the tensors: ByteSize() itself fails on a message past protobuf's 2 GB limit.
+    if sum(len(t.raw_data) for t in model.graph.initializer) > TWO_GB:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
     else:
@@ -251,9 +269,40 @@ def save(model: onnx.ModelProto, path: Path) -> None:
     onnx.checker.check_model(str(path))  # by path: works for external data too
 
 
-def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False
-                ) -> Path:
-    config, images = model.config, bool(spec.image_keys)
+def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: str) -> bool:
+    """The node-by-node graph (gato_ros/attention_graph.py) serves state-only specs with the action head."""
+    return attention == "fused" and not spec.image_keys and not full_vocab_head
+
+
+def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False,
+                 trained_capacities: tuple[int, ...] = ()) -> Path:
+    """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
+    phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
+    ranges = action_vocab(spec)
+    layout = contract.CACHE_LAYOUT_IN_PLACE
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout)
+    save(proto, out)
+    return out
+
+
+def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
+                attention: str = "fused", trained_capacities: tuple[int, ...] = ()) -> Path:
+    """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
+    and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
+    if fused_graph_applies(spec, full_vocab_head, attention):
+        return export_fused(model, spec, out, context, trained_capacities=trained_capacities)
+    proto = torchscript_graph(model, bool(spec.image_keys))
+    ranges = None if full_vocab_head else action_vocab(spec)
+    if ranges is not None:
+        restrict_head(proto, ranges)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities)
+    save(proto, out)
+    return out
+
+
+def torchscript_graph(model: GatoModel, images: bool) -> onnx.ModelProto:
+    config = model.config
     inputs, outputs = io_names(config.n_layer, images)
     wrapper = OnnxPolicy(model.eval(), images)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
@@ -261,55 +310,16 @@ def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int,
         torch.onnx.export(wrapper, example_inputs(config, images), str(raw), input_names=inputs,
                           output_names=outputs, dynamic_axes=dynamic_axes(config.n_layer, images),
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        proto = onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
-    ranges = None if full_vocab_head else action_vocab(spec)
-    if ranges is not None:
-        restrict_head(proto, ranges)
-    set_metadata(proto, config, spec, context, "fp32", ranges)
-    save(proto, out)
-    return out
+        return onnx.load(str(raw))  # pulls external data (if torch wrote any) into memory
 
 
 # ------------------------------------------------------------------------------------------ variants
-def table_name(model: onnx.ModelProto) -> str:
-    """The token table: the one initializer with a vocabulary-sized first axis (Gather and head share it)."""
-    return next(i.name for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == tok.VOCAB_SIZE)
-
-
 def head_nodes(model: onnx.ModelProto) -> list[str]:
     """The node(s) computing the logits from the tied table (whole, or its action rows): kept in full
     precision (near-tied neighbouring bins, sensitive)."""
     table = table_name(model)
     return [n.name for n in model.graph.node
             if n.op_type in ("MatMul", "Gemm") and {table, "logit_table"} & set(n.input[1:])]
-
-
-def int8_weight(name: str, w: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """Symmetric int8 copy of `w` with one scale per slice along `axis`, and the nodes that turn it back
-    into fp32 under `name`. They read initializers only, so ORT folds them at session load: the file
-    holds int8, the session computes in fp32 at fp32 speed."""
-    reduce = tuple(d for d in range(w.ndim) if d != axis)
-    scale = np.abs(w).max(axis=reduce) / 127.0
-    scale[scale == 0] = 1.0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    inits = [numpy_helper.from_array(q, name + "_int8"),
-             numpy_helper.from_array(scale.reshape(shape).astype(np.float32), name + "_scale")]
-    # Cast + Mul rather than DequantizeLinear: ORT keeps DequantizeLinear out of constant folding (for its
-    # QDQ fusions), which would dequantize the table on every call.
-    nodes = [helper.make_node("Cast", [name + "_int8"], [name + "_cast"], to=TensorProto.FLOAT, name=name + "_cast"),
-             helper.make_node("Mul", [name + "_cast", name + "_scale"], [name], name=name + "_dequantize")]
-    return inits, nodes
-
-
-def body_matmuls(model: onnx.ModelProto) -> list[str]:
-    """The attention and MLP projections of the transformer blocks (MatMul with a constant weight). The
-    attention's own MatMuls (Q·Kᵀ, softmax·V) read two activations and the value embedding encodes every
-    observation value: they stay fp32, like the head."""
-    weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and n.name.startswith("/blocks.") and n.input[1] in weights]
 
 
 def quantize_body_dynamic(src: Path, dst: Path) -> None:
@@ -330,8 +340,10 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     logging.disable(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            # DefaultTensorType: shape inference gives no type to com.microsoft outputs (fused attention)
             quantize_dynamic(proto, str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto))
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=body_matmuls(proto),
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
             quantized = onnx.load(str(Path(tmp) / "q.onnx"))
     finally:
         logging.disable(logging.NOTSET)
@@ -341,30 +353,8 @@ def quantize_body_dynamic(src: Path, dst: Path) -> None:
     save(quantized, dst)
 
 
-def compress_text_rows(src: Path, dst: Path) -> None:
-    """The 31k text rows of the token table (never gathered nor chosen by a control policy, whose actions
-    are constrained to their ranges) stored int8 per row and rebuilt to fp32 at session load. Every row an
-    action can take -- discrete ids [0, DISCRETE_RANGE), the continuous bins, the special tokens -- stays
-    fp32, and the Gather and the head still share one table."""
-    proto = onnx.load(str(src))
-    graph, table = proto.graph, table_name(proto)
-    init = next(i for i in graph.initializer if i.name == table)
-    w = numpy_helper.to_array(init)
-    lo, hi = tok.DISCRETE_RANGE, tok.CONTINUOUS_OFFSET
-    text, dequantize = int8_weight(table + ".text", w[lo:hi], axis=0)  # one scale per row (token)
-    graph.initializer.remove(init)
-    graph.initializer.extend(text + [numpy_helper.from_array(w[:lo], table + ".discrete"),
-                                     numpy_helper.from_array(w[hi:], table + ".actions")])
-    concat = helper.make_node("Concat", [table + ".discrete", table + ".text", table + ".actions"], [table], axis=0,
-                              name=table + "_concat")
-    body = list(graph.node)
-    del graph.node[:]
-    graph.node.extend([*dequantize, concat, *body])  # these read initializers only: ORT folds them at load
-    save(proto, dst)
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """int8 = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
+def quantize_int8_dynamic(src: Path, dst: Path) -> None:
+    """int8-dynamic = dynamic int8 compute for the transformer blocks + int8 storage for the table's text rows.
 
     What is int8: the blocks' qkv / attention-output / MLP weights (int8, per output channel) and their
     matrix products (MatMulInteger on per-call uint8 activations); the table's text rows, on disk only.
@@ -380,7 +370,19 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body.onnx"
         quantize_body_dynamic(src, body)
-        compress_text_rows(body, dst)
+        proto = onnx.load(str(body))
+    store_text_rows_int8(proto)
+    save(proto, dst)
+
+
+def quantize_int8_weights(src: Path, dst: Path) -> None:
+    """int8 = int8 storage of the block projections and the table's text rows, fp32 compute
+    (gato_ros/quantize.py says why)."""
+    proto = onnx.load(str(src))
+    if store_body_int8(proto) == 0:
+        raise RuntimeError(f"{src}: no transformer projections found to store as int8")
+    store_text_rows_int8(proto)
+    save(proto, dst)
 
 
 def quantize_int4(src: Path, dst: Path) -> None:
@@ -392,26 +394,89 @@ def quantize_int4(src: Path, dst: Path) -> None:
     save(quant.model.model, dst)
 
 
+def rotary_angle_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
+    """(Cast, Mul, Cos or Sin) triples that turn the integer rotary phase into cos/sin: the angle is
+    Cast(phase) * 2π/P. The value embedding's Fourier features have no Cast right before their Mul."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = []
+    for trig in (n for n in model.graph.node if n.op_type in ("Cos", "Sin")):
+        scale = producer.get(trig.input[0])
+        if scale is None or scale.op_type != "Mul":
+            continue
+        cast = next((producer[i] for i in scale.input if i in producer and producer[i].op_type == "Cast"), None)
+        if cast is not None:
+            found.append((cast, scale, trig))
+    return found
+
+
+def keep_rotary_angles_fp32(model: onnx.ModelProto) -> None:
+    """Compute the rotary angle and its cos/sin in fp32 inside an fp16 graph, then cast cos/sin to fp16.
+
+    The phase runs up to rope_period - 1 = 65535, past fp16's range (65504 is the largest finite value and
+    anything from 65520 rounds to inf): cast to fp16 the angle is inf and cos/sin NaN. cos/sin lie in [-1, 1]
+    and are safe in fp16. (onnxruntime's converter has a node_block_list for this, but it emits duplicate
+    cast names when a blocked node feeds two blocked nodes, as the angle feeds Cos and Sin.)"""
+    triples = rotary_angle_nodes(model)
+    if not triples:
+        raise RuntimeError("found no rotary angle nodes (Cast → Mul → Cos/Sin) to keep in fp32")
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    done: set[str] = set()
+    casts: list[onnx.NodeProto] = []
+    for cast, scale, trig in triples:
+        if cast.name not in done:
+            next(a for a in cast.attribute if a.name == "to").i = TensorProto.FLOAT
+            done.add(cast.name)
+        if scale.name not in done:
+            for k, name in enumerate(scale.input):
+                if name == cast.output[0]:
+                    continue
+                value = (numpy_helper.to_array(inits[name]) if name in inits else
+                         numpy_helper.to_array(next(a.t for a in producer[name].attribute if a.name == "value")))
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name + "_fp32"))
+                scale.input[k] = name + "_fp32"
+            done.add(scale.name)
+        half = trig.output[0]
+        trig.output[0] = half + "_fp32"
+        casts.append(helper.make_node("Cast", [trig.output[0]], [half], to=TensorProto.FLOAT16,
+                                      name=trig.name + "_to_fp16"))
+    graph.node.extend(casts)
+    used = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    stale = {t for c, s, n in triples for t in (*c.output, *s.output, *n.output)}
+    kept = [v for v in graph.value_info if v.name not in stale]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
 def convert_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     proto = onnx.load(str(src))
     # The KV cache goes fp16 (half the memory and bandwidth on the GPU); patches and logits stay fp32.
-    # The runtime reads the cache type from the graph's inputs.
-    half = OnnxModel(convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS]))
+    # The runtime reads the cache type from the graph's inputs. The rotary angle path stays fp32.
+    half = convert_float_to_float16(proto, keep_io_types=[contract.PATCHES, contract.LOGITS])
+    keep_rotary_angles_fp32(half)
+    half = OnnxModel(half)
     half.topological_sort()  # the converter appends its input casts after their consumers
     save(half.model, dst)
 
 
-def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentSpec, context: int) -> Path:
+def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentSpec, context: int,
+                 trained_capacities: tuple[int, ...] = ()) -> Path:
     dst = fp32 if variant == "fp32" else fp32.with_name(f"{fp32.stem}.{variant}.onnx")
     if variant == "fp32":
         return dst
-    {"int8": quantize_int8, "int4": quantize_int4, "fp16": convert_fp16}[variant](fp32, dst)
+    {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
+     "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
     # quantizers may drop or keep stale props
-    set_metadata(proto, config, spec, context, variant, logit_ranges(onnx.load(str(fp32), load_external_data=False)))
+    source = onnx.load(str(fp32), load_external_data=False)
+    set_metadata(proto, config, spec, context, variant, logit_ranges(source), trained_capacities, cache_layout(source))
     save(proto, dst)
     return dst
 
@@ -424,29 +489,57 @@ def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, ca
 
     config, images = model.config, bool(spec.image_keys)
     inputs, _ = io_names(config.n_layer, images)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ranges = logit_ranges(onnx.load(str(path), load_external_data=False))
+    so = ort.SessionOptions()
+    # As the runtime's sessions: ORT applies this flag process-wide from the first session a process creates
+    # (a later session cannot turn it on), and the parity check often comes first (export, bench).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(path), load_external_data=False)
+    ranges, in_place = logit_ranges(proto), cache_layout(proto) == contract.CACHE_LAYOUT_IN_PLACE
     reference = OnnxPolicy(model, images, None if ranges is None else range_ids(ranges))
     worst = 0.0
     for s in (seq, 1):
         args = list(example_inputs(config, images, seq=s, cache=cache))
         args[3][0, : cache // 3] = EMPTY_POSITION  # some empty slots, as after a reset
         with torch.no_grad():
-            expected = reference(*args)
+            expected = [e.numpy() for e in reference(*args)]
+        if in_place:  # a ring of cache + s slots: the new tokens go to the s empty ones (positions cache.. mod L)
+            args, expected = with_room_for_new_tokens(args, expected, s, config.n_layer)
         got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args, strict=True)})
         for e, g in zip(expected, got, strict=True):
-            worst = max(worst, float(np.abs(e.numpy() - g.astype(np.float32)).max()))
+            worst = max(worst, float(np.abs(e - g.astype(np.float32)).max()))
     return worst
+
+
+def with_room_for_new_tokens(args: list[torch.Tensor], expected: list[np.ndarray], s: int, n_layer: int
+                             ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """`example_inputs` for an in-place ring: s empty slots appended, where the s new tokens land; the expected
+    presents become the ring after that write."""
+    kv = args[4:4 + 2 * n_layer]
+    grown = [torch.cat([t, torch.zeros(*t.shape[:2], s, t.shape[3])], 2) for t in kv]
+    positions = torch.cat([args[3], torch.full((1, s), EMPTY_POSITION)], 1)
+    rings = [torch.cat([t, torch.from_numpy(e)], 2).numpy() for t, e in zip(kv, expected[1:], strict=True)]
+    return [*args[:3], positions, *grown, *args[4 + 2 * n_layer:]], [expected[0], *rings]
 
 
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
-           context: int | None = None, check: bool = True, full_vocab_head: bool = False) -> dict[str, Path]:
+           context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused",
+           trained_capacities: tuple[int, ...] = ()) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
-    covers the spec's action vocabulary only, or every token with `full_vocab_head`."""
+    covers the spec's action vocabulary only, or every token with `full_vocab_head`.
+
+    `context` (the runtime's default cache capacity) is the model's window unless `trained_capacities` lists it:
+    those are the other capacities the model was trained to be served with (`gato_ros.trained_capacities`); the
+    runtime refuses any capacity that is neither."""
     out = Path(out)
     context = int(context or model.config.context_window)
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head)
+    trained_capacities = tuple(sorted({int(c) for c in trained_capacities} - {model.config.context_window}))
+    if context != model.config.context_window and context not in trained_capacities:
+        raise ValueError(f"context {context} differs from the model's trained window (context_window="
+                         f"{model.config.context_window}); list it in trained_capacities if the model was trained "
+                         f"for it")
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities)
     if check:
         diff = parity(model, spec, fp32)
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
@@ -456,7 +549,11 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
-        paths[v] = make_variant(fp32, v, model.config, spec, context)
+        if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
+            paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True,
+                                    trained_capacities=trained_capacities)
+        else:
+            paths[v] = make_variant(fp32, v, model.config, spec, context, trained_capacities)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
         print(f"{v}: {paths[v]} ({size / 2**20:.1f} MiB)")
     return paths
@@ -469,9 +566,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", help="spec.json path, or 'builtin' / 'builtin-image' (with --random-init)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="fp32 .onnx path; variants go beside it")
-    parser.add_argument("--variants", default="fp32", help="comma list of fp32,int8,int4,fp16")
+    parser.add_argument("--variants", default="fp32", help="comma list of " + ",".join(VARIANTS))
     parser.add_argument("--context-tokens", type=int, help="rolling cache capacity (default: the model's window)")
+    parser.add_argument("--trained-capacities", default="",
+                        help="comma list of cache capacities, besides the window, the model was trained to be served "
+                             "with (written as gato_ros.trained_capacities; the runtime refuses any other)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
+    parser.add_argument("--attention", default="fused", choices=("fused", "plain"),
+                        help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, state-only "
+                             "specs); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
 
@@ -480,6 +583,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    capacities = tuple(int(c) for c in args.trained_capacities.split(",") if c.strip())
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head)
+           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities)
     return 0

@@ -234,8 +234,10 @@ class GatoModel(nn.Module):
                 pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)
                 pe = pe + self.patch_rows(pos[..., 0]) + self.patch_cols(pos[..., 1])
             x = torch.where(is_patch, pe, x)
-        x = x + self.local_positions(local_positions.clamp(0, self.config.max_local_positions - 1))
-        return x
+        # A negative local position (contract.NO_LOCAL_POSITION: separator and action tokens) adds nothing.
+        has_local = (local_positions >= 0).unsqueeze(-1).to(x.dtype)
+        local = self.local_positions(local_positions.clamp(0, self.config.max_local_positions - 1))
+        return x + local * has_local
 
     def hidden(
         self,

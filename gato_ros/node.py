@@ -1,13 +1,15 @@
-"""The ROS 2 policy node: topics, a fixed-rate timer, validation, limits and diagnostics.
+"""The ROS 2 policy node: parameters, topics, the control timer, lifecycle, diagnostics and services.
 
-A lifecycle node `gato_policy`. Configure loads the ONNX model through `PolicyRuntime`; activate
-starts the control timer; deactivate publishes one safe (zero) command and stops it. Every tick
-publishes exactly one std_msgs/Float64MultiArray on `command_topic` (the interface of ros2_control's
-effort forward-command controller). The hardware adds gravity compensation, so zeros are the safe
-command: any tick whose inputs are missing, stale or invalid publishes zeros and raises diagnostics.
+A lifecycle node `gato_policy`. Configure loads the ONNX model through `PolicyRuntime` and builds the
+ROS-free control loop (gato_ros/control.py), which decides every tick: the policy's action, or the
+safe action on any fault. Activate starts the control timer; deactivate sends the safe action once
+and stops it.
 
-All ML lives in the runtime; this module never imports torch. `PolicyLoop` is the ROS-free core
-(latest-value buffers and one control tick) so it can be driven directly by tests.
+Every tick publishes the stamped command on `~/joint_command` (sensor_msgs/JointState, see
+gato_ros/commands.py) for the watchdog, which relays it to the controllers while it is fresh, and one
+JSON record on `~/tick` (std_msgs/String) for the recorder. With `direct_output:=true` the node also
+publishes to the controller topics itself (the arm on the output mode's topic, the gripper on its
+own): for running without the watchdog. All ML lives in the runtime; this module never imports torch.
 """
 
 from __future__ import annotations
@@ -18,23 +20,32 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.exceptions import InvalidParameterValueException, ParameterUninitializedException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray, String
+from std_srvs.srv import Trigger
 
-from gato_ros import ros_io
-from gato_ros.spec import EmbodimentSpec
+from gato_ros import commands, control, ros_io
+from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
 NODE_NAME = "gato_policy"
 MODEL_FILE = "stack_int8.onnx"
-JOINT_KEYS = ("joint_positions", "joint_velocities")
-OBSERVATION_TOPIC_PREFIX = "/gato/observations/"
-# diagnostic_msgs/DiagnosticStatus levels
-OK, WARN, ERROR = 0, 1, 2
+OBSERVATION_TOPIC_PREFIX = "gato/observations/"  # relative: a namespace moves it
 
 
 def default_model_path() -> str:
@@ -53,216 +64,75 @@ def default_model_path() -> str:
     return str(candidates[0])
 
 
-# ----------------------------------------------------------------------------- ROS-free core
+# ----------------------------------------------------------------------------- parameters
+
+STARTUP, CONFIGURE, LIVE = "read only", "applied at configure", "applied live"
 
 
-@dataclass
-class Buffered:
-    """The latest message of one input, converted: a value or the reason it is invalid."""
-
-    value: Any
-    error: str | None
-    stamp: float  # receive time, seconds on the node's clock
-
-
-@dataclass
-class TickResult:
-    command: np.ndarray  # controller order, finite, within limits
-    level: int  # OK / WARN / ERROR
-    message: str
-    stepped: bool  # the runtime produced this command (False: safe command)
-    latency_s: float  # runtime.step time (NaN when not called)
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    description: str
+    when: str = CONFIGURE  # STARTUP: read once (read_only); CONFIGURE: refused while configured; LIVE
+    low: float | None = None
+    high: float | None = None
 
 
-class PolicyLoop:
-    """Latest-value input buffers and one control tick, independent of rclpy.
-
-    `joint_names` is the controller's order; the command is permuted into it from the spec's order.
-    `limits` (controller order, optional) tightens the spec's action limits: the minimum applies.
-    Thread-safe: message callbacks and the tick may run on different executor threads.
-    """
-
-    def __init__(
-        self,
-        runtime: Any,
-        joint_names: Sequence[str] = (),
-        limits: Sequence[float] | None = None,
-        stale_timeout_s: float = 0.25,
-        max_image_bytes: int = ros_io.MAX_IMAGE_BYTES,
-    ) -> None:
-        self.runtime = runtime
-        spec: EmbodimentSpec = runtime.spec
-        self.spec = spec
-        self.stale_timeout_s = float(stale_timeout_s)
-        self.max_image_bytes = int(max_image_bytes)
-        self.joint_names = tuple(joint_names) or tuple(spec.joint_names)
-        if len(self.joint_names) != spec.action_size or sorted(self.joint_names) != sorted(spec.joint_names):
-            raise ValueError(
-                f"joint_names {list(self.joint_names)} must be a permutation of the model's joints "
-                f"{list(spec.joint_names)} (one per action)"
-            )
-        self.order = np.array([spec.joint_names.index(n) for n in self.joint_names], dtype=np.int64)
-        spec_limits = np.asarray(spec.action_limits, dtype=np.float64)[self.order]
-        if limits is not None and len(limits):
-            limits = np.asarray(limits, dtype=np.float64).reshape(-1)
-            if limits.shape != spec_limits.shape or not np.all(np.isfinite(limits)) or np.any(limits < 0):
-                raise ValueError(f"torque_limits must be {len(spec_limits)} non-negative finite numbers, got {limits}")
-            spec_limits = np.minimum(spec_limits, limits)
-        self.limits = spec_limits
-        keys = {o.name for o in spec.observations}
-        for key in JOINT_KEYS:
-            if key in keys and spec.observation(key).shape != (len(spec.joint_names),):
-                raise ValueError(f"model observation {key!r} has shape {spec.observation(key).shape}, "
-                                 f"expected one value per joint ({len(spec.joint_names)})")
-        self.uses_joints = any(k in keys for k in JOINT_KEYS)
-        self.need_velocity = "joint_velocities" in keys
-        self.image_specs = [o for o in spec.observations if o.kind == "image"]
-        self.vector_specs = [o for o in spec.observations if o.kind != "image" and o.name not in JOINT_KEYS]
-        self._lock = threading.Lock()
-        self._inputs: dict[str, Buffered] = {}
-
-    # --- inputs (called from subscription callbacks) ---
-
-    def _store(self, name: str, value: Any, error: str | None, stamp: float) -> None:
-        with self._lock:
-            old = self._inputs.get(name)
-            if old is None or stamp >= old.stamp:
-                self._inputs[name] = Buffered(value, error, stamp)
-
-    def on_joint_state(self, msg: Any, stamp: float) -> None:
-        try:
-            value, error = ros_io.joint_state_arrays(msg, self.spec.joint_names, self.need_velocity), None
-        except (ros_io.InputError, ValueError, TypeError) as err:
-            value, error = None, f"joint states: {err}"
-        self._store("joint_states", value, error, stamp)
-
-    def on_image(self, msg: Any, stamp: float) -> None:
-        try:
-            value = {o.name: ros_io.image_to_observation(msg, o.shape, self.max_image_bytes) for o in self.image_specs}
-            error = None
-        except (ros_io.InputError, ValueError, TypeError, MemoryError) as err:
-            value, error = None, f"image: {err}"
-        self._store("image", value, error, stamp)
-
-    def on_vector(self, key: str, msg: Any, stamp: float) -> None:
-        try:
-            value, error = ros_io.vector_observation(msg.data, self.spec.observation(key).shape), None
-        except (ros_io.InputError, ValueError, TypeError) as err:
-            value, error = None, f"{key}: {err}"
-        self._store(key, value, error, stamp)
-
-    def required_inputs(self) -> list[str]:
-        names = ["joint_states"] if self.uses_joints else []
-        names += ["image"] if self.image_specs else []
-        return names + [o.name for o in self.vector_specs]
-
-    def input_ages(self, now: float) -> dict[str, float]:
-        with self._lock:
-            inputs = dict(self._inputs)
-        return {n: now - inputs[n].stamp if n in inputs else float("inf") for n in self.required_inputs()}
-
-    def latest(self, name: str) -> Buffered | None:
-        """The latest converted input `name` ("joint_states", "image" or a vector key), for diagnostics."""
-        with self._lock:
-            return self._inputs.get(name)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._inputs.clear()
-
-    # --- the tick ---
-
-    def safe(self, level: int, message: str) -> TickResult:
-        return TickResult(np.zeros_like(self.limits), level, message, False, float("nan"))
-
-    def tick(self, now: float) -> TickResult:
-        with self._lock:
-            inputs = dict(self._inputs)
-        missing, stale, invalid = [], [], []
-        for name in self.required_inputs():
-            buf = inputs.get(name)
-            if buf is None:
-                missing.append(name)
-            elif now - buf.stamp > self.stale_timeout_s:
-                stale.append(f"{name} ({now - buf.stamp:.3f} s old)")
-            elif buf.error is not None:
-                invalid.append(buf.error)
-        if invalid:
-            return self.safe(ERROR, "invalid input: " + "; ".join(invalid))
-        if missing or stale:
-            parts = ([f"missing {missing}"] if missing else []) + ([f"stale {stale}"] if stale else [])
-            return self.safe(WARN, "safe command: " + ", ".join(parts))
-        obs: dict[str, np.ndarray] = {}
-        if self.uses_joints:
-            pos, vel = inputs["joint_states"].value
-            obs["joint_positions"] = pos
-            if self.need_velocity:
-                obs["joint_velocities"] = vel
-            obs = {k: v for k, v in obs.items() if k in {o.name for o in self.spec.observations}}
-        if self.image_specs:
-            obs.update(inputs["image"].value)
-        for o in self.vector_specs:
-            obs[o.name] = inputs[o.name].value
-        start = time.perf_counter()
-        try:
-            action = self.runtime.step(obs)
-        except Exception as err:  # a runtime failure must never stop the loop: safe command instead
-            return self.safe(ERROR, f"runtime.step failed: {type(err).__name__}: {err}")
-        latency = time.perf_counter() - start
-        try:
-            action = np.asarray(action, dtype=np.float64).reshape(-1)[self.order]
-        except (IndexError, ValueError, TypeError):
-            return self.safe(ERROR, f"runtime returned an action of the wrong shape ({np.shape(action)})")
-        command, ok = ros_io.clamp_command(action, self.limits)
-        if not ok:
-            return TickResult(command, ERROR, "runtime returned a non-finite action", False, latency)
-        return TickResult(command, OK, "running", True, latency)
-
-
-def load_prompt(path: str, spec: EmbodimentSpec, episode: int = 0, steps: int = 0) -> dict[str, Any]:
-    """A demonstration episode from a gato_ros dataset as the runtime's prompt (last `steps` steps)."""
-    from gato_ros.data import read_dataset
-
-    observations, actions = read_dataset(path, spec=spec).episode(episode)
-    if steps > 0:
-        observations = {k: v[-steps:] for k, v in observations.items()}
-        actions = actions[-steps:]
-    return {"observations": observations, "actions": actions}
-
-
-# ----------------------------------------------------------------------------- the ROS node
-
-import rclpy  # noqa: E402  (below the ROS-free core on purpose: that part documents itself first)
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
-from rclpy.exceptions import ParameterUninitializedException  # noqa: E402
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from rclpy.signals import SignalHandlerOptions  # noqa: E402
-from sensor_msgs.msg import Image, JointState  # noqa: E402
-from std_msgs.msg import Float64MultiArray, String  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
-
-PARAMETERS: dict[str, Any] = {
-    "autostart": True,
-    "model_path": "",  # "" = the shipped model
-    "control_rate_hz": 0.0,  # 0 = the model's rate
-    "joint_names": Parameter.Type.STRING_ARRAY,  # unset = the model's joints
-    "joint_states_topic": "/joint_states",
-    "image_topic": "/camera/image_raw",
-    "command_topic": "/effort_controller/commands",
-    "stale_timeout_s": 0.25,
-    "torque_limits": Parameter.Type.DOUBLE_ARRAY,  # unset = the model's action limits (the minimum applies)
-    "provider": "auto",
-    "context_tokens": 0,  # 0 = the model's default
-    "threads": 0,  # ONNX Runtime intra-op threads; 0 = its default (one per core)
-    "max_image_bytes": ros_io.MAX_IMAGE_BYTES,
-    "prompt_path": "",  # a gato_ros dataset directory: its episode becomes the prompt on each reset
-    "prompt_episode": 0,
-    "prompt_steps": 0,  # 0 = the whole episode
+PARAMETERS: dict[str, Param] = {
+    "autostart": Param(True, "walk the lifecycle to active at startup (no lifecycle manager)", STARTUP),
+    "model_path": Param("", "ONNX policy file; empty = the shipped model"),
+    "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
+    "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
+    "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
+    "control_rate_hz": Param(0.0, "control rate; 0 = the model's", low=0.0, high=1000.0),
+    "output_mode": Param("effort", "effort | position | velocity | trajectory; must suit the model's actions"),
+    "joint_name_map": Param(Parameter.Type.STRING_ARRAY, "model joint → robot joint, as 'panda_joint1=fr3_joint1'"),
+    "joint_names": Param(Parameter.Type.STRING_ARRAY, "arm controller joint order (robot names); unset = model's"),
+    "gripper_action": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
+    "joint_states_topic": Param("joint_states", "sensor_msgs/JointState in"),
+    "image_topic": Param("camera/image_raw", "sensor_msgs/Image in (models with an image key)"),
+    "arm_command_topic": Param("", "arm controller topic; empty = the output mode's default (commands.py)"),
+    "gripper_command_topic": Param(commands.GRIPPER_COMMAND_TOPIC, "gripper command topic (Float64MultiArray)"),
+    "direct_output": Param(False, "also publish to the controller topics (no watchdog relaying)"),
+    "max_image_bytes": Param(ros_io.MAX_IMAGE_BYTES, "larger camera frames are invalid input", low=1, high=1 << 31),
+    "stale_timeout_s": Param(0.25, "an input older than this (monotonic) gives the safe action", LIVE, 1e-3, 60.0),
+    "max_stamp_offset_s": Param(1.0, "a header stamp further from the node clock is invalid input", LIVE, 1e-3,
+                                3600.0),
+    "torque_limits": Param(Parameter.Type.DOUBLE_ARRAY, "tighten the model's limits: arm joints (controller "
+                           "order), optionally then the gripper; the minimum applies; unset = the model's", LIVE),
+    "safe_action": Param("hold", "hold | damp | zero: what replaces the policy on any fault", LIVE),
+    "hold_stiffness": Param([float(v) for v in control.DEFAULT_HOLD_STIFFNESS], "hold stiffness (N·m/rad): one "
+                            "value, one per arm joint, or an n×n matrix row-major; default: the sim Panda's", LIVE),
+    "hold_damping": Param([float(v) for v in control.DEFAULT_HOLD_DAMPING], "hold and damp damping (N·m·s/rad), "
+                          "same forms", LIVE),
+    "max_overruns": Param(5, "consecutive deadline overruns that switch to the safe action", LIVE, 1, 1000),
+    "prompt_path": Param("", "gato_ros dataset dir: its episode is the prompt on reset (read by ~/load_prompt)",
+                         LIVE),
+    "prompt_episode": Param(0, "episode of prompt_path", LIVE, 0, 1 << 30),
+    "prompt_steps": Param(0, "the last N steps of that episode; 0 = all (cut to what fits the context)", LIVE, 0,
+                          1 << 30),
 }
+
+
+def _descriptor(name: str, spec: Param) -> ParameterDescriptor:
+    desc = ParameterDescriptor(name=name, description=f"{spec.description} ({spec.when})",
+                               read_only=spec.when == STARTUP)
+    if spec.low is not None:
+        if isinstance(spec.default, float):
+            desc.floating_point_range = [FloatingPointRange(from_value=float(spec.low), to_value=float(spec.high))]
+        else:
+            desc.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high), step=1)]
+    return desc
+
+
+@dataclass
+class LoopSettings:
+    """The live settings of the control loop, parsed from parameters (ValueError names a bad one)."""
+
+    limits: np.ndarray
+    safe: control.SafeActionSettings
+    stale_timeout_s: float
+    max_stamp_offset_s: float
 
 
 class PolicyNode(LifecycleNode):
@@ -270,99 +140,170 @@ class PolicyNode(LifecycleNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        for name, default in PARAMETERS.items():
-            self.declare_parameter(name, default)
+        self.refused_overrides: list[str] = []
+        self.seq = 0  # of the last ~/tick record, over the node's life (gato_ros.ticks)
+        for name, spec in PARAMETERS.items():
+            self._declare(name, spec)
         self.state_label = "unconfigured"
         self.runtime: Any = None
-        self.loop: PolicyLoop | None = None
+        self.loop: ControlLoop | None = None
         self.model_path = ""
         self.period_s = 0.0
         self.prompt: dict[str, Any] | None = None
         self.last_error = ""
-        self._tick_lock = threading.Lock()  # one tick, transition or reset at a time touches the runtime
+        self._tick_lock = threading.Lock()  # one tick, transition or context swap at a time
         self._active = False
         self._timer = None
-        self._command_pub = None
+        self._outputs: dict[str, Any] = {}
         self._input_subs: list[Any] = []
-        # The control timer's own group: in a multi-threaded executor it never waits behind inputs.
-        self._control_group = MutuallyExclusiveCallbackGroup()
+        self._loader: control.ContextLoader | None = None
+        self._control_group = MutuallyExclusiveCallbackGroup()  # the timer never waits behind inputs
         self._reset_stats()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         # Diagnostics and services live for the node's whole life, so a failed configure is visible.
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
-        self._tick_pub = self.create_publisher(String, TICK_TOPIC, 10)  # one record per tick (gato_ros.ticks)
-        self._tick_seq = 0
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/load_prompt", self._on_load_prompt)
+
+    def _declare(self, name: str, spec: Param) -> None:
+        try:
+            self.declare_parameter(name, spec.default, _descriptor(name, spec))
+        except InvalidParameterValueException as err:  # e.g. stale_timeout_s:=.nan: refuse to configure, stay up
+            self.refused_overrides.append(f"{name}: {err}")
+            self.declare_parameter(name, spec.default, _descriptor(name, spec), ignore_override=True)
+            self.get_logger().error(f"refused parameter {name}: {err}")
 
     def _param(self, name: str) -> Any:
         try:
             return self.get_parameter(name).value
-        except ParameterUninitializedException:  # declared by type only and not set: use the model's
+        except ParameterUninitializedException:  # declared by type only and not set: the model's
             return None
 
-    def _now(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
 
     def _reset_stats(self) -> None:
         self.ticks = 0
         self.safe_ticks = 0
-        self.deadline_misses = 0
-        self.level, self.message = OK, ""
+        self.level, self.message, self.cause = OK, "", None
         self.worst_level = OK  # since the last diagnostics message
+        self.deadline = control.DeadlineMonitor(self.period_s or 1.0, int(self._param("max_overruns")))
+        self.clock_jumps = control.ClockJumpDetector()
         self._tick_times: deque[float] = deque(maxlen=1000)
         self._latencies: deque[float] = deque(maxlen=1000)
-        self._last_tick = None
+
+    # --- parameters ---
+
+    def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout) -> LoopSettings:
+        n_arm = len(layout.arm_names)
+        return LoopSettings(
+            limits=control.tightened_limits(layout, values["torque_limits"] or None),
+            safe=control.SafeActionSettings(
+                values["safe_action"], control.hold_gains(values["hold_stiffness"], values["hold_damping"], n_arm)),
+            stale_timeout_s=float(values["stale_timeout_s"]),
+            max_stamp_offset_s=float(values["max_stamp_offset_s"]),
+        )
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        configured = self.loop is not None
+        late = [p.name for p in params if PARAMETERS.get(p.name, Param(0, "", LIVE)).when != LIVE]
+        if configured and late:
+            return SetParametersResult(successful=False, reason=f"{late} apply at configure: deactivate and "
+                                                                f"clean up the node first")
+        if not configured:
+            return SetParametersResult(successful=True)
+        values = {n: self._param(n) for n in PARAMETERS if PARAMETERS[n].when == LIVE}
+        values.update({p.name: p.value for p in params if p.name in values})
+        try:
+            settings = self._loop_settings(values, self.loop.layout)
+            commands.check_safe_action(settings.safe.kind, self.loop.mode)
+        except ValueError as err:
+            return SetParametersResult(successful=False, reason=str(err))
+        self._apply(settings, int(values["max_overruns"]))
+        return SetParametersResult(successful=True)
+
+    def _apply(self, settings: LoopSettings, max_overruns: int) -> None:
+        loop = self.loop
+        loop.limits, loop.safe_settings = settings.limits, settings.safe
+        loop.stale_timeout_s, loop.max_stamp_offset_s = settings.stale_timeout_s, settings.max_stamp_offset_s
+        self.deadline.max_overruns = max_overruns
 
     # --- lifecycle ---
 
+    def _build_loop(self) -> tuple[Any, ControlLoop, float]:
+        from gato_ros.runtime import PolicyRuntime  # numpy + onnxruntime only
+
+        if self.refused_overrides:
+            raise ValueError(f"refused parameters: {self.refused_overrides}")
+        self.model_path = self._param("model_path") or default_model_path()
+        runtime = PolicyRuntime(self.model_path, **self._runtime_kwargs())
+        layout = control.build_layout(runtime.spec, control.parse_joint_name_map(self._param("joint_name_map") or ()),
+                                      self._param("joint_names") or (), self._param("gripper_action"))
+        values = {n: self._param(n) for n in PARAMETERS}
+        settings = self._loop_settings(values, layout)
+        loop = ControlLoop(runtime, layout, self._param("output_mode"), settings.limits, settings.stale_timeout_s,
+                           settings.max_stamp_offset_s, settings.safe, self._param("max_image_bytes"))
+        rate = float(self._param("control_rate_hz")) or float(runtime.spec.control_rate_hz)
+        if not np.isfinite(rate) or rate <= 0:
+            raise ValueError(f"control_rate_hz must be positive, got {rate}")
+        return runtime, loop, rate
+
+    def _runtime_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"provider": self._param("provider"),
+                                  "context_tokens": int(self._param("context_tokens")) or None}
+        if self._param("threads"):
+            kwargs["threads"] = int(self._param("threads"))
+        return kwargs
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            from gato_ros.runtime import PolicyRuntime  # numpy + onnxruntime only
-
-            self.model_path = self._param("model_path") or default_model_path()
-            context = int(self._param("context_tokens"))
-            kwargs = {"threads": int(self._param("threads"))} if self._param("threads") else {}
-            runtime = PolicyRuntime(self.model_path, provider=self._param("provider"), context_tokens=context or None,
-                                    **kwargs)
-            loop = PolicyLoop(
-                runtime,
-                list(self._param("joint_names") or ()),
-                self._param("torque_limits") or None,
-                self._param("stale_timeout_s"),
-                self._param("max_image_bytes"),
-            )
-            rate = float(self._param("control_rate_hz")) or float(runtime.spec.control_rate_hz)
-            if not np.isfinite(rate) or rate <= 0:
-                raise ValueError(f"control_rate_hz must be positive, got {rate}")
+            runtime, loop, rate = self._build_loop()
             prompt = None
             if self._param("prompt_path"):
-                prompt = load_prompt(self._param("prompt_path"), runtime.spec, self._param("prompt_episode"),
-                                     self._param("prompt_steps"))
+                prompt = control.load_prompt(self._param("prompt_path"), runtime, self._param("prompt_episode"),
+                                             self._param("prompt_steps"))
         except Exception as err:  # ModelLoadError, bad parameters, a bad prompt: stay unconfigured, stay up
             self.last_error = f"configure failed: {type(err).__name__}: {err}"
             self.get_logger().error(self.last_error)
             return TransitionCallbackReturn.FAILURE
         self.runtime, self.loop, self.period_s, self.prompt = runtime, loop, 1.0 / rate, prompt
-        self._command_pub = self.create_publisher(Float64MultiArray, self._param("command_topic"), 10)
-        if loop.uses_joints:
-            self._input_subs.append(self.create_subscription(
-                JointState, self._param("joint_states_topic"), lambda m: loop.on_joint_state(m, self._now()),
-                qos_profile_sensor_data))
-        if loop.image_specs:
-            self._input_subs.append(self.create_subscription(
-                Image, self._param("image_topic"), lambda m: loop.on_image(m, self._now()),
-                qos_profile_sensor_data))
-        for o in loop.vector_specs:
-            self._input_subs.append(self.create_subscription(
-                Float64MultiArray, OBSERVATION_TOPIC_PREFIX + o.name,
-                lambda m, key=o.name: loop.on_vector(key, m, self._now()), qos_profile_sensor_data))
+        self._loader = control.ContextLoader(lambda: type(runtime)(self.model_path, warmup=False,
+                                                                   **self._runtime_kwargs()))
+        self._create_outputs(loop)
+        self._create_inputs(loop)
         self.last_error = ""
         self.state_label = "inactive"
         self.get_logger().info(
-            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}), {rate:g} Hz, "
-            f"joints {list(loop.joint_names)}, limits {loop.limits.tolist()}")
+            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}), {rate:g} Hz, {loop.mode} "
+            f"output, arm {list(loop.layout.arm_names)}, gripper {loop.layout.gripper_name}, "
+            f"limits {loop.limits.tolist()}, safe action {loop.safe_settings.kind}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _create_outputs(self, loop: ControlLoop) -> None:
+        reliable = QoSProfile(depth=10)
+        self._outputs = {"joint_command": self.create_publisher(JointState, commands.JOINT_COMMAND_TOPIC, reliable),
+                         "tick": self.create_publisher(String, TICK_TOPIC, QoSProfile(depth=100))}
+        if self._param("direct_output"):
+            arm_type = ros_io.arm_command_type(loop.mode)
+            arm_topic = self._param("arm_command_topic") or commands.ARM_COMMAND_TOPICS[loop.mode]
+            self._outputs["arm"] = self.create_publisher(arm_type, arm_topic, reliable)
+            if loop.layout.gripper_action is not None:
+                self._outputs["gripper"] = self.create_publisher(Float64MultiArray,
+                                                                 self._param("gripper_command_topic"), reliable)
+
+    def _create_inputs(self, loop: ControlLoop) -> None:
+        def subscribe(msg_type: Any, topic: str, callback: Any) -> None:
+            self._input_subs.append(self.create_subscription(msg_type, topic, callback, qos_profile_sensor_data))
+
+        if loop.observed_joint_keys:
+            subscribe(JointState, self._param("joint_states_topic"),
+                      lambda m: loop.on_joint_state(m, time.monotonic(), self._now_ns()))
+        if loop.image_specs:
+            subscribe(Image, self._param("image_topic"), lambda m: loop.on_image(m, time.monotonic(), self._now_ns()))
+        for o in loop.vector_specs:
+            subscribe(Float64MultiArray, OBSERVATION_TOPIC_PREFIX + o.name,
+                      lambda m, key=o.name: loop.on_vector(key, m, time.monotonic()))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._tick_lock:
@@ -373,10 +314,11 @@ class PolicyNode(LifecycleNode):
                 self.get_logger().error(self.last_error)
                 return TransitionCallbackReturn.FAILURE
             self._reset_stats()
+            self.loop.clear()
             self._active = True
             self._timer = self.create_timer(self.period_s, self._on_tick, self._control_group)
         self.state_label = "active"
-        self.get_logger().info(f"active: publishing on {self._command_pub.topic_name} every {self.period_s:.4f} s")
+        self.get_logger().info(f"active: ticking every {self.period_s:.4f} s")
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -402,102 +344,135 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop(self, publish_safe: bool) -> None:
-        # Under the tick lock: a tick in flight finishes first, so the safe command is the last one out.
+        # Under the tick lock: a tick in flight finishes first, so the safe action is the last command out.
         with self._tick_lock:
             was_active = self._active
             self._active = False
             if self._timer is not None:
                 self.destroy_timer(self._timer)
                 self._timer = None
-            if publish_safe and was_active and self._command_pub is not None and self.loop is not None:
-                self._command_pub.publish(Float64MultiArray(data=np.zeros_like(self.loop.limits).tolist()))
+            if publish_safe and was_active and self.loop is not None and self._outputs:
+                self._publish(self.loop.safe_action(WARN, "deactivated"), self._now_ns())
 
     def _unload(self) -> None:
         with self._tick_lock:
             for sub in self._input_subs:
                 self.destroy_subscription(sub)
             self._input_subs = []
-            if self._command_pub is not None:
-                self.destroy_publisher(self._command_pub)
-                self._command_pub = None
-            self.runtime = self.loop = self.prompt = None
+            for pub in self._outputs.values():
+                self.destroy_publisher(pub)
+            self._outputs = {}
+            if self._loader is not None:
+                self._loader.close()
+            self.runtime = self.loop = self.prompt = self._loader = None
 
     # --- control loop ---
 
     def _on_tick(self) -> None:
-        start = time.perf_counter()
+        start = time.monotonic()
         with self._tick_lock:
             if not self._active or self.loop is None:
                 return
-            now = self._now()  # the node's clock: wall time, or the sim's /clock with use_sim_time
-            result = self.loop.tick(now)
-            self._command_pub.publish(Float64MultiArray(data=result.command.tolist()))
-            self._tick_pub.publish(String(data=self._tick_record(result)))
-        # Bookkeeping outside the lock; a late or slow tick is counted, never fatal. Lateness is judged
-        # on the node's clock (so a sim running faster or slower than real time is not "late"), the
-        # tick's own duration on the wall clock (compute time).
-        late = self._last_tick is not None and now - self._last_tick > 1.5 * self.period_s
-        self.deadline_misses += late or time.perf_counter() - start > self.period_s
-        self._last_tick = now
+            stamp_ns = self._now_ns()  # the node's clock: wall time, or the sim's /clock with use_sim_time
+            jump = self.clock_jumps.observe(stamp_ns, start)
+            self._swap_context()
+            result = self.loop.tick(start, self.deadline.fault())
+            self._publish(result, stamp_ns)
+        if jump:
+            self.get_logger().warning(f"clock jump: {jump} (counted; input freshness is judged on the monotonic "
+                                      f"clock, so no old data became fresh)")
+        self.deadline.record(stamp_ns * 1e-9, time.monotonic() - start, skip_interval=bool(jump))
+        self._account(result, stamp_ns * 1e-9)
+
+    def _swap_context(self) -> None:
+        """A context prepared off this thread (~/reset or ~/load_prompt with a prompt) takes over between ticks."""
+        ready = self._loader.take(self.runtime) if self._loader is not None else None
+        if ready is None:
+            return
+        runtime, prompt, note = ready
+        self.runtime, self.loop.runtime = runtime, runtime
+        self.prompt = prompt
+        self.get_logger().info(note)
+
+    def _publish(self, result: TickResult, stamp_ns: int) -> None:
+        loop, outputs = self.loop, self._outputs
+        if result.arm is not None:  # None: a position mode with no joint state yet, nothing to hold, nothing sent
+            names = loop.layout.command_names if result.gripper is not None else loop.layout.arm_names
+            outputs["joint_command"].publish(ros_io.joint_command_message(loop.mode, names, result.command,
+                                                                          stamp_ns))
+        self.seq += 1
+        outputs["tick"].publish(String(data=tick_json(
+            self.seq, stamp_ns, Path(self.model_path).name, result.tokens, result.step_ms, result.safe, result.reason,
+            result.command)))
+        if "arm" in outputs and result.arm is not None:
+            outputs["arm"].publish(ros_io.arm_command_message(loop.mode, loop.layout.arm_names, result.arm,
+                                                              self.period_s))
+        if "gripper" in outputs and result.gripper is not None and result.arm is not None:
+            outputs["gripper"].publish(ros_io.gripper_command_message(result.gripper))
+
+    def _account(self, result: TickResult, now: float) -> None:
+        """Counters, latencies and logging, outside the tick lock; a late or slow tick is counted, never fatal."""
         self.ticks += 1
-        self.safe_ticks += not result.stepped
+        self.safe_ticks += result.safe
         self._tick_times.append(now)
-        if result.stepped:
-            self._latencies.append(result.latency_s)
-        if result.message != self.message:  # log changes only; one call site per severity (rclpy requires it)
-            if result.level == ERROR:
-                self.get_logger().error(result.message, throttle_duration_sec=1.0)
-            elif result.level == WARN:
-                self.get_logger().warning(result.message, throttle_duration_sec=1.0)
-            else:
-                self.get_logger().info(result.message, throttle_duration_sec=1.0)
-        self.level, self.message = result.level, result.message
-        self.worst_level = max(self.worst_level, result.level)
+        if result.step_ms is not None:
+            self._latencies.append(result.step_ms * 1e-3)
+        if result.cause != self.cause:  # log changes only: each fault once, with its cause
+            self._log(result.level, result.message)
+        self.level, self.message, self.cause = result.level, result.message, result.cause
+        self.worst_level = max(self.worst_level, result.level, self.deadline.level())
         if result.level == ERROR:
             self.last_error = result.message
 
-    def _tick_record(self, result: TickResult) -> str:
-        """The tick's JSON record (gato_ros.ticks): what a recording needs to replay this decision."""
-        from gato_ros.tokenizer import tokenize_action
-
-        self._tick_seq += 1
-        tokens: list[int] = []
-        if result.stepped:  # the command's tokens, in the model's action order
-            action = np.empty_like(result.command)
-            action[self.loop.order] = result.command
-            tokens = tokenize_action(self.loop.spec, action).tolist()
-        return tick_json(self._tick_seq, self.get_clock().now().nanoseconds, Path(self.model_path).name, tokens,
-                         result.latency_s * 1e3 if result.stepped else None, not result.stepped,
-                         "" if result.stepped else result.message, result.command.tolist())
+    def _log(self, level: int, message: str) -> None:
+        # One call site per severity: rclpy refuses a call site whose severity changes between calls.
+        if level == ERROR:
+            self.get_logger().error(message)
+        elif level == WARN:
+            self.get_logger().warning(message)
+        else:
+            self.get_logger().info(message)
 
     def achieved_rate_hz(self, window_s: float = 2.0) -> float:
-        times = [t for t in list(self._tick_times) if t >= self._now() - window_s]
+        now = self._now_ns() * 1e-9
+        times = [t for t in list(self._tick_times) if t >= now - window_s]
         return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
 
-    def _publish_diagnostics(self) -> None:
+    # --- diagnostics ---
+
+    def _diagnostic_values(self) -> dict[str, str]:
         lat = np.asarray(list(self._latencies), dtype=np.float64)
         values = {
             "state": self.state_label,
             "model_path": self.model_path or self._param("model_path") or default_model_path(),
             "provider": str(getattr(self.runtime, "provider", "")),
+            "output_mode": self.loop.mode if self.loop is not None else "",
+            "safe_action": self.loop.safe_settings.kind if self.loop is not None else "",
             "target_rate_hz": f"{1.0 / self.period_s:.3f}" if self.period_s else "",
             "achieved_rate_hz": f"{self.achieved_rate_hz():.3f}",
             "step_latency_p50_ms": f"{np.percentile(lat, 50) * 1e3:.3f}" if lat.size else "",
             "step_latency_p99_ms": f"{np.percentile(lat, 99) * 1e3:.3f}" if lat.size else "",
             "ticks": str(self.ticks),
             "safe_ticks": str(self.safe_ticks),
-            "deadline_misses": str(self.deadline_misses),
+            "deadline_misses": str(self.deadline.total),
+            "consecutive_overruns": str(self.deadline.streak),
+            "clock_jumps": str(self.clock_jumps.count),
+            "context": self._loader.state if self._loader is not None else "",
             "last_error": self.last_error,
         }
-        loop = self.loop
-        if loop is not None:
-            for name, age in loop.input_ages(self._now()).items():
+        if self.loop is not None:
+            for name, age in self.loop.input_ages(time.monotonic()).items():
                 values[f"input_age_s.{name}"] = f"{age:.3f}"
+        return values
+
+    def _publish_diagnostics(self) -> None:
+        values = self._diagnostic_values()
         if self.state_label != "active":
             level = ERROR if self.last_error else WARN
             message = self.last_error or f"not running ({self.state_label})"
         else:
-            level, message = max(self.worst_level, self.level), self.message
+            level = max(self.worst_level, self.level, self.deadline.level())
+            message = self.message if self.level >= self.deadline.level() else self.deadline.describe()
         self.worst_level = OK
         status = DiagnosticStatus(
             level=bytes([level]), name=f"{self.get_fully_qualified_name()}: control loop", message=message,
@@ -508,39 +483,45 @@ class PolicyNode(LifecycleNode):
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
 
-    # --- services ---
+    # --- services: never block the control tick ---
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        with self._tick_lock:
-            if self.runtime is None:
-                response.success, response.message = False, f"not configured ({self.last_error or self.state_label})"
-                return response
-            try:
-                self.runtime.reset(prompt=self.prompt)
-            except Exception as err:
-                response.success, response.message = False, f"reset failed: {err}"
-                return response
-        response.success = True
-        response.message = "context reset" + (" with the demonstration prompt" if self.prompt else "")
+        if self.runtime is None:
+            response.success, response.message = False, f"not configured ({self.last_error or self.state_label})"
+            return response
+        if self.prompt is None:  # forgetting the context is O(1): done between two ticks
+            with self._tick_lock:
+                self.runtime.reset()
+            response.success, response.message = True, "context reset"
+            return response
+        prompt = self.prompt
+        started = self._loader.start(lambda: prompt, "context reset with the demonstration prompt")
+        response.success = started
+        response.message = ("resetting with the demonstration prompt off the control thread; it takes over "
+                            "between two ticks" if started else f"busy: {self._loader.state}")
         return response
 
     def _on_load_prompt(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        """Load parameter `prompt_path` (episode `prompt_episode`) and start a new episode with it."""
+        """Read `prompt_path` (episode `prompt_episode`) and start a new episode with it, off the control thread."""
         path = self._param("prompt_path")
-        with self._tick_lock:
-            if self.runtime is None:
-                response.success, response.message = False, "not configured"
-                return response
-            try:
-                prompt = load_prompt(path, self.runtime.spec, self._param("prompt_episode"),
-                                     self._param("prompt_steps")) if path else None
-                self.runtime.reset(prompt=prompt)
-            except Exception as err:
-                response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
-                return response
-            self.prompt = prompt
-        response.success = True
-        response.message = f"prompt loaded from {path}" if path else "prompt cleared (prompt_path is empty)"
+        if self.runtime is None:
+            response.success, response.message = False, "not configured"
+            return response
+        if not path:
+            self.prompt = None
+            with self._tick_lock:
+                self.runtime.reset()
+            response.success, response.message = True, "prompt cleared (prompt_path is empty)"
+            return response
+        try:  # the dataset's metadata only: a bad path or episode is refused here, at once
+            read = control.open_prompt(path, self.runtime, self._param("prompt_episode"), self._param("prompt_steps"))
+        except Exception as err:
+            response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
+            return response
+        started = self._loader.start(read, f"prompt from {path} is live")
+        response.success = started
+        response.message = (f"loading the prompt from {path} off the control thread; it takes over between two "
+                            f"ticks (diagnostics key 'context')" if started else f"busy: {self._loader.state}")
         return response
 
 
@@ -553,13 +534,13 @@ def autostart(node: PolicyNode) -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM (e.g. from ros2 launch) ends like Ctrl-C: safe command, clean exit
+    raise KeyboardInterrupt  # SIGTERM (e.g. from ros2 launch) ends like Ctrl-C: safe action, clean exit
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script `policy_node`: spin the node until Ctrl-C / SIGTERM, then send the safe command."""
+    """Console script `policy_node`: spin the node until Ctrl-C / SIGTERM, then send the safe action."""
     argv = list(sys.argv if argv is None else argv)
-    # Own signal handling: on Ctrl-C the context must stay up long enough to publish the safe command.
+    # Own signal handling: on Ctrl-C the context must stay up long enough to publish the safe action.
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -567,8 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     # One thread: rclpy's MultiThreadedExecutor busy-waits while a ready entity's callback group is
     # busy, holding the GIL: in 8 s at 20 Hz it delivered 31 commands instead of 160, with gaps up to
     # 2 s and a core at 100 % (scripts/executor_ticks.py). The tick and the input callbacks are each a
-    # few ms, so running them in turn keeps the period; the locks stay for users who add the node to
-    # their own executor.
+    # few ms, so running them in turn keeps the period; long work (a prompt) runs on a thread of its own.
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:

@@ -1,8 +1,12 @@
 """Conversions between ROS 2 messages and the runtime's numpy observations, numpy + OpenCV only.
 
-Every function takes plain fields (or any object with the message's attributes), so it is unit
+Every input function takes plain fields (or any object with the message's attributes), so it is unit
 testable without rclpy. Anything a robot could send wrong raises `InputError` with the reason; the
-node turns that into the safe command and an ERROR diagnostic.
+node turns that into the safe action and an ERROR diagnostic.
+
+The output functions build the messages of each output mode (gato_ros.commands) from a vector: the
+policy node, the watchdog and scripted test sources send commands through them. They import the
+message packages when called (rosidl messages only, never rclpy).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from gato_ros.commands import JOINT_STATE_FIELD, OUTPUT_MODES
 
 # encoding -> (channels, OpenCV conversion to RGB or None when already RGB)
 ENCODINGS: dict[str, tuple[int, int | None]] = {
@@ -136,3 +142,91 @@ def clamp_command(command: Any, limits: np.ndarray) -> tuple[np.ndarray, bool]:
     if x.shape != limits.shape or not np.all(np.isfinite(x)):
         return np.zeros_like(limits), False
     return np.clip(x, -limits, limits), True
+
+
+def header_stamp_ns(msg: Any) -> int | None:
+    """The message's header stamp in nanoseconds, or None when it has no header or the stamp is unset (0)."""
+    header = getattr(msg, "header", None)
+    if header is None:
+        return None
+    ns = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+    return ns or None
+
+
+def stamp_error(stamp_ns: int | None, now_ns: int, max_offset_s: float) -> str | None:
+    """Why a header stamp is not believable against the node clock `now_ns`, or None (unset stamps pass)."""
+    if stamp_ns is None:
+        return None
+    offset = (stamp_ns - now_ns) * 1e-9
+    if abs(offset) <= max_offset_s:
+        return None
+    side = "ahead of" if offset > 0 else "behind"
+    return f"header stamp {abs(offset):.3f} s {side} the node clock (limit {max_offset_s:g} s)"
+
+
+def _stamp_msg(stamp_ns: int) -> Any:
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+
+
+def arm_command_type(mode: str) -> Any:
+    """The message class of the arm controller's topic in `mode`."""
+    if mode == "trajectory":
+        from trajectory_msgs.msg import JointTrajectory
+
+        return JointTrajectory
+    from std_msgs.msg import Float64MultiArray
+
+    return Float64MultiArray
+
+
+def arm_command_message(mode: str, joint_names: Sequence[str], values: Sequence[float], period_s: float) -> Any:
+    """The arm controller's message for `mode`: Float64MultiArray (effort, position, velocity) in the
+    controller's joint order, or a one-point JointTrajectory reached after one period (trajectory)."""
+    if mode not in OUTPUT_MODES:
+        raise ValueError(f"output mode must be one of {OUTPUT_MODES}, got {mode!r}")
+    data = [float(v) for v in values]
+    if mode != "trajectory":
+        from std_msgs.msg import Float64MultiArray
+
+        return Float64MultiArray(data=data)
+    from builtin_interfaces.msg import Duration
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    ns = int(round(period_s * 1e9))
+    # A zero stamp means "start now" to joint_trajectory_controller; the point holds zero velocity.
+    point = JointTrajectoryPoint(positions=data, velocities=[0.0] * len(data),
+                                 time_from_start=Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000))
+    return JointTrajectory(joint_names=list(joint_names), points=[point])
+
+
+def arm_command_values(mode: str, msg: Any) -> np.ndarray:
+    """The vector an arm controller message carries (the inverse of arm_command_message)."""
+    if mode == "trajectory":
+        return np.asarray(msg.points[-1].positions if msg.points else [], dtype=np.float64)
+    return np.asarray(msg.data, dtype=np.float64)
+
+
+def gripper_command_message(force: float) -> Any:
+    """The gripper's command: std_msgs/Float64MultiArray [finger force N] (positive opens, negative grasps)."""
+    from std_msgs.msg import Float64MultiArray
+
+    return Float64MultiArray(data=[float(force)])
+
+
+def joint_command_message(mode: str, joint_names: Sequence[str], values: Sequence[float], stamp_ns: int) -> Any:
+    """The stamped internal command (commands.JOINT_COMMAND_TOPIC): a JointState with `mode`'s field filled."""
+    from sensor_msgs.msg import JointState
+
+    msg = JointState(name=list(joint_names))
+    setattr(msg, JOINT_STATE_FIELD[mode], [float(v) for v in values])
+    msg.header.stamp = _stamp_msg(stamp_ns)
+    return msg
+
+
+def joint_command_values(mode: str, msg: Any) -> tuple[list[str], np.ndarray, int]:
+    """(joint names, values of `mode`'s field, stamp ns) of a stamped internal command."""
+    values = np.asarray(getattr(msg, JOINT_STATE_FIELD[mode]), dtype=np.float64)
+    stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+    return list(msg.name), values, stamp

@@ -9,16 +9,26 @@ the whole buffer plus `past_positions` (absolute position of each slot, EMPTY fo
 the model masks by position, so slot order does not matter and the newest keys simply overwrite the
 oldest slots: no recompute, no growth, memory flat for a run of any length.
 
+Files exported now declare an in-place ring (`gato_ros.cache_layout` = ring-in-place): the graph writes the new
+keys/values into the ring itself (slot = position mod L) and the runtime binds each present output to its past
+input's memory, so nothing is copied. That ring has L = C + `max_call_tokens` slots (room for one call's
+tokens, so a write never evicts a token the call may still see) and the runtime marks every slot older than
+the newest C tokens empty after each call: the model sees exactly what a ring of C slots shows it. Longer calls
+(a prompt) are split into pieces of at most `max_call_tokens`; causal attention makes that the same
+computation. Files without the key (earlier exports, the TorchScript graphs) keep a ring of exactly C slots
+that the runtime writes from the presents, as described below.
+
 The last action token of a tick is not run on its own: nothing needs its logits, so it is prepended
 to the next tick's prefill (one model call per step saved, the token stream is the same).
 
 Two ways to keep the cache:
-- host (CPU provider): numpy arrays bound to the session by pointer (IOBinding, no copies); the
-  ring write is a numpy slice assignment of the returned presents.
-- device (CUDA / TensorRT): OrtValues on the GPU, double-buffered; a tiny scatter graph shipped in
-  the file's metadata (`gato_ros.cache_update`) writes the presents into the ring on the device,
-  so the cache never crosses PCIe. It runs on the CPU provider too (`device_cache=True`), which is
-  how the tests check it on a machine without a GPU.
+- host (CPU provider): numpy arrays bound to the session by pointer (IOBinding, no copies); with the
+  earlier layout the ring write is a numpy slice assignment of the returned presents.
+- device (CUDA / TensorRT): OrtValues on the GPU, so the cache never crosses PCIe. An in-place ring is
+  bound as both input and output; with the earlier layout the OrtValues are double-buffered and a tiny
+  scatter graph shipped in the file's metadata (`gato_ros.cache_update`) writes the presents into the ring
+  on the device. It runs on the CPU provider too (`device_cache=True`), which is how the tests check it
+  on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +66,15 @@ class ModelLoadError(RuntimeError):
     """The model file is missing, is not ONNX, or is not a gato_ros policy for this tokenizer."""
 
 
+class ModelRuntimeError(RuntimeError):
+    """A loaded model failed during a step; the command of that step must not reach the arm."""
+
+
+class NonFiniteLogitsError(ModelRuntimeError):
+    """The model produced NaN or inf logits for an action (argmax would pick bin 0: full -limit torque).
+    The context holds the failed tick's tokens: reset() before stepping again."""
+
+
 def cuda_device_count() -> int:
     """GPUs visible through the driver API, without loading any CUDA runtime; 0 when there is no driver."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
@@ -86,13 +105,58 @@ class ModelInfo:
     has_images: bool
     cache_update: bytes | None
     logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
+    trained_capacities: tuple[int, ...]  # cache capacities besides config.context_window the model was trained for
+    cache_layout: str  # contract.CACHE_LAYOUT_*: who writes the new keys/values into the ring
+
+    def accepts_capacity(self, capacity: int) -> bool:
+        """A cache of `capacity` slots serves the model as trained: its window, or one the file declares."""
+        return capacity == self.config.context_window or capacity in self.trained_capacities
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
+    """What the file says about itself, checked against this runtime's contract (ModelLoadError naming the field)."""
     meta = session.get_modelmeta().custom_metadata_map
+    config, spec, context, trained_capacities = read_metadata(meta, path)
+    key = check_signature(session, config, bool(spec.image_keys), path)
+    heads, head_dim = key.shape[1], key.shape[3]
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        heads, head_dim = config.n_head, config.head_dim
+    cache_dtype = _ORT_TYPES.get(key.type)
+    if cache_dtype is None:
+        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
+    update = meta.get(contract.META_CACHE_UPDATE)
+    layout = meta.get(contract.META_CACHE_LAYOUT, contract.CACHE_LAYOUT_RING)
+    if layout not in (contract.CACHE_LAYOUT_RING, contract.CACHE_LAYOUT_IN_PLACE):
+        raise ModelLoadError(f"{path}: unknown {contract.META_CACHE_LAYOUT} {layout!r}")
+    info = ModelInfo(
+        config=config,
+        spec=spec,
+        context_tokens=context,
+        variant=meta.get(contract.META_VARIANT, "fp32"),
+        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
+        num_layers=config.n_layer,
+        num_heads=int(heads),
+        head_dim=int(head_dim),
+        cache_dtype=np.dtype(cache_dtype),
+        has_images=bool(spec.image_keys),
+        cache_update=base64.b64decode(update) if update else None,
+        logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
+        trained_capacities=trained_capacities,
+        cache_layout=layout,
+    )
+    if not info.accepts_capacity(context):
+        raise ModelLoadError(f"{path}: {contract.META_CONTEXT_TOKENS}={context} disagrees with the window the model "
+                             f"was trained with (config context_window={config.context_window}) and "
+                             f"{contract.META_TRAINED_CAPACITIES} does not list it")
+    return info
+
+
+def read_metadata(meta: dict[str, str], path: str) -> tuple[GatoConfig, EmbodimentSpec, int, tuple[int, ...]]:
+    """(config, spec, default capacity, declared capacities); refuses a file without gato_ros metadata or with
+    other tokenizer constants than `gato_ros.contract`'s."""
     missing = [k for k in contract.REQUIRED_METADATA if k not in meta]
     if missing:
         raise ModelLoadError(f"{path} is ONNX but not a gato_ros policy: metadata lacks {missing}")
@@ -101,45 +165,26 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         spec = EmbodimentSpec.from_json(meta[contract.META_SPEC])
         constants = json.loads(meta[contract.META_TOKENIZER])
         context = int(meta[contract.META_CONTEXT_TOKENS])
+        trained_capacities = tuple(int(c) for c in json.loads(meta.get(contract.META_TRAINED_CAPACITIES, "[]")))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: unreadable gato_ros metadata ({e})") from e
-    ours = contract.tokenizer_constants()
-    differ = {k: (constants.get(k), v) for k, v in ours.items() if constants.get(k) != v}
+    differ = {k: (constants.get(k), v) for k, v in contract.tokenizer_constants().items() if constants.get(k) != v}
     if differ:
         raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
+    return config, spec, context, trained_capacities
 
+
+def check_signature(session: ort.InferenceSession, config: GatoConfig, images: bool, path: str) -> Any:
+    """Every input and output name the contract gives for the config's n_layer is in the graph; returns the first
+    cache input's description (its shape and type set the cache's)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    num_layers = config.n_layer
-    has_images = bool(spec.image_keys)
-    required, wanted_out = contract.io_names(num_layers, has_images)
+    required, wanted_out = contract.io_names(config.n_layer, images)
     lacking = [n for n in required if n not in inputs] + [n for n in wanted_out if n not in outputs]
     if lacking:
-        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for n_layer={num_layers} "
-                             f"(missing {lacking})")
-    key = inputs[contract.past_key_name(0)]
-    heads, head_dim = key.shape[1], key.shape[3]
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
-        heads, head_dim = config.n_head, config.head_dim
-    cache_dtype = _ORT_TYPES.get(key.type)
-    if cache_dtype is None:
-        raise ModelLoadError(f"{path}: unsupported cache type {key.type}")
-    update = meta.get(contract.META_CACHE_UPDATE)
-    logit_ids = read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path)
-    return ModelInfo(
-        config=config,
-        spec=spec,
-        context_tokens=context,
-        variant=meta.get(contract.META_VARIANT, "fp32"),
-        empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
-        num_layers=num_layers,
-        num_heads=int(heads),
-        head_dim=int(head_dim),
-        cache_dtype=np.dtype(cache_dtype),
-        has_images=has_images,
-        cache_update=base64.b64decode(update) if update else None,
-        logit_ids=logit_ids,
-    )
+        raise ModelLoadError(f"{path}: graph signature does not match the gato_ros contract for "
+                             f"n_layer={config.n_layer} (missing {lacking})")
+    return inputs[contract.past_key_name(0)]
 
 
 def read_logit_ids(meta: dict[str, str], spec: EmbodimentSpec, width: Any, path: str) -> np.ndarray | None:
@@ -175,6 +220,10 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     # and the robot's other processes; spinning ORT workers starved the control timer on 2 cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Masked attention scores exp() to denormals, which the CPU computes ~8x slower: flushing them to zero
+    # made the tiny policy's softmax over a masked window 8x faster (values below 1e-38 change nothing).
+    # ORT applies it process-wide from the first session a process creates (scripts/graph_numbers.py).
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
 
@@ -228,6 +277,19 @@ def open_session(model_path: str, provider: str = "auto", threads: int | None = 
     raise ModelLoadError(f"no provider could load {model_path}: {errors}")
 
 
+def ring_slices(start: int, count: int, slots: int) -> list[tuple[slice, slice]]:
+    """Positions start .. start + count - 1 go to slots position mod `slots`: as (ring slots, index among the
+    positions) slice pairs, at most two since the positions are contiguous (none when count <= 0)."""
+    if count <= 0:
+        return []
+    lo = start % slots
+    first = min(count, slots - lo)
+    pieces = [(slice(lo, lo + first), slice(0, first))]
+    if first < count:
+        pieces.append((slice(0, count - first), slice(first, count)))
+    return pieces
+
+
 class PolicyRuntime:
     """Serve one gato_ros ONNX policy: `reset()`, then `step(observation)` once per control tick."""
 
@@ -247,14 +309,28 @@ class PolicyRuntime:
         self.info = read_model_info(self.session, self.model_path)
         self.spec = self.info.spec
         self.capacity = int(context_tokens or self.info.context_tokens)
+        if not self.info.accepts_capacity(self.capacity):
+            raise ModelLoadError(
+                f"{self.model_path}: a cache of {self.capacity} tokens differs from the window the model was trained "
+                f"with (context_window={self.info.config.context_window}; also trained for "
+                f"{list(self.info.trained_capacities)} per {contract.META_TRAINED_CAPACITIES}): it would see another "
+                f"context than in training. Leave context_tokens unset, or export with --trained-capacities.")
         self.obs_tokens = tok.observation_token_count(self.spec)
+        self.local_only_observations = self.info.config.observation_local_positions_only
+        # Local position of each token of a timestep, as training laid them out (the tokenizer's rule).
+        self._local = tok.timestep_local_positions(self.spec, self.local_only_observations)
         if self.capacity < self.obs_tokens + self.spec.action_size:
             raise ModelLoadError(f"context of {self.capacity} tokens cannot hold one timestep "
                                  f"({self.obs_tokens + self.spec.action_size} tokens)")
         self.temperature = float(temperature)
         self.rng = np.random.default_rng(seed)
+        self.in_place = self.info.cache_layout == contract.CACHE_LAYOUT_IN_PLACE
+        # Most tokens one model call takes: a tick's prefill (the pending action token + the observation). An
+        # in-place ring keeps that many slots beyond the capacity, so a call never overwrites a token it may see.
+        self.max_call_tokens = self.obs_tokens + 1 if self.in_place else self.capacity
+        self.ring_slots = self.capacity + self.max_call_tokens if self.in_place else self.capacity
         self.device_cache = self.provider != "cpu" if device_cache is None else bool(device_cache)
-        if self.device_cache and self.info.cache_update is None:
+        if self.device_cache and not self.in_place and self.info.cache_update is None:
             log.warning("%s has no cache-update graph: keeping the KV cache on the host", self.model_path)
             self.device_cache = False
         self.last_step_ms = float("nan")
@@ -280,7 +356,7 @@ class PolicyRuntime:
         return contract.present_names(self.info.num_layers)
 
     def _allocate(self) -> None:
-        info, C = self.info, self.capacity
+        info, C = self.info, self.ring_slots
         shape = (1, info.num_heads, C, info.head_dim)
         self.past_positions = np.full((1, C), info.empty_position, dtype=np.int64)
         width = self.session.get_outputs()[0].shape[-1]
@@ -291,9 +367,14 @@ class PolicyRuntime:
         if self.device_cache:
             device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
             self._device = device
-            self._caches = [[ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, device, 0)
-                             for _ in self._past_names()] for _ in range(2)]
+            # Zero-filled, not left uninitialized: an empty slot is hidden by its position, but a NaN left in its
+            # memory would still poison the attention (0 weight × NaN value = NaN; an additive mask adds to it).
+            # (One array each: on the CPU an OrtValue wraps its numpy array instead of copying it.)
+            self._caches = [[ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, info.cache_dtype), device, 0)
+                             for _ in self._past_names()] for _ in range(1 if self.in_place else 2)]
             self._current = 0
+            if self.in_place:  # the graph writes the ring itself
+                return
             so = _session_options(None)
             providers = ["CPUExecutionProvider"]
             if device == "cuda":
@@ -321,7 +402,17 @@ class PolicyRuntime:
             io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         io.bind_output(contract.LOGITS, "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
         shape = (1, info.num_heads, S, info.head_dim)
-        if self.device_cache:
+        if self.in_place:  # present is the ring itself: bound to past's memory, written in place
+            rings = self._caches[0] if self.device_cache else self.cache
+            for past, present, ring in zip(self._past_names(), self._present_names(), rings, strict=True):
+                if self.device_cache:
+                    io.bind_ortvalue_input(past, ring)
+                    io.bind_ortvalue_output(present, ring)
+                else:
+                    io.bind_input(past, "cpu", 0, ring.dtype, list(ring.shape), ring.ctypes.data)
+                    io.bind_output(present, "cpu", 0, ring.dtype, list(ring.shape), ring.ctypes.data)
+            presents = []
+        elif self.device_cache:
             presents = [ort.OrtValue.ortvalue_from_shape_and_type(shape, info.cache_dtype, self._device, 0)
                         for _ in self._present_names()]
             for name, value in zip(self._present_names(), presents, strict=True):
@@ -344,6 +435,17 @@ class PolicyRuntime:
         S = len(ids)
         if self.capacity < S:
             raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}")
+        logits = self._logits[0, 0]
+        for lo in range(0, S, self.max_call_tokens):  # in pieces: causal attention makes that the same computation
+            piece = slice(lo, lo + self.max_call_tokens)
+            images = (None if a is None else a[piece] for a in (patches, patch_pos))
+            logits = self._call(ids[piece], local[piece], *images)
+        return logits
+
+    def _call(self, ids: np.ndarray, local: np.ndarray, patches: np.ndarray | None, patch_pos: np.ndarray | None
+              ) -> np.ndarray:
+        """One model call over at most `max_call_tokens` tokens: forward's work."""
+        S = len(ids)
         io, feeds, presents = self._binding(S)
         start = self.position
         feeds[contract.INPUT_IDS][0] = ids
@@ -356,27 +458,28 @@ class PolicyRuntime:
             else:
                 feeds[contract.PATCHES][0] = patches
                 feeds[contract.PATCH_POSITIONS][0] = patch_pos
-        if self.device_cache:
+        if self.device_cache and not self.in_place:
             for name, value in zip(self._past_names(), self._caches[self._current], strict=True):
                 io.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(io)
-        slots = (start + np.arange(S)) % self.capacity
-        if self.device_cache:
-            self._write_device(presents, slots)
-        else:
+        if self.device_cache and not self.in_place:
+            self._write_device(presents, (start + np.arange(S)) % self.ring_slots)
+        elif not self.in_place:
             self._write_host(presents, start, S)
-        self.past_positions[0, slots] = feeds[contract.POSITION_IDS][0]
+        positions = self.past_positions[0]
+        for slots, taken in ring_slices(start, S, self.ring_slots):  # slot = position mod ring_slots
+            positions[slots] = feeds[contract.POSITION_IDS][0, taken]
         self.position = start + S
+        if self.in_place:  # the ring holds more slots than the capacity: hide what falls out of the newest C
+            expired = max(0, start - self.capacity)
+            for slots, _ in ring_slices(expired, self.position - self.capacity - expired, self.ring_slots):
+                positions[slots] = self.info.empty_position
         return self._logits[0, 0]
 
     def _write_host(self, presents: list[np.ndarray], start: int, S: int) -> None:  # noqa: N803
-        # Positions are contiguous, so the ring write is at most two slice copies per tensor.
-        lo = start % self.capacity
-        first = min(S, self.capacity - lo)
-        for cache, new in zip(self.cache, presents, strict=True):
-            cache[:, :, lo:lo + first] = new[:, :, :first]
-            if first < S:
-                cache[:, :, : S - first] = new[:, :, first:]
+        for slots, taken in ring_slices(start, S, self.capacity):
+            for cache, new in zip(self.cache, presents, strict=True):
+                cache[:, :, slots] = new[:, :, taken]
 
     def _write_device(self, presents: list[ort.OrtValue], slots: np.ndarray) -> None:
         source, target = self._caches[self._current], self._caches[1 - self._current]
@@ -399,7 +502,8 @@ class PolicyRuntime:
         self._pending: tuple[int, int] | None = None  # (token, local position) of the last action token
         if prompt is None:
             return
-        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]))
+        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]),
+                                      observation_local_positions_only=self.local_only_observations)
         ids, local = stream["tokens"], stream["local_positions"]
         patches = patch_pos = None
         if self.info.has_images:
@@ -417,6 +521,9 @@ class PolicyRuntime:
     def _choose(self, logits: np.ndarray, index: int) -> int:
         first, last, token = self._ranges[index]  # the action's columns and the token id of the first
         allowed = logits[first:last]
+        if not np.isfinite(allowed).all():
+            raise NonFiniteLogitsError(f"{self.model_path}: non-finite logits for action "
+                                       f"{self.spec.actions[index].name!r} at position {self.position}")
         if self.temperature <= 0.0:
             return token + int(np.argmax(allowed))
         z = allowed.astype(np.float64) / self.temperature
@@ -428,7 +535,8 @@ class PolicyRuntime:
 
         `teacher` (A tokens): feed these into the context instead of the chosen ones (teacher forcing,
         to compare variants of a model on the same token stream); the chosen tokens are still returned."""
-        ts = tok.tokenize_observation(self.spec, observation)  # validates: ObservationError
+        ts = tok.tokenize_observation(self.spec, observation,  # validates: ObservationError
+                                      observation_local_positions_only=self.local_only_observations)
         ids, local = ts.tokens, ts.local_positions
         patches = patch_pos = None
         if self.info.has_images:
@@ -452,9 +560,9 @@ class PolicyRuntime:
             tokens[i] = self._choose(logits, i)
             fed = tokens if teacher is None else teacher
             if i < A - 1:
-                one_id[0], one_local[0] = fed[i], self.obs_tokens + i
+                one_id[0], one_local[0] = fed[i], self._local[self.obs_tokens + i]
                 logits = self.forward(one_id, one_local)
-        self._pending = (int(fed[-1]), self.obs_tokens + A - 1)
+        self._pending = (int(fed[-1]), int(self._local[self.obs_tokens + A - 1]))
         return tokens
 
     def step(self, observation: dict[str, np.ndarray]) -> np.ndarray:

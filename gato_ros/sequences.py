@@ -47,8 +47,9 @@ def patches_from_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions: np.ndarray,
-             task: str = "") -> TokenizedEpisode:
-    stream = tok.tokenize_episode(spec, observations, actions)
+             task: str = "", observation_local_positions_only: bool = True) -> TokenizedEpisode:
+    stream = tok.tokenize_episode(spec, observations, actions,
+                                  observation_local_positions_only=observation_local_positions_only)
     steps = actions.shape[0]
     step_tokens = tok.timestep_token_count(spec)
     his = np.array([tok.action_token_range(spec, i)[1] for i in range(spec.action_size)], dtype=np.int64)
@@ -82,6 +83,8 @@ class SequenceDataset(Dataset):
     prompt_tokens: tokens of prompt (rounded down to whole timesteps)
     train:         sample patch positions inside their intervals and draw prompts at random;
                    otherwise interval means and a prompt choice fixed per item
+    observation_local_positions_only: the model's GatoConfig field of that name (which tokens get local
+                   positions)
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class SequenceDataset(Dataset):
         prompt_tokens: int | None = None,
         train: bool = True,
         seed: int = 0,
+        observation_local_positions_only: bool = True,
     ) -> None:
         self.spec = dataset.spec
         self.seq_len = seq_len
@@ -113,7 +117,7 @@ class SequenceDataset(Dataset):
         for i in episodes:
             observations, actions = dataset.episode(i)
             task = str(dataset.episodes[i].get("task", dataset.spec.name))
-            self.episodes.append(tokenize(self.spec, observations, actions, task))
+            self.episodes.append(tokenize(self.spec, observations, actions, task, observation_local_positions_only))
         self.by_task: dict[str, list[int]] = {}
         for j, ep in enumerate(self.episodes):
             self.by_task.setdefault(ep.task, []).append(j)

@@ -21,6 +21,7 @@ from gato_ros.contract import (  # noqa: F401  (re-exported: callers use tok.NUM
     CONTINUOUS_OFFSET,
     DISCRETE_RANGE,
     MU,
+    NO_LOCAL_POSITION,
     NUM_BINS,
     PAD_TOKEN,
     PATCH_POSITION_INTERVALS,
@@ -155,7 +156,8 @@ class Timestep:
     """One tokenized timestep's observation part (plus the separator), ready for the model.
 
     tokens:          (N,) int64, PATCH_TOKEN where an image patch goes
-    local_positions: (N,) int64, index inside the timestep
+    local_positions: (N,) int64, index inside the timestep (NO_LOCAL_POSITION for the separator when
+                     observation tokens alone get local positions)
     patches:         (P, 3, 16, 16) float32, in order of the PATCH_TOKEN slots
     patch_positions: (P, 2) int64 row/column position indices
     """
@@ -176,8 +178,21 @@ def timestep_token_count(spec: EmbodimentSpec) -> int:
     return observation_token_count(spec) + spec.action_size
 
 
+def timestep_local_positions(spec: EmbodimentSpec, observation_local_positions_only: bool = True) -> np.ndarray:
+    """Local position of every token of a timestep (observation, separator, actions): its index inside the
+    timestep, or NO_LOCAL_POSITION for the separator and the actions when observation tokens alone get one
+    (Gato; `GatoConfig.observation_local_positions_only`, False for files written before that field)."""
+    local = np.arange(timestep_token_count(spec), dtype=np.int64)
+    if observation_local_positions_only:
+        local[observation_token_count(spec) - 1 :] = NO_LOCAL_POSITION
+    return local
+
+
 def tokenize_observation(
-    spec: EmbodimentSpec, observation: dict[str, np.ndarray], rng: np.random.Generator | None = None
+    spec: EmbodimentSpec,
+    observation: dict[str, np.ndarray],
+    rng: np.random.Generator | None = None,
+    observation_local_positions_only: bool = True,
 ) -> Timestep:
     """Observation → tokens in Gato's order, ending with the separator. Validates first."""
     validate_observation(spec, observation)
@@ -199,7 +214,7 @@ def tokenize_observation(
     tokens = np.concatenate(parts)
     return Timestep(
         tokens=tokens,
-        local_positions=np.arange(len(tokens), dtype=np.int64),
+        local_positions=timestep_local_positions(spec, observation_local_positions_only)[: len(tokens)],
         patches=np.concatenate(patches) if patches else np.zeros((0, 3, PATCH_SIZE, PATCH_SIZE), np.float32),
         patch_positions=np.concatenate(positions) if positions else np.zeros((0, 2), np.int64),
     )
@@ -247,18 +262,21 @@ def tokenize_episode(
     observations: dict[str, np.ndarray],
     actions: np.ndarray,
     rng: np.random.Generator | None = None,
+    observation_local_positions_only: bool = True,
 ) -> dict[str, np.ndarray]:
     """A whole episode → the flat token stream the model trains on.
 
     Returns tokens, local_positions, loss_mask (True on action tokens), patches, patch_positions.
     """
     steps = actions.shape[0]
+    action_local = timestep_local_positions(spec, observation_local_positions_only)[observation_token_count(spec) :]
     tokens, local, mask, patches, ppos = [], [], [], [], []
     for t in range(steps):
-        ts = tokenize_observation(spec, {k: v[t] for k, v in observations.items()}, rng)
+        ts = tokenize_observation(spec, {k: v[t] for k, v in observations.items()}, rng,
+                                  observation_local_positions_only)
         act = tokenize_action(spec, actions[t])
         tokens += [ts.tokens, act]
-        local += [ts.local_positions, np.arange(len(ts.tokens), len(ts.tokens) + len(act), dtype=np.int64)]
+        local += [ts.local_positions, action_local]
         mask += [np.zeros(len(ts.tokens), bool), np.ones(len(act), bool)]
         patches.append(ts.patches)
         ppos.append(ts.patch_positions)

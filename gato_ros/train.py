@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -234,165 +235,253 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+class SetupError(Exception):
+    """The run cannot start as asked; the message says why (the command exits with 2)."""
+
+
+@dataclass
+class Run:
+    """Everything one rank's training loop uses, set up by `prepare_run`."""
+
+    args: argparse.Namespace
+    world: int
+    device: torch.device
+    master: bool
+    distributed: bool
+    out: Path
+    spec: EmbodimentSpec
+    seq_len: int
+    train_set: SequenceDataset
+    val_loader: DataLoader | None
+    sampler: DistributedSampler
+    per_rank: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    model: GatoModel
+    optimizer: torch.optim.Optimizer
+    wrapped: torch.nn.Module
+    autocast: Any
+    step: int = 0
+    best_val: float = float("inf")
+
+
+@dataclass
+class Window:
+    """Training metrics since the last log line."""
+
+    started: float = field(default_factory=time.time)
+    tokens: int = 0
+    loss: float = 0.0
+    steps: int = 0
+
+
 def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device, master: bool,
            distributed: bool) -> int:
-    out = Path(args.out)
-    resuming = args.resume and (out / STATE_FILE).exists()
-    if not args.resume and (out / STATE_FILE).exists():
-        print(f"error: {out} already holds a checkpoint; pass --resume to continue it", file=sys.stderr)
+    try:
+        run = prepare_run(args, rank, world, device, master, distributed)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.batch_size % world:
-        print(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks", file=sys.stderr)
-        return 2
+    train_loop(run)
+    if master:
+        print(f"gato-ros train: step {run.step}, checkpoint in {run.out}", file=sys.stderr)
+    return 0
 
-    data = read_datasets(args.data)
-    spec = data.spec
-    if resuming:
-        config = GatoConfig.from_json((out / "config.json").read_text())
-        saved_spec = EmbodimentSpec.from_json((out / "spec.json").read_text())
-        if saved_spec != spec:
-            print(f"error: {' '.join(args.data)} has spec {spec.name!r}, the checkpoint in {out} was trained on "
-                  f"{saved_spec.name!r}", file=sys.stderr)
-            return 2
-    elif args.init:
-        init = Path(args.init)
-        config = GatoConfig.from_json((init / "config.json").read_text())
-        if EmbodimentSpec.from_json((init / "spec.json").read_text()) != spec:
-            print(f"error: --init {init} was trained on another spec than {' '.join(args.data)}", file=sys.stderr)
-            return 2
+
+def check_output(args: argparse.Namespace, world: int) -> bool:
+    """Whether this run resumes the checkpoint in --out; refuses to overwrite one or split a batch unevenly."""
+    out = Path(args.out)
+    if not args.resume and (out / STATE_FILE).exists():
+        raise SetupError(f"{out} already holds a checkpoint; pass --resume to continue it")
+    if args.batch_size % world:
+        raise SetupError(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+    return args.resume and (out / STATE_FILE).exists()
+
+
+def choose_config(args: argparse.Namespace, spec: EmbodimentSpec, resuming: bool) -> GatoConfig:
+    """The checkpoint's config when resuming or fine-tuning (its spec must match the data), else the preset's."""
+    if resuming or args.init:
+        source = Path(args.out) if resuming else Path(args.init)
+        if EmbodimentSpec.from_json((source / "spec.json").read_text()) != spec:
+            raise SetupError(f"{source} was trained on another spec than {' '.join(args.data)} ({spec.name!r})")
+        config = GatoConfig.from_json((source / "config.json").read_text())
     else:
         config = GatoConfig.from_preset(
             args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
             value_embedding=False if args.no_value_embedding else None,
         )
     if tok.timestep_token_count(spec) > config.max_local_positions:
-        print(f"error: a timestep of spec {spec.name!r} has {tok.timestep_token_count(spec)} tokens, the model "
-              f"has {config.max_local_positions} local positions", file=sys.stderr)
-        return 2
-    seq_len = args.seq_len or config.context_window
+        raise SetupError(f"a timestep of spec {spec.name!r} has {tok.timestep_token_count(spec)} tokens, the model "
+                         f"has {config.max_local_positions} local positions")
+    return config
 
-    torch.manual_seed(args.seed)
+
+def make_datasets(args: argparse.Namespace, data: Any, config: GatoConfig, seq_len: int, master: bool
+                  ) -> tuple[SequenceDataset, SequenceDataset | None, int, int]:
+    """Training windows and (on rank 0) validation windows over held-out episodes, with their episode counts."""
     train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
+    layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed}
     train_set = SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob, args.prompt_tokens,
-                                train=True, seed=args.seed)
-    val_stride = max(1, seq_len // tok.timestep_token_count(spec))
-    val_set = SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens,
-                              train=False, seed=args.seed) if val_eps and master else None
+                                train=True, **layout)
+    val_stride = max(1, seq_len // tok.timestep_token_count(data.spec))
+    val_set = (SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens, train=False,
+                               **layout) if val_eps and master else None)
+    return train_set, val_set, len(train_eps), len(val_eps)
+
+
+def load_resume_state(run: Run) -> None:
+    """Weights, optimizer, step and schedule from the checkpoint in --out; every file must hold the same step."""
+    out = run.out
+    state = json.loads((out / STATE_FILE).read_text())
+    run.model.load_state_dict(load_file(str(out / MODEL_FILE)))
+    for path in (out / MODEL_FILE, out / OPTIMIZER_FILE):
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("step") != str(state["step"]):
+                raise CheckpointError(f"{path}: holds step {(f.metadata() or {}).get('step')}, "
+                                      f"{out / STATE_FILE} says {state['step']} (interrupted save?)")
+    _load_optimizer(run.optimizer, load_file(str(out / OPTIMIZER_FILE), device=str(run.device)), state["optimizer"])
+    run.step, run.best_val = state["step"], state.get("best_val", float("inf"))
+    run.total_steps = state.get("total_steps", run.total_steps) if run.args.steps is None else run.args.steps
+
+
+def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.device, master: bool,
+                distributed: bool) -> Run:
+    resuming = check_output(args, world)
+    data = read_datasets(args.data)
+    config = choose_config(args, data.spec, resuming)
+    seq_len = args.seq_len or config.context_window
+    torch.manual_seed(args.seed)
+    train_set, val_set, n_train, n_val = make_datasets(args, data, config, seq_len, master)
     per_rank = args.batch_size // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=False)
     steps_per_epoch = max(1, len(sampler) // per_rank)
     total_steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
-    warmup = max(1, min(args.warmup, total_steps // 5))
 
     model = GatoModel(config).to(device)
     if args.init and not resuming:
         model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)))
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    step, best_val = 0, float("inf")
+    run = Run(
+        args=args, world=world, device=device, master=master, distributed=distributed, out=Path(args.out),
+        spec=data.spec, seq_len=seq_len, train_set=train_set,
+        val_loader=(DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=args.workers)
+                    if val_set is not None else None),
+        sampler=sampler, per_rank=per_rank, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        warmup=max(1, min(args.warmup, total_steps // 5)), model=model,
+        optimizer=make_optimizer(model, args.lr, args.weight_decay, device), wrapped=ActionLoss(model),
+        autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext,
+    )
     if resuming:
-        tensors = load_file(str(out / MODEL_FILE))
-        state = json.loads((out / STATE_FILE).read_text())
-        model.load_state_dict(tensors)
-        opt_path = out / OPTIMIZER_FILE
-        for path in (out / MODEL_FILE, opt_path):
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("step") != str(state["step"]):
-                    raise CheckpointError(f"{path}: holds step {(f.metadata() or {}).get('step')}, "
-                                          f"{out / STATE_FILE} says {state['step']} (interrupted save?)")
-        _load_optimizer(optimizer, load_file(str(opt_path), device=str(device)), state["optimizer"])
-        step, best_val = state["step"], state.get("best_val", float("inf"))
-        total_steps = state.get("total_steps", total_steps) if args.steps is None else args.steps
-    wrapped: torch.nn.Module = ActionLoss(model)
-    if distributed:
-        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=not spec.image_keys)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-
-    val_loader = (DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=args.workers)
-                  if val_set is not None else None)
-    n_params = model.num_params()
+        load_resume_state(run)
+    if distributed:  # after loading: DDP starts every rank from rank 0's weights
+        run.wrapped = DistributedDataParallel(run.wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=not data.spec.image_keys)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"gato-ros train: {n_params / 1e6:.2f}M parameters, {len(train_set)} windows of {seq_len} tokens "
-              f"from {len(train_eps)} episodes ({len(val_eps)} held out), {world} rank(s) on {device}, "
-              f"{total_steps} steps from {step}", file=sys.stderr)
+        run.out.mkdir(parents=True, exist_ok=True)
+        print(f"gato-ros train: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} windows of {seq_len} "
+              f"tokens from {n_train} episodes ({n_val} held out), {world} rank(s) on {device}, "
+              f"{run.total_steps} steps from {run.step}", file=sys.stderr)
+    return run
 
-    def save(state_step: int) -> None:
-        save_checkpoint(out, model, spec, optimizer, {
-            "step": state_step, "total_steps": total_steps, "best_val": best_val, "seed": args.seed,
-            "seq_len": seq_len, "batch_size": args.batch_size, "data": [str(d) for d in args.data],
-        })
 
+def save_run(run: Run) -> None:
+    args = run.args
+    save_checkpoint(run.out, run.model, run.spec, run.optimizer, {
+        "step": run.step, "total_steps": run.total_steps, "best_val": run.best_val, "seed": args.seed,
+        "seq_len": run.seq_len, "batch_size": args.batch_size, "data": [str(d) for d in args.data],
+    })
+
+
+def optimizer_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """One step at the schedule's learning rate; returns (loss, lr)."""
+    lr = lr_at(run.step, run.total_steps, run.warmup, run.args.lr, run.args.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast():
+        loss = run.wrapped(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.args.grad_clip)
+    run.optimizer.step()
+    run.step += 1
+    return loss.item(), lr
+
+
+def should_stop(run: Run, start_time: float) -> bool:
+    """At the last step, at --stop-at, or past --max-minutes (rank 0's clock decides, so every rank stops together)."""
+    args = run.args
+    stop = run.step >= run.total_steps or (args.stop_at is not None and run.step >= args.stop_at)
+    if args.max_minutes is not None:
+        flag = torch.tensor([float(time.time() - start_time > 60 * args.max_minutes)], device=run.device)
+        if run.distributed:
+            dist.broadcast(flag, 0)
+        stop = stop or bool(flag.item())
+    return stop
+
+
+def checkpoint(run: Run, window: Window, lr: float, start_time: float, log: Any, progress: Any) -> None:
+    """Rank 0: validate, save, and write one log line for the window since the last checkpoint."""
+    now = time.time()
+    record = {"step": run.step, "loss": window.loss / max(window.steps, 1), "lr": lr,
+              "time": round(now - start_time, 3),
+              "tokens_per_s": round(window.tokens / max(now - window.started, 1e-9), 1)}
+    if run.val_loader is not None:
+        record["val_loss"] = evaluate(run.model, run.val_loader, run.device, run.args.val_batches, run.autocast)
+        run.best_val = min(run.best_val, record["val_loss"])
+    save_run(run)
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    if progress is not None:
+        progress.write(json.dumps(record))
+
+
+def epoch_loader(run: Run) -> DataLoader:
+    """The current epoch's batches from the current step on (a resumed run skips what it already did)."""
+    epoch, skip = divmod(run.step, run.steps_per_epoch)
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    indices = list(run.sampler)
+    size = run.per_rank
+    batches = [indices[k : k + size] for k in range(0, run.steps_per_epoch * size, size)]
+    return DataLoader(run.train_set, batch_sampler=batches[skip:], num_workers=run.args.workers,
+                      pin_memory=run.device.type == "cuda")
+
+
+def train_loop(run: Run) -> None:
     progress = None
-    if master and not args.no_progress:
+    if run.master and not run.args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    log = (out / LOG_FILE).open("a") if master else None
-    start_time = time.time()
-    window_time, window_tokens, window_loss, window_n = time.time(), 0, 0.0, 0
-    model.train()
+        progress = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    log = (run.out / LOG_FILE).open("a") if run.master else None
+    start_time, window = time.time(), Window()
+    run.model.train()
     stop = False
-    while step < total_steps and not stop:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        indices = list(sampler)
-        batches = [indices[k : k + per_rank] for k in range(0, steps_per_epoch * per_rank, per_rank)]
-        loader = DataLoader(train_set, batch_sampler=batches[skip:], num_workers=args.workers,
-                            pin_memory=device.type == "cuda")
-        for batch in loader:
-            lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = to_device(batch, device)
-            with autocast():
-                loss = wrapped(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            window_loss += loss.item()
-            window_n += 1
-            window_tokens += batch["input_ids"].numel() * world
-
-            stop = step >= total_steps or (args.stop_at is not None and step >= args.stop_at)
-            if args.max_minutes is not None:  # every rank must stop at the same step
-                flag = torch.tensor([float(time.time() - start_time > 60 * args.max_minutes)], device=device)
-                if distributed:
-                    dist.broadcast(flag, 0)
-                stop = stop or bool(flag.item())
-            checkpoint_due = stop or step % args.eval_every == 0
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if master and checkpoint_due:
-                now = time.time()
-                record = {"step": step, "loss": window_loss / max(window_n, 1), "lr": lr,
-                          "time": round(now - start_time, 3),
-                          "tokens_per_s": round(window_tokens / max(now - window_time, 1e-9), 1)}
-                if val_loader is not None:
-                    record["val_loss"] = evaluate(model, val_loader, device, args.val_batches, autocast)
-                    best_val = min(best_val, record["val_loss"])
-                save(step)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+    try:
+        while run.step < run.total_steps and not stop:
+            for batch in epoch_loader(run):
+                batch = to_device(batch, run.device)
+                loss, lr = optimizer_step(run, batch)
+                window.loss, window.steps = window.loss + loss, window.steps + 1
+                window.tokens += batch["input_ids"].numel() * run.world
+                stop = should_stop(run, start_time)
+                due = stop or run.step % run.args.eval_every == 0
                 if progress is not None:
-                    progress.write(json.dumps(record))
-                window_time, window_tokens, window_loss, window_n = time.time(), 0, 0.0, 0
-            if distributed and checkpoint_due:
-                dist.barrier()  # the others wait while rank 0 validates and saves
-            if stop:
-                break
-    if progress is not None:
-        progress.close()
-    if log is not None:
-        log.close()
-    if master:
-        print(f"gato-ros train: step {step}, checkpoint in {out}", file=sys.stderr)
-    return 0
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if run.master and due:
+                    checkpoint(run, window, lr, start_time, log, progress)
+                    window = Window()
+                if run.distributed and due:
+                    dist.barrier()  # the others wait while rank 0 validates and saves
+                if stop:
+                    break
+    finally:
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
-"""Print `gato-ros bench --json` results as the README's markdown table: p50 / p99 ms per control step."""
+"""Print `gato-ros bench --json` results as the README's markdown table: p50 / p99 wall ms per control step,
+then the p50 CPU ms of the calling thread, and the ratios."""
 
 import json
 import sys
 from collections import defaultdict
 
-COLUMNS = ("torch-nocache", "ort-nocache", "torch-kv", "ort-kv-fp32", "ort-kv-int8", "ort-kv-fp16", "ort-kv-int4")
+COLUMNS = ("torch-nocache", "ort-nocache", "torch-kv", "ort-kv-fp32", "ort-kv-int8", "ort-kv-int8-dynamic",
+           "ort-kv-fp16", "ort-kv-int4")
 
 
 def main(path: str) -> None:
@@ -21,7 +23,16 @@ def main(path: str) -> None:
     m = bench["machine"]
     print(f"\nMachine: {m['cpu']} ({m['cpu_count']} cores), {m['threads']} thread(s), onnxruntime {m['onnxruntime']}, "
           f"torch {m['torch']}, load average at start {m['load_average_at_start'][0]:.1f}.")
-    print("Ratios: " + json.dumps({k: v for k, v in bench["ratios"].items() if not isinstance(v, dict)}))
+    print("\nCPU p50 ms (calling thread):")
+    print("| preset | context | " + " | ".join(present) + " |")
+    print("|---|---|" + "---|" * len(present))
+    cpu: dict[tuple[str, int], dict[str, str]] = defaultdict(dict)
+    for case in bench["cases"]:
+        if "cpu_p50_ms" in case:
+            cpu[(case["preset"], case["context"])][case["name"]] = f"{case['cpu_p50_ms']:.1f}"
+    for (preset, context), cells in cpu.items():
+        print(f"| {preset} | {context} | " + " | ".join(cells.get(c, "–") for c in present) + " |")
+    print("\nRatios: " + json.dumps(bench["ratios"]))
 
 
 if __name__ == "__main__":

@@ -50,13 +50,12 @@ def run(model: str, executor_kind: str, seconds: float) -> dict[str, float]:
     rclpy.init(context=context)
     ns = f"/ticks_{executor_kind}"
     node = PolicyNode(context=context, namespace=ns, parameter_overrides=[
-        Parameter("model_path", value=model), Parameter("threads", value=1),
-        Parameter("joint_states_topic", value=f"{ns}/joint_states"), Parameter("command_topic", value=f"{ns}/cmd")])
+        Parameter("model_path", value=model), Parameter("threads", value=1)])
     peer = rclpy.create_node("robot", context=context, namespace=ns)
-    joints = peer.create_publisher(JointState, f"{ns}/joint_states", qos_profile_sensor_data)
-    task = peer.create_publisher(Float64MultiArray, "/gato/observations/task_state", qos_profile_sensor_data)
-    received: list[float] = []
-    peer.create_subscription(Float64MultiArray, f"{ns}/cmd", lambda _: received.append(time.monotonic()), 100)
+    joints = peer.create_publisher(JointState, "joint_states", qos_profile_sensor_data)  # the node's relative names
+    task = peer.create_publisher(Float64MultiArray, "gato/observations/task_state", qos_profile_sensor_data)
+    received: list[float] = []  # the stamped command the node publishes every tick
+    peer.create_subscription(JointState, "gato_policy/joint_command", lambda _: received.append(time.monotonic()), 100)
     executor = (SingleThreadedExecutor(context=context) if executor_kind == "single"
                 else MultiThreadedExecutor(num_threads=4, context=context))
     executor.add_node(node)

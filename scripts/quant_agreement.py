@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from gato_ros import tokenizer as tk
-from gato_ros.export import body_matmuls, compress_text_rows, save
+from gato_ros.export import save
+from gato_ros.quantize import body_matmuls, store_text_rows_int8
 from gato_ros.runtime import PolicyRuntime, teacher_forced_tokens
 
 
@@ -29,9 +30,9 @@ def weight_only_8bit(fp32: Path, out: Path, block_size: int = 32) -> Path:
     quant = MatMulNBitsQuantizer(proto, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=0,
                                  nodes_to_include=body_matmuls(proto))
     quant.process()
-    body = out.with_suffix(".body.onnx")
-    save(quant.model.model, body)
-    compress_text_rows(body, out)
+    proto = quant.model.model
+    store_text_rows_int8(proto)
+    save(proto, out)
     return out
 
 
@@ -41,7 +42,9 @@ def agreement(path: Path, reference: dict[str, np.ndarray]) -> dict[str, float]:
     got, latency = teacher_forced_tokens(runtime, reference)
     err = np.abs([tk.detokenize_action(runtime.spec, g) - tk.detokenize_action(runtime.spec, r)
                   for g, r in zip(got, expected, strict=True)])[:, :-1]  # torques; the gripper is counted apart
-    return {"identical": float((got == expected).mean()), "within_3_bins": float((np.abs(got - expected) <= 3).mean()),
+    return {"identical": float((got == expected).mean()),
+            "within_1_bin": float((np.abs(got - expected) <= 1).mean()),
+            "within_3_bins": float((np.abs(got - expected) <= 3).mean()),
             "gripper": float((got[:, -1] == expected[:, -1]).mean()), "torque_err_mean": float(err.mean()),
             "torque_err_p99": float(np.percentile(err, 99)), "step_p50_ms": float(np.median(latency) * 1e3),
             "size_mib": path.stat().st_size / 2**20}
@@ -61,7 +64,8 @@ def main() -> None:
             paths.append(weight_only_8bit(args.fp32, Path(tmp) / "weight_only_8bit.onnx"))
         for path in paths:
             m = agreement(path, reference)
-            print(f"{path.name}: {m['size_mib']:.2f} MiB, tokens identical {m['identical']:.1%}, within 3 bins "
+            print(f"{path.name}: {m['size_mib']:.2f} MiB, tokens identical {m['identical']:.1%}, within 1 bin "
+                  f"{m['within_1_bin']:.1%}, within 3 bins "
                   f"{m['within_3_bins']:.1%}, gripper {m['gripper']:.1%}, torque error mean "
                   f"{m['torque_err_mean']:.4f} / p99 {m['torque_err_p99']:.3f} N·m, step p50 {m['step_p50_ms']:.2f} ms")
 

@@ -44,7 +44,7 @@ def main() -> int:
     time.sleep(3.0)  # the recorder is up; it subscribes each topic as its publisher appears
     start = time.monotonic()
     results = evaluate_over_ros(args.model, [args.seed + i for i in range(args.episodes)], provider="cpu",
-                                log_dir=args.out / "logs", progress=False)
+                                log_dir=args.out / "logs", progress=False).results
     wall = time.monotonic() - start
     recorder.send_signal(signal.SIGINT)
     _, status, usage = os.wait4(recorder.pid, 0)

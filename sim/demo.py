@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gato_ros.node import default_model_path
     from sim.evaluate import plot_summary, summarize
-    from sim.ros_eval import LAST_RUN, describe, evaluate_over_ros, ros_environment, ros_summary
+    from sim.ros_eval import describe, evaluate_over_ros, ros_environment, ros_summary
 
     model = args.model or default_model_path()
     if not Path(model).is_file():
@@ -48,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     seeds = [args.seed + i for i in range(args.episodes)]
     video, gif = args.out / "episode1.mp4", args.out / "episode1.gif"
     start = time.perf_counter()
-    results = evaluate_over_ros(model, seeds, provider=args.provider, max_steps=args.max_steps, video=video, gif=gif,
+    ros_run = evaluate_over_ros(model, seeds, provider=args.provider, max_steps=args.max_steps, video=video, gif=gif,
                                 real_time_factor=args.real_time_factor, log_dir=args.out / "logs", record=args.record)
+    results = ros_run.results
     summary = summarize(results, model, "over-ros demo", args.seed, time.perf_counter() - start)
-    summary["over_ros"] = ros_summary(results)
+    summary["over_ros"] = ros_summary(ros_run)
     (args.out / "demo.json").write_text(json.dumps(summary, indent=2))
     plot_summary(summary, np.concatenate([r.step_ms for r in results]) if results else np.zeros(0),
                  args.out / "demo.png")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"success {summary['successes']}/{summary['episodes']}; step latency (observation published → command "
           f"received) p50 {lat.get('p50', float('nan')):.1f} ms, p99 {lat.get('p99', float('nan')):.1f} ms")
     print(describe(summary["over_ros"]))
-    print(f"both processes exited with {LAST_RUN.get('exit_codes')}; wrote {args.out / 'demo.json'}, "
+    print(f"both processes exited with {ros_run.exit_codes}; wrote {args.out / 'demo.json'}, "
           f"{args.out / 'demo.png'}, {video}, {gif} (logs in {args.out / 'logs'})")
     if args.record is not None:
         print(f"recorded the run into the bag {args.record} (gato-ros dataset --from-bag {args.record} ...)")

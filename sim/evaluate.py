@@ -163,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
     if args.over_ros:
         from sim.ros_eval import evaluate_over_ros
 
-        results = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
+        ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
                                     video=args.video)
-        mode = "over-ros"
+        results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds)
         mode = "in-process"
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if args.over_ros:
         from sim.ros_eval import ros_summary
 
-        summary["over_ros"] = ros_summary(results)  # loop rate, stale commands, latency observation → command
+        summary["over_ros"] = ros_summary(ros_run)  # loop rate, stale commands, latency observation → command
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2))
     latency = np.concatenate([r.step_ms for r in results]) if results else np.zeros(0)

@@ -40,7 +40,6 @@ from sim.results import EpisodeResult
 
 BRIDGE, NODE = "sim_bridge", "gato_policy"
 COMMAND_TOPIC = "/effort_controller/commands"
-LAST_RUN: dict[str, Any] = {}  # the last run's process exit codes and the node's final diagnostics
 
 
 @dataclass
@@ -265,6 +264,18 @@ def _result(status: dict, period: float) -> RosEpisodeResult:
     )
 
 
+@dataclass
+class RosRun:
+    """What one over-ROS evaluation returns: the episodes and how the two processes ended."""
+
+    results: list[RosEpisodeResult]
+    exit_codes: dict[str, int]  # per process; 0 = it ended on SIGINT by itself
+    node_diagnostics: dict[str, str]  # the policy node's last diagnostics values
+    domain_id: str
+    pids: dict[str, int]
+    recording: tuple[int, np.ndarray, np.ndarray] | None  # (seed, joint positions, task states) of the first episode
+
+
 def evaluate_over_ros(
     policy_path: str,
     seeds: list[int],
@@ -276,7 +287,7 @@ def evaluate_over_ros(
     log_dir: Path | str | None = None,
     progress: bool = True,
     record: Path | str | None = None,
-) -> list[RosEpisodeResult]:
+) -> RosRun:
     """Run one episode per seed through `sim_bridge` + `policy_node`; film the first one (`video`, `gif`);
     with `record` a `gato-ros record` process beside them writes the run into that bag directory."""
     if policy_path == "expert":
@@ -285,7 +296,6 @@ def evaluate_over_ros(
 
     ros_environment()
     policy_path = str(Path(policy_path).resolve())
-    image_size = model_image_size(policy_path)
     max_steps = int(max_steps or StackingConfig().max_steps)
     period = 1.0 / StackingConfig().control_hz
     tmp = tempfile.TemporaryDirectory(prefix="gato-ros-eval-") if log_dir is None else None
@@ -295,50 +305,18 @@ def evaluate_over_ros(
     supervisor = None
     diagnostics: dict[str, str] = {}
     results: list[RosEpisodeResult] = []
-    recorded: tuple[int, np.ndarray, np.ndarray] | None = None
+    recorded = None
     try:
-        procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
-            "--ros-args", "-p", f"seed:={seeds[0] if seeds else 0}", "-p", f"image_size:={image_size}",
-            "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
-            "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
-        procs.start("node", _console_script("policy_node", "gato_ros.node") + [
-            "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-            "-p", "use_sim_time:=true", "-p", f"command_topic:={COMMAND_TOPIC}"])
-        # The watchdog relays the node's stamped commands to the controller topics, as on a robot.
-        procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={1.0 / period!r}"])
+        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor)
         supervisor = Supervisor()
-        _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
-              "the bridge's services and the policy node to become active", procs)
-        node = supervisor.node
-        _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 1,
-              30.0, "the node and the bridge to discover each other", procs)
-        if record is not None:
-            _start_recorder(procs, Path(record), node)
-        time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
+        wait_until_connected(supervisor, procs, None if record is None else Path(record))
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
         from tqdm import tqdm
 
         for i, seed in enumerate(tqdm(seeds, desc="eval over ROS", disable=not progress)):
-            supervisor.set_seed(seed)
-            if not supervisor.trigger(supervisor.node_reset).success:
-                raise RuntimeError(f"the policy node refused ~/reset:\n{procs.log_tail('node')}")
-            supervisor.trigger(supervisor.bridge_reset)
-
-            def finished(seed: int = seed) -> bool:
-                status = supervisor.status()
-                return status["done"] or status.get("previous", {}).get("seed") == seed  # NaN: bridge reset
-
-            # Poll gently: the bridge pauses at the end, so a late look costs nothing, and CPU is the loop's.
-            _wait(finished, episode_timeout, f"episode seed {seed}", procs, poll_s=0.25)
-            time.sleep(3 * period / max(real_time_factor, 0.05))  # the answer to the last observation lands
-            status = supervisor.status()
-            if status["seed"] != seed:
-                status = status["previous"]
-            results.append(_result(status, period))
+            results.append(run_episode(supervisor, procs, seed, period, episode_timeout, real_time_factor))
             if i == 0:
-                joints, task = supervisor.recording(seed)
-                recorded = (seed, joints, task)
+                recorded = (seed, *supervisor.recording(seed))
     finally:
         codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)
         if supervisor is not None:
@@ -346,23 +324,74 @@ def evaluate_over_ros(
             supervisor.close()
         if tmp is not None:
             tmp.cleanup()
-    LAST_RUN.clear()
-    LAST_RUN.update(exit_codes=codes, node_diagnostics=diagnostics, domain_id=os.environ["ROS_DOMAIN_ID"],
-                    recording=recorded, pids={name: proc.pid for name, proc in procs.procs.items()})
     if recorded is not None and (video or gif):
         from sim.replay import replay_to_files
 
         replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period)
-    return results
+    return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
+                  domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},
+                  recording=recorded)
 
 
-def ros_summary(results: list[RosEpisodeResult]) -> dict:
+def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
+                    real_time_factor: float) -> None:
+    """`sim_bridge` (waiting for a reset, pausing between episodes), `policy_node` on sim time, and
+    `policy_watchdog`, which relays the node's stamped commands to the controller topics, as on a robot."""
+    from sim.env import StackingConfig
+
+    procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
+        "--ros-args", "-p", f"seed:={first_seed}", "-p", f"image_size:={model_image_size(policy_path)}",
+        "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
+        "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
+    procs.start("node", _console_script("policy_node", "gato_ros.node") + [
+        "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
+        "-p", "use_sim_time:=true"])
+    procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
+        "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}"])
+
+
+def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None) -> None:
+    """The bridge's services up, the node active, each side discovered by the other, and the recorder (with
+    `record`, a bag directory) subscribed."""
+    _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
+          "the bridge's services and the policy node to become active", procs)
+    node = supervisor.node
+    _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 1,
+          30.0, "the node and the bridge to discover each other", procs)
+    if record is not None:
+        _start_recorder(procs, record, node)
+    time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
+
+
+def run_episode(supervisor: Supervisor, procs: Processes, seed: int, period: float, timeout_s: float,
+                real_time_factor: float) -> RosEpisodeResult:
+    """One episode: seed the bridge, reset the node's context, reset the bridge, wait until the episode is done."""
+    supervisor.set_seed(seed)
+    if not supervisor.trigger(supervisor.node_reset).success:
+        raise RuntimeError(f"the policy node refused ~/reset:\n{procs.log_tail('node')}")
+    supervisor.trigger(supervisor.bridge_reset)
+
+    def finished() -> bool:
+        status = supervisor.status()
+        return status["done"] or status.get("previous", {}).get("seed") == seed  # NaN: bridge reset
+
+    # Poll gently: the bridge pauses at the end, so a late look costs nothing, and CPU is the loop's.
+    _wait(finished, timeout_s, f"episode seed {seed}", procs, poll_s=0.25)
+    time.sleep(3 * period / max(real_time_factor, 0.05))  # the answer to the last observation lands
+    status = supervisor.status()
+    if status["seed"] != seed:
+        status = status["previous"]
+    return _result(status, period)
+
+
+def ros_summary(run: RosRun) -> dict:
     """Over-ROS loop health across episodes: rates, stale-command share, rejected commands, latency."""
+    results = run.results
     if not results:
         return {}
     steps = sum(r.steps for r in results)
     latency = np.concatenate([r.step_ms for r in results]) if steps else np.zeros(0)
-    diag = LAST_RUN.get("node_diagnostics", {})
+    diag = run.node_diagnostics
     return {
         "control_rate_hz": {"mean": float(np.mean([r.control_rate_hz for r in results])),
                             "min": float(min(r.control_rate_hz for r in results))},
@@ -376,7 +405,7 @@ def ros_summary(results: list[RosEpisodeResult]) -> dict:
         "node_step_latency_ms": {"p50": diag.get("step_latency_p50_ms", ""),
                                  "p99": diag.get("step_latency_p99_ms", "")},
         "node_deadline_misses": diag.get("deadline_misses", ""),
-        "exit_codes": LAST_RUN.get("exit_codes", {}),
+        "exit_codes": run.exit_codes,
     }
 
 

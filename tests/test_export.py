@@ -29,7 +29,8 @@ def small_model(window: int) -> GatoModel:
 @pytest.fixture(scope="module")
 def state_export(tmp_path_factory):
     model, spec = small_model(64), builtin_spec()
-    paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx", ("int8", "int4", "fp16"))
+    paths = export(model, spec, tmp_path_factory.mktemp("state") / "policy.onnx",
+                   ("int8", "int8-dynamic", "int4", "fp16"))
     return model, spec, paths
 
 
@@ -125,21 +126,30 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
     model, _, paths = state_export
     ops = {v: {n.op_type for n in onnx.load(str(p)).graph.node} for v, p in paths.items()}
     assert "MatMulNBits" in ops["int4"]
+    dynamic = onnx.load(str(paths["int8-dynamic"]))
+    weights = {i.name: i for i in dynamic.graph.initializer}
+    # int8-dynamic: int8 compute in the blocks: every qkv / attention-output / MLP projection is a
+    # MatMulInteger on an int8 weight, its activation quantized per call.
+    integer = [n for n in dynamic.graph.node if n.op_type == "MatMulInteger"]
+    assert len(integer) == 4 * model.config.n_layer
+    assert all(n.name.startswith("/blocks.") and weights[n.input[1]].data_type == onnx.TensorProto.INT8
+               for n in integer)
+    assert {n.input[0] for n in integer} <= {o for n in dynamic.graph.node if n.op_type == "DynamicQuantizeLinear"
+                                             for o in n.output}
+    # int8: the same projections stored int8 (rebuilt to fp32 at load), fp32 compute.
     proto = onnx.load(str(paths["int8"]))
     int8 = {i.name: i for i in proto.graph.initializer}
-    # int8 compute in the blocks: every qkv / attention-output / MLP projection is a MatMulInteger on an
-    # int8 weight, its activation quantized per call.
-    integer = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
-    assert len(integer) == 4 * model.config.n_layer
-    assert all(n.name.startswith("/blocks.") and int8[n.input[1]].data_type == onnx.TensorProto.INT8 for n in integer)
-    assert {n.input[0] for n in integer} <= {o for n in proto.graph.node if n.op_type == "DynamicQuantizeLinear"
-                                             for o in n.output}
-    # The head stays a full-precision Gemm over the action rows gathered from the one shared table, whose
-    # text rows are stored as int8.
+    assert "MatMulInteger" not in ops["int8"]
+    projections = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name.startswith("/blocks.")
+                   and n.name.endswith(("qkv/MatMul", "proj/MatMul", "fc/MatMul"))]
+    assert len(projections) == 4 * model.config.n_layer
+    assert all(int8[n.input[1] + "_int8"].data_type == onnx.TensorProto.INT8 for n in projections)
+    # The head stays a full-precision Gemm over the action rows of the tied table, whose text rows are
+    # stored as int8.
     head = [n for n in proto.graph.node if n.op_type == "Gemm"]
     assert len(head) == 1 and head[0].input[1] == "logit_table"
-    gather = next(n for n in proto.graph.node if n.output[0] == "logit_table")
-    assert gather.op_type == "Gather" and gather.input[0] == "model.tokens.weight"
+    assert int8["logit_table"].data_type == onnx.TensorProto.FLOAT
+    assert list(int8["logit_table"].dims) == [len(ACTION_IDS), model.config.n_embd]
     table = int8["model.tokens.weight.text_int8"]
     assert table.data_type == onnx.TensorProto.INT8
     assert list(table.dims) == [tok.CONTINUOUS_OFFSET - tok.DISCRETE_RANGE, model.config.n_embd]
@@ -149,8 +159,8 @@ def test_int4_uses_matmulnbits_and_int8_is_quantized(state_export):
 
 @pytest.mark.parametrize("which", ["action", "full"])
 def test_token_table_is_stored_once(which, state_export, full_head_export):
-    """The input embedding and the tied head read one initializer: no transposed copy of the table beside
-    it, and no copy of its action rows (the head Gathers them; ORT folds that at session load)."""
+    """One vocabulary-sized table, no transposed copy of it beside it. The full-vocabulary head shares it with
+    the input Gather; the serving head stores its 1026 action rows (`logit_table`, a 3 % copy)."""
     model, _, paths = state_export if which == "action" else full_head_export
     proto = onnx.load(str(paths["fp32"]))
     tables = [i.name for i in proto.graph.initializer if tok.VOCAB_SIZE in i.dims]
@@ -159,21 +169,22 @@ def test_token_table_is_stored_once(which, state_export, full_head_export):
     if which == "full":
         assert sorted(n.op_type for n in readers) == ["Gather", "Gemm"]
     else:
-        assert [n.op_type for n in readers] == ["Gather", "Gather"]
-        ids = next(i for i in proto.graph.initializer if i.name == "logit_ids")
-        assert np.array_equal(onnx.numpy_helper.to_array(ids), ACTION_IDS)
+        assert [n.op_type for n in readers] == ["Gather"]
+        head = next(i for i in proto.graph.initializer if i.name == "logit_table")
+        assert np.array_equal(onnx.numpy_helper.to_array(head), model.tokens.weight.detach().numpy()[ACTION_IDS])
     assert paths["fp32"].stat().st_size < 1.3 * 4 * model.num_params()
 
 
 def test_one_graph_serves_prefill_and_decode_with_empty_cache(state_export):
-    """A fresh run (cache of 0 slots) and a partly empty ring must both match torch."""
+    """A fresh run (a ring of empty slots; an in-place ring needs room for the new tokens, a plain one may have
+    0 slots) and a partly empty ring must both match torch."""
     import onnxruntime as ort
 
     model, spec, paths = state_export
     session = ort.InferenceSession(str(paths["fp32"]), providers=["CPUExecutionProvider"])
     names, _ = io_names(model.config.n_layer, False)
     ids = torch.tensor([[32100, 32500, 32900, tok.SEPARATOR_TOKEN]])
-    for cache in (0, 9):
+    for cache in (len(ids[0]), 9):
         kv = [torch.randn(1, 2, cache, 16) for _ in range(4)]
         past_positions = torch.full((1, cache), EMPTY_POSITION)
         args = [ids, torch.arange(4).unsqueeze(0) + 3, torch.arange(4).unsqueeze(0), past_positions, *kv]
@@ -203,7 +214,7 @@ def test_rolling_cache_equals_full_forward(which, state_export, image_export):
         ts = tok.tokenize_observation(spec, obs)
         actions = rt.step_tokens(obs)
         ids += [ts.tokens, actions]
-        local.append(np.arange(n_obs + A))
+        local.append(tok.timestep_local_positions(spec, model.config.observation_local_positions_only))
         full = np.zeros((n_obs + A, 3, 16, 16), np.float32)
         pos = np.zeros((n_obs + A, 2), np.int64)
         full[: n_obs][ts.tokens == tok.PATCH_TOKEN] = ts.patches
@@ -260,3 +271,52 @@ def test_cli_exports_a_training_checkpoint(tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--variants", "int8"]) == 0
     rt = PolicyRuntime(str(out.with_name("policy.int8.onnx")), provider="cpu", threads=1)
     assert rt.spec == spec and rt.info.variant == "int8" and rt.capacity == 64
+
+
+def downstream_of_positions(proto: onnx.ModelProto) -> list[str]:
+    """Every tensor computed from `position_ids`: the rotary angles and cos/sin, the mask, what follows."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen: list[str] = []
+    todo = ["position_ids"]
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            for out in node.output:
+                if out not in seen:
+                    seen.append(out)
+                    todo.append(out)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def plain_fp16_export(tmp_path_factory):
+    """The TorchScript graph (`attention="plain"`, as image specs get) and its converter-made fp16 variant."""
+    model, spec = small_model(64), builtin_spec()
+    return model, spec, export(model, spec, tmp_path_factory.mktemp("plain") / "policy.onnx", ("fp16",),
+                               attention="plain")
+
+
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_fp16_rotary_angles_stay_finite_past_65520(graph, state_export, plain_fp16_export):
+    """The rotary phase runs to 65535; fp16 holds at most 65504 (65520 and up round to inf: NaN cos/sin).
+
+    ONNX Runtime's CPU provider runs fp16 nodes in fp32 and drops the cast pair around them, which hides a
+    fp16 phase; keeping every tensor on the position path alive as a graph output stops that, as a GPU
+    provider computing in fp16 would."""
+    import onnxruntime as ort
+
+    model, _, paths = state_export if graph == "fused" else plain_fp16_export
+    proto = onnx.load(str(paths["fp16"]))
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    proto.graph.output.extend(typed[t] for t in downstream_of_positions(proto) if t in typed)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names, _ = io_names(model.config.n_layer, False)
+    seq, cache = 8, 24
+    for start in (65500, 65512, 65528, 65536 * 3 - 8):  # the phase k * p mod 65536 passes 65520 for k = 1
+        kv = [np.random.default_rng(start).normal(size=(1, 2, cache, 16)).astype(np.float16) for _ in range(4)]
+        feed = dict(zip(names, [np.full((1, seq), tok.CONTINUOUS_OFFSET + 300), np.arange(start, start + seq)[None],
+                                np.arange(seq)[None], np.arange(start - cache, start)[None], *kv], strict=True))
+        logits = session.run(["logits"], feed)[0]
+        assert np.isfinite(logits).all(), f"non-finite fp16 logits at positions {start}..{start + seq - 1}"

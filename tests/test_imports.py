@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gato_ros", "sim")
 
 # The data flow, earliest first: a module may import only modules listed before it (and unlisted helpers).
-STAGES = ("contract", "spec", "tokenizer", "data", "model", "sequences", "train", "export", "runtime", "node", "bench",
-          "cli")
-TORCH_FREE = ("gato_ros.contract", "gato_ros.spec", "gato_ros.tokenizer", "gato_ros.runtime", "gato_ros.node")
-ROS_FREE = ("gato_ros.contract", "gato_ros.spec", "gato_ros.tokenizer", "gato_ros.runtime", "gato_ros.model",
-            "gato_ros.export", "gato_ros.train")
+STAGES = ("contract", "spec", "commands", "tokenizer", "data", "model", "sequences", "train", "export", "runtime",
+          "control", "node", "bench", "cli")
+TORCH_FREE = ("gato_ros.contract", "gato_ros.spec", "gato_ros.commands", "gato_ros.tokenizer", "gato_ros.runtime",
+              "gato_ros.control", "gato_ros.node")
+ROS_FREE = ("gato_ros.contract", "gato_ros.spec", "gato_ros.commands", "gato_ros.tokenizer", "gato_ros.runtime",
+            "gato_ros.control", "gato_ros.model", "gato_ros.export", "gato_ros.train")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gato_ros import tokenizer as tok
-from gato_ros.model import EMPTY_POSITION, PRESETS, GatoConfig, GatoModel, soft_labels
+from gato_ros.model import EMPTY_POSITION, PRESETS, GatoConfig, GatoModel, apply_rope, rope_cos_sin, soft_labels
 
 torch.set_num_threads(1)
 
@@ -70,6 +71,48 @@ def rolling_forward(model: GatoModel, stream: dict[str, torch.Tensor], chunk: in
     return torch.cat(outputs, dim=1)
 
 
+def reference_logits(model: GatoModel, stream: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits with attention written out from scratch: float64, a loop over every query q and key k,
+    k visible iff 0 <= q - k < W, softmax by hand. Only the layers around attention (embedding, projections,
+    rotary, norms, MLP) are the model's own; the mask and the softmax are not."""
+    window, n_head = model.config.context_window, model.config.n_head
+    n = stream["input_ids"].shape[1]
+    positions = torch.arange(n).unsqueeze(0)
+    with torch.no_grad():
+        x = model.embed(stream["input_ids"], stream["local_positions"], stream.get("patches"),
+                        stream.get("patch_positions"))
+        cos, sin = rope_cos_sin(positions, model.rope_k, model.config.rope_period)
+        for block in model.blocks:
+            attn = block.attn
+            q, k, v = attn.qkv(block.ln1(x)).view(1, n, 3, n_head, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = apply_rope(q, cos, sin).double(), apply_rope(k, cos, sin).double()
+            v = v.double()
+            y = torch.zeros_like(q)
+            for h in range(n_head):
+                for i in range(n):
+                    seen = [j for j in range(n) if 0 <= i - j < window]
+                    scores = [float(q[0, h, i] @ k[0, h, j]) / math.sqrt(attn.head_dim) for j in seen]
+                    top = max(scores)
+                    weights = [math.exp(s - top) for s in scores]
+                    total = sum(weights)
+                    for j, w in zip(seen, weights, strict=True):
+                        y[0, h, i] += (w / total) * v[0, h, j]
+            x = x + attn.proj(y.float().transpose(1, 2).reshape(1, n, -1))
+            x = x + block.mlp(block.ln2(x))
+        return F.linear(model.ln_f(x), model.head_weight)
+
+
+def test_sliding_window_attention_matches_a_from_scratch_reference() -> None:
+    """Full forward and the rolling ring cache both equal the loop reference; a mask of W - 1 or W + 1 does not
+    (checked by editing the mask bound in GatoModel.hidden: both fail here)."""
+    model = small_model()
+    stream = random_stream(3 * WINDOW + 2)
+    expected = reference_logits(model, stream)
+    assert (full_forward(model, stream) - expected).abs().max().item() <= 1e-4
+    assert (rolling_forward(model, stream, chunk=1) - expected).abs().max().item() <= 1e-4
+    assert (rolling_forward(model, stream, chunk=5) - expected).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_rolling_cache_equals_full_sliding_window_forward(chunk: int) -> None:
     model = small_model()
@@ -97,6 +140,19 @@ def test_attention_is_relative_for_huge_positions() -> None:
     for offset in (10**9, 2**40 + 12345, 65536 * 7 - 3):
         assert (base - full_forward(model, stream, offset)).abs().max().item() <= 1e-4
         assert (base - rolling_forward(model, stream, 4, offset)).abs().max().item() <= 1e-4
+
+
+def test_rotary_turns_by_the_same_angle_at_every_step_across_the_wrap() -> None:
+    """From any position to the next, every rotary pair turns by the same angle 2π k / P, over three whole
+    periods: at the wrap of `position mod P` too, so attention stays relative for a run of any length."""
+    model = small_model()
+    period = model.config.rope_period
+    positions = torch.arange(3 * period + 1).unsqueeze(0)
+    cos, sin = rope_cos_sin(positions, model.rope_k, period)
+    z = torch.complex(cos[0, 0].double(), sin[0, 0].double())  # [positions, pairs]
+    turn = z[1:] * z[:-1].conj()
+    expected = torch.exp(1j * 2 * math.pi * model.rope_k.double() / period)
+    assert (turn - expected).abs().max().item() < 1e-5
 
 
 def test_window_limits_what_a_query_sees() -> None:
@@ -193,10 +249,73 @@ def test_fused_attention_matches_the_exported_plain_path() -> None:
     assert (fused - full_forward(model, stream)).abs().max().item() <= 1e-5
 
 
+def perfect_fit_model(target_bin: int, sigma: float) -> GatoModel:
+    """A model whose continuous-action distribution is exactly the soft label of `target_bin`, whatever the input.
+
+    The log of a Gaussian over bins is quadratic in the bin: with head rows [u_i, u_i^2, 0, 0] (u_i = (i - 512)/64)
+    and a constant hidden state h = [2 A u_t, -A, 0, 0], A = 64^2 / (2 sigma^2), the logits are log label + const.
+    ln_f with weight 0 and bias h makes the hidden state that constant; n_layer = 0 keeps nothing else."""
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig(n_layer=0, n_embd=4, n_head=2, n_ff=8, context_window=WINDOW, patch_channels=8,
+                                 max_local_positions=32, label_sigma=sigma)).eval()
+    u = (torch.arange(tok.NUM_BINS, dtype=torch.float64) - 512) / 64
+    a = 64**2 / (2 * sigma**2)
+    with torch.no_grad():
+        rows = model.tokens.weight[tok.CONTINUOUS_OFFSET : tok.CONTINUOUS_OFFSET + tok.NUM_BINS]
+        rows.zero_()
+        rows[:, 0], rows[:, 1] = u.float(), (u * u).float()
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(torch.tensor([2 * a * float(u[target_bin]), -a, 0.0, 0.0]))
+    return model
+
+
+def action_loss_on(model: GatoModel, target_bin: int) -> float:
+    """The action loss of `model` on one continuous action token whose recorded bin is `target_bin`."""
+    ids = torch.tensor([[tok.CONTINUOUS_OFFSET + 10, tok.SEPARATOR_TOKEN]])
+    targets = torch.tensor([[tok.SEPARATOR_TOKEN, tok.CONTINUOUS_OFFSET + target_bin]])
+    mask = torch.tensor([[False, True]])
+    hi = torch.full((1, 2), tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+    with torch.no_grad():
+        return model.action_loss(ids, torch.arange(2)[None], torch.arange(2)[None], targets, mask, hi).item()
+
+
 def test_action_loss_is_zero_only_for_a_perfect_fit() -> None:
-    """The loss is KL to the label distribution: ~0 when the head predicts the labels exactly."""
-    model = small_model(label_sigma=2.5)
-    h = torch.zeros(1, 1, model.config.n_embd)
-    labels, entropy = model._label_table(h.device)
-    assert torch.allclose(labels, soft_labels(torch.arange(tok.NUM_BINS), tok.NUM_BINS, 2.5))
-    assert entropy[500].item() == pytest.approx(math.log(2.5 * math.sqrt(2 * math.pi * math.e)), rel=1e-3)
+    """The loss is KL to the label distribution: 0 when the model predicts the soft labels exactly, and about
+    1 / (2 sigma^2) nats when its Gaussian sits one bin off."""
+    sigma = 2.5
+    model = small_model(label_sigma=sigma)
+    labels, entropy = model._label_table(torch.device("cpu"))
+    assert torch.allclose(labels, soft_labels(torch.arange(tok.NUM_BINS), tok.NUM_BINS, sigma))
+    assert entropy[500].item() == pytest.approx(math.log(sigma * math.sqrt(2 * math.pi * math.e)), rel=1e-3)
+    for target in (500, 3, 1020):  # the middle and both renormalized edges
+        fit = perfect_fit_model(target, sigma)
+        assert abs(action_loss_on(fit, target)) < 1e-3
+        assert action_loss_on(fit, target + (1 if target < 1000 else -1)) > 0.5 / (2 * sigma**2)
+    assert action_loss_on(perfect_fit_model(500, sigma), 520) > 10.0
+
+
+def test_local_positions_reach_observation_tokens_only() -> None:
+    """Gato adds local position encodings to observation tokens only: in a new model an action token embeds
+    the same at every action slot of a timestep; a config read from a file without the field (the shipped
+    model) keeps the old layout, where every token of a timestep got its index."""
+    from gato_ros.export import builtin_spec
+
+    spec = builtin_spec()
+    n_obs, per_step = tok.observation_token_count(spec), tok.timestep_token_count(spec)
+    token = torch.full((1, per_step), tok.CONTINUOUS_OFFSET + 700)  # one id in every slot of a timestep
+    new = GatoConfig(n_layer=1, n_embd=32, n_head=4, n_ff=64, context_window=WINDOW, max_local_positions=64)
+    legacy_json = {k: v for k, v in new.to_dict().items() if k != "observation_local_positions_only"}
+    for config, only_observations in ((new, True), (GatoConfig.from_dict(legacy_json), False)):
+        assert config.observation_local_positions_only is only_observations
+        torch.manual_seed(0)
+        model = GatoModel(config).eval()
+        local = torch.from_numpy(tok.timestep_local_positions(spec, config.observation_local_positions_only))[None]
+        with torch.no_grad():
+            e = model.embed(token, local)[0]
+        observation_spread = (e[: n_obs - 1] - e[0]).abs().amax()
+        action_spread = (e[n_obs:] - e[n_obs]).abs().amax()
+        assert observation_spread > 1e-3  # observation tokens still tell their slot apart
+        assert bool(action_spread == 0.0) is only_observations
+        if only_observations:  # no local encoding at all, not the one of slot 0: the value embedding alone
+            with torch.no_grad():
+                assert (e[n_obs:] - model.values(token)[0, n_obs:]).abs().max() < 1e-6

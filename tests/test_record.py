@@ -117,21 +117,31 @@ def test_a_sim_episode_recorded_over_ros_becomes_the_in_process_dataset(tmp_path
     on it gives the loss curve of training on the in-process data."""
     pytest.importorskip("pybullet")
     pytest.importorskip("torch")
+    from rosbags.highlevel import AnyReader
+
     from gato_ros.bags import bags_to_dataset
     from gato_ros.cli import main as cli_main
     from gato_ros.data import EpisodeWriter, read_dataset
     from gato_ros.runtime import PolicyRuntime
     from sim.env import StackingEnv
-    from sim.ros_eval import LAST_RUN, evaluate_over_ros
+    from sim.ros_eval import evaluate_over_ros
 
     steps, seed = 30, 321
     bag = tmp_path / "bag"
-    (result,) = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", max_steps=steps, real_time_factor=0.5,
-                                  log_dir=tmp_path / "logs", progress=False, record=bag)
-    assert LAST_RUN["exit_codes"] == {"bridge": 0, "node": 0, "recorder": 0}, LAST_RUN["exit_codes"]
+    ros_run = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", max_steps=steps, real_time_factor=0.5,
+                                log_dir=tmp_path / "logs", progress=False, record=bag)
+    (result,) = ros_run.results
+    assert ros_run.exit_codes == {"bridge": 0, "node": 0, "recorder": 0}, ros_run.exit_codes
     assert result.steps == steps and result.stale_steps == 0, (
         f"{result}: every command must answer its observation for the in-process comparison "
         f"(load average {os.getloadavg()})")
+
+    # An independent rosbag2 implementation (rosbags) opens the bag through its metadata.yaml and decodes
+    # every message with the message definitions the bag carries.
+    with AnyReader([bag]) as reader:
+        decoded = [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages()]
+        assert len(decoded) == reader.message_count > 3 * steps
+        assert {"/joint_states", "/gato_policy/tick"} <= set(reader.topics)
 
     runtime = PolicyRuntime(str(SHIPPED), provider="cpu", threads=1)
     spec = runtime.spec
@@ -142,7 +152,7 @@ def test_a_sim_episode_recorded_over_ros_becomes_the_in_process_dataset(tmp_path
     assert from_bag.episodes[0]["seed"] == seed and len(actions) == steps
 
     # Observations bit-exact against the bridge's own record of the episode (~/trajectory).
-    rec_seed, joints, task = LAST_RUN["recording"]
+    rec_seed, joints, task = ros_run.recording
     assert rec_seed == seed
     np.testing.assert_array_equal(observations["joint_positions"], joints[:steps])
     np.testing.assert_array_equal(observations["task_state"], task[:steps])

@@ -56,15 +56,16 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(120)
 def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, tmp_path):
     from gato_ros.runtime import PolicyRuntime
-    from sim.ros_eval import LAST_RUN, evaluate_over_ros, ros_summary
+    from sim.ros_eval import evaluate_over_ros, ros_summary
 
     steps, seed = 80, 123  # 4 s at 20 Hz: the rate is judged over >= 3 s, as for the node alone
-    results = evaluate_over_ros(str(tiny_model), [seed], provider="cpu", max_steps=steps, video=tmp_path / "ep.mp4",
+    ros_run = evaluate_over_ros(str(tiny_model), [seed], provider="cpu", max_steps=steps, video=tmp_path / "ep.mp4",
                                 gif=tmp_path / "ep.gif", log_dir=tmp_path / "logs", progress=False)
     # Every process ended on SIGINT by itself (exit 0, not killed) and none is left behind.
-    codes = LAST_RUN["exit_codes"]
+    codes = ros_run.exit_codes
     assert codes == {"bridge": 0, "node": 0, "watchdog": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
-    assert not any(_alive(pid) for pid in LAST_RUN["pids"].values())
+    assert not any(_alive(pid) for pid in ros_run.pids.values())
+    results = ros_run.results
     assert len(results) == 1
     r = results[0]
     assert (r.seed, r.steps, r.nan) == (seed, steps, False) and not r.success  # untrained: runs to the limit
@@ -75,12 +76,12 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     assert r.rejected_commands == 0, "every command the node sent was finite and the right length"
     assert r.fresh_steps + r.stale_steps == steps and len(r.stale_at) == r.stale_steps
     assert len(r.step_ms) >= r.fresh_steps and all(0 < x < 1000 for x in r.step_ms)
-    summary = ros_summary(results)
+    summary = ros_summary(ros_run)
     assert summary["rejected_commands"] == 0 and 0 <= summary["stale_share"] <= 1
 
     # Over ROS the node acts on observation t before the bridge steps to t + 1, like in-process stepping:
     # until the first stale command the trajectory is the in-process one, to the bit.
-    rec_seed, joints, task = LAST_RUN["recording"]
+    rec_seed, joints, task = ros_run.recording
     assert rec_seed == seed and joints.shape == (steps + 1, 8) and task.shape == (steps + 1, 17)
     env, runtime = StackingEnv(max_steps=steps), PolicyRuntime(str(tiny_model), provider="cpu", threads=1)
     obs, _ = env.reset(seed=seed)
@@ -169,12 +170,12 @@ def test_shipped_model_stacks_over_ros_at_the_control_rate(tmp_path):
     """The shipped policy in its real deployment shape, sim_bridge and policy_node as processes over DDS:
     a whole episode on the card's first CI seed, which it stacks over ROS as in-process (measured on all
     100 evaluation seeds: the same 97 succeed both ways)."""
-    from sim.ros_eval import LAST_RUN, evaluate_over_ros
+    from sim.ros_eval import evaluate_over_ros
 
     seed = int(json.loads(SHIPPED_CARD.read_text())["ci_seeds"][0]) if SHIPPED_CARD.exists() else 100_000
-    results = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False)
-    assert LAST_RUN["exit_codes"] == {"bridge": 0, "node": 0, "watchdog": 0}
-    r = results[0]
+    ros_run = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False)
+    assert ros_run.exit_codes == {"bridge": 0, "node": 0, "watchdog": 0}
+    r = ros_run.results[0]
     load = f"{r} (load average {os.getloadavg()})"
     assert abs(r.control_rate_hz - 20.0) <= 2.0, load
     assert abs(r.wall_rate_hz - 20.0) <= 2.0, load

@@ -154,3 +154,50 @@ def test_decode_image_fuzz_returns_rgb_or_input_error(encoding, height, width, e
         return
     assert out.shape == (height, width, 3) and out.dtype == np.uint8
     assert ros_io.resize_image(out, 16, 16).shape == (16, 16, 3)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("mode", ["effort", "position", "velocity"])
+def test_forward_controller_modes_are_float64_multi_arrays_in_controller_order(mode):
+    msg = ros_io.arm_command_message(mode, JOINTS, [1.0, -2.0, 3.0, 0.5], 0.05)
+    assert isinstance(msg, ros_io.arm_command_type(mode)) and list(msg.data) == [1.0, -2.0, 3.0, 0.5]
+    assert ros_io.arm_command_values(mode, msg).tolist() == [1.0, -2.0, 3.0, 0.5]
+
+
+def test_trajectory_is_one_point_reached_after_one_period():
+    from trajectory_msgs.msg import JointTrajectory
+
+    msg = ros_io.arm_command_message("trajectory", JOINTS, [0.1, 0.2, 0.3, 0.4], 0.05)
+    assert isinstance(msg, JointTrajectory) and list(msg.joint_names) == JOINTS and len(msg.points) == 1
+    point = msg.points[0]
+    assert list(point.positions) == [0.1, 0.2, 0.3, 0.4] and list(point.velocities) == [0.0] * 4
+    assert (point.time_from_start.sec, point.time_from_start.nanosec) == (0, 50_000_000)
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (0, 0), "zero stamp: start now"
+    assert ros_io.arm_command_values("trajectory", msg).tolist() == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="output mode"):
+        ros_io.arm_command_message("torque", JOINTS, [0.0] * 4, 0.05)
+
+
+@pytest.mark.parametrize("mode, field", [("effort", "effort"), ("position", "position"), ("velocity", "velocity"),
+                                         ("trajectory", "position")])
+def test_the_stamped_internal_command_fills_the_modes_field(mode, field):
+    stamp = 1_700_000_000_123_456_789
+    msg = ros_io.joint_command_message(mode, JOINTS + ["finger"], [1.0, 2.0, 3.0, 4.0, -15.0], stamp)
+    assert isinstance(msg, JointState) and list(getattr(msg, field)) == [1.0, 2.0, 3.0, 4.0, -15.0]
+    assert all(len(getattr(msg, f)) == 0 for f in ("position", "velocity", "effort") if f != field)
+    names, values, stamp_ns = ros_io.joint_command_values(mode, msg)
+    assert names == JOINTS + ["finger"] and values.tolist() == [1.0, 2.0, 3.0, 4.0, -15.0] and stamp_ns == stamp
+    assert list(ros_io.gripper_command_message(-15.0).data) == [-15.0]
+
+
+def test_header_stamps_checked_against_the_node_clock():
+    msg = JointState()
+    assert ros_io.header_stamp_ns(msg) is None, "an unset stamp is not checked"
+    assert ros_io.header_stamp_ns(object()) is None, "no header, no stamp"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = 10, 5
+    assert ros_io.header_stamp_ns(msg) == 10_000_000_005
+    assert ros_io.stamp_error(10 * 10**9, 10 * 10**9 + 400_000_000, 0.5) is None
+    assert "behind" in ros_io.stamp_error(10 * 10**9, 12 * 10**9, 0.5)
+    assert "ahead of" in ros_io.stamp_error(13 * 10**9, 12 * 10**9, 0.5)

@@ -42,8 +42,18 @@ def test_mu_law_matches_paper_formula() -> None:
     np.testing.assert_allclose(tk.mu_law_decode(tk.mu_law_encode(x)), x, atol=1e-9)
 
 
+def test_each_value_lands_in_the_bin_whose_interval_holds_it() -> None:
+    """Bin i of 1024 uniform bins over [-1, 1] holds mu-law values in [i/512 - 1, (i+1)/512 - 1) (the paper's
+    formula, written here): on a dense grid every token is that bin, not a neighbour."""
+    x = np.concatenate([np.linspace(-256.0, 256.0, 4001), np.linspace(-1.0, 1.0, 4001)])
+    y = np.sign(x) * np.log(np.abs(x) * 100 + 1) / np.log(256 * 100 + 1)
+    bins = tk.tokenize_continuous(x) - 32000
+    inside = (bins / 512 - 1 <= y + 1e-12) & ((y < (bins + 1) / 512 - 1) | (bins == 1023))
+    assert inside.all(), f"{(~inside).sum()} values outside their bin, e.g. x={x[~inside][:3]}"
+
+
 @settings(max_examples=300, deadline=None)
-@given(arrays(np.float64, st.integers(1, 64), elements=st.floats(-256, 256, allow_nan=False)))
+@given(arrays(np.float64, st.integers(1, 64), elements=st.floats(-256, 256, allow_nan=False, allow_subnormal=False)))
 def test_continuous_round_trip_within_bin_width(x: np.ndarray) -> None:
     tokens = tk.tokenize_continuous(x)
     assert tokens.dtype == np.int64
@@ -103,7 +113,11 @@ def test_timestep_layout_images_then_sorted_tensors_then_separator() -> None:
     assert ts.tokens.shape == (n_patches + 2 + 3 + 1,) == (tk.observation_token_count(SPEC),)
     assert np.all(ts.tokens[:n_patches] == tk.PATCH_TOKEN)
     assert ts.tokens[-1] == tk.SEPARATOR_TOKEN
-    assert ts.local_positions.tolist() == list(range(len(ts.tokens)))
+    # Local positions on observation tokens only (Gato): the separator gets none; files from before: every token.
+    assert ts.local_positions.tolist() == [*range(len(ts.tokens) - 1), tk.NO_LOCAL_POSITION]
+    legacy = tk.tokenize_observation(SPEC, observation(np.random.default_rng(0)),
+                                     observation_local_positions_only=False)
+    assert legacy.local_positions.tolist() == list(range(len(ts.tokens)))
     # "a_state" sorts before "joint_positions" and is normalized (1 → 0 → the bin just above zero)
     obs = observation(np.random.default_rng(0)) | {"a_state": np.array([1.0, 1.0])}
     tokens = tk.tokenize_observation(SPEC, obs).tokens
@@ -122,10 +136,16 @@ def test_episode_stream_marks_action_tokens_for_the_loss() -> None:
     mask = stream["loss_mask"].reshape(steps, per_step)
     assert mask[:, -3:].all() and not mask[:, :-3].any()
     assert stream["tokens"].reshape(steps, per_step)[:, -1].tolist() == [1] * steps  # gripper index of -15
+    local = stream["local_positions"].reshape(steps, per_step)
+    n_obs = tk.observation_token_count(SPEC)
+    assert (local[:, : n_obs - 1] == np.arange(n_obs - 1)).all()
+    assert (local[:, n_obs - 1 :] == tk.NO_LOCAL_POSITION).all()
+    legacy = tk.tokenize_episode(SPEC, obs, actions, observation_local_positions_only=False)["local_positions"]
+    assert (legacy.reshape(steps, per_step) == np.arange(per_step)).all()
 
 
 @settings(max_examples=200, deadline=None)
-@given(arrays(np.float64, 3, elements=st.floats(-1e6, 1e6, allow_nan=False)))
+@given(arrays(np.float64, 3, elements=st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False)))
 def test_action_round_trip_is_finite_and_within_limits(action: np.ndarray) -> None:
     decoded = tk.detokenize_action(SPEC, tk.tokenize_action(SPEC, action))
     assert np.all(np.isfinite(decoded))

@@ -1,0 +1,92 @@
+"""The default `hold` gains of the policy node (config/policy.yaml, gato_ros/control.py), from the sim Panda.
+
+    python scripts/hold_gains.py [--model models/stack_int8.onnx] [--omega 9] [--zeta 0.75] [--seeds 6]
+
+The hold torque is computed once per 50 ms control period and held (zero-order hold), so per-joint
+gains fail: the Panda's joints 1/3/5/7 are nearly coaxial in carrying poses and a diagonal gain that
+damps one excites the others. The hold therefore uses full matrices, stiffness = M0·ω² and damping =
+M0·2ζω, with M0 the joint-space mass matrix averaged over the poses in which the shipped policy carries
+the cube (seeds 100000…, PyBullet's model). This prints the worst spectral radius of the sampled-data
+closed loop (< 1: stable at every sampled pose) over those poses for the node's default gains, then the
+gains M0 gives for --omega/--zeta (as YAML) and theirs. The defaults came from the int8 model as shipped
+before its re-export (`git show 0ac0736:models/stack_int8.onnx > old.onnx; ... --model old.onnx`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pybullet as p
+
+from gato_ros.control import DEFAULT_HOLD_DAMPING, DEFAULT_HOLD_STIFFNESS
+from gato_ros.runtime import PolicyRuntime
+from sim.env import StackingEnv
+
+PERIOD_S = 0.05
+MODEL = "models/stack_int8.onnx"
+
+
+def carrying_poses(seeds: int, model: str = MODEL) -> np.ndarray:
+    """Arm joint positions of every step in which the policy holds the red cube lifted."""
+    runtime, env, poses = PolicyRuntime(model, threads=1), StackingEnv(), []
+    for seed in range(100000, 100000 + seeds):
+        obs, _ = env.reset(seed=seed)
+        runtime.reset()
+        for _ in range(env.config.max_steps):
+            action = runtime.step(obs)
+            obs, _, done, truncated, _ = env.step(action)
+            if action[7] < 0 and obs["task_state"][5] > 0.03:  # gripper closed, red cube (z) lifted
+                poses.append(obs["joint_positions"][:7].copy())
+            if done or truncated:
+                break
+    env.close()
+    return np.array(poses)
+
+
+def mass_matrices(poses: np.ndarray) -> list[np.ndarray]:
+    env = StackingEnv()
+    env.reset(seed=0)
+    out = [np.array(p.calculateMassMatrix(env.robot, list(q) + [0.02, 0.02], physicsClientId=env.client))[:7, :7]
+           for q in poses]
+    env.close()
+    return out
+
+
+def spectral_radius(stiffness: np.ndarray, damping: np.ndarray, masses: list[np.ndarray]) -> float:
+    """Worst spectral radius of (q, q̇) over one period with the PD torque held, over the sampled poses."""
+    eye, worst = np.eye(7), 0.0
+    for m in masses:
+        acc = -np.linalg.inv(m) @ np.hstack([stiffness, damping])
+        a = np.zeros((14, 14))
+        a[:7, :7], a[:7, 7:], a[7:, 7:] = eye, PERIOD_S * eye, eye
+        a[:7] += 0.5 * PERIOD_S**2 * acc
+        a[7:] += PERIOD_S * acc
+        worst = max(worst, float(np.abs(np.linalg.eigvals(a)).max()))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--omega", type=float, default=9.0, help="natural frequency ω (rad/s)")
+    parser.add_argument("--zeta", type=float, default=0.75, help="damping ratio ζ")
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--model", default=MODEL, help="the policy that carries the cube")
+    args = parser.parse_args()
+    poses = carrying_poses(args.seeds, args.model)
+    masses = mass_matrices(poses)
+    defaults = [np.asarray(g, dtype=np.float64).reshape(7, 7) for g in (DEFAULT_HOLD_STIFFNESS, DEFAULT_HOLD_DAMPING)]
+    print(f"# {len(poses)} carrying poses; the node's default gains: worst spectral radius "
+          f"{spectral_radius(*defaults, masses):.3f}")
+    m0 = np.mean(masses, axis=0)
+    m0 = (m0 + m0.T) / 2
+    stiffness, damping = m0 * args.omega**2, m0 * 2 * args.zeta * args.omega
+    print(f"# M0 at omega {args.omega:g}, zeta {args.zeta:g}: worst spectral radius "
+          f"{spectral_radius(stiffness, damping, masses):.3f}")
+    for name, gain in (("hold_stiffness", stiffness), ("hold_damping", damping)):
+        rows = ",\n".join("      " + ", ".join(f"{v if abs(v) > 1e-6 else 0.0:.4g}" for v in row) for row in gain)
+        print(f"    {name}: [\n{rows}]")
+
+
+if __name__ == "__main__":
+    main()
