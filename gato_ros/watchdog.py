@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gato_ros import ros_io
 from gato_ros.commands import (
     ARM_COMMAND_TOPICS,
     GRIPPER_COMMAND_TOPIC,
@@ -47,23 +48,25 @@ from gato_ros.commands import (
     safe_arm_command,
     safe_gripper_command,
 )
+from gato_ros.control import DEFAULT_HOLD_DAMPING, DEFAULT_HOLD_STIFFNESS, hold_gains
 
 NODE_NAME = "policy_watchdog"
 PANDA_ARM_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
 PANDA_EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
-# The hold is a PD that the watchdog closes at the control rate (20 Hz) through the effort controller, so
-# its gains must be stable with a 50 ms sample and hold over the Panda's coupled joint inertia (diagonal
-# about 1.0, 1.5, 1.0, 0.85, 0.04, 0.045, 0.0045 kg·m²): each joint a mass-spring at 7 rad/s, damped at
-# ζ = 0.35. Critical damping (2× this damping) is unstable at 20 Hz in the sim: joints 1 and 3 share an
-# axis at the home pose, and the damping overshoots their coupled mode every sample.
-PANDA_HOLD_STIFFNESS = (50.0, 75.0, 50.0, 42.0, 2.0, 2.2, 0.22)
-PANDA_HOLD_DAMPING = (5.0, 7.5, 5.0, 4.25, 0.2, 0.225, 0.0225)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEARN_INTERVALS = 10  # with control_rate_hz 0: the period is the median of the first ten stamp intervals
 UNKNOWN_PERIOD_MAX_AGE_S = 0.25  # the freshness bound before the first two commands give a period
 
 
 # ----------------------------------------------------------------------------- ROS-free core
+
+
+def parse_hold_gains(stiffness: list[float], damping: list[float]) -> HoldGains:
+    """The node's rule (gato_ros.control.hold_gains), for the arm size the values imply (n values or n×n)."""
+    size = len(stiffness)
+    root = int(round(size**0.5))
+    n_arm = root if root > 1 and root * root == size else size
+    return hold_gains(stiffness, damping, n_arm) if n_arm > 1 else HoldGains(tuple(stiffness), tuple(damping))
 
 
 @dataclass
@@ -287,7 +290,6 @@ class WatchdogCore:
 # ----------------------------------------------------------------------------- the ROS node
 
 import rclpy  # noqa: E402  (below the ROS-free core on purpose, as in gato_ros.node)
-from builtin_interfaces.msg import Duration  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
 from rcl_interfaces.msg import ParameterDescriptor  # noqa: E402
 from rclpy.clock import Clock, ClockType  # noqa: E402
@@ -297,7 +299,6 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E402
 
 PARAMETERS: dict[str, Any] = {
     "command_topic": "gato_policy/joint_command",  # the policy node's ~/joint_command
@@ -311,11 +312,12 @@ PARAMETERS: dict[str, Any] = {
     "max_command_age_periods": 1.0,  # fresh: now - stamp <= this many periods
     "timeout_periods": 1.5,  # no fresh command for this long: the safe action
     "safe_action": "hold",  # hold | damp | zero
-    "hold_stiffness": list(PANDA_HOLD_STIFFNESS),  # N·m/rad per arm joint (effort mode)
-    "hold_damping": list(PANDA_HOLD_DAMPING),  # N·m·s/rad per arm joint
+    # The hold's gains, as the node's (the same params file sets both): one value, one per arm joint, or an n×n
+    # matrix row-major; default the sim Panda's mass-scaled matrices (gato_ros.control, scripts/hold_gains.py).
+    "hold_stiffness": [float(v) for v in DEFAULT_HOLD_STIFFNESS],  # N·m/rad (effort mode)
+    "hold_damping": [float(v) for v in DEFAULT_HOLD_DAMPING],  # N·m·s/rad
     "effort_limits": list(PANDA_EFFORT_LIMITS),  # N·m per arm joint: the safe torque is clipped to these
     "joint_state_timeout_s": 0.25,  # an older joint state is not used for the hold
-    "trajectory_time_from_start_s": 0.0,  # trajectory mode: the point's time_from_start; 0 = one period
 }
 
 
@@ -335,16 +337,15 @@ class PolicyWatchdog(Node):
         self.core = WatchdogCore(
             mode=str(prm["output_mode"]), rate_hz=rate, max_age_periods=float(prm["max_command_age_periods"]),
             timeout_periods=float(prm["timeout_periods"]), safe_action=str(prm["safe_action"]),
-            gains=HoldGains(tuple(map(float, prm["hold_stiffness"])), tuple(map(float, prm["hold_damping"]))),
+            gains=parse_hold_gains(prm["hold_stiffness"], prm["hold_damping"]),
             limits=np.asarray(prm["effort_limits"], dtype=np.float64),
             gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
-        self.time_from_start_s = float(prm["trajectory_time_from_start_s"])
         # Silence is judged on a clock that never steps: steady time, or the sim clock with use_sim_time.
         self.sim_time = bool(self.get_parameter("use_sim_time").value)
         self._steady_clock = self.get_clock() if self.sim_time else Clock(clock_type=ClockType.STEADY_TIME)
         self.relay_latency_s: deque[float] = deque(maxlen=2000)
         arm_topic = prm["arm_command_topic"] or ARM_COMMAND_TOPICS[self.core.mode]
-        arm_type = JointTrajectory if self.core.mode == "trajectory" else Float64MultiArray
+        arm_type = ros_io.arm_command_type(self.core.mode)
         self.arm_pub = self.create_publisher(arm_type, arm_topic, 10)
         self.gripper_pub = self.create_publisher(Float64MultiArray, prm["gripper_command_topic"], 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -396,14 +397,9 @@ class PolicyWatchdog(Node):
             self._publish(command)
 
     def _publish(self, command: Command) -> None:
-        if self.core.mode == "trajectory":
-            msg = JointTrajectory(joint_names=list(self.core.arm_joints))
-            t = self.time_from_start_s or self.core.period_s
-            msg.points = [JointTrajectoryPoint(positions=command.arm.tolist(), velocities=[0.0] * command.arm.size,
-                                               time_from_start=Duration(sec=int(t), nanosec=int(t % 1 * 1e9)))]
-            self.arm_pub.publish(msg)
-        else:
-            self.arm_pub.publish(Float64MultiArray(data=command.arm.tolist()))
+        if command.arm.size:  # the node's builder: the same message the node sends with direct_output
+            period = self.core.period_s if math.isfinite(self.core.period_s) else UNKNOWN_PERIOD_MAX_AGE_S
+            self.arm_pub.publish(ros_io.arm_command_message(self.core.mode, self.core.arm_joints, command.arm, period))
         if command.gripper is not None and np.isfinite(command.gripper):
             self.gripper_pub.publish(Float64MultiArray(data=[command.gripper]))
 

@@ -44,6 +44,13 @@ PROCESS_FAULTS = ("sigkill", "sigstop")
 IN_PROCESS_FAULTS = ("blocked_tick", "overrun", "nonfinite_decode", "missing_input", "stale_input", "invalid_input")
 FAULTS = PROCESS_FAULTS + IN_PROCESS_FAULTS
 STAND_IN_FAULTS = PROCESS_FAULTS + ("blocked_tick",)
+# The stand-in's joint PD: each joint a mass-spring at 7 rad/s, ζ = 0.35, over the Panda's joint inertia
+# (diagonal ~1.0, 1.5, 1.0, 0.85, 0.04, 0.045, 0.0045 kg·m²): stable closed at 20 Hz over ROS in the sim
+# near the home pose, where the stand-in moves; also the watchdog's hold gains in stand-in trials
+# (STAND_IN_WATCHDOG_ARGS): the default hold gains are fitted to the poses that carry a cube.
+REACH_STIFFNESS = np.array([50.0, 75.0, 50.0, 42.0, 2.0, 2.2, 0.22])
+REACH_DAMPING = np.array([5.0, 7.5, 5.0, 4.25, 0.2, 0.225, 0.0225])
+STAND_IN_WATCHDOG_ARGS = [f"hold_stiffness:={REACH_STIFFNESS.tolist()}", f"hold_damping:={REACH_DAMPING.tolist()}"]
 STAND_IN_NAME = "gato_policy"  # the stand-in takes the node's name, so its ~/joint_command is the same topic
 
 
@@ -77,8 +84,6 @@ def make_reach_policy(context: Any = None, **kwargs: Any) -> Any:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import JointState
 
-    from gato_ros.watchdog import PANDA_HOLD_DAMPING, PANDA_HOLD_STIFFNESS
-
     class ReachPolicy(Node):
         def __init__(self) -> None:
             super().__init__(STAND_IN_NAME, context=context, **kwargs)
@@ -91,8 +96,7 @@ def make_reach_policy(context: Any = None, **kwargs: Any) -> Any:
             stamp = self.get_clock().now().to_msg()  # the start of the tick, as the node stamps it
             self.blocker.wait()  # a test clears it: this tick blocks inside the process
             q, qd = np.array(joints.position[:7]), np.array(joints.velocity[:7])
-            tau = np.asarray(PANDA_HOLD_STIFFNESS) * (reach_target(time.time()) - q)
-            tau -= np.asarray(PANDA_HOLD_DAMPING) * qd
+            tau = REACH_STIFFNESS * (reach_target(time.time()) - q) - REACH_DAMPING * qd
             msg = JointState(name=list(JOINT_NAMES), effort=[*tau.tolist(), GRIPPER_CLOSE])
             msg.header.stamp = stamp
             self.pub.publish(msg)
@@ -215,6 +219,8 @@ class FaultRig(LoopRig):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("relay_inputs", kwargs.get("policy", "stand_in") == "node")
+        if kwargs.get("policy", "stand_in") == "stand_in":
+            kwargs.setdefault("watchdog_args", STAND_IN_WATCHDOG_ARGS)
         super().__init__(*args, **kwargs)
         self.local: LocalPolicy | None = None
 

@@ -62,20 +62,22 @@ class Seen:
 class LoopRig:
     """Bridge + watchdog + policy and an observer (module docstring).
 
-    policy: "stand_in", "node" (a `policy_node` process) or "none" (the caller runs one in this process,
-    `context` given). `model_path` for the node; `node_args` more `-p name:=value`. `watchdog=False` with
-    `direct_output` runs the node straight to the controller (for comparing the relay's latency).
+    policy: "stand_in", "node" (a `policy_node` process) or "none" (the caller runs one in this process).
+    `model_path` for the node; `node_args` and `watchdog_args` more `name:=value` parameters.
+    `watchdog=False` with `direct_output` runs the node straight to the controller (the relay's cost).
     """
 
     def __init__(self, log_dir: Path, policy: str = "stand_in", model_path: str = "", rate_hz: float = 20.0,
                  watchdog: bool = True, direct_output: bool = False, relay_inputs: bool = False,
-                 node_args: list[str] | None = None, max_steps: int = 1_000_000, keep: int = 200_000) -> None:
+                 node_args: list[str] | None = None, watchdog_args: list[str] | None = None,
+                 max_steps: int = 1_000_000, keep: int = 200_000) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.model_path, self.rate_hz = policy, model_path, rate_hz
         self.period_s = 1.0 / rate_hz
         self.watchdog, self.direct_output, self.relay_inputs = watchdog, direct_output, relay_inputs
         self.node_args = list(node_args or [])
+        self.watchdog_args = list(watchdog_args or [])  # more `-p name:=value` for the watchdog
         self.max_steps = max_steps  # the bridge's episode length (an episode that ends leaves the arm controlled)
         self.keep = keep  # the observer keeps this many of each record (a soak runs for long)
         self.procs = Processes(self.log_dir)
@@ -94,7 +96,8 @@ class LoopRig:
             "-p", "real_time_factor:=1.0", "-p", "wall_clock_stamps:=true", "--log-level", "warn"])
         if self.watchdog:
             self.procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-                "--ros-args", "-p", f"control_rate_hz:={self.rate_hz}"])
+                "--ros-args", "-p", f"control_rate_hz:={self.rate_hz}",
+                *[a for param in self.watchdog_args for a in ("-p", param)]])
         self._start_observer()
         if self.policy != "none":
             self.start_policy()

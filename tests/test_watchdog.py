@@ -19,7 +19,7 @@ from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, JOINT_STATE_FIELD
-from gato_ros.watchdog import PANDA_HOLD_DAMPING, PANDA_HOLD_STIFFNESS, PolicyWatchdog
+from gato_ros.watchdog import PolicyWatchdog, parse_hold_gains
 
 ARM = [f"panda_joint{i}" for i in range(1, 8)]
 NAMES = ARM + ["panda_finger_joint1"]
@@ -134,7 +134,8 @@ def test_silence_brings_the_hold_within_two_periods_and_fresh_commands_end_it(wd
     np.testing.assert_allclose(wd.arm_values(), 0.0, atol=1e-12, err_msg="at the fault pose and still: no torque")
     moved = [q + 0.1 for q in q_fault]  # the arm sags 0.1 rad: the hold pushes back, per joint
     wd.joints(moved, [0.2] * 7)
-    expected = -np.array(PANDA_HOLD_STIFFNESS) * 0.1 - np.array(PANDA_HOLD_DAMPING) * 0.2
+    gains = parse_hold_gains(*(wd.watchdog.get_parameter(n).value for n in ("hold_stiffness", "hold_damping")))
+    expected = -gains.apply(gains.stiffness, np.full(7, 0.1)) - gains.apply(gains.damping, np.full(7, 0.2))
     assert wd.wait_for(lambda: np.allclose(wd.arm_values(), expected, atol=1e-9), 1.0), wd.arm_values()
     assert wd.gripper[-1] == -15.0, "the gripper keeps its last command: the grasp holds"
     n = len(wd.arm)
