@@ -71,6 +71,10 @@ def main() -> int:
     parser.add_argument("--faults", nargs="+", default=None, help=f"default: all ({', '.join(FAULTS)})")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--watch", type=float, default=1.0, help="seconds each fault lasts")
+    parser.add_argument("--watchdog-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="a parameter of the watchdog (repeatable), e.g. hold_stiffness:=[...]")
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="a parameter of the policy node (repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None)
     args = parser.parse_args()
@@ -78,7 +82,8 @@ def main() -> int:
     faults = args.faults or list(FAULTS if args.policy == "node" else STAND_IN_FAULTS)
     model = (args.model or default_model_path()) if args.policy == "node" else ""
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fault-trials-"))
-    rig = FaultRig(log_dir, policy=args.policy, model_path=model)
+    extra = {"watchdog_args": args.watchdog_param} if args.watchdog_param else {}
+    rig = FaultRig(log_dir, policy=args.policy, model_path=model, node_args=args.node_param, **extra)
     results: list[TrialResult] = []
     try:
         rig.start()

@@ -27,43 +27,7 @@ import time
 from pathlib import Path
 
 from gato_ros.node import default_model_path
-from sim.rig import LoopRig, machine, rss_mb
-
-
-class Episodes:
-    """~/reset of the node and of the bridge, and the bridge's ~/status, called from the rig's observer."""
-
-    def __init__(self, rig: LoopRig) -> None:
-        from std_srvs.srv import Trigger
-
-        self.rig = rig
-        self.node_reset = rig.node.create_client(Trigger, "gato_policy/reset")
-        self.bridge_reset = rig.node.create_client(Trigger, "sim_bridge/reset")
-        self.bridge_status = rig.node.create_client(Trigger, "sim_bridge/status")
-        self.count = self.successes = self.stale_steps = self.steps = 0
-
-    def _call(self, client: object) -> object:
-        from std_srvs.srv import Trigger
-
-        if not client.wait_for_service(timeout_sec=10.0):
-            raise TimeoutError(f"{client.srv_name} is not available")
-        future = client.call_async(Trigger.Request())
-        end = time.monotonic() + 10.0
-        while not future.done() and time.monotonic() < end:
-            time.sleep(0.01)
-        if not future.done():
-            raise TimeoutError(f"{client.srv_name} did not answer")
-        return future.result()
-
-    def next(self) -> None:
-        """Account the episode that ends, then start the next one (node context first, then the bridge)."""
-        status = json.loads(self._call(self.bridge_status).message)
-        self.count += 1
-        self.successes += bool(status["success"])
-        self.stale_steps += int(status["stale_steps"])
-        self.steps += int(status["steps"])
-        self._call(self.node_reset)
-        self._call(self.bridge_reset)
+from sim.rig import Episodes, LoopRig, machine, rss_mb
 
 
 def sample_rss(rig: LoopRig) -> dict[str, float]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from gato_ros.commands import JOINT_COMMAND_TOPIC
 from sim.env import GRIPPER_CLOSE, HOME_Q, JOINT_NAMES
-from sim.rig import LoopRig
+from sim.rig import Episodes, LoopRig
 
 PROCESS_FAULTS = ("sigkill", "sigstop")
 IN_PROCESS_FAULTS = ("blocked_tick", "overrun", "nonfinite_decode", "missing_input", "stale_input", "invalid_input")
@@ -221,8 +221,12 @@ class FaultRig(LoopRig):
         kwargs.setdefault("relay_inputs", kwargs.get("policy", "stand_in") == "node")
         if kwargs.get("policy", "stand_in") == "stand_in":
             kwargs.setdefault("watchdog_args", STAND_IN_WATCHDOG_ARGS)
+        if kwargs.get("policy") == "node":
+            kwargs.setdefault("max_steps", 200)  # the evaluation's episodes: each trial starts one
         super().__init__(*args, **kwargs)
         self.local: LocalPolicy | None = None
+        self.rng = np.random.default_rng(0)
+        self.episodes: Episodes | None = None
 
     def stop(self) -> dict[str, int]:
         if self.local is not None:
@@ -246,10 +250,17 @@ class FaultRig(LoopRig):
 
     def trial(self, fault: str, watch_s: float = 1.0, recover_timeout_s: float = 60.0,
               settle_s: float = 1.0) -> TrialResult:
-        """One fault: inject, watch `watch_s`, end it, wait for recovery and `settle_s` more."""
+        """One fault: (with the node: a new episode, then a random 0.5-7 s of it) inject, watch `watch_s`, end
+        it, wait for recovery and `settle_s` more."""
         if fault not in FAULTS or (self.policy == "stand_in" and fault not in STAND_IN_FAULTS):
             raise ValueError(f"fault must be one of {STAND_IN_FAULTS if self.policy == 'stand_in' else FAULTS}")
         self._use_local_policy(fault in IN_PROCESS_FAULTS, settle_s)
+        if self.policy == "node":
+            # A new episode, and the fault somewhere in its first 7 s (approach, grasp or carry): the policy
+            # acts as it was trained to, not on an arm left wherever the last fault put it.
+            self.episodes = self.episodes or Episodes(self)
+            self.episodes.next()
+            time.sleep(float(self.rng.uniform(0.5, 7.0)))
         if not self.wait_relaying(60.0):
             raise RuntimeError(f"no policy commands reach the controller before the trial\n{self.logs()}")
         proc = self.procs.procs.get("policy")

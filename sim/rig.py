@@ -235,6 +235,49 @@ class LoopRig:
             return next((dict(v) for k, v in self.seen.diagnostics.items() if name_part in k), {})
 
 
+class Episodes:
+    """~/reset of the node and of the bridge, and the bridge's ~/status, called from the rig's observer."""
+
+    def __init__(self, rig: LoopRig) -> None:
+        from std_srvs.srv import Trigger
+
+        self.node_reset = rig.node.create_client(Trigger, "gato_policy/reset")
+        self.bridge_reset = rig.node.create_client(Trigger, "sim_bridge/reset")
+        self.bridge_status = rig.node.create_client(Trigger, "sim_bridge/status")
+        self.count = self.successes = self.stale_steps = self.steps = 0
+
+    @staticmethod
+    def _call(client: Any, tries: int = 4) -> Any:
+        """A Trigger call; asked again when unanswered (a request sent while a restarted server's reader is
+        still being matched is lost)."""
+        from std_srvs.srv import Trigger
+
+        if not client.wait_for_service(timeout_sec=30.0):
+            raise TimeoutError(f"{client.srv_name} is not available")
+        for _ in range(tries):
+            future = client.call_async(Trigger.Request())
+            end = time.monotonic() + 5.0
+            while not future.done() and time.monotonic() < end:
+                time.sleep(0.01)
+            if future.done():
+                return future.result()
+            client.remove_pending_request(future)
+        raise TimeoutError(f"{client.srv_name} did not answer {tries} requests")
+
+    def status(self) -> dict:
+        return json.loads(self._call(self.bridge_status).message)
+
+    def next(self) -> None:
+        """Account the episode that ends, then start the next one (node context first, then the bridge)."""
+        status = self.status()
+        self.count += 1
+        self.successes += bool(status["success"])
+        self.stale_steps += int(status["stale_steps"])
+        self.steps += int(status["steps"])
+        self._call(self.node_reset)
+        self._call(self.bridge_reset)
+
+
 def _python() -> str:
     import sys
 
