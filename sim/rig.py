@@ -214,9 +214,11 @@ class LoopRig:
     # --- reading what was seen ---
 
     def relaying(self, since: float, count: int = 5) -> bool:
-        """At least `count` controller commands after `since` that are the policy's own (relayed or direct)."""
+        """At least `count` controller commands after `since` that are the policy's own (relayed or direct)
+        and not a safe action of the node's."""
         with self.seen.lock:
             policy = {values for *_, values in self.seen.commands}
+            policy -= {tuple(record["command"][:7]) for _, record in self.seen.ticks if record.get("safe")}
             relayed = [t for t, _, values in self.seen.controller if t > since and values in policy]
         return len(relayed) >= count
 
