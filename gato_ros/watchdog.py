@@ -1,8 +1,9 @@
 """The policy watchdog: `gato-ros watchdog` / console script `policy_watchdog`.
 
 A forward controller applies its last command forever, so when the policy process dies (SIGKILL), hangs
-(SIGSTOP) or blocks inside a tick, nothing on the controller side stops its last torque. This small
-process (rclpy and numpy, no model) stands between the policy node and the arm's controllers:
+(SIGSTOP) or blocks inside a tick, nothing on the controller side stops its last torque. This small process
+(rclpy, numpy and the node's ROS-free contract modules; no model) stands between the policy node and the
+arm's controllers:
 
 - it subscribes the node's stamped commands (gato_ros.commands: sensor_msgs/JointState on the node's
   `~/joint_command`) and the joint states;
@@ -51,7 +52,6 @@ from gato_ros.commands import (
 from gato_ros.control import DEFAULT_HOLD_DAMPING, DEFAULT_HOLD_STIFFNESS, hold_gains
 
 NODE_NAME = "policy_watchdog"
-PANDA_ARM_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
 PANDA_EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEARN_INTERVALS = 10  # with control_rate_hz 0: the period is the median of the first ten stamp intervals
@@ -128,9 +128,6 @@ class WatchdogCore:
             raise ValueError("safe_action zero is a large motion in position modes: use hold or damp")
         if not (self.timeout_periods > 0 and self.max_age_periods > 0 and self.rate_hz >= 0):
             raise ValueError("timeout and command age bound must be positive, the rate positive or 0 (learn it)")
-        if self.timeout_periods + 0.1 >= 2.0:
-            raise ValueError("timeout_periods + 0.1 (the check interval) must stay under 2 periods, the bound the "
-                             "watchdog guarantees")
 
     # --- the period: given, or learnt from the stamps ---
 
@@ -194,15 +191,15 @@ class WatchdogCore:
             if reason:
                 self.last_drop = reason
                 return None, ""
-            arm_names = [n for n in names if n != self.gripper_joint]
+            arm_names = [n for n in names if n != self.gripper_joint]  # none: a gripper-only tick (no arm state)
             if not self.arm_joints:
                 self.arm_joints = tuple(arm_names)
-            elif tuple(arm_names) != self.arm_joints:
+            elif arm_names and tuple(arm_names) != self.arm_joints:
                 self.dropped_invalid += 1
                 self.last_drop = f"invalid command: joints {arm_names}, expected {list(self.arm_joints)}"
                 return None, ""
             array = np.asarray(values, dtype=np.float64)
-            arm = array[[names.index(n) for n in self.arm_joints]]
+            arm = array[[names.index(n) for n in self.arm_joints]] if arm_names else np.empty(0)
             gripper = float(array[names.index(self.gripper_joint)]) if self.gripper_joint in names else None
             self.last_gripper = gripper if gripper is not None else self.last_gripper
             self.period_learnt = self._learn(stamp) or self.period_learnt
@@ -356,6 +353,10 @@ class PolicyWatchdog(Node):
         self._check_timer = self.create_timer(self.core.period_s / 10 if rate else 0.005, self._on_check,
                                               clock=self._steady_clock)
         self.create_timer(1.0, self._publish_diagnostics, clock=self._steady_clock)
+        if self.core.timeout_periods + 0.1 >= 2.0:
+            self.get_logger().warning(f"timeout_periods {self.core.timeout_periods:g} + 0.1 (the check interval) is 2 "
+                                      "periods or more: the safe action may come later than 2 periods after the "
+                                      "last fresh command")
         self.get_logger().info(
             f"relaying {self.resolve_topic_name(prm['command_topic'])} → {self.arm_pub.topic_name} ({self.core.mode}) "
             f"and {self.gripper_pub.topic_name}; safe action '{self.core.safe_action}' after "

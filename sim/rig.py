@@ -232,9 +232,10 @@ class LoopRig:
             time.sleep(0.05)
         return False
 
-    def diagnostics(self, name_part: str) -> dict[str, str]:
+    def diagnostics(self, node: str) -> dict[str, str]:
+        """The latest diagnostics of node `node` of this rig (root namespace)."""
         with self.seen.lock:
-            return next((dict(v) for k, v in self.seen.diagnostics.items() if name_part in k), {})
+            return next((dict(v) for k, v in self.seen.diagnostics.items() if k.startswith(f"/{node}:")), {})
 
 
 class Episodes:

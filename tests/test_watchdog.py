@@ -120,6 +120,17 @@ def test_fresh_commands_are_relayed_and_stale_future_or_invalid_ones_are_not(wd)
     assert (core.dropped_stale, core.clock_jumps, core.dropped_invalid) == (1, 1, 2)
 
 
+def test_a_gripper_only_tick_is_relayed_and_counts_as_fresh(wd):
+    """The node sends only the gripper when it has no arm command (position modes before any joint state)."""
+    wd.send([0.5] * 7)
+    assert wd.wait_for(lambda: wd.arm)
+    msg = JointState(name=NAMES[7:], effort=[15.0])
+    msg.header.stamp = wd.peer.get_clock().now().to_msg()
+    wd.command_pub.publish(msg)
+    assert wd.wait_for(lambda: wd.gripper and wd.gripper[-1] == 15.0), "the gripper command went through"
+    assert len(wd.arm) == 1 and wd.watchdog.core.relayed == 2 and wd.watchdog.core.dropped_invalid == 0
+
+
 def test_silence_brings_the_hold_within_two_periods_and_fresh_commands_end_it(wd):
     q_fault = [0.1, -0.7, 0.0, -2.3, 0.0, 1.6, 0.8]
     wd.joints(q_fault)
