@@ -133,6 +133,9 @@ class FaultyRuntime:
         self.fault = "none"
         self.release = threading.Event()
         self.release.set()
+        # The runtime's own step calls its own forward: the NaN logits go in there, on the instance.
+        self._forward = runtime.forward
+        runtime.forward = self.forward
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runtime, name)
@@ -145,7 +148,7 @@ class FaultyRuntime:
         return self.runtime.step_tokens(observation, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        logits = self.runtime.forward(*args, **kwargs)
+        logits = self._forward(*args, **kwargs)
         return np.full_like(logits, np.nan) if self.fault == "nonfinite_decode" else logits
 
 
