@@ -11,11 +11,11 @@ arm's controllers:
   by its stamp: `now - stamp <= max_command_age_periods` control periods on the node's clock; a stale
   one, a stamp from the future (a clock that stepped) or an invalid one is dropped and counted;
 - when no fresh command has come for `timeout_periods` control periods (on a steady clock, or the sim
-  clock with use_sim_time) it publishes the safe action (commands.safe_arm_command; `safe_action`,
-  `hold` by default: a damped hold of the joint positions at the fault, the gripper keeping its last
-  command) at the control rate until fresh commands return. It checks ten times a period, so the safe
-  action is on the controller topic within (timeout_periods + 0.1) periods of the last fresh command
-  plus the time to publish: under 2 periods with the default 1.5;
+  clock with use_sim_time unless `silence_clock` is steady) it publishes the safe action
+  (commands.safe_arm_command; `safe_action`, `hold` by default: a damped hold of the joint positions at
+  the fault, the gripper keeping its last command) at the control rate until fresh commands return. It
+  checks ten times a period, so the safe action is on the controller topic within (timeout_periods + 0.1)
+  periods of the last fresh command plus the time to publish: under 2 periods with the default 1.5;
 - it logs each fault once with its cause, and the recovery; diagnostics on /diagnostics once a second
   (fault count, commands relayed and dropped, relay latency receive → publish p50/p99).
 
@@ -315,6 +315,9 @@ PARAMETERS: dict[str, Any] = {
     "hold_damping": [float(v) for v in DEFAULT_HOLD_DAMPING],  # N·m·s/rad
     "effort_limits": list(PANDA_EFFORT_LIMITS),  # N·m per arm joint: the safe torque is clipped to these
     "joint_state_timeout_s": 0.25,  # an older joint state is not used for the hold
+    # The clock silence is judged on: auto = the sim clock with use_sim_time (a paused sim is no fault), else
+    # steady time; steady = steady time always (a sim at real time, judged as a robot would be).
+    "silence_clock": "auto",
 }
 
 
@@ -338,8 +341,11 @@ class PolicyWatchdog(Node):
             limits=np.asarray(prm["effort_limits"], dtype=np.float64),
             gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
         # Silence is judged on a clock that never steps: steady time, or the sim clock with use_sim_time.
-        self.sim_time = bool(self.get_parameter("use_sim_time").value)
-        self._steady_clock = self.get_clock() if self.sim_time else Clock(clock_type=ClockType.STEADY_TIME)
+        silence_clock = str(prm["silence_clock"])
+        if silence_clock not in ("auto", "steady"):
+            raise ValueError(f"silence_clock must be auto or steady, got {silence_clock!r}")
+        on_sim_clock = bool(self.get_parameter("use_sim_time").value) and silence_clock == "auto"
+        self._steady_clock = self.get_clock() if on_sim_clock else Clock(clock_type=ClockType.STEADY_TIME)
         self.relay_latency_s: deque[float] = deque(maxlen=2000)
         arm_topic = prm["arm_command_topic"] or ARM_COMMAND_TOPICS[self.core.mode]
         arm_type = ros_io.arm_command_type(self.core.mode)

@@ -3,7 +3,9 @@
     nice -n 10 .venv/bin/python scripts/soak.py                     # 30 minutes, the shipped model
     .venv/bin/python scripts/soak.py --minutes 2 --json runs/soak.json
 
-sim_bridge (real time), policy_node (wall clock, 20 Hz) and policy_watchdog run as separate processes;
+sim_bridge (real time), policy_node (20 Hz) and policy_watchdog run as separate processes, the node and
+the watchdog on the bridge's /clock (the policy's tick t answers observation t, as in the evaluation; with
+`--wall-clock` every node runs on the wall clock, out of step with the sim, as on a robot);
 every `--episode-s` seconds this script resets the node's context and the bridge's episode (a new seed), as
 an operator would between tasks. It reports, from outside the node:
 
@@ -34,9 +36,10 @@ def sample_rss(rig: LoopRig) -> dict[str, float]:
     return {name: round(rss_mb(pid), 1) for name, pid in rig.pids().items()}
 
 
-def soak(model: str, minutes: float, episode_s: float, warmup_s: float, log_dir: Path) -> dict:
+def soak(model: str, minutes: float, episode_s: float, warmup_s: float, log_dir: Path, wall_clock: bool) -> dict:
     # 200-step episodes as in the evaluation; only the last seconds of records are kept (liveness checks)
-    rig = LoopRig(log_dir, policy="node", model_path=model, rate_hz=20.0, max_steps=200, keep=2_000)
+    rig = LoopRig(log_dir, policy="node", model_path=model, rate_hz=20.0, max_steps=200, keep=2_000,
+                  sim_time=not wall_clock)
     try:
         rig.start()
         episodes = Episodes(rig)
@@ -55,7 +58,8 @@ def soak(model: str, minutes: float, episode_s: float, warmup_s: float, log_dir:
     finally:
         codes = rig.stop()
     return {
-        "minutes": minutes, "model": model, "machine": machine(), "rss_mb_start": rss_start, "rss_mb_end": rss_end,
+        "minutes": minutes, "model": model, "machine": machine(), "clock": "wall" if wall_clock else "sim",
+        "rss_mb_start": rss_start, "rss_mb_end": rss_end,
         "node_ticks": int(node.get("ticks", 0) or 0), "node_deadline_misses": int(node.get("deadline_misses", 0) or 0),
         "node_safe_ticks": int(node.get("safe_ticks", 0) or 0),
         "watchdog_relayed": int(watchdog.get("relayed", 0) or 0),
@@ -74,12 +78,14 @@ def main() -> int:
     parser.add_argument("--episode-s", type=float, default=12.0, help="seconds per episode (the bridge's 200 steps "
                         "take 10 s)")
     parser.add_argument("--warmup-s", type=float, default=60.0, help="RSS at the start is sampled after this")
+    parser.add_argument("--wall-clock", action="store_true", help="every node on the wall clock, the policy out of "
+                        "step with the sim (default: node and watchdog on the bridge's /clock, in lockstep)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     log_dir = Path(tempfile.mkdtemp(prefix="soak-"))
     result = soak(args.model or default_model_path(), args.minutes, args.episode_s,
-                  min(args.warmup_s, args.minutes * 30.0), log_dir)
+                  min(args.warmup_s, args.minutes * 30.0), log_dir, args.wall_clock)
     print(json.dumps(result, indent=1))
     print(f"logs in {log_dir}")
     if args.json:

@@ -226,6 +226,9 @@ class FaultRig(LoopRig):
             kwargs.setdefault("watchdog_args", STAND_IN_WATCHDOG_ARGS)
         if kwargs.get("policy") == "node":
             kwargs.setdefault("max_steps", 200)  # the evaluation's episodes: each trial starts one
+            # In lockstep with the sim, as the policy was trained (on the wall clock, out of step, the shipped
+            # policy often saturates before any fault: scripts/soak.py --wall-clock).
+            kwargs.setdefault("sim_time", True)
         super().__init__(*args, **kwargs)
         self.local: LocalPolicy | None = None
         self.rng = np.random.default_rng(0)

@@ -1,7 +1,6 @@
 """The closed loop as a robot runs it, for measurements from outside every process.
 
-`LoopRig` starts `sim_bridge` (real time, stamping with the wall clock like a real arm's driver; every
-node on the wall clock), `policy_watchdog` and a policy — `policy_node`
+`LoopRig` starts `sim_bridge` (at real time), `policy_watchdog` and a policy — `policy_node`
 serving an ONNX model, or the stand-in `ReachPolicy` (sim/faults.py) — each as its own process, or the
 policy in this process where a fault must be injected inside it. An observer node here records, with
 their receive times:
@@ -11,6 +10,11 @@ their receive times:
     ticks        the node's tick records (`gato_policy/tick`): whether the tick was safe, and why
     hand         the hand position (from `gato/observations/task_state`)
     diagnostics  the latest status of each node on /diagnostics
+
+Clocks: by default every node runs on the wall clock and the bridge stamps with it, like a real arm's
+driver, and the policy ticks out of step with the sim. With `sim_time` the node and the watchdog run on the
+bridge's /clock, so the policy's tick t answers observation t as in the evaluation (the policy was trained
+in that lockstep); the watchdog still judges silence on the steady clock (`silence_clock:=steady`).
 
 Faults in the input are injected by an input relay: with `relay_inputs` the policy reads
 `policy_in/joint_states`, which this process forwards from `joint_states` unless told to stop (missing),
@@ -69,6 +73,7 @@ class LoopRig:
 
     def __init__(self, log_dir: Path, policy: str = "stand_in", model_path: str = "", rate_hz: float = 20.0,
                  watchdog: bool = True, direct_output: bool = False, relay_inputs: bool = False,
+                 sim_time: bool = False,
                  node_args: list[str] | None = None, watchdog_args: list[str] | None = None,
                  max_steps: int = 1_000_000, keep: int = 200_000) -> None:
         self.log_dir = Path(log_dir)
@@ -76,6 +81,7 @@ class LoopRig:
         self.policy, self.model_path, self.rate_hz = policy, model_path, rate_hz
         self.period_s = 1.0 / rate_hz
         self.watchdog, self.direct_output, self.relay_inputs = watchdog, direct_output, relay_inputs
+        self.sim_time = sim_time
         self.node_args = list(node_args or [])
         self.watchdog_args = list(watchdog_args or [])  # more `-p name:=value` for the watchdog
         self.max_steps = max_steps  # the bridge's episode length (an episode that ends leaves the arm controlled)
@@ -93,11 +99,13 @@ class LoopRig:
         image_size = model_image_size(self.model_path) if self.model_path else 0
         self.procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
             "--ros-args", "-p", f"image_size:={image_size}", "-p", f"max_steps:={self.max_steps}",
-            "-p", "real_time_factor:=1.0", "-p", "wall_clock_stamps:=true", "--log-level", "warn"])
+            "-p", "real_time_factor:=1.0", "-p", f"wall_clock_stamps:={str(not self.sim_time).lower()}",
+            "--log-level", "warn"])
         if self.watchdog:
+            clock = ["use_sim_time:=true", "silence_clock:=steady"] if self.sim_time else []
             self.procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
                 "--ros-args", "-p", f"control_rate_hz:={self.rate_hz}",
-                *[a for param in self.watchdog_args for a in ("-p", param)]])
+                *[a for param in clock + self.watchdog_args for a in ("-p", param)]])
         self._start_observer()
         if self.policy != "none":
             self.start_policy()
@@ -108,7 +116,8 @@ class LoopRig:
     def node_parameters(self) -> list[str]:
         """The policy node's `-p` arguments: model, rate, one ONNX thread, outputs, inputs."""
         params = [f"model_path:={self.model_path}", f"control_rate_hz:={self.rate_hz}", "threads:=1",
-                  "autostart:=true", f"direct_output:={str(self.direct_output).lower()}"]
+                  "autostart:=true", f"direct_output:={str(self.direct_output).lower()}",
+                  f"use_sim_time:={str(self.sim_time).lower()}"]
         if self.relay_inputs:
             params.append(f"joint_states_topic:={RELAYED_JOINT_STATES}")
         return params + self.node_args
