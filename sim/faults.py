@@ -18,6 +18,10 @@ that is not the policy's, so the watchdog's, or one of the node's ticks marked s
 fault began and after the last fresh policy command that reached the controller, who sent it, and how
 far the hand moved from where it was when the fault began over the watch.
 
+With the node, each trial starts a new episode (the node's and the bridge's ~/reset) and strikes a random
+0.5-7 s into it, and the node and the watchdog run on the bridge's /clock (the policy in lockstep with the
+sim, as trained and evaluated; the watchdog still judges silence on the steady clock).
+
 The policy is `policy_node` serving a model, or `ReachPolicy`: a stand-in that publishes stamped
 commands exactly as the node does (gato_ros.commands), a joint PD toward a slowly moving target with the
 gripper closed, so the arm moves when a fault hits (it supports the process faults and blocked_tick).
