@@ -2,7 +2,8 @@
 
 The policy sees exactly what a real arm gives it: `sim_bridge` publishes /joint_states and the
 observation topics and takes /effort_controller/commands; `policy_node` (the lifecycle node that
-runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge).
+runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge), and
+`policy_watchdog` relays its stamped commands to the controller topics, as on a robot.
 An in-process rclpy supervisor runs the episodes:
 
     for each seed: set the bridge's seed → reset the node's context (~/reset) → reset the bridge
@@ -15,7 +16,7 @@ wall-clock latency from publishing an observation to receiving its command. Betw
 bridge is paused (`pause_when_done`), so /clock stops and the node does not tick on an old scene.
 
 DDS stays on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless the caller chose another) in
-a random domain unless ROS_DOMAIN_ID is set. Both processes get SIGINT, then SIGKILL, whatever happens.
+a random domain unless ROS_DOMAIN_ID is set. Every process gets SIGINT, then SIGKILL, whatever happens.
 """
 
 from __future__ import annotations
