@@ -149,6 +149,8 @@ def test_silence_brings_the_hold_within_two_periods_and_fresh_commands_end_it(wd
     expected = -gains.apply(gains.stiffness, np.full(7, 0.1)) - gains.apply(gains.damping, np.full(7, 0.2))
     assert wd.wait_for(lambda: np.allclose(wd.arm_values(), expected, atol=1e-9), 1.0), wd.arm_values()
     assert wd.gripper[-1] == -15.0, "the gripper keeps its last command: the grasp holds"
+    # Joint states stop: a PD on the last one would push forever; zero effort instead (gravity compensation).
+    assert wd.wait_for(lambda: np.allclose(wd.arm_values(), 0.0, atol=1e-12), 1.0), wd.arm_values()
     n = len(wd.arm)
     time.sleep(5 * PERIOD)
     assert 3 <= len(wd.arm) - n <= 7, "the safe action repeats at the control rate"
