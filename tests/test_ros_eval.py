@@ -78,6 +78,10 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     assert len(r.step_ms) >= r.fresh_steps and all(0 < x < 1000 for x in r.step_ms)
     summary = ros_summary(ros_run)
     assert summary["rejected_commands"] == 0 and 0 <= summary["stale_share"] <= 1
+    # The watchdog (on the sim clock) puts its safe action on the arm only after the policy missed a step.
+    assert ros_run.watchdog_diagnostics, "the watchdog ran and reported"
+    if summary["watchdog_safe_commands"]:
+        assert r.stale_steps > 0, f"the watchdog replaced commands that came on time: {ros_run.watchdog_diagnostics}"
 
     # Over ROS the node acts on observation t before the bridge steps to t + 1, like in-process stepping:
     # until the first stale command the trajectory is the in-process one, to the bit.
