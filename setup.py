@@ -67,6 +67,7 @@ setup(
             "gato-ros = gato_ros.cli:main",
             "policy_node = gato_ros.node:main",
             "sim_bridge = sim.bridge:main",
+            "policy_watchdog = gato_ros.watchdog:main",
         ],
     },
 )

@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sim.demo", "closed-loop stacking demo: sim bridge + policy node over ROS 2"),
     "node": ("gato_ros.node", "run the ROS 2 policy node (lifecycle node gato_policy)"),
+    "watchdog": ("gato_ros.watchdog", "run the policy watchdog: relays fresh commands, the safe action when they stop"),
     "sim": ("sim.bridge", "run the PyBullet arm as a ROS 2 robot (joint states, camera, effort commands)"),
     "collect": ("sim.collect", "collect scripted-expert episodes into a dataset"),
     "train": ("gato_ros.train", "train a Gato model on a dataset"),

@@ -8,8 +8,10 @@ damps one excites the others. The hold therefore uses full matrices, stiffness =
 M0·2ζω, with M0 the joint-space mass matrix averaged over the poses in which the shipped policy carries
 the cube (seeds 100000…, PyBullet's model). This prints the worst spectral radius of the sampled-data
 closed loop (< 1: stable at every sampled pose) over those poses for the node's default gains, then the
-gains M0 gives for --omega/--zeta (as YAML) and theirs. The defaults came from the int8 model as shipped
-before its re-export (`git show 0ac0736:models/stack_int8.onnx > old.onnx; ... --model old.onnx`).
+gains M0 gives for --omega/--zeta (as YAML) and theirs, each also at the home pose, where every episode
+starts. `--poses all` fits M0 over every pose of the episodes instead of the carrying ones. The defaults
+came from the int8 model as shipped before its re-export (`git show 0ac0736:models/stack_int8.onnx >
+old.onnx; ... --model old.onnx`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import pybullet as p
 
 from gato_ros.control import DEFAULT_HOLD_DAMPING, DEFAULT_HOLD_STIFFNESS
 from gato_ros.runtime import PolicyRuntime
-from sim.env import StackingEnv
+from sim.env import HOME_Q, StackingEnv
 
 PERIOD_S = 0.05
 MODEL = "models/stack_int8.onnx"
 
 
-def carrying_poses(seeds: int, model: str = MODEL) -> np.ndarray:
-    """Arm joint positions of every step in which the policy holds the red cube lifted."""
+def carrying_poses(seeds: int, model: str = MODEL, every_step: bool = False) -> np.ndarray:
+    """Arm joint positions of every step in which the policy holds the red cube lifted (`every_step`: of
+    every step, from the home pose on)."""
     runtime, env, poses = PolicyRuntime(model, threads=1), StackingEnv(), []
     for seed in range(100000, 100000 + seeds):
         obs, _ = env.reset(seed=seed)
@@ -36,7 +39,7 @@ def carrying_poses(seeds: int, model: str = MODEL) -> np.ndarray:
         for _ in range(env.config.max_steps):
             action = runtime.step(obs)
             obs, _, done, truncated, _ = env.step(action)
-            if action[7] < 0 and obs["task_state"][5] > 0.03:  # gripper closed, red cube (z) lifted
+            if every_step or (action[7] < 0 and obs["task_state"][5] > 0.03):  # gripper closed, red cube lifted
                 poses.append(obs["joint_positions"][:7].copy())
             if done or truncated:
                 break
@@ -72,17 +75,21 @@ def main() -> None:
     parser.add_argument("--zeta", type=float, default=0.75, help="damping ratio ζ")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--model", default=MODEL, help="the policy that carries the cube")
+    parser.add_argument("--poses", choices=["carrying", "all"], default="carrying",
+                        help="fit M0 over the carrying poses, or over every pose of the episodes")
     args = parser.parse_args()
-    poses = carrying_poses(args.seeds, args.model)
+    poses = carrying_poses(args.seeds, args.model, every_step=args.poses == "all")
     masses = mass_matrices(poses)
+    home = mass_matrices(np.array([HOME_Q]))
     defaults = [np.asarray(g, dtype=np.float64).reshape(7, 7) for g in (DEFAULT_HOLD_STIFFNESS, DEFAULT_HOLD_DAMPING)]
-    print(f"# {len(poses)} carrying poses; the node's default gains: worst spectral radius "
-          f"{spectral_radius(*defaults, masses):.3f}")
+    print(f"# {len(poses)} {args.poses} poses; the node's default gains: worst spectral radius "
+          f"{spectral_radius(*defaults, masses):.3f}, at the home pose {spectral_radius(*defaults, home):.3f}")
     m0 = np.mean(masses, axis=0)
     m0 = (m0 + m0.T) / 2
     stiffness, damping = m0 * args.omega**2, m0 * 2 * args.zeta * args.omega
     print(f"# M0 at omega {args.omega:g}, zeta {args.zeta:g}: worst spectral radius "
-          f"{spectral_radius(stiffness, damping, masses):.3f}")
+          f"{spectral_radius(stiffness, damping, masses):.3f}, at the home pose "
+          f"{spectral_radius(stiffness, damping, home):.3f}")
     for name, gain in (("hold_stiffness", stiffness), ("hold_damping", damping)):
         rows = ",\n".join("      " + ", ".join(f"{v if abs(v) > 1e-6 else 0.0:.4g}" for v in row) for row in gain)
         print(f"    {name}: [\n{rows}]")

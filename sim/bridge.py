@@ -1,17 +1,32 @@
 """The PyBullet arm as a ROS 2 robot: `gato-ros sim` / console script `sim_bridge`.
 
 It looks to the policy exactly like the real arm's contract (DESIGN.md "The arm's contract"):
-publishes /joint_states, /camera/image_raw (+ /camera/camera_info) and /gato/observations/<key> for
-the other observation keys; subscribes /effort_controller/commands (std_msgs/Float64MultiArray, the
-ros2_control effort forward-command controller's interface). Like Franka's torque interface the env
-adds gravity compensation, so the zero command holds the arm: it applies when the last command is
-older than `command_timeout_s` (sim time), and when a command is rejected (wrong length, NaN, inf).
+publishes joint_states, camera/image_raw (+ camera/camera_info) and gato/observations/<key> for the
+other observation keys, all relative so a namespace moves them, and takes commands the way ros2_control
+controllers do (gato_ros.commands), in the `command_mode` chosen:
+
+    effort      arm torques (7, N·m) on effort_controller/commands (std_msgs/Float64MultiArray)
+    position    arm positions (7, rad) on position_controller/commands, a joint PD at 1 kHz (sim.controllers)
+    velocity    arm velocities (7, rad/s) on velocity_controller/commands, joint damping at 1 kHz
+    trajectory  a one-point trajectory_msgs/JointTrajectory on joint_trajectory_controller/joint_trajectory:
+                the reference runs to the point in its time_from_start, then holds it; `trajectory_cmd_timeout_s`
+                (> 0) holds the position where the arm is when no trajectory came for that long, as
+                joint_trajectory_controller's cmd_timeout does
+    gripper     the finger force (1 value, N, positive opens) on gripper_controller/commands, in every mode
+
+Like Franka's torque interface the env adds gravity compensation, so a zero torque holds a still arm.
+Like forward_command_controller the bridge applies the last command until a new one arrives, forever:
+nothing on the controller side stops a stale command, so the tests see what a real arm would do. A
+command of the wrong length or with NaN/inf is refused (counted, logged) and the previous one stays, as
+a real controller refuses a message. `command_timeout_s` (> 0, sim time; default 0 = off) is an option
+the real controllers do not have: an arm or gripper command older than that is replaced by zero effort.
 
 The env steps in a thread of its own at `real_time_factor` × real time (0 = as fast as it can) and
-publishes /clock, so nodes with use_sim_time follow it. Services: ~/reset (std_srvs/Trigger) starts
-an episode with the `seed` parameter (then seed + 1 for the next one); ~/status (Trigger) reports
-the episode as JSON in `message` and success in `success`. A NaN physics state ends the episode as
-a failure, logged as an error, and the env resets.
+publishes /clock, so nodes with use_sim_time follow it; with `wall_clock_stamps` (and real_time_factor 1)
+it stamps its messages with the system clock instead, like a real arm's driver, for nodes on the wall
+clock. Services: ~/reset (std_srvs/Trigger) starts an episode with the `seed` parameter (then seed + 1
+for the next one); ~/status (Trigger) reports the episode as JSON in `message` and success in `success`.
+A NaN physics state ends the episode as a failure, logged as an error, and the env resets.
 
 For closed-loop evaluation (`sim.ros_eval`) the bridge behaves like in-process stepping: it
 publishes the observation before /clock, so a policy node on sim time ticks on observation t and
@@ -20,9 +35,9 @@ first observation before the first step) and restarts the step schedule. `wait_f
 sim still until the first ~/reset, `pause_when_done` stops stepping (and /clock) when an episode
 ends. ~/trajectory (Trigger) returns, as JSON, every observation vector the bridge published in the
 current and the previous episode (exact floats: a record that survives best-effort QoS, for replays
-and for comparing with in-process stepping). Per episode the status reports commands received,
+and for comparing with in-process stepping). Per episode the status reports arm commands received,
 steps that had a fresh command (one that arrived after the observation it answers) or a stale one,
-and the wall-clock latency from publishing an observation to receiving the command that answers it.
+and the wall-clock latency from publishing an observation to receiving the arm command that answers it.
 """
 
 from __future__ import annotations
@@ -48,23 +63,31 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
 
+from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, OUTPUT_MODES
+from sim.controllers import ArmController
 from sim.env import JOINT_NAMES, StackingEnv
 
+ARM_JOINTS = JOINT_NAMES[:7]  # the arm controller's joints, in its order; the finger has its own controller
 PARAMETERS: dict[str, Any] = {
     "seed": 0,
     "image_size": 64,  # 0 = no camera (rendering costs ~38 ms a frame)
     "real_time_factor": 1.0,  # 0 = as fast as possible
-    "command_timeout_s": 0.2,  # sim time; an older command is replaced by the zero (holding) command
+    "command_mode": "effort",  # effort | position | velocity | trajectory (gato_ros.commands.OUTPUT_MODES)
+    "command_timeout_s": 0.0,  # sim time; > 0: an older command is replaced by zero effort (real controllers: 0)
+    "trajectory_cmd_timeout_s": 0.0,  # trajectory mode, sim time; > 0: hold here when no trajectory came for that long
     "max_steps": 200,
     "wait_for_reset": False,  # stay still (no steps, no /clock) until the first ~/reset
     "pause_when_done": False,  # stop stepping when an episode ends, until the next ~/reset
     "publish_clock": True,
-    "joint_states_topic": "/joint_states",
-    "image_topic": "/camera/image_raw",
-    "camera_info_topic": "/camera/camera_info",
-    "command_topic": "/effort_controller/commands",
-    "observation_prefix": "/gato/observations/",
+    "wall_clock_stamps": False,  # stamp messages with the system clock, as a real arm's driver does (no /clock then)
+    "joint_states_topic": "joint_states",
+    "image_topic": "camera/image_raw",
+    "camera_info_topic": "camera/camera_info",
+    "command_topic": "",  # "" = the mode's controller topic (gato_ros.commands.ARM_COMMAND_TOPICS)
+    "gripper_command_topic": GRIPPER_COMMAND_TOPIC,
+    "observation_prefix": "gato/observations/",
 }
 
 
@@ -83,8 +106,15 @@ class SimBridge(Node):
         self.period_ns = round(1e9 / self.env.config.control_hz)
         self.lock = threading.Lock()  # env and episode state: the step thread vs the services
         self.sim_ns = 0
-        self.command = np.zeros(8)
-        self.command_time = -math.inf
+        self.mode = str(prm["command_mode"])
+        if self.mode not in OUTPUT_MODES:
+            raise ValueError(f"command_mode must be one of {OUTPUT_MODES}, got {self.mode!r}")
+        self.arm = ArmController(self.mode)
+        self.command_time = -math.inf  # sim time of the last arm command
+        self.gripper = 0.0
+        self.gripper_time = -math.inf
+        self._held = False  # trajectory mode: holding here after trajectory_cmd_timeout_s without a trajectory
+        self._arm_positions = np.zeros(7)  # the latest observation's, for holding here
         self.rejected = 0
         self.timeouts = 0
         self.seed = int(prm["seed"])  # the next episode's; setting the parameter chooses it
@@ -97,12 +127,18 @@ class SimBridge(Node):
         self.joint_pub = self.create_publisher(JointState, prm["joint_states_topic"], qos_profile_sensor_data)
         self.image_pub = self.create_publisher(Image, prm["image_topic"], qos_profile_sensor_data)
         self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
-        self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if prm["publish_clock"] else None
+        on_sim_clock = prm["publish_clock"] and not prm["wall_clock_stamps"]
+        self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if on_sim_clock else None
         self.vector_pubs: dict[str, Any] = {}
         # Episode boundaries for recordings (gato-ros dataset cuts episodes here): JSON {"event": "start" | "end",
         # "seed", ...}, published before the observation that begins the episode / follows its last step.
         self.episode_pub = self.create_publisher(String, "~/episode", QoSProfile(depth=100))
-        self.create_subscription(Float64MultiArray, prm["command_topic"], self._on_command, 10)
+        self.command_topic = prm["command_topic"] or ARM_COMMAND_TOPICS[self.mode]
+        if self.mode == "trajectory":
+            self.create_subscription(JointTrajectory, self.command_topic, self._on_trajectory_command, 10)
+        else:
+            self.create_subscription(Float64MultiArray, self.command_topic, self._on_command, 10)
+        self.create_subscription(Float64MultiArray, prm["gripper_command_topic"], self._on_gripper_command, 10)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/status", self._on_status)
@@ -132,24 +168,55 @@ class SimBridge(Node):
 
     # --- commands ---
 
+    def _count_command(self) -> None:
+        """An arm command arrived: count it, and the latency of the first one after an observation."""
+        received = time.monotonic()
+        self.episode["commands"] += 1
+        if not self._answered:
+            self._answered = True
+            self.latency_ms.append(1e3 * (received - self._published_at))
+
+    def _refuse(self, reason: str) -> None:
+        self.rejected += 1
+        self.episode["rejected"] += 1
+        self.get_logger().warning(f"command refused ({reason}): the previous command stays", throttle_duration_sec=1.0)
+
     def _on_command(self, msg: Float64MultiArray) -> None:
-        with self.lock:
-            received = time.monotonic()
-            self.episode["commands"] += 1
-            if not self._answered:
-                self._answered = True
-                self.latency_ms.append(1e3 * (received - self._published_at))
+        """effort / position / velocity: 7 values in the arm controller's joint order."""
         cmd = np.asarray(msg.data, dtype=np.float64)
-        if cmd.shape != (8,) or not np.all(np.isfinite(cmd)):
-            self.rejected += 1
-            self.episode["rejected"] += 1
-            reason = f"{cmd.size} values, expected 8" if cmd.shape != (8,) else "NaN or inf"
-            self.get_logger().warning(f"command rejected ({reason}): holding", throttle_duration_sec=1.0)
-            with self.lock:
-                self.command, self.command_time = np.zeros(8), self.sim_time  # the hold command applies
-            return
         with self.lock:
-            self.command, self.command_time = cmd, self.sim_time
+            self._count_command()
+            if cmd.shape != (len(ARM_JOINTS),) or not np.all(np.isfinite(cmd)):
+                return self._refuse(f"{cmd.size} values, expected {len(ARM_JOINTS)}"
+                                    if cmd.shape != (len(ARM_JOINTS),) else "NaN or inf")
+            self.arm.command(cmd)
+            self.command_time = self.sim_time
+
+    def _on_trajectory_command(self, msg: JointTrajectory) -> None:
+        """trajectory: one point for the arm joints (any order, by name); positions, reached in time_from_start."""
+        with self.lock:
+            self._count_command()
+            names = list(msg.joint_names)
+            if len(msg.points) != 1 or sorted(names) != sorted(ARM_JOINTS):
+                return self._refuse(f"{len(msg.points)} points for joints {names}, expected 1 for {list(ARM_JOINTS)}")
+            point = msg.points[0]
+            positions = np.asarray(point.positions, dtype=np.float64)
+            if positions.shape != (len(names),) or not np.all(np.isfinite(positions)):
+                return self._refuse("positions of the wrong length, NaN or inf")
+            ordered = positions[[names.index(n) for n in ARM_JOINTS]]
+            duration = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
+            self.arm.command(ordered, t=self.sim_time, duration_s=duration)
+            self.command_time, self._held = self.sim_time, False
+
+    def _on_gripper_command(self, msg: Float64MultiArray) -> None:
+        """The finger force (N, positive opens), one value."""
+        with self.lock:
+            self.episode["gripper_commands"] += 1
+            force = np.asarray(msg.data, dtype=np.float64)
+            if force.shape != (1,) or not np.isfinite(force[0]):
+                return self._refuse(f"gripper: {force.size} values, expected 1" if force.shape != (1,)
+                                    else "gripper: NaN or inf")
+            self.gripper, self.gripper_time = float(force[0]), self.sim_time
 
     # --- episodes ---
 
@@ -166,13 +233,16 @@ class SimBridge(Node):
         self._advance_clock()
         self.episode = {"seed": self.seed, "steps": 0, "success": False, "done": False, "nan": False,
                         "start_time": self.sim_time, "wall_start": time.monotonic(), "wall_s": 0.0,
-                        "commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0, "stale_at": []}
+                        "commands": 0, "gripper_commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0,
+                        "stale_at": []}
         self.latency_ms = []
         if self.trajectory:
             self.previous_trajectory = self.trajectory
         self.trajectory = {"seed": self.seed, "observations": {}}
         self.seed += 1
-        self.command, self.command_time = np.zeros(8), -math.inf
+        self.arm.reset(obs["joint_positions"][:7])  # a controller starts by holding where the arm is
+        self.command_time = self.gripper_time = -math.inf
+        self.gripper, self._held = 0.0, False
         self.episode_pub.publish(String(data=json.dumps({"event": "start", "seed": self.episode["seed"]})))
         self._publish(obs)
         rtf = float(self.prm["real_time_factor"])
@@ -195,7 +265,8 @@ class SimBridge(Node):
     def _on_status(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self.lock:
             response.success = bool(self.episode["success"])
-            response.message = json.dumps({**self.episode, "rejected_commands": self.rejected,
+            response.message = json.dumps({**self.episode, "command_mode": self.mode,
+                                           "rejected_commands": self.rejected,
                                            "command_timeouts": self.timeouts, "sim_time": self.sim_time,
                                            "latency_ms": [round(x, 3) for x in self.latency_ms]})
         return response
@@ -218,12 +289,7 @@ class SimBridge(Node):
                 self.episode["fresh_steps" if self._answered else "stale_steps"] += 1
                 if not self._answered:
                     self.episode["stale_at"].append(self.episode["steps"])
-            if self.sim_time - self.command_time > self.prm["command_timeout_s"]:
-                self.timeouts += 1
-                command = np.zeros(8)
-            else:
-                command = self.command
-            obs, _, terminated, truncated, info = self.env.step(command)
+            obs, terminated, truncated, info = self._step_env()
             self._advance_clock()
             if not self.episode["done"]:
                 self.episode["steps"] += 1
@@ -244,6 +310,26 @@ class SimBridge(Node):
                                        f"after {self.episode['steps']} steps")
                 self._announce_end()
             self._publish(obs)
+
+    def _step_env(self) -> tuple[dict[str, np.ndarray], bool, bool, dict]:
+        """One control period of physics under the arm controller and the gripper's last command (lock held)."""
+        t0 = self.sim_time
+        timeout = float(self.prm["command_timeout_s"])
+        arm_timed_out = timeout > 0 and t0 - self.command_time > timeout
+        gripper = 0.0 if timeout > 0 and t0 - self.gripper_time > timeout else self.gripper
+        self.timeouts += arm_timed_out
+        hold_after = float(self.prm["trajectory_cmd_timeout_s"])
+        if self.mode == "trajectory" and hold_after > 0 and t0 - self.command_time > hold_after and not self._held:
+            self.arm.hold_here(t0, self._arm_positions)
+            self._held = True  # once per silence: the next trajectory ends it
+        if arm_timed_out or self.mode == "effort":
+            arm = np.zeros(7) if arm_timed_out else self.arm.target
+            obs, _, terminated, truncated, info = self.env.step(np.concatenate([arm, [gripper]]))
+        else:
+            law = self.arm.torque
+            obs, _, terminated, truncated, info = self.env.step(
+                np.concatenate([np.zeros(7), [gripper]]), arm_torque=lambda dt, q, qd: law(t0 + dt, q, qd))
+        return obs, terminated, truncated, info
 
     def _announce_end(self) -> None:
         end = {key: self.episode[key] for key in ("seed", "steps", "success", "nan")}
@@ -270,9 +356,10 @@ class SimBridge(Node):
     def _publish(self, obs: dict[str, np.ndarray]) -> None:
         # The observation goes out before /clock: a node on sim time ticks when the clock moves and by
         # then holds this observation, so its command answers it (as in-process stepping would).
-        stamp = Time(nanoseconds=self.sim_ns).to_msg()
+        stamp = (self.get_clock().now() if self.prm["wall_clock_stamps"] else Time(nanoseconds=self.sim_ns)).to_msg()
         vectors = {key: np.asarray(value, np.float64).reshape(-1).tolist()  # once: published and recorded
                    for key, value in obs.items() if key != "image"}
+        self._arm_positions = np.asarray(vectors["joint_positions"][:7])
         js = JointState(name=list(JOINT_NAMES), position=vectors["joint_positions"],
                         velocity=vectors["joint_velocities"])
         js.header.stamp = stamp

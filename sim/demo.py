@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"success {summary['successes']}/{summary['episodes']}; step latency (observation published → command "
           f"received) p50 {lat.get('p50', float('nan')):.1f} ms, p99 {lat.get('p99', float('nan')):.1f} ms")
     print(describe(summary["over_ros"]))
-    print(f"both processes exited with {ros_run.exit_codes}; wrote {args.out / 'demo.json'}, "
+    print(f"every process exited with {ros_run.exit_codes}; wrote {args.out / 'demo.json'}, "
           f"{args.out / 'demo.png'}, {video}, {gif} (logs in {args.out / 'logs'})")
     if args.record is not None:
         print(f"recorded the run into the bag {args.record} (gato-ros dataset --from-bag {args.record} ...)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import gymnasium as gym
@@ -169,7 +170,9 @@ class StackingEnv(gym.Env):
         tau = p.calculateInverseDynamics(self.robot, list(q), zeros, zeros, physicsClientId=self.client)
         return np.asarray(tau[:7])
 
-    def step(self, action):
+    def step(self, action, arm_torque: Callable[[float, np.ndarray, np.ndarray], np.ndarray] | None = None):
+        """`arm_torque(t, q, qd)`, when given, replaces action[:7] at every physics sub-step (t: seconds into the
+        step; q, qd: the arm's 7 joints): a joint controller on the robot, as ros2_control runs at 1 kHz."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (8,):
             raise ValueError(f"action must have 8 values, got {action.shape}")
@@ -179,12 +182,15 @@ class StackingEnv(gym.Env):
         arm = np.clip(action[:7], -ARM_TORQUE_LIMITS, ARM_TORQUE_LIMITS)
         finger = float(np.clip(action[7], -FINGER_FORCE_LIMIT, FINGER_FORCE_LIMIT))
         nan = False
-        for _ in range(self.substeps):
+        for i in range(self.substeps):
             states = p.getJointStates(self.robot, MOVABLE_JOINTS, physicsClientId=cid)
             q = np.array([s[0] for s in states])
             if not np.all(np.isfinite(q)):
                 nan = True
                 break
+            if arm_torque is not None:
+                qd = np.array([s[1] for s in states[:7]])
+                arm = np.clip(arm_torque(i / self.config.physics_hz, q[:7], qd), -ARM_TORQUE_LIMITS, ARM_TORQUE_LIMITS)
             tau = np.clip(arm + self.gravity_compensation(q), -ARM_TORQUE_LIMITS, ARM_TORQUE_LIMITS)
             p.setJointMotorControlArray(
                 self.robot, MOVABLE_JOINTS, p.TORQUE_CONTROL, forces=list(tau) + [finger, finger], physicsClientId=cid

@@ -2,7 +2,8 @@
 
 The policy sees exactly what a real arm gives it: `sim_bridge` publishes /joint_states and the
 observation topics and takes /effort_controller/commands; `policy_node` (the lifecycle node that
-runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge).
+runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge), and
+`policy_watchdog` relays its stamped commands to the controller topics, as on a robot.
 An in-process rclpy supervisor runs the episodes:
 
     for each seed: set the bridge's seed → reset the node's context (~/reset) → reset the bridge
@@ -15,7 +16,7 @@ wall-clock latency from publishing an observation to receiving its command. Betw
 bridge is paused (`pause_when_done`), so /clock stops and the node does not tick on an old scene.
 
 DDS stays on loopback (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST unless the caller chose another) in
-a random domain unless ROS_DOMAIN_ID is set. Both processes get SIGINT, then SIGKILL, whatever happens.
+a random domain unless ROS_DOMAIN_ID is set. Every process gets SIGINT, then SIGKILL, whatever happens.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Supervisor:
         rclpy.init(context=self.context)
         self.node = rclpy.create_node(f"gato_eval_supervisor_{os.getpid()}", context=self.context)
         self.diagnostics: dict[str, str] = {}
+        self.watchdog_diagnostics: dict[str, str] = {}
         self.pokes: list[Any] = []  # unanswered wake-up calls to the node (it may exit before answering)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
         client = self.node.create_client
@@ -161,6 +163,8 @@ class Supervisor:
         for status in msg.status:
             if NODE in status.name:
                 self.diagnostics = {kv.key: kv.value for kv in status.values}
+            elif status.name.endswith(": watchdog"):
+                self.watchdog_diagnostics = {kv.key: kv.value for kv in status.values}
 
     def recording(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Joint positions (steps + 1, 8) and task states (steps + 1, 17) of episode `seed`, as the bridge
@@ -271,6 +275,7 @@ class RosRun:
     results: list[RosEpisodeResult]
     exit_codes: dict[str, int]  # per process; 0 = it ended on SIGINT by itself
     node_diagnostics: dict[str, str]  # the policy node's last diagnostics values
+    watchdog_diagnostics: dict[str, str]  # the watchdog's last diagnostics values (published once a second)
     domain_id: str
     pids: dict[str, int]
     recording: tuple[int, np.ndarray, np.ndarray] | None  # (seed, joint positions, task states) of the first episode
@@ -304,6 +309,7 @@ def evaluate_over_ros(
     procs = Processes(logs)
     supervisor = None
     diagnostics: dict[str, str] = {}
+    watchdog: dict[str, str] = {}
     results: list[RosEpisodeResult] = []
     recorded = None
     try:
@@ -321,6 +327,7 @@ def evaluate_over_ros(
         codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)
         if supervisor is not None:
             diagnostics = dict(supervisor.diagnostics)
+            watchdog = dict(supervisor.watchdog_diagnostics)
             supervisor.close()
         if tmp is not None:
             tmp.cleanup()
@@ -328,21 +335,26 @@ def evaluate_over_ros(
         from sim.replay import replay_to_files
 
         replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period)
-    return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
+    return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics, watchdog_diagnostics=watchdog,
                   domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},
                   recording=recorded)
 
 
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
                     real_time_factor: float) -> None:
-    """`sim_bridge` (waiting for a reset, pausing between episodes) and `policy_node` on sim time."""
+    """`sim_bridge` (waiting for a reset, pausing between episodes), `policy_node` on sim time, and
+    `policy_watchdog`, which relays the node's stamped commands to the controller topics, as on a robot."""
+    from sim.env import StackingConfig
+
     procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
         "--ros-args", "-p", f"seed:={first_seed}", "-p", f"image_size:={model_image_size(policy_path)}",
         "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
         "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-        "-p", "use_sim_time:=true", "-p", "direct_output:=true"])  # no watchdog here: the node drives the bridge
+        "-p", "use_sim_time:=true"])
+    procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
+        "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}"])
 
 
 def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None) -> None:
@@ -400,6 +412,9 @@ def ros_summary(run: RosRun) -> dict:
         "node_step_latency_ms": {"p50": diag.get("step_latency_p50_ms", ""),
                                  "p99": diag.get("step_latency_p99_ms", "")},
         "node_deadline_misses": diag.get("deadline_misses", ""),
+        # Steps the watchdog put its safe action on the arm (the policy was silent for 1.5 periods): the bridge
+        # counts them as answered, so they are reported here (as of the watchdog's last diagnostics, 1 Hz).
+        "watchdog_safe_commands": int(run.watchdog_diagnostics.get("safe_commands", "0") or 0),
         "exit_codes": run.exit_codes,
     }
 
@@ -410,4 +425,5 @@ def describe(ros: dict) -> str:
     return (f"over ROS: control rate {ros['control_rate_hz']['mean']:.2f} Hz (min {ros['control_rate_hz']['min']:.2f}) "
             f"on the sim clock, real-time rate {ros['wall_rate_hz']['mean']:.2f} Hz; observation → command latency "
             f"p50 {lat.get('p50', float('nan')):.1f} ms p99 {lat.get('p99', float('nan')):.1f} ms; "
-            f"stale commands {ros['stale_share']:.1%} of steps; rejected commands {ros['rejected_commands']}")
+            f"stale commands {ros['stale_share']:.1%} of steps; rejected commands {ros['rejected_commands']}; "
+            f"watchdog safe actions {ros.get('watchdog_safe_commands', 0)}")

@@ -1,4 +1,5 @@
-"""The sim bridge over real rclpy + Fast DDS on loopback: topics, commands, timeouts, bad commands, resets."""
+"""The sim bridge over real rclpy + Fast DDS on loopback: topics, the four command modes closed loop, the
+last command held forever (and the optional timeout), refused commands, the gripper, resets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import rclpy
+from builtin_interfaces.msg import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -17,33 +19,42 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC
 
 pytest.importorskip("pybullet")
 from sim.bridge import SimBridge  # noqa: E402
-from sim.env import JOINT_NAMES  # noqa: E402
+from sim.env import HOME_Q, JOINT_NAMES  # noqa: E402
+
+# A reach every joint makes, within the Panda's limits, from the home pose.
+REACH_TARGET = HOME_Q + np.array([0.3, 0.25, -0.2, 0.3, 0.3, -0.3, 0.4])
 
 
 class Harness:
+    """The bridge in a namespace of its own with its default (relative) topic names: the namespace moves them."""
+
     def __init__(self, **params) -> None:
         self.ns = "/b" + uuid.uuid4().hex[:8]
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        topics = {"joint_states_topic": f"{self.ns}/joint_states", "image_topic": f"{self.ns}/image",
-                  "camera_info_topic": f"{self.ns}/camera_info", "command_topic": f"{self.ns}/commands",
-                  "observation_prefix": f"{self.ns}/obs/"}
-        params = {"image_size": 32, "real_time_factor": 0.0, **topics, **params}
+        params = {"image_size": 32, "real_time_factor": 0.0, **params}
+        self.mode = params.get("command_mode", "effort")
         self.bridge = SimBridge(context=self.context, namespace=self.ns,
                                 parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
                                 cli_args=["--ros-args", "-r", f"/clock:={self.ns}/clock"])
         self.peer = rclpy.create_node("policy", context=self.context, namespace=self.ns)
         self.got: dict[str, list] = {"joints": [], "image": [], "info": [], "task": [], "clock": []}
         sub = self.peer.create_subscription
-        sub(JointState, topics["joint_states_topic"], self.got["joints"].append, qos_profile_sensor_data)
-        sub(Image, topics["image_topic"], self.got["image"].append, qos_profile_sensor_data)
-        sub(CameraInfo, topics["camera_info_topic"], self.got["info"].append, qos_profile_sensor_data)
-        sub(Float64MultiArray, f"{self.ns}/obs/task_state", self.got["task"].append, qos_profile_sensor_data)
+        sub(JointState, f"{self.ns}/joint_states", self.got["joints"].append, qos_profile_sensor_data)
+        sub(Image, f"{self.ns}/camera/image_raw", self.got["image"].append, qos_profile_sensor_data)
+        sub(CameraInfo, f"{self.ns}/camera/camera_info", self.got["info"].append, qos_profile_sensor_data)
+        sub(Float64MultiArray, f"{self.ns}/gato/observations/task_state", self.got["task"].append,
+            qos_profile_sensor_data)
         sub(Clock, f"{self.ns}/clock", self.got["clock"].append, 10)
-        self.cmd_pub = self.peer.create_publisher(Float64MultiArray, topics["command_topic"], 10)
+        message = JointTrajectory if self.mode == "trajectory" else Float64MultiArray
+        self.cmd_pub = self.peer.create_publisher(message, f"{self.ns}/{ARM_COMMAND_TOPICS[self.mode]}", 10)
+        self.gripper_pub = self.peer.create_publisher(Float64MultiArray, f"{self.ns}/{GRIPPER_COMMAND_TOPIC}", 10)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.bridge)
         self.executor.add_node(self.peer)
@@ -59,6 +70,9 @@ class Harness:
         while not future.done() and time.monotonic() < end:
             time.sleep(0.01)
         return future.result()
+
+    def arm_positions(self) -> np.ndarray:
+        return np.array(self.got["joints"][-1].position[:7])
 
     def status(self) -> dict:
         return json.loads(self.call("status").message)
@@ -104,30 +118,166 @@ def test_bridge_publishes_the_arm_contract(sim):
                                     for c in list(sim.got["clock"])), 5.0), "joint states are stamped in sim time"
 
 
-def test_commands_move_the_arm_and_stale_commands_hold(sim):
-    assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
-    q0 = sim.got["joints"][-1].position[0]
-    n0 = len(sim.got["joints"])
-    cmd = Float64MultiArray(data=[20.0, 0, 0, 0, 0, 0, 0, 0])
-    for _ in range(400):  # keep the command fresh while the sim runs (as fast as it can)
-        sim.cmd_pub.publish(cmd)
-        time.sleep(0.005)
-        if len(sim.got["joints"]) > n0 + 10:
-            break
-    assert sim.got["joints"][-1].position[0] > q0 + 0.01, "joint 1 turns under +20 N·m"
-    timeouts = sim.status()["command_timeouts"]
-    assert sim.wait_for(lambda: sim.status()["command_timeouts"] > timeouts + 5, 10.0), "stale command → hold"
+PUSH = Float64MultiArray(data=[0.3, 0, 0, 0, 0, 0, 0])  # turns joint 1 ~0.5 rad/s faster each second
 
 
-@pytest.mark.parametrize("data", [[1.0] * 7, [1.0] * 9, [float("nan")] + [0.0] * 7, [0.0] * 7 + [float("inf")], []])
-def test_bad_commands_are_rejected_and_the_bridge_keeps_running(sim, data):
+@pytest.fixture
+def real_time():
+    """Real-time stepping: the effort tests judge what a command does over seconds of sim time."""
+    h = Harness(real_time_factor=1.0, image_size=0)
+    yield h
+    h.close()
+
+
+def _joint1_speed_after(sim: Harness, steps: int) -> tuple[float, float]:
+    """Joint 1's speed now and `steps` control steps later."""
+    before, n = sim.got["joints"][-1].velocity[0], len(sim.got["joints"])
+    assert sim.wait_for(lambda: len(sim.got["joints"]) > n + steps, 10.0), "still stepping"
+    return before, sim.got["joints"][-1].velocity[0]
+
+
+def test_wall_clock_stamps_like_a_real_arm_driver():
+    sim = Harness(real_time_factor=1.0, image_size=0, wall_clock_stamps=True)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 3, 20.0)
+        stamp = sim.got["joints"][-1].header.stamp
+        assert abs(stamp.sec + stamp.nanosec * 1e-9 - time.time()) < 1.0, "stamped with the system clock"
+        assert not sim.got["clock"], "no /clock: nodes stay on the wall clock"
+    finally:
+        sim.close()
+
+
+def test_the_last_effort_command_applies_until_a_new_one_arrives_forever(real_time):
+    """As forward_command_controller: one command, sent once, still acts a second later (no timeout)."""
+    sim = real_time
     assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+    sim.cmd_pub.publish(PUSH)
+    assert sim.wait_for(lambda: sim.status()["commands"] >= 1, 5.0)
+    before, after = _joint1_speed_after(sim, 20)
+    assert after > before + 0.2, "joint 1 still speeds up under the one command"
+    assert sim.status()["command_timeouts"] == 0
+
+
+def test_the_command_timeout_is_an_option():
+    sim = Harness(real_time_factor=1.0, image_size=0, command_timeout_s=0.2)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+        sim.cmd_pub.publish(PUSH)
+        assert sim.wait_for(lambda: sim.status()["commands"] >= 1, 5.0)
+        timeouts = sim.status()["command_timeouts"]
+        assert sim.wait_for(lambda: sim.status()["command_timeouts"] > timeouts + 2, 10.0), "stale command → zero"
+        before, after = _joint1_speed_after(sim, 20)
+        assert abs(after - before) < 0.05, "zero effort after the timeout: joint 1 coasts, no longer speeds up"
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize("data", [[1.0] * 8, [1.0] * 6, [float("nan")] + [0.0] * 6, [0.0] * 6 + [float("inf")], []])
+def test_bad_commands_are_refused_and_the_previous_command_stays(real_time, data):
+    """8 values (arm + gripper, as the old node sent) are refused like every other wrong command."""
+    sim = real_time
+    assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+    sim.cmd_pub.publish(PUSH)
+    assert sim.wait_for(lambda: sim.status()["commands"] >= 1, 5.0)
     rejected = sim.status()["rejected_commands"]
     sim.cmd_pub.publish(Float64MultiArray(data=data))
     assert sim.wait_for(lambda: sim.status()["rejected_commands"] == rejected + 1, 5.0)
+    before, after = _joint1_speed_after(sim, 20)
+    assert after > before + 0.2, "the previous command still acts"
+    assert all(np.all(np.isfinite(js.position)) for js in list(sim.got["joints"]))
+
+
+def _reach(sim: Harness, command) -> np.ndarray:
+    """Close the loop over ROS: each joint state in, `command(q)` out, until the arm settles; the final q."""
+    def on_joints(msg: JointState) -> None:
+        sim.cmd_pub.publish(command(np.array(msg.position[:7])))
+
+    sim.peer.create_subscription(JointState, f"{sim.ns}/joint_states", on_joints, qos_profile_sensor_data)
+    errors: list[float] = []
+
+    def settled() -> bool:
+        if sim.got["joints"]:
+            errors.append(float(np.max(np.abs(sim.arm_positions() - REACH_TARGET))))
+        return len(errors) > 20 and max(errors[-20:]) < 0.01
+
+    sim.wait_for(settled, 30.0)
+    return sim.arm_positions()
+
+
+def _trajectory(point: np.ndarray, seconds: float) -> JointTrajectory:
+    order = [6, 5, 4, 3, 2, 1, 0]  # any joint order: the controller maps by name
+    msg = JointTrajectory(joint_names=[JOINT_NAMES[i] for i in order])
+    duration = Duration(sec=int(seconds), nanosec=int((seconds % 1) * 1e9))
+    msg.points = [JointTrajectoryPoint(positions=[float(point[i]) for i in order], time_from_start=duration)]
+    return msg
+
+
+REACH_LAWS = {  # a scripted source in each mode, driven by the joint states it reads
+    "position": lambda q: Float64MultiArray(data=(q + np.clip(REACH_TARGET - q, -0.05, 0.05)).tolist()),
+    "velocity": lambda q: Float64MultiArray(data=np.clip(3.0 * (REACH_TARGET - q), -0.5, 0.5).tolist()),
+    "trajectory": lambda q: _trajectory(REACH_TARGET, 0.5),
+}
+
+
+@pytest.mark.parametrize("mode", list(REACH_LAWS))
+def test_each_command_mode_reaches_a_target_closed_loop(mode):
+    sim = Harness(command_mode=mode, image_size=0)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+        start = sim.arm_positions()
+        final = _reach(sim, REACH_LAWS[mode])
+        assert np.max(np.abs(start - REACH_TARGET)) > 0.3
+        np.testing.assert_allclose(final, REACH_TARGET, atol=0.01, err_msg=f"{mode}: the arm reaches the target")
+        assert sim.status()["rejected_commands"] == 0
+    finally:
+        sim.close()
+
+
+def test_position_mode_holds_the_last_position_forever():
+    sim = Harness(command_mode="position", image_size=0)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+        sim.cmd_pub.publish(Float64MultiArray(data=REACH_TARGET.tolist()))
+        steps = sim.status()["steps"]
+        assert sim.wait_for(lambda: sim.status()["steps"] > steps + 60, 20.0)
+        np.testing.assert_allclose(sim.arm_positions(), REACH_TARGET, atol=0.01)
+    finally:
+        sim.close()
+
+
+def test_trajectory_cmd_timeout_holds_where_the_arm_is():
+    """joint_trajectory_controller's cmd_timeout: a slow trajectory cut off after 0.3 s stops the arm on the way."""
+    sim = Harness(command_mode="trajectory", image_size=0, trajectory_cmd_timeout_s=0.3)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+        start = sim.arm_positions()
+        sim.cmd_pub.publish(_trajectory(REACH_TARGET, 3.0))
+        assert sim.wait_for(lambda: sim.status()["commands"] >= 1, 5.0)
+        steps = sim.status()["steps"]
+        assert sim.wait_for(lambda: sim.status()["steps"] > steps + 80, 20.0)  # 4 s of sim time
+        final = sim.arm_positions()
+        moved = np.max(np.abs(final - start))
+        assert moved > 0.02 and np.max(np.abs(final - REACH_TARGET)) > 0.2, "it started, then held on the way"
+        held = sim.arm_positions()
+        n = len(sim.got["joints"])
+        assert sim.wait_for(lambda: len(sim.got["joints"]) > n + 20, 10.0)
+        np.testing.assert_allclose(sim.arm_positions(), held, atol=0.01)
+    finally:
+        sim.close()
+
+
+def test_the_gripper_has_its_own_controller(sim):
+    assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+    width = sim.got["joints"][-1].position[7]
+    sim.gripper_pub.publish(Float64MultiArray(data=[-15.0]))  # close
+    assert sim.wait_for(lambda: sim.got["joints"][-1].position[7] < width - 0.02, 10.0), "the fingers close"
+    rejected = sim.status()["rejected_commands"]
+    sim.gripper_pub.publish(Float64MultiArray(data=[15.0, 0.0]))  # two values: refused, the grip stays
+    assert sim.wait_for(lambda: sim.status()["rejected_commands"] == rejected + 1, 5.0)
     n = len(sim.got["joints"])
-    assert sim.wait_for(lambda: len(sim.got["joints"]) > n + 3, 10.0), "still stepping"
-    assert all(np.all(np.isfinite(js.position)) for js in sim.got["joints"])
+    assert sim.wait_for(lambda: len(sim.got["joints"]) > n + 10, 10.0)
+    assert sim.got["joints"][-1].position[7] < width - 0.02
+    assert sim.status()["gripper_commands"] == 2
 
 
 def test_reset_with_a_seed_and_status():

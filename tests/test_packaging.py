@@ -49,7 +49,7 @@ def test_colcon_build_installs_the_ros_layout(tmp_path: Path) -> None:
     assert (prefix / "share/ament_index/resource_index/packages/gato_ros").is_file()
     assert (prefix / "share/gato_ros/launch/policy.launch.py").is_file()
     assert (prefix / "share/gato_ros/config/policy.yaml").is_file()
-    for script in ("policy_node", "sim_bridge", "gato-ros"):
+    for script in ("policy_node", "policy_watchdog", "sim_bridge", "gato-ros"):
         assert os.access(prefix / "lib/gato_ros" / script, os.X_OK), script
 
 

@@ -131,7 +131,7 @@ def test_a_sim_episode_recorded_over_ros_becomes_the_in_process_dataset(tmp_path
     ros_run = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", max_steps=steps, real_time_factor=0.5,
                                 log_dir=tmp_path / "logs", progress=False, record=bag)
     (result,) = ros_run.results
-    assert ros_run.exit_codes == {"bridge": 0, "node": 0, "recorder": 0}, ros_run.exit_codes
+    assert ros_run.exit_codes == {"bridge": 0, "node": 0, "watchdog": 0, "recorder": 0}, ros_run.exit_codes
     assert result.steps == steps and result.stale_steps == 0, (
         f"{result}: every command must answer its observation for the in-process comparison "
         f"(load average {os.getloadavg()})")

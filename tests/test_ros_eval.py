@@ -61,8 +61,9 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     steps, seed = 80, 123  # 4 s at 20 Hz: the rate is judged over >= 3 s, as for the node alone
     ros_run = evaluate_over_ros(str(tiny_model), [seed], provider="cpu", max_steps=steps, video=tmp_path / "ep.mp4",
                                 gif=tmp_path / "ep.gif", log_dir=tmp_path / "logs", progress=False)
-    # Both processes ended on SIGINT by themselves (exit 0, not killed) and none is left behind.
-    assert ros_run.exit_codes == {"bridge": 0, "node": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
+    # Every process ended on SIGINT by itself (exit 0, not killed) and none is left behind.
+    codes = ros_run.exit_codes
+    assert codes == {"bridge": 0, "node": 0, "watchdog": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
     assert not any(_alive(pid) for pid in ros_run.pids.values())
     results = ros_run.results
     assert len(results) == 1
@@ -77,6 +78,10 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     assert len(r.step_ms) >= r.fresh_steps and all(0 < x < 1000 for x in r.step_ms)
     summary = ros_summary(ros_run)
     assert summary["rejected_commands"] == 0 and 0 <= summary["stale_share"] <= 1
+    # The watchdog (on the sim clock) puts its safe action on the arm only after the policy missed a step.
+    assert ros_run.watchdog_diagnostics, "the watchdog ran and reported"
+    if summary["watchdog_safe_commands"]:
+        assert r.stale_steps > 0, f"the watchdog replaced commands that came on time: {ros_run.watchdog_diagnostics}"
 
     # Over ROS the node acts on observation t before the bridge steps to t + 1, like in-process stepping:
     # until the first stale command the trajectory is the in-process one, to the bit.
@@ -173,7 +178,7 @@ def test_shipped_model_stacks_over_ros_at_the_control_rate(tmp_path):
 
     seed = int(json.loads(SHIPPED_CARD.read_text())["ci_seeds"][0]) if SHIPPED_CARD.exists() else 100_000
     ros_run = evaluate_over_ros(str(SHIPPED), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False)
-    assert ros_run.exit_codes == {"bridge": 0, "node": 0}
+    assert ros_run.exit_codes == {"bridge": 0, "node": 0, "watchdog": 0}
     r = ros_run.results[0]
     load = f"{r} (load average {os.getloadavg()})"
     assert abs(r.control_rate_hz - 20.0) <= 2.0, load
