@@ -188,6 +188,7 @@ class PolicyNode(LifecycleNode):
         self.safe_ticks = 0
         self.level, self.message, self.cause = OK, "", None
         self.worst_level = OK  # since the last diagnostics message
+        self.worst_message = ""  # what that worst tick said
         self.deadline = control.DeadlineMonitor(self.period_s or 1.0, int(self._param("max_overruns")))
         self.clock_jumps = control.ClockJumpDetector()
         self._tick_times: deque[float] = deque(maxlen=1000)
@@ -420,7 +421,9 @@ class PolicyNode(LifecycleNode):
         if result.cause != self.cause:  # log changes only: each fault once, with its cause
             self._log(result.level, result.message)
         self.level, self.message, self.cause = result.level, result.message, result.cause
-        self.worst_level = max(self.worst_level, result.level, self.deadline.level())
+        level = max(result.level, self.deadline.level())
+        if level > self.worst_level:  # a 1 Hz report names the worst tick since the last, not only the latest
+            self.worst_level, self.worst_message = level, self._describe(result.level, result.message)
         if result.level == ERROR:
             self.last_error = result.message
 
@@ -465,15 +468,20 @@ class PolicyNode(LifecycleNode):
                 values[f"input_age_s.{name}"] = f"{age:.3f}"
         return values
 
+    def _describe(self, level: int, message: str) -> str:
+        """A tick's message, or the deadline monitor's when that is the graver of the two."""
+        return message if level >= self.deadline.level() else self.deadline.describe()
+
     def _publish_diagnostics(self) -> None:
         values = self._diagnostic_values()
         if self.state_label != "active":
             level = ERROR if self.last_error else WARN
             message = self.last_error or f"not running ({self.state_label})"
         else:
-            level = max(self.worst_level, self.level, self.deadline.level())
-            message = self.message if self.level >= self.deadline.level() else self.deadline.describe()
-        self.worst_level = OK
+            current = max(self.level, self.deadline.level())
+            level = max(self.worst_level, current)
+            message = self.worst_message if self.worst_level > current else self._describe(self.level, self.message)
+        self.worst_level, self.worst_message = OK, ""
         status = DiagnosticStatus(
             level=bytes([level]), name=f"{self.get_fully_qualified_name()}: control loop", message=message,
             hardware_id=Path(values["model_path"]).name,

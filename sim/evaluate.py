@@ -204,7 +204,7 @@ def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[Epis
         write_video(frames, args.video, fps=20.0)
         seeds = seeds[1:]
     if args.workers <= 1:
-        if "env" not in _worker:
+        if args.video is None:  # else the filmed episode's worker is this run's already
             _init_worker(args.policy, args.provider, args.max_steps)
         for s in tqdm(seeds, desc="eval"):
             results.append(run_episode(s))
