@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     # Own signal handling: on Ctrl-C the context must stay up long enough to publish the safe action.
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     if threading.current_thread() is threading.main_thread():
+        # SIGINT too: a process started from a background shell inherits SIGINT ignored, and ros2 launch
+        # stops its children with SIGINT.
+        signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
     node = PolicyNode()
     # One thread: rclpy's MultiThreadedExecutor busy-waits while a ready entity's callback group is

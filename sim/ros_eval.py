@@ -292,9 +292,11 @@ def evaluate_over_ros(
     log_dir: Path | str | None = None,
     progress: bool = True,
     record: Path | str | None = None,
+    watchdog: bool = True,
 ) -> RosRun:
-    """Run one episode per seed through `sim_bridge` + `policy_node`; film the first one (`video`, `gif`);
-    with `record` a `gato-ros record` process beside them writes the run into that bag directory."""
+    """Run one episode per seed through `sim_bridge` + `policy_node` (+ `policy_watchdog` relaying its commands,
+    as on a robot; `watchdog=False`: the node publishes to the controller itself); film the first one (`video`,
+    `gif`); with `record` a `gato-ros record` process beside them writes the run into that bag directory."""
     if policy_path == "expert":
         raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
     from sim.env import StackingConfig
@@ -313,7 +315,7 @@ def evaluate_over_ros(
     results: list[RosEpisodeResult] = []
     recorded = None
     try:
-        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor)
+        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor, watchdog)
         supervisor = Supervisor()
         wait_until_connected(supervisor, procs, None if record is None else Path(record))
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
@@ -341,7 +343,7 @@ def evaluate_over_ros(
 
 
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
-                    real_time_factor: float) -> None:
+                    real_time_factor: float, watchdog: bool = True) -> None:
     """`sim_bridge` (waiting for a reset, pausing between episodes), `policy_node` on sim time, and
     `policy_watchdog`, which relays the node's stamped commands to the controller topics, as on a robot."""
     from sim.env import StackingConfig
@@ -352,9 +354,10 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
         "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-        "-p", "use_sim_time:=true"])
-    procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-        "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}"])
+        "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}"])
+    if watchdog:
+        procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
+            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}"])
 
 
 def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None) -> None:
