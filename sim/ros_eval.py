@@ -311,7 +311,7 @@ def evaluate_over_ros(
     procs = Processes(logs)
     supervisor = None
     diagnostics: dict[str, str] = {}
-    watchdog: dict[str, str] = {}
+    watchdog_diagnostics: dict[str, str] = {}
     results: list[RosEpisodeResult] = []
     recorded = None
     try:
@@ -329,7 +329,7 @@ def evaluate_over_ros(
         codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)
         if supervisor is not None:
             diagnostics = dict(supervisor.diagnostics)
-            watchdog = dict(supervisor.watchdog_diagnostics)
+            watchdog_diagnostics = dict(supervisor.watchdog_diagnostics)
             supervisor.close()
         if tmp is not None:
             tmp.cleanup()
@@ -337,7 +337,8 @@ def evaluate_over_ros(
         from sim.replay import replay_to_files
 
         replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period)
-    return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics, watchdog_diagnostics=watchdog,
+    return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
+                  watchdog_diagnostics=watchdog_diagnostics,
                   domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},
                   recording=recorded)
 
