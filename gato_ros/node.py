@@ -580,13 +580,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Parameters as ROS arguments, e.g. gato-ros node --ros-args -p model_path:=model.onnx"
-    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=None,
-                        help="ROS arguments (-p name:=value, --params-file FILE, -r remaps), passed to rclpy")
+    ros_io.add_ros_arguments(parser, "gato-ros node --ros-args -p model_path:=model.onnx")
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(["gato-ros-node"] + (["--ros-args", *args.ros_args] if args.ros_args is not None else []))
+    return main(ros_io.ros_argv("gato-ros-node", args))
 
 
 if __name__ == "__main__":

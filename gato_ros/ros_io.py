@@ -11,6 +11,7 @@ message packages when called (rosidl messages only, never rclpy).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,3 +231,18 @@ def joint_command_values(mode: str, msg: Any) -> tuple[list[str], np.ndarray, in
     values = np.asarray(getattr(msg, JOINT_STATE_FIELD[mode]), dtype=np.float64)
     stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
     return list(msg.name), values, stamp
+
+
+# ----------------------------------------------------------------------------- console entry points
+
+
+def add_ros_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--ros-args ...` for a `gato-ros` subcommand that runs a ROS node, passed on to rclpy unchanged."""
+    parser.epilog = f"Parameters as ROS arguments, e.g. {example}"
+    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=None,
+                        help="ROS arguments (-p name:=value, --params-file FILE, -r remaps), passed to rclpy")
+
+
+def ros_argv(program: str, args: argparse.Namespace) -> list[str]:
+    """The argv a node's `main` takes: the program name, then `--ros-args ...` when given."""
+    return [program] + (["--ros-args", *args.ros_args] if args.ros_args is not None else [])

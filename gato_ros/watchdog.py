@@ -456,14 +456,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Parameters as ROS arguments, e.g. gato-ros watchdog --ros-args -p output_mode:=effort "
-                     "-p control_rate_hz:=20.0")
-    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=None,
-                        help="ROS arguments (-p name:=value, --params-file FILE, -r remaps), passed to rclpy")
+    ros_io.add_ros_arguments(parser, "gato-ros watchdog --ros-args -p output_mode:=effort -p control_rate_hz:=20.0")
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(["gato-ros-watchdog"] + (["--ros-args", *args.ros_args] if args.ros_args is not None else []))
+    return main(ros_io.ros_argv("gato-ros-watchdog", args))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from gato_ros import ros_io
 from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, OUTPUT_MODES
 from sim.controllers import ArmController
 from sim.env import JOINT_NAMES, StackingEnv
@@ -431,13 +432,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Parameters as ROS arguments, e.g. gato-ros sim --ros-args -p seed:=3 -p real_time_factor:=2.0"
-    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=None,
-                        help="ROS arguments (-p name:=value, --params-file FILE, -r remaps), passed to rclpy")
+    ros_io.add_ros_arguments(parser, "gato-ros sim --ros-args -p seed:=3 -p real_time_factor:=2.0")
 
 
 def run(args: argparse.Namespace) -> int:
-    return main(["gato-ros-sim"] + (["--ros-args", *args.ros_args] if args.ros_args is not None else []))
+    return main(ros_io.ros_argv("gato-ros-sim", args))
 
 
 if __name__ == "__main__":
