@@ -56,6 +56,9 @@ class HoldGains:
 
     stiffness: tuple[float, ...]  # N·m/rad: n values, or n·n
     damping: tuple[float, ...]  # N·m·s/rad: n values, or n·n
+    # (ω, ζ) when the gains are a mass matrix times ω² and 2ζω (gato_ros.hold_table): the hold's ideal closed
+    # loop is then known, so it can brake on a prediction while no valid joint state comes
+    natural: tuple[float, float] | None = None
 
     def apply(self, gain: tuple[float, ...], x: np.ndarray) -> np.ndarray:
         """`gain` (this object's stiffness or damping) times the joint vector `x`."""
@@ -66,17 +69,20 @@ class HoldGains:
 
 @dataclass(frozen=True)
 class FaultSnapshot:
-    """What the safe action holds: the arm's joint positions when the fault began, and the gripper's last command."""
+    """What the safe action holds: the arm's joint positions when the fault began, the gripper's last command,
+    and the hold gains for that pose (None: the configured fixed ones)."""
 
     arm_positions: np.ndarray
     gripper_command: float
+    gains: HoldGains | None = None
 
 
 def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnapshot, positions: np.ndarray,
                      velocities: np.ndarray, gains: HoldGains, limits: np.ndarray) -> np.ndarray:
     """The arm part of the safe action in `mode`, from the latest valid joint state (finite, within `limits`).
 
-    effort:      hold τ = K (q_fault − q) − D q̇;  damp τ = −D q̇;  zero τ = 0  (K, D diagonal or full)
+    effort:      hold τ = K (q_fault − q) − D q̇;  damp τ = −D q̇;  zero τ = 0  (K, D diagonal or full: the
+                 snapshot's gains for its pose where it has them, else `gains`)
     position:    hold and damp command q_fault (position controllers hold by themselves); zero is refused
     velocity:    0 rad/s for every kind
     trajectory:  hold and damp send q_fault (zero velocity at the point)
@@ -84,6 +90,7 @@ def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnap
     if kind not in SAFE_ACTIONS:
         raise ValueError(f"safe action must be one of {SAFE_ACTIONS}, got {kind!r}")
     q_fault = np.asarray(snapshot.arm_positions, dtype=np.float64)
+    gains = snapshot.gains or gains
     if mode == "effort":
         q = np.asarray(positions, dtype=np.float64)
         qd = np.asarray(velocities, dtype=np.float64)
@@ -102,6 +109,40 @@ def safe_arm_command(kind: SafeActionKind, mode: OutputMode, snapshot: FaultSnap
             raise ValueError("a zero position is a large motion, not a safe action: use hold or damp")
         return q_fault.copy()
     raise ValueError(f"output mode must be one of {OUTPUT_MODES}, got {mode!r}")
+
+
+def predicted_hold_state(q0: np.ndarray, qd0: np.ndarray, q_hold: np.ndarray, age_s: float,
+                         natural: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Where the hold (ω, ζ = `natural`, underdamped) has taken the arm `age_s` after the state (q0, qd0): each
+    joint's error to `q_hold` is a damped oscillator. The hold's stand-in for a joint state it does not have."""
+    omega, zeta = natural
+    sigma, omega_d = zeta * omega, omega * np.sqrt(1.0 - zeta**2)
+    t = max(float(age_s), 0.0)
+    e0, v0 = np.asarray(q0, dtype=np.float64) - q_hold, np.asarray(qd0, dtype=np.float64)
+    decay, c, s = np.exp(-sigma * t), np.cos(omega_d * t), np.sin(omega_d * t)
+    error = decay * (e0 * c + (v0 + sigma * e0) / omega_d * s)
+    velocity = decay * (v0 * c - (sigma * v0 + omega**2 * e0) / omega_d * s)
+    return q_hold + error, velocity
+
+
+def hold_feedback(kind: SafeActionKind, snapshot: FaultSnapshot, gains: HoldGains, positions: np.ndarray,
+                  velocities: np.ndarray | None, age_s: float, fresh: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """The joint state the safe action acts on, from the last valid one (`positions`, `velocities`, `age_s` old).
+
+    Fresh: that state. Not fresh (no joint state, or an invalid or stale one since): for `hold` with gains that
+    know their ω, ζ (a pose's mass matrix: the snapshot's), the last valid positions plus the motion the hold's
+    own loop has made of the last valid velocity since (braked to a stop, and back), so the hold brakes the
+    motion it saw last instead of letting it coast, while its stiffness term keeps the torque that held the load
+    at the last valid state (the arm rests there: a load the gravity compensation does not know, a grasped
+    cube, sagged it to there); otherwise None (nothing to act on: the caller decides)."""
+    q = np.asarray(positions, dtype=np.float64)
+    qd = np.zeros_like(q) if velocities is None else np.asarray(velocities, dtype=np.float64)
+    if fresh:
+        return q, qd
+    natural = (snapshot.gains or gains).natural if kind == "hold" else None
+    if natural is None:
+        return None
+    return predicted_hold_state(q, qd, q, age_s, natural)
 
 
 def safe_gripper_command(kind: SafeActionKind, snapshot: FaultSnapshot) -> float:

@@ -29,6 +29,7 @@ import numpy as np
 
 from gato_ros import commands, ros_io
 from gato_ros import tokenizer as tok
+from gato_ros.hold_table import HoldGainTable
 from gato_ros.spec import EmbodimentSpec
 
 JOINT_KEYS = ("joint_positions", "joint_velocities")
@@ -250,6 +251,8 @@ class SafeActionSettings:
     gains: commands.HoldGains = field(
         default_factory=lambda: commands.HoldGains(tuple(map(float, DEFAULT_HOLD_STIFFNESS)),
                                                    tuple(map(float, DEFAULT_HOLD_DAMPING))))
+    # Pose-dependent hold gains (gato_ros.hold_table): the gains at the fault pose replace `gains` for that fault.
+    table: HoldGainTable | None = None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -447,31 +450,53 @@ class ControlLoop:
         with self._lock:
             joints = self._joints
             if self._snapshot is None or (self._snapshot.arm_positions.size == 0 and joints is not None):
-                arm_q = np.empty(0) if joints is None else joints.positions[self.layout.arm_joints].copy()
-                self._snapshot = commands.FaultSnapshot(arm_q, self._last_gripper)
+                self._snapshot = self._take_snapshot(joints)
             snapshot = self._snapshot
             fresh = joints is not None and self._joint_state_fresh(now)
-        arm = self._safe_arm(snapshot, joints, fresh)
+        arm = self._safe_arm(snapshot, joints, fresh, now)
         gripper = None
         if self.layout.gripper_action is not None:
             gripper = commands.safe_gripper_command(self.safe_settings.kind, snapshot)  # type: ignore[arg-type]
-        return TickResult(arm, gripper, fault.level, fault.reason, True, cause=fault.cause)
+        reason = fault.reason
+        if arm is not None and not fresh and self.mode == "effort" and self.safe_settings.kind == "hold":
+            # Say what the hold acts on when it has no current joint state: the diagnostics show it.
+            if joints is None:
+                reason += "; no valid joint state yet: zero torque (gravity compensation holds)"
+            else:
+                braking = (snapshot.gains or self.safe_settings.gains).natural is not None
+                reason += (f"; holding the snapshot from the last valid joint state ({now - joints.received:.3f} s "
+                           f"old), {'braking on the hold model' if braking else 'without damping'}")
+        return TickResult(arm, gripper, fault.level, reason, True, cause=fault.cause)
+
+    def _take_snapshot(self, joints: JointReading | None) -> commands.FaultSnapshot:
+        """The fault's snapshot (lock held): the arm at the latest valid joint state, the gripper's last command,
+        and the hold gains for that pose when a gain table is set."""
+        if joints is None:
+            return commands.FaultSnapshot(np.empty(0), self._last_gripper)
+        arm_q = joints.positions[self.layout.arm_joints].copy()
+        table = self.safe_settings.table
+        gains = table.gains_at(self.layout.arm_names, arm_q) if table is not None else None
+        return commands.FaultSnapshot(arm_q, self._last_gripper, gains)
 
     def _joint_state_fresh(self, now: float) -> bool:
         latest = self._inputs.get("joint_states")
         return latest is not None and latest.error is None and 0.0 <= now - latest.received <= self.stale_timeout_s
 
     def _safe_arm(self, snapshot: commands.FaultSnapshot, joints: JointReading | None,
-                  fresh: bool) -> np.ndarray | None:
+                  fresh: bool, now: float) -> np.ndarray | None:
         n_arm = len(self.layout.arm_names)
         if snapshot.arm_positions.size == 0:  # no valid joint state ever: nothing to hold
             return None if self.mode in ("position", "trajectory") else np.zeros(n_arm)
-        q = joints.positions[self.layout.arm_joints]
-        # Without a fresh joint state there is no velocity to damp: the stiffness term from the last valid
-        # positions stays (it is what held the load when the state went bad), the damping term goes to 0.
-        fresh = fresh and joints.velocities is not None
-        qd = joints.velocities[self.layout.arm_joints] if fresh else np.zeros(n_arm)
         settings = self.safe_settings
+        index = self.layout.arm_joints
+        velocities = None if joints.velocities is None else joints.velocities[index]
+        # Without a fresh joint state there is no measurement to close the loop on: the hold acts on the last
+        # valid state run forward on its own model where its gains have one (commands.hold_feedback); else the
+        # stiffness term from the last valid positions stays (it held the load when the state went bad), and
+        # there is no velocity to damp.
+        state = commands.hold_feedback(settings.kind, snapshot, settings.gains,  # type: ignore[arg-type]
+                                       joints.positions[index], velocities, now - joints.received, fresh)
+        q, qd = state if state is not None else (joints.positions[index], np.zeros(n_arm))
         return commands.safe_arm_command(settings.kind, self.mode, snapshot, q, qd,  # type: ignore[arg-type]
                                          settings.gains, self.limits[:n_arm])
 

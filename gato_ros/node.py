@@ -39,7 +39,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from gato_ros import commands, control, ros_io
+from gato_ros import commands, control, hold_table, ros_io
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
@@ -105,6 +105,9 @@ PARAMETERS: dict[str, Param] = {
                             "value, one per arm joint, or an n×n matrix row-major; default: the sim Panda's", LIVE),
     "hold_damping": Param([float(v) for v in control.DEFAULT_HOLD_DAMPING], "hold and damp damping (N·m·s/rad), "
                           "same forms", LIVE),
+    "hold_gain_table": Param("", "pose-dependent hold gains (gato_ros.hold_table, JSON): the mass matrix at the "
+                             "fault pose; empty = the sim Panda's shipped table, 'none' = the fixed "
+                             "hold_stiffness/hold_damping", LIVE),
     "max_overruns": Param(5, "consecutive deadline overruns that switch to the safe action", LIVE, 1, 1000),
     "prompt_path": Param("", "gato_ros dataset dir: its episode is the prompt on reset (read by ~/load_prompt)",
                          LIVE),
@@ -198,10 +201,14 @@ class PolicyNode(LifecycleNode):
 
     def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout) -> LoopSettings:
         n_arm = len(layout.arm_names)
+        table = hold_table.load_table(str(values["hold_gain_table"]))
+        if table is not None:
+            table.order(layout.arm_names)  # a table for other joints is refused here, with the reason
         return LoopSettings(
             limits=control.tightened_limits(layout, values["torque_limits"] or None),
             safe=control.SafeActionSettings(
-                values["safe_action"], control.hold_gains(values["hold_stiffness"], values["hold_damping"], n_arm)),
+                values["safe_action"], control.hold_gains(values["hold_stiffness"], values["hold_damping"], n_arm),
+                table),
             stale_timeout_s=float(values["stale_timeout_s"]),
             max_stamp_offset_s=float(values["max_stamp_offset_s"]),
         )
@@ -219,7 +226,7 @@ class PolicyNode(LifecycleNode):
         try:
             settings = self._loop_settings(values, self.loop.layout)
             commands.check_safe_action(settings.safe.kind, self.loop.mode)
-        except ValueError as err:
+        except (ValueError, OSError, KeyError) as err:  # a bad value, or a gain table that does not load
             return SetParametersResult(successful=False, reason=str(err))
         self._apply(settings, int(values["max_overruns"]))
         return SetParametersResult(successful=True)

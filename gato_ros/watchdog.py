@@ -10,8 +10,9 @@ arm's controllers:
 - it relays a command to the controller topics (the mode's arm topic, the gripper topic) when it is fresh
   by its stamp: `now - stamp <= max_command_age_periods` control periods on the node's clock; a stale
   one, a stamp from the future (a clock that stepped) or an invalid one is dropped and counted;
-- when no fresh command has come for `timeout_periods` control periods (on a steady clock, or the sim
-  clock with use_sim_time unless `silence_clock` is steady) it publishes the safe action
+- when no fresh command has come for `timeout_periods` control periods (on a steady clock from the command's
+  arrival, or, with use_sim_time unless `silence_clock` is steady, on the sim clock from the command's
+  stamp) it publishes the safe action
   (commands.safe_arm_command; `safe_action`, `hold` by default: a damped hold of the joint positions at
   the fault, the gripper keeping its last command) at the control rate until fresh commands return. It
   checks ten times a period, so the safe action is on the controller topic within (timeout_periods + 0.1)
@@ -46,10 +47,12 @@ from gato_ros.commands import (
     SAFE_ACTIONS,
     FaultSnapshot,
     HoldGains,
+    hold_feedback,
     safe_arm_command,
     safe_gripper_command,
 )
 from gato_ros.control import DEFAULT_HOLD_DAMPING, DEFAULT_HOLD_STIFFNESS, hold_gains
+from gato_ros.hold_table import HoldGainTable, load_table
 
 NODE_NAME = "policy_watchdog"
 PANDA_EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
@@ -95,6 +98,7 @@ class WatchdogCore:
     limits: np.ndarray
     gripper_joint: str = ""
     joint_state_timeout_s: float = 0.25
+    table: HoldGainTable | None = None  # pose-dependent hold gains (gato_ros.hold_table); None: `gains`
     arm_joints: tuple[str, ...] = ()  # learnt from the first valid command (the controller's order)
     relayed: int = 0
     dropped_stale: int = 0
@@ -108,6 +112,7 @@ class WatchdogCore:
     last_fresh_steady: float = -np.inf
     last_gripper: float | None = None
     last_drop: str = ""  # why the latest command was not relayed
+    hold_feedback: str = ""  # what the latest safe action acted on (diagnostics)
     next_safe_steady: float = np.inf  # in a fault: when the next safe action is due
     fault_started_steady: float = np.nan
     snapshot: FaultSnapshot | None = None
@@ -268,17 +273,31 @@ class WatchdogCore:
         if state is None:
             return None
         gripper = self.last_gripper if self.last_gripper is not None else np.nan
-        return FaultSnapshot(state[0].copy(), float(gripper))
+        gains = None
+        if self.table is not None and self.mode == "effort":
+            try:
+                gains = self.table.gains_at(self.arm_joints, state[0])
+            except ValueError as err:  # a table for other joints: the fixed gains, and say why
+                self.fault_cause += f"; fixed hold gains: {err}"
+        return FaultSnapshot(state[0].copy(), float(gripper), gains)
 
     def _safe_command(self, steady: float) -> Command | None:
         if self.snapshot is None:  # no joint state yet: only an effort controller can hold without one
             return Command(np.zeros(len(self.arm_joints)), None, safe=True) if self.mode == "effort" else None
         state = self._arm_state()
-        if state is None or steady - self.joint_state_steady > self.joint_state_timeout_s:
-            # No current joint state: a PD on an old one would push forever; zero effort (gravity holds).
-            q, qd = self.snapshot.arm_positions, np.zeros_like(self.snapshot.arm_positions)
+        age = steady - self.joint_state_steady
+        feedback = None if state is None else hold_feedback(self.safe_action, self.snapshot, self.gains,  # type: ignore
+                                                            state[0], state[1], age, age <= self.joint_state_timeout_s)
+        if feedback is not None and age <= self.joint_state_timeout_s:
+            self.hold_feedback = "the current joint state"
+        elif feedback is not None:
+            self.hold_feedback = f"the last valid joint state ({age:.3f} s old), braking on the hold model"
         else:
-            q, qd = state
+            # No current joint state and no model to brake on: a PD on an old one would push forever; zero effort
+            # (gravity holds).
+            self.hold_feedback = f"none (the last valid joint state is {age:.3f} s old): zero effort"
+            feedback = self.snapshot.arm_positions, np.zeros_like(self.snapshot.arm_positions)
+        q, qd = feedback
         arm = safe_arm_command(self.safe_action, self.mode, self.snapshot, q, qd, self.gains, self.limits)
         gripper = None if self.last_gripper is None else safe_gripper_command(self.safe_action, self.snapshot)
         return Command(arm, gripper, safe=True)
@@ -313,6 +332,9 @@ PARAMETERS: dict[str, Any] = {
     # matrix row-major; default the sim Panda's mass-scaled matrices (gato_ros.control, scripts/hold_gains.py).
     "hold_stiffness": [float(v) for v in DEFAULT_HOLD_STIFFNESS],  # N·m/rad (effort mode)
     "hold_damping": [float(v) for v in DEFAULT_HOLD_DAMPING],  # N·m·s/rad
+    # Pose-dependent hold gains (gato_ros.hold_table), as the node's: "" = the sim Panda's shipped table,
+    # "none" = the fixed hold_stiffness / hold_damping above.
+    "hold_gain_table": "",
     "effort_limits": list(PANDA_EFFORT_LIMITS),  # N·m per arm joint: the safe torque is clipped to these
     "joint_state_timeout_s": 0.25,  # an older joint state is not used for the hold
     # The clock silence is judged on: auto = the sim clock with use_sim_time (a paused sim is no fault), else
@@ -339,13 +361,18 @@ class PolicyWatchdog(Node):
             timeout_periods=float(prm["timeout_periods"]), safe_action=str(prm["safe_action"]),
             gains=parse_hold_gains(prm["hold_stiffness"], prm["hold_damping"]),
             limits=np.asarray(prm["effort_limits"], dtype=np.float64),
-            gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]))
+            gripper_joint=str(prm["gripper_joint"]), joint_state_timeout_s=float(prm["joint_state_timeout_s"]),
+            table=load_table(str(prm["hold_gain_table"])))
         # Silence is judged on a clock that never steps: steady time, or the sim clock with use_sim_time.
         silence_clock = str(prm["silence_clock"])
         if silence_clock not in ("auto", "steady"):
             raise ValueError(f"silence_clock must be auto or steady, got {silence_clock!r}")
         on_sim_clock = bool(self.get_parameter("use_sim_time").value) and silence_clock == "auto"
         self._steady_clock = self.get_clock() if on_sim_clock else Clock(clock_type=ClockType.STEADY_TIME)
+        # On the sim clock a command's moment is its stamp, not the clock read when it is handled: /clock and the
+        # commands arrive on different topics, and a /clock message handled after a queued command made that
+        # command look a period older than it was (a safe action while the policy answered every step).
+        self._fresh_at_stamp = on_sim_clock
         self.relay_latency_s: deque[float] = deque(maxlen=2000)
         arm_topic = prm["arm_command_topic"] or ARM_COMMAND_TOPICS[self.core.mode]
         arm_type = ros_io.arm_command_type(self.core.mode)
@@ -384,7 +411,7 @@ class PolicyWatchdog(Node):
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         now = self.get_clock().now().nanoseconds * 1e-9
         command, event = self.core.on_command(list(msg.name), list(getattr(msg, self.field)), stamp, now,
-                                              self._steady())
+                                              stamp if self._fresh_at_stamp else self._steady())
         if command is not None:
             self._publish(command)
             self.relay_latency_s.append(time.perf_counter() - received)
@@ -420,6 +447,7 @@ class PolicyWatchdog(Node):
             "dropped_invalid": str(core.dropped_invalid), "clock_jumps": str(core.clock_jumps),
             "control_period_s": f"{core.period_s:.4f}", "faults": str(core.faults),
             "safe_commands": str(core.safe_commands), "last_fault": core.fault_cause,
+            "hold_acts_on": core.hold_feedback if core.in_fault else "",
             "relay_latency_p50_us": f"{np.percentile(latency_us, 50):.1f}" if latency_us.size else "",
             "relay_latency_p99_us": f"{np.percentile(latency_us, 99):.1f}" if latency_us.size else "",
         }

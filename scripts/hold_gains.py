@@ -1,6 +1,13 @@
-"""The default `hold` gains of the policy node (config/policy.yaml, gato_ros/control.py), from the sim Panda.
+"""The `hold` gains of the policy node and the watchdog for the sim Panda: the fixed matrices and the pose table.
 
     python scripts/hold_gains.py [--model models/stack_int8.onnx] [--omega 9] [--zeta 0.75] [--seeds 6]
+    python scripts/hold_gains.py --write-table config/panda_hold_table.json [--seeds 8]
+
+`--write-table` writes the pose-dependent table the node and the watchdog use by default (gato_ros/hold_table.py):
+the mass matrix at every pose of --seeds episodes of the policy from the home pose on, and at those poses
+perturbed (σ 0.1 rad: where a fault may leave the arm), thinned to poses at least 0.25 rad apart; it then prints
+the worst spectral radius of the table's gains over poses it was not made from (other seeds, perturbed), next
+to the fixed gains' and to the exact mass matrix's.
 
 The hold torque is computed once per 50 ms control period and held (zero-order hold), so per-joint
 gains fail: the Panda's joints 1/3/5/7 are nearly coaxial in carrying poses and a diagonal gain that
@@ -69,6 +76,44 @@ def spectral_radius(stiffness: np.ndarray, damping: np.ndarray, masses: list[np.
     return worst
 
 
+def thinned(poses: np.ndarray, key: np.ndarray, spacing: float) -> np.ndarray:
+    """A subset of `poses` in which no two are closer than `spacing` (rad, over the `key` joints)."""
+    kept: list[np.ndarray] = []
+    for q in poses:
+        if not kept or np.min(np.linalg.norm(np.array(kept)[:, key] - q[key], axis=1)) >= spacing:
+            kept.append(q)
+    return np.array(kept)
+
+
+def write_table(path: str, seeds: int, model: str, omega: float, zeta: float) -> None:
+    from gato_ros.hold_table import HoldGainTable
+    from sim.env import JOINT_NAMES
+
+    rng = np.random.default_rng(0)
+    key = np.arange(1, 7)  # the mass matrix does not depend on joint 1 (about the vertical axis)
+    visited = np.concatenate([carrying_poses(seeds, model, every_step=True), [HOME_Q]])
+    perturbed = visited[rng.integers(0, len(visited), 2 * len(visited))] + rng.normal(0, 0.1, (2 * len(visited), 7))
+    poses = thinned(np.concatenate([visited, perturbed]), key, 0.25)
+    table = HoldGainTable("franka_panda (pybullet_data URDF, PyBullet)", omega, zeta, JOINT_NAMES[:7], key, poses,
+                          np.array(mass_matrices(poses)))
+    table.save(path)
+    table = HoldGainTable.load(path)  # judge what was written (rounded)
+    held_out = carrying_poses(seeds + 4, model, every_step=True)[len(visited) - 1:]
+    held_out = np.concatenate([held_out, held_out + rng.normal(0, 0.1, held_out.shape), [HOME_Q]])
+    names = JOINT_NAMES[:7]
+    masses = mass_matrices(held_out)
+    from_table = [spectral_radius(*(np.asarray(g).reshape(7, 7) for g in (gains.stiffness, gains.damping)), [m])
+                  for gains, m in ((table.gains_at(names, q), m) for q, m in zip(held_out, masses, strict=True))]
+    exact = [spectral_radius(m * omega**2, m * 2 * zeta * omega, [m]) for m in masses]
+    defaults = [np.asarray(g, dtype=np.float64).reshape(7, 7) for g in (DEFAULT_HOLD_STIFFNESS, DEFAULT_HOLD_DAMPING)]
+    fixed = [spectral_radius(*defaults, [m]) for m in masses]
+    print(f"# {path}: {len(poses)} poses, omega {omega:g}, zeta {zeta:g}. Over {len(held_out)} poses not in it "
+          f"(home included), worst / median spectral radius: table {max(from_table):.3f} / "
+          f"{np.median(from_table):.3f}, exact mass matrix {max(exact):.3f} / {np.median(exact):.3f}, fixed default "
+          f"gains {max(fixed):.3f} / {np.median(fixed):.3f}; at the home pose: table {from_table[-1]:.3f}, fixed "
+          f"{fixed[-1]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--omega", type=float, default=9.0, help="natural frequency ω (rad/s)")
@@ -77,7 +122,11 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="the policy that carries the cube")
     parser.add_argument("--poses", choices=["carrying", "all"], default="carrying",
                         help="fit M0 over the carrying poses, or over every pose of the episodes")
+    parser.add_argument("--write-table", default="", metavar="PATH", help="write the pose table (JSON) and judge it")
     args = parser.parse_args()
+    if args.write_table:
+        write_table(args.write_table, args.seeds, args.model, args.omega, args.zeta)
+        return
     poses = carrying_poses(args.seeds, args.model, every_step=args.poses == "all")
     masses = mass_matrices(poses)
     home = mass_matrices(np.array([HOME_Q]))

@@ -31,6 +31,7 @@ from gato_ros.control import (
     parse_joint_name_map,
     tightened_limits,
 )
+from gato_ros.hold_table import load_table
 from gato_ros.runtime import PolicyRuntime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -396,7 +397,8 @@ def carry_then_fault(runtime: PolicyRuntime, kind: str, seed: int = 100000) -> d
     from sim.env import JOINT_NAMES, StackingEnv
 
     runtime.reset()
-    loop = ControlLoop(runtime, build_layout(runtime.spec), safe=SafeActionSettings(kind))  # default gains
+    # The node's defaults: the shipped pose table's gains (the fixed matrices where a table is off)
+    loop = ControlLoop(runtime, build_layout(runtime.spec), safe=SafeActionSettings(kind, table=load_table("")))
     env = StackingEnv()
     obs, _ = env.reset(seed=seed)
     t = 0.0
