@@ -14,6 +14,8 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
+from rclpy.time import Time
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
@@ -38,7 +40,8 @@ class Harness:
         rclpy.init(context=self.context)
         params = {"output_mode": mode, "control_rate_hz": RATE_HZ, **params}
         self.watchdog = PolicyWatchdog(context=self.context, namespace=self.ns,
-                                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+                                       parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
+                                       cli_args=["--ros-args", "-r", f"/clock:={self.ns}/clock"])
         self.peer = rclpy.create_node("peer", context=self.context, namespace=self.ns)
         self.arm: list[tuple[float, object]] = []
         self.gripper: list[float] = []
@@ -205,6 +208,44 @@ def test_the_control_period_is_learnt_from_the_stamps_when_not_given():
         last_relayed = wd.arm[-1][0]
         assert wd.wait_for(lambda: len(wd.arm) > 15, 1.0)
         assert wd.arm[15][0] - last_relayed <= 2 * 0.04, "the safe action within 2 of the learnt periods"
+    finally:
+        wd.close()
+
+
+def test_on_sim_time_a_command_handled_before_its_clock_tick_is_no_silence():
+    """/clock and the commands are separate topics: the watchdog may handle the command answering tick t before
+    the /clock message of t. Silence counts from the command's stamp, so that order never puts a safe action on
+    an arm whose policy answered every step; a step without an answer still does."""
+    wd = Harness(use_sim_time=True)
+    try:
+        clock_pub = wd.peer.create_publisher(Clock, f"{wd.ns}/clock", 10)
+        core = wd.watchdog.core
+
+        def clock(t: float) -> None:
+            clock_pub.publish(Clock(clock=Time(seconds=t).to_msg()))
+            assert wd.wait_for(lambda: abs(wd.watchdog.get_clock().now().nanoseconds * 1e-9 - t) < 1e-6)
+            time.sleep(0.05)  # the check timers due at t have run
+
+        def command(stamp: float) -> None:
+            relayed = core.relayed
+            msg = JointState(name=NAMES, effort=[0.5] * 7 + [-15.0])
+            msg.header.stamp = Time(seconds=stamp).to_msg()
+            wd.command_pub.publish(msg)
+            assert wd.wait_for(lambda: core.relayed == relayed + 1)
+
+        clock(10.0)
+        command(10.0)
+        for step in range(1, 7):
+            t = 10.0 + step * PERIOD
+            if step % 2:  # the answer to tick t handled while the watchdog's clock still reads the tick before
+                command(t)
+                clock(t)
+            else:  # the usual order: the tick's /clock (the check runs then), then its answer
+                clock(t)
+                command(t)
+        assert core.faults == 0 and core.safe_commands == 0, core.fault_cause
+        clock(10.0 + 8 * PERIOD)  # two steps without an answer: a real silence
+        assert core.faults == 1 and core.safe_commands >= 1
     finally:
         wd.close()
 
