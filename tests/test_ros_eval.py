@@ -59,13 +59,13 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     from sim.ros_eval import evaluate_over_ros, ros_summary
 
     steps, seed = 80, 123  # 4 s at 20 Hz: the rate is judged over >= 3 s, as for the node alone
-    # The node drives the bridge itself here: the bit-exact comparison below is about the loop's timing, and
-    # the watchdog's relay is checked by tests/test_watchdog.py and the recorder's round trip.
+    # Through the watchdog, as on a robot: it relays every command, and on the sim clock it never acts while the
+    # policy answers every step.
     ros_run = evaluate_over_ros(str(tiny_model), [seed], provider="cpu", max_steps=steps, video=tmp_path / "ep.mp4",
-                                gif=tmp_path / "ep.gif", log_dir=tmp_path / "logs", progress=False, watchdog=False)
+                                gif=tmp_path / "ep.gif", log_dir=tmp_path / "logs", progress=False, watchdog=True)
     # Every process ended on SIGINT by itself (exit 0, not killed) and none is left behind.
     codes = ros_run.exit_codes
-    assert codes == {"bridge": 0, "node": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
+    assert codes == {"bridge": 0, "node": 0, "watchdog": 0}, (tmp_path / "logs" / "node.log").read_text()[-2000:]
     assert not any(_alive(pid) for pid in ros_run.pids.values())
     results = ros_run.results
     assert len(results) == 1
@@ -80,6 +80,9 @@ def test_closed_loop_over_ros_keeps_its_rate_and_matches_in_process(tiny_model, 
     assert len(r.step_ms) >= r.fresh_steps and all(0 < x < 1000 for x in r.step_ms)
     summary = ros_summary(ros_run)
     assert summary["rejected_commands"] == 0 and 0 <= summary["stale_share"] <= 1
+    assert "safe_commands" in ros_run.watchdog_diagnostics, "the watchdog reported (diagnostics at 1 Hz)"
+    if r.stale_steps == 0:  # every step answered in time: the watchdog had nothing to do
+        assert summary["watchdog_safe_commands"] == 0, ros_run.watchdog_diagnostics
 
     # Over ROS the node acts on observation t before the bridge steps to t + 1, like in-process stepping:
     # until the first stale command the trajectory is the in-process one, to the bit.
