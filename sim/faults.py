@@ -50,11 +50,10 @@ FAULTS = PROCESS_FAULTS + IN_PROCESS_FAULTS
 STAND_IN_FAULTS = PROCESS_FAULTS + ("blocked_tick",)
 # The stand-in's joint PD: each joint a mass-spring at 7 rad/s, ζ = 0.35, over the Panda's joint inertia
 # (diagonal ~1.0, 1.5, 1.0, 0.85, 0.04, 0.045, 0.0045 kg·m²): stable closed at 20 Hz over ROS in the sim
-# near the home pose, where the stand-in moves; also the watchdog's hold gains in stand-in trials
-# (STAND_IN_WATCHDOG_ARGS): the default hold gains are fitted to the poses that carry a cube.
+# near the home pose, where the stand-in moves. The watchdog holds with its default gains (the pose table's,
+# stable in every pose: gato_ros/hold_table.py).
 REACH_STIFFNESS = np.array([50.0, 75.0, 50.0, 42.0, 2.0, 2.2, 0.22])
 REACH_DAMPING = np.array([5.0, 7.5, 5.0, 4.25, 0.2, 0.225, 0.0225])
-STAND_IN_WATCHDOG_ARGS = [f"hold_stiffness:={REACH_STIFFNESS.tolist()}", f"hold_damping:={REACH_DAMPING.tolist()}"]
 STAND_IN_NAME = "gato_policy"  # the stand-in takes the node's name, so its ~/joint_command is the same topic
 
 
@@ -226,8 +225,6 @@ class FaultRig(LoopRig):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("relay_inputs", kwargs.get("policy", "stand_in") == "node")
-        if kwargs.get("policy", "stand_in") == "stand_in":
-            kwargs.setdefault("watchdog_args", STAND_IN_WATCHDOG_ARGS)
         if kwargs.get("policy") == "node":
             kwargs.setdefault("max_steps", 200)  # the evaluation's episodes: each trial starts one
             # In lockstep with the sim, as the policy was trained (on the wall clock, out of step, the shipped
