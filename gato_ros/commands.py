@@ -13,7 +13,10 @@ Between the policy node and the watchdog the command travels stamped: a sensor_m
 node's `~/joint_command` (JOINT_COMMAND_TOPIC, relative to the node) whose `header.stamp` is the node
 clock at the start of the tick that computed it, `name` the robot's joint names (arm, then gripper),
 and the field of the output mode filled (`effort`, `position` or `velocity`; `trajectory` fills
-`position`). The watchdog judges a command's age from that stamp, not from when it arrived.
+`position`). The watchdog judges a command's age from that stamp, not from when it arrived. When the tick
+sent the node's safe action (a fault the node saw), `header.frame_id` is SAFE_ACTION_FRAME_ID: the watchdog
+then holds the arm itself, answering each joint state at once (the node's hold is computed at its tick, from
+a joint state that may be a period old, and a PD sampled at 20 Hz does not stand a period of delay).
 
 The safe action (`SAFE_ACTIONS`) replaces the policy's command on any fault:
     hold  a damped hold of the joint positions captured at the fault, gripper unchanged
@@ -36,6 +39,7 @@ OUTPUT_MODES: tuple[str, ...] = ("effort", "position", "velocity", "trajectory")
 SAFE_ACTIONS: tuple[str, ...] = ("hold", "damp", "zero")
 
 JOINT_COMMAND_TOPIC = "~/joint_command"  # node → watchdog, sensor_msgs/JointState, stamped
+SAFE_ACTION_FRAME_ID = "safe_action"  # its header.frame_id when the tick sent the safe action
 # Default controller topics, relative so that a namespace moves them (ros2_control's conventions).
 ARM_COMMAND_TOPICS: dict[str, str] = {
     "effort": "effort_controller/commands",  # std_msgs/Float64MultiArray, arm joints only

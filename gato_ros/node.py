@@ -407,7 +407,7 @@ class PolicyNode(LifecycleNode):
         if result.arm is not None:  # None: a position mode with no joint state yet, nothing to hold, nothing sent
             names = loop.layout.command_names if result.gripper is not None else loop.layout.arm_names
             outputs["joint_command"].publish(ros_io.joint_command_message(loop.mode, names, result.command,
-                                                                          stamp_ns))
+                                                                          stamp_ns, safe=result.safe))
         self.seq += 1
         outputs["tick"].publish(String(data=tick_json(
             self.seq, stamp_ns, Path(self.model_path).name, result.tokens, result.step_ms, result.safe, result.reason,

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gato_ros.commands import JOINT_STATE_FIELD, OUTPUT_MODES
+from gato_ros.commands import JOINT_STATE_FIELD, OUTPUT_MODES, SAFE_ACTION_FRAME_ID
 
 # encoding -> (channels, OpenCV conversion to RGB or None when already RGB)
 ENCODINGS: dict[str, tuple[int, int | None]] = {
@@ -216,13 +216,16 @@ def gripper_command_message(force: float) -> Any:
     return Float64MultiArray(data=[float(force)])
 
 
-def joint_command_message(mode: str, joint_names: Sequence[str], values: Sequence[float], stamp_ns: int) -> Any:
-    """The stamped internal command (commands.JOINT_COMMAND_TOPIC): a JointState with `mode`'s field filled."""
+def joint_command_message(mode: str, joint_names: Sequence[str], values: Sequence[float], stamp_ns: int,
+                          safe: bool = False) -> Any:
+    """The stamped internal command (commands.JOINT_COMMAND_TOPIC): a JointState with `mode`'s field filled, its
+    frame_id SAFE_ACTION_FRAME_ID when it is the node's safe action."""
     from sensor_msgs.msg import JointState
 
     msg = JointState(name=list(joint_names))
     setattr(msg, JOINT_STATE_FIELD[mode], [float(v) for v in values])
     msg.header.stamp = _stamp_msg(stamp_ns)
+    msg.header.frame_id = SAFE_ACTION_FRAME_ID if safe else ""
     return msg
 
 

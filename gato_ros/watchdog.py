@@ -44,6 +44,7 @@ from gato_ros.commands import (
     GRIPPER_COMMAND_TOPIC,
     JOINT_STATE_FIELD,
     OUTPUT_MODES,
+    SAFE_ACTION_FRAME_ID,
     SAFE_ACTIONS,
     FaultSnapshot,
     HoldGains,
@@ -101,6 +102,7 @@ class WatchdogCore:
     table: HoldGainTable | None = None  # pose-dependent hold gains (gato_ros.hold_table); None: `gains`
     arm_joints: tuple[str, ...] = ()  # learnt from the first valid command (the controller's order)
     relayed: int = 0
+    node_safe_actions: int = 0  # commands that were the node's safe action (the watchdog held instead)
     dropped_stale: int = 0
     dropped_invalid: int = 0
     clock_jumps: int = 0
@@ -185,8 +187,12 @@ class WatchdogCore:
         return q[index], qd[index]
 
     def on_command(self, names: list[str], values: list[float], stamp: float, now: float,
-                   steady: float) -> tuple[Command | None, str]:
-        """A stamped command from the policy: the command to relay (None: dropped), and an event to log ("")."""
+                   steady: float, safe: bool = False) -> tuple[Command | None, str]:
+        """A stamped command from the policy: the command to publish (None: dropped), and an event to log ("").
+
+        `safe`: the node sends its safe action (a fault it saw). The watchdog then holds the arm itself (its hold
+        answers each joint state at once; the node's is computed at its tick, from a joint state that may be a
+        period old) until the policy's own commands return."""
         with self._lock:
             if now < self._last_now - min(self.max_age_s, 1.0):
                 self.clock_jumps += 1  # the node's clock stepped back: ages measured across it mean nothing
@@ -206,8 +212,14 @@ class WatchdogCore:
             array = np.asarray(values, dtype=np.float64)
             arm = array[[names.index(n) for n in self.arm_joints]] if arm_names else np.empty(0)
             gripper = float(array[names.index(self.gripper_joint)]) if self.gripper_joint in names else None
-            self.last_gripper = gripper if gripper is not None else self.last_gripper
             self.period_learnt = self._learn(stamp) or self.period_learnt
+            if safe:
+                self.armed, self.last_drop, self.node_safe_actions = True, "", self.node_safe_actions + 1
+                if self.in_fault:
+                    return None, ""
+                self.fault_cause = "the policy node sends its safe action (a fault it saw)"
+                return self._begin_fault(steady), f"fault: {self.fault_cause}: the watchdog holds the arm"
+            self.last_gripper = gripper if gripper is not None else self.last_gripper
             self.last_fresh_steady, self.armed, self.relayed = steady, True, self.relayed + 1
             self.last_drop = ""
             event = ""
@@ -242,17 +254,21 @@ class WatchdogCore:
             if not self.in_fault:
                 if silence <= self.timeout_s:
                     return None, ""
-                self.in_fault, self.faults, self.fault_started_steady = True, self.faults + 1, steady
                 self.fault_cause = f"no fresh command for {silence:.3f} s" + (
                     f"; the latest was dropped: {self.last_drop}" if self.last_drop else
                     " (the policy is silent: dead, hung or blocked)")
-                self.snapshot = self._snapshot(steady)
                 event = f"fault: {self.fault_cause}: publishing the {self.safe_action} safe action"
-                return self._next_safe(steady, steady + self.period_s), event
+                return self._begin_fault(steady), event
             if steady >= self.next_safe_steady + 0.5 * self.period_s:
                 # No joint state came to answer: the timer keeps the control rate (due again in one period).
                 return self._next_safe(steady, steady + 0.5 * self.period_s), event
             return None, event
+
+    def _begin_fault(self, steady: float) -> Command | None:
+        """A fault begins now (lock held, `fault_cause` set): snapshot, count, and the first safe action."""
+        self.in_fault, self.faults, self.fault_started_steady = True, self.faults + 1, steady
+        self.snapshot = self._snapshot(steady)
+        return self._next_safe(steady, steady + self.period_s)
 
     def safe_on_joint_state(self, steady: float) -> Command | None:
         """In a fault, the safe action computed from the joint state that just came, when one is due.
@@ -413,7 +429,8 @@ class PolicyWatchdog(Node):
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         now = self.get_clock().now().nanoseconds * 1e-9
         command, event = self.core.on_command(list(msg.name), list(getattr(msg, self.field)), stamp, now,
-                                              stamp if self._fresh_at_stamp else self._steady())
+                                              stamp if self._fresh_at_stamp else self._steady(),
+                                              safe=msg.header.frame_id == SAFE_ACTION_FRAME_ID)
         if command is not None:
             self._publish(command)
             self.relay_latency_s.append(time.perf_counter() - received)
@@ -445,7 +462,8 @@ class PolicyWatchdog(Node):
         values = {
             "state": "fault" if core.in_fault else "relaying" if core.armed else "waiting for the first command",
             "output_mode": core.mode, "safe_action": core.safe_action,
-            "relayed": str(core.relayed), "dropped_stale": str(core.dropped_stale),
+            "relayed": str(core.relayed), "node_safe_actions": str(core.node_safe_actions),
+            "dropped_stale": str(core.dropped_stale),
             "dropped_invalid": str(core.dropped_invalid), "clock_jumps": str(core.clock_jumps),
             "control_period_s": f"{core.period_s:.4f}", "faults": str(core.faults),
             "safe_commands": str(core.safe_commands), "last_fault": core.fault_cause,

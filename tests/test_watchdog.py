@@ -20,7 +20,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
-from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, JOINT_STATE_FIELD
+from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, JOINT_STATE_FIELD, SAFE_ACTION_FRAME_ID
 from gato_ros.watchdog import PolicyWatchdog, parse_hold_gains
 
 ARM = [f"panda_joint{i}" for i in range(1, 8)]
@@ -175,6 +175,33 @@ def test_silence_brings_the_hold_within_two_periods_and_fresh_commands_end_it(fi
         wd.send([0.25] * 7)
         time.sleep(PERIOD)
     assert wd.diagnostics[-1]["state"] == "relaying" and wd.watchdog.core.faults == 1
+
+
+def test_the_nodes_safe_action_hands_the_hold_to_the_watchdog(fixed_gains_wd):
+    """A command marked as the node's safe action is not relayed: the watchdog holds the arm itself at once,
+    answering each joint state, until the policy's own commands return."""
+    wd = fixed_gains_wd
+    q_fault = [0.1, -0.7, 0.0, -2.3, 0.0, 1.6, 0.8]
+    wd.joints(q_fault)
+    wd.send([0.5] * 7)
+    assert wd.wait_for(lambda: wd.arm and wd.arm_values() == [0.5] * 7)
+    n = len(wd.arm)
+    msg = JointState(name=NAMES, effort=[9.0] * 7 + [-15.0])
+    msg.header.stamp, msg.header.frame_id = wd.peer.get_clock().now().to_msg(), SAFE_ACTION_FRAME_ID
+    wd.command_pub.publish(msg)
+    assert wd.wait_for(lambda: len(wd.arm) > n, 1.0)
+    np.testing.assert_allclose(wd.arm_values(n), 0.0, atol=1e-12, err_msg="the watchdog's hold, not the node's values")
+    assert wd.arm[n][0] - wd.arm[n - 1][0] < PERIOD, "at once, not after the silence timeout"
+    wd.joints([q + 0.1 for q in q_fault])  # the hold answers the joint state
+    gains = parse_hold_gains(*(wd.watchdog.get_parameter(n).value for n in ("hold_stiffness", "hold_damping")))
+    expected = -gains.apply(gains.stiffness, np.full(7, 0.1))
+    assert wd.wait_for(lambda: np.allclose(wd.arm_values(), expected, atol=1e-9), 1.0), wd.arm_values()
+    core = wd.watchdog.core
+    assert core.in_fault and core.node_safe_actions == 1 and 9.0 not in [v for i in range(len(wd.arm))
+                                                                           for v in wd.arm_values(i)]
+    wd.send([0.25] * 7)
+    assert wd.wait_for(lambda: wd.arm_values() == [0.25] * 7), "the policy's commands end it"
+    assert not core.in_fault
 
 
 @pytest.mark.parametrize("mode", ["position", "velocity", "trajectory"])
