@@ -27,6 +27,8 @@ from gato_ros.node import default_model_path
 from sim.faults import FAULTS, STAND_IN_FAULTS, FaultRig, TrialResult
 from sim.rig import machine as rig_machine
 
+FLAILING_M_S = 1.5  # the hand faster than this before the fault: the policy was flailing (it moves at < 1 m/s)
+
 
 def summary_rows(results: list[TrialResult], period_s: float) -> list[dict]:
     rows = []
@@ -35,6 +37,9 @@ def summary_rows(results: list[TrialResult], period_s: float) -> list[dict]:
         to_safe = np.array([r.time_to_safe_s for r in trials])
         after = np.array([r.after_last_fresh_s for r in trials])
         drift = np.array([r.hand_drift_m for r in trials])
+        # The policy flailing before the fault (the hand faster than FLAILING_M_S): its drift is not the hold's.
+        calm = np.array([not r.hand_speed_before_m_s > FLAILING_M_S for r in trials])
+        calm_drift = drift[calm]
         rows.append({
             "fault": fault, "trials": len(trials), "safe_every_trial": bool(np.all(np.isfinite(to_safe))),
             "worst_time_to_safe_ms": float(np.nanmax(to_safe) * 1e3) if np.any(np.isfinite(to_safe)) else None,
@@ -44,14 +49,18 @@ def summary_rows(results: list[TrialResult], period_s: float) -> list[dict]:
             "recovered": sum(r.recovered for r in trials),
             "hand_drift_mm_worst": float(np.nanmax(drift) * 1e3) if np.any(np.isfinite(drift)) else None,
             "hand_drift_mm_median": float(np.nanmedian(drift) * 1e3) if np.any(np.isfinite(drift)) else None,
+            "flailing_before": int(np.sum(~calm)),
+            "calm_hand_drift_mm_worst": float(np.nanmax(calm_drift) * 1e3) if np.any(np.isfinite(calm_drift)) else None,
+            "calm_drift_under_3cm": int(np.sum(calm_drift < 0.03)),
         })
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print("| fault | trials | safe action every trial | worst time to safe action (from the fault) | "
-          "worst after the last fresh command | sent by | recovered | hand drift worst / median |")
-    print("|---|---|---|---|---|---|---|---|")
+          "worst after the last fresh command | sent by | recovered | hand drift worst / median | policy flailing "
+          "before the fault | the other trials: drift worst, under 3 cm |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def ms(v: float | None) -> str:
             return "—" if v is None else f"{v:.0f} ms"
@@ -61,7 +70,9 @@ def print_table(rows: list[dict]) -> None:
 
         print(f"| {r['fault']} | {r['trials']} | {'yes' if r['safe_every_trial'] else 'NO'} | "
               f"{ms(r['worst_time_to_safe_ms'])} | {ms(r['worst_after_last_fresh_ms'])} | {', '.join(r['safe_by'])} | "
-              f"{r['recovered']}/{r['trials']} | {mm(r['hand_drift_mm_worst'])} / {mm(r['hand_drift_mm_median'])} mm |")
+              f"{r['recovered']}/{r['trials']} | {mm(r['hand_drift_mm_worst'])} / {mm(r['hand_drift_mm_median'])} mm | "
+              f"{r['flailing_before']} | {mm(r['calm_hand_drift_mm_worst'])} mm, "
+              f"{r['calm_drift_under_3cm']}/{r['trials'] - r['flailing_before']} |")
 
 
 def main() -> int:
@@ -93,7 +104,8 @@ def main() -> int:
                 results.append(result)
                 print(f"{fault} {i + 1}/{args.trials}: safe after {result.time_to_safe_s * 1e3:.0f} ms "
                       f"({result.after_last_fresh_s * 1e3:.0f} ms after the last fresh command, by {result.safe_by}), "
-                      f"hand drift {result.hand_drift_m * 1e3:.1f} mm, recovered {result.recovered}", flush=True)
+                      f"hand drift {result.hand_drift_m * 1e3:.1f} mm (hand at up to "
+                      f"{result.hand_speed_before_m_s:.2f} m/s before), recovered {result.recovered}", flush=True)
     finally:
         codes = rig.stop()
     rows = summary_rows(results, rig.period_s)

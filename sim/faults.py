@@ -66,6 +66,7 @@ class TrialResult:
     hand_drift_m: float  # farthest the hand got from where it was when the fault began, over the watch
     safe_commands: int  # safe actions the controller received during the watch
     recovered: bool = False
+    hand_speed_before_m_s: float = math.nan  # the hand's top speed in the second before the fault (policy flailing?)
 
 
 # ----------------------------------------------------------------------------- the stand-in policy
@@ -310,8 +311,13 @@ class FaultRig(LoopRig):
         before = [h for t, h in hand if t <= t_fault]
         after = [h for t, h in hand if t >= t_fault]
         drift = max((float(np.linalg.norm(h - before[-1])) for h in after), default=math.nan) if before else math.nan
+        # Consecutive observations are one control period apart in sim time (their receive times jitter).
+        last_second = [h for t, h in hand if t_fault - 1.0 <= t <= t_fault]
+        speed = max((float(np.linalg.norm(h1 - h0)) / self.period_s
+                     for h0, h1 in zip(last_second, last_second[1:], strict=False)), default=math.nan)
         return TrialResult(fault, first[0] - t_fault, first[0] - last_fresh,
-                           "watchdog" if first[1] not in policy else "node", drift, safe)
+                           "watchdog" if first[1] not in policy else "node", drift, safe,
+                           hand_speed_before_m_s=speed)
 
 
 if __name__ == "__main__":

@@ -280,14 +280,16 @@ class Episodes:
         return json.loads(self._call(self.bridge_status).message)
 
     def next(self) -> None:
-        """Account the episode that ends, then start the next one (node context first, then the bridge)."""
+        """Account the episode that ends, then start the next one: the bridge first, then the node's context (its
+        fresh context then starts on the new episode; the other order let it see the old episode's last steps and
+        then the arm jump home, and the policy sometimes flailed from there)."""
         status = self.status()
         self.count += 1
         self.successes += bool(status["success"])
         self.stale_steps += int(status["stale_steps"])
         self.steps += int(status["steps"])
-        self._call(self.node_reset)
         self._call(self.bridge_reset)
+        self._call(self.node_reset)
 
 
 def _python() -> str:
