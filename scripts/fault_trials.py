@@ -37,8 +37,9 @@ def summary_rows(results: list[TrialResult], period_s: float) -> list[dict]:
         to_safe = np.array([r.time_to_safe_s for r in trials])
         after = np.array([r.after_last_fresh_s for r in trials])
         drift = np.array([r.hand_drift_m for r in trials])
-        # The policy flailing before the fault (the hand faster than FLAILING_M_S): its drift is not the hold's.
-        calm = np.array([not r.hand_speed_before_m_s > FLAILING_M_S for r in trials])
+        # The policy out of control before the fault (the hand faster than FLAILING_M_S, or the shoulder commands at
+        # their limit in half the ticks: an arm pinned at its joint limits): its drift is not the hold's.
+        calm = np.array([not (r.hand_speed_before_m_s > FLAILING_M_S or r.saturated_before >= 0.5) for r in trials])
         calm_drift = drift[calm]
         rows.append({
             "fault": fault, "trials": len(trials), "safe_every_trial": bool(np.all(np.isfinite(to_safe))),
@@ -58,8 +59,8 @@ def summary_rows(results: list[TrialResult], period_s: float) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print("| fault | trials | safe action every trial | worst time to safe action (from the fault) | "
-          "worst after the last fresh command | sent by | recovered | hand drift worst / median | policy flailing "
-          "before the fault | the other trials: drift worst, under 3 cm |")
+          "worst after the last fresh command | sent by | recovered | hand drift worst / median | policy "
+          "out of control before the fault | the other trials: drift worst, under 3 cm |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         def ms(v: float | None) -> str:
@@ -105,7 +106,8 @@ def main() -> int:
                 print(f"{fault} {i + 1}/{args.trials}: safe after {result.time_to_safe_s * 1e3:.0f} ms "
                       f"({result.after_last_fresh_s * 1e3:.0f} ms after the last fresh command, by {result.safe_by}), "
                       f"hand drift {result.hand_drift_m * 1e3:.1f} mm (hand at up to "
-                      f"{result.hand_speed_before_m_s:.2f} m/s before), recovered {result.recovered}", flush=True)
+                      f"{result.hand_speed_before_m_s:.2f} m/s and {result.saturated_before:.0%} of the commands at a "
+                      f"shoulder limit before), recovered {result.recovered}", flush=True)
     finally:
         codes = rig.stop()
     rows = summary_rows(results, rig.period_s)

@@ -54,6 +54,7 @@ STAND_IN_FAULTS = PROCESS_FAULTS + ("blocked_tick",)
 # stable in every pose: gato_ros/hold_table.py).
 REACH_STIFFNESS = np.array([50.0, 75.0, 50.0, 42.0, 2.0, 2.2, 0.22])
 REACH_DAMPING = np.array([5.0, 7.5, 5.0, 4.25, 0.2, 0.225, 0.0225])
+SATURATED_NM = 86.0  # a shoulder torque command at the Panda's 87 N·m limit (the policy's top bin is 86.9)
 STAND_IN_NAME = "gato_policy"  # the stand-in takes the node's name, so its ~/joint_command is the same topic
 
 
@@ -67,6 +68,7 @@ class TrialResult:
     safe_commands: int  # safe actions the controller received during the watch
     recovered: bool = False
     hand_speed_before_m_s: float = math.nan  # the hand's top speed in the second before the fault (policy flailing?)
+    saturated_before: float = math.nan  # share of the policy's commands in that second at a shoulder joint's limit
 
 
 # ----------------------------------------------------------------------------- the stand-in policy
@@ -315,9 +317,14 @@ class FaultRig(LoopRig):
         last_second = [h for t, h in hand if t_fault - 1.0 <= t <= t_fault]
         speed = max((float(np.linalg.norm(h1 - h0)) / self.period_s
                      for h0, h1 in zip(last_second, last_second[1:], strict=False)), default=math.nan)
+        # A policy pushing joints 1-4 at their 87 N·m limit has lost control (an arm pinned at its joint limits looks
+        # still); the shipped policy's commands stay well inside the limits while it works.
+        pushed = [max(abs(x) for x in v[:4]) >= SATURATED_NM for t, v in controller
+                  if t_fault - 1.0 <= t <= t_fault and not is_safe(v)]
         return TrialResult(fault, first[0] - t_fault, first[0] - last_fresh,
                            "watchdog" if first[1] not in policy else "node", drift, safe,
-                           hand_speed_before_m_s=speed)
+                           hand_speed_before_m_s=speed,
+                           saturated_before=float(np.mean(pushed)) if pushed else math.nan)
 
 
 if __name__ == "__main__":
