@@ -104,8 +104,8 @@ class ScriptedExpert:
     def plan(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float, str]:
         """Observation → (hand target, hand yaw target, finger force, phase name)."""
         c = self.config
-        finger = float(obs["joint_positions"][7])
-        finger_speed = abs(float(obs["joint_velocities"][7]))
+        finger = float(obs["joint_positions"][-1])  # the finger joint comes last, whatever the arm
+        finger_speed = abs(float(obs["joint_velocities"][-1]))
         s = obs["task_state"]
         hand = s[0:3]
         goal = tasks.expert_goal(self.task, s, c.cube_size, c.grasp_height, c.place_clearance, c.xy_tolerance,
