@@ -226,7 +226,9 @@ def cache_layout(model: onnx.ModelProto) -> str:
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
                  ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = (),
-                 layout: str = contract.CACHE_LAYOUT_RING) -> None:
+                 layout: str = contract.CACHE_LAYOUT_RING, served: dict[str, str] | None = None) -> None:
+    """Write the gato_ros metadata_props. `served`: `contract.served_metadata(...)` for a file of several arms or
+    tasks (its default spec must be `spec`); None keeps what the file says it serves (absent: the legacy one)."""
     props = {
         contract.META_CONFIG: config.to_json(),
         contract.META_SPEC: spec.to_json(),
@@ -245,6 +247,10 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
     if trained_capacities:
         props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
+    if served is not None:
+        if json.loads(served[contract.META_SPEC]) != json.loads(props[contract.META_SPEC]):
+            raise ValueError("the served default spec is not the spec the graph was exported for")
+        props.update(served)
     optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES, contract.META_CACHE_LAYOUT,
                 contract.META_CACHE_UPDATE)
     kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]

@@ -37,10 +37,10 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
 
 def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0) -> None:
     from sim.env import StackingEnv
-    from sim.expert import ScriptedExpert
+    from sim.expert import make_expert
 
     _worker["env"] = StackingEnv(**env_options)
-    _worker["expert"] = ScriptedExpert()
+    _worker["expert"] = make_expert(_worker["env"].config.arm, _worker["env"].config.task)
     _worker["beta"] = beta
     if policy is not None:
         from gato_ros.runtime import PolicyRuntime
@@ -78,7 +78,12 @@ def run_dagger_episode(seed: int, beta: float):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sim.env import ARM_NAMES, DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK, task_names
+
     parser.add_argument("--episodes", type=int, required=True, help="episodes to run")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="what the expert demonstrates")
+    parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="which arm (its own spec)")
     parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)), help="parallel processes")
     parser.add_argument("--out", required=True, help="dataset directory (must not hold a finished dataset)")
     parser.add_argument("--noise-fraction", type=float, default=0.5, help="share of noise-injected demos")
@@ -96,10 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.spec import env_overrides, stacking_spec
+    from sim.spec import embodiment_spec, env_overrides
 
     cameras = tuple(args.cameras) if args.cameras else None
-    spec = stacking_spec(image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
         EpisodeWriter(args.out, spec) as writer,
-        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_overrides(spec), args.policy, args.beta))
+        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_options, args.policy, args.beta))
         as pool,
     ):
         progress = tqdm(pool.imap(_run_job, jobs), total=len(jobs), unit="ep", desc="collect")
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
             nans += episode.nan
             if episode.success or args.keep_failures or args.policy:
                 metadata = {
+                    "task": args.task,
+                    "arm": args.arm,
                     "seed": job.seed,
                     "success": episode.success,
                     "noisy": episode.noisy,
