@@ -36,11 +36,10 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
 
 
 def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0) -> None:
-    from sim.env import StackingEnv
-    from sim.expert import make_expert
+    from sim.arms import make_env, make_expert
 
-    _worker["env"] = StackingEnv(**env_options)
-    _worker["expert"] = make_expert(_worker["env"].config.arm, _worker["env"].config.task)
+    _worker["env"] = make_env(**env_options)
+    _worker["expert"] = make_expert(_worker["env"].arm, _worker["env"].config.task)
     _worker["beta"] = beta
     if policy is not None:
         from gato_ros.runtime import PolicyRuntime
@@ -101,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.spec import embodiment_spec, env_overrides
+    from sim.arms import embodiment_spec
+    from sim.spec import env_overrides
 
     cameras = tuple(args.cameras) if args.cameras else None
     spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)

@@ -17,8 +17,8 @@ Observation dict:
     camera_<name>    (H, W, 3) uint8, one per camera in `cameras` ("scene", "wrist": sim/cameras.py)
 
 Tasks (`task=`, sim/tasks.py) share the scene and the observations and differ in what counts as success.
-Arms (`arm=`): "panda" here; "xarm6" is the velocity-commanded UFactory xArm6 in sim/xarm.py, which
-`StackingEnv(arm="xarm6")` builds.
+Arms: this env is the Panda's; the velocity-commanded UFactory xArm6 is its sibling `sim.xarm.XArmStackingEnv`.
+`sim.arms.make_env(arm=..., task=...)` builds either.
 """
 
 from __future__ import annotations
@@ -93,20 +93,14 @@ def yaw_of(quaternion) -> float:
 class StackingEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __new__(cls, config: StackingConfig | None = None, **overrides):
-        # One entry point for every arm: StackingEnv(arm="xarm6") is the xArm6's env (sim/xarm.py).
-        arm = check_arm(overrides.get("arm", config.arm if config is not None else DEFAULT_ARM))
-        if cls is StackingEnv and arm == "xarm6":
-            from sim.xarm import XArmStackingEnv
-
-            cls = XArmStackingEnv
-        return super().__new__(cls)
-
     def __init__(self, config: StackingConfig | None = None, **overrides):
         # keyword overrides (gym.make("GatoStack-v0", image_size=64)) never mutate the caller's config
         self.config = replace(config or StackingConfig(), **overrides)
         c = self.config
         self.task = tasks.get_task(c.task)
+        if check_arm(c.arm) != self.arm:
+            raise ValueError(f"{type(self).__name__} simulates the {self.arm}; sim.arms.make_env(arm={c.arm!r}) "
+                             f"builds the {c.arm}'s env")
         if len(c.colours) < 2:
             raise ValueError("the stacking scene needs at least two blocks")
         if c.physics_hz % c.control_hz:
@@ -285,7 +279,8 @@ class StackingEnv(gym.Env):
         return any(p.getContactPoints(self.robot, self.cubes[i], j, -1, physicsClientId=self.client)
                    for j in self.finger_links)
 
-    # The arm's joint and link indices in PyBullet (sim/xarm.py has the xArm6's).
+    # The arm and its joint and link indices in PyBullet (sim/xarm.py has the xArm6's).
+    arm = "panda"
     hand_link = HAND_LINK
     finger_links = FINGER_JOINTS
     observed_joints = ARM_JOINTS + [FINGER_JOINTS[0]]

@@ -46,7 +46,7 @@ def make_policy(policy: str, provider: str, task: str | None = None, arm: str | 
 
     task, arm = task or DEFAULT_TASK, arm or DEFAULT_ARM
     if policy == "expert":
-        from sim.expert import make_expert
+        from sim.arms import make_expert
 
         expert = make_expert(arm, task)
 
@@ -82,7 +82,7 @@ def check_policy_serves(policy: str, task: str, arm: str) -> None:
 
 def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | None = None,
                  arm: str | None = None) -> None:
-    from sim.env import StackingEnv
+    from sim.arms import make_env
 
     _worker["policy"] = make_policy(policy, provider, task, arm)
     from sim.spec import env_overrides
@@ -92,7 +92,7 @@ def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | 
     if max_steps:
         overrides["max_steps"] = max_steps
     overrides.update({k: v for k, v in (("task", task), ("arm", arm)) if v is not None})
-    _worker["env"] = StackingEnv(**overrides)
+    _worker["env"] = make_env(**overrides)
 
 
 def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:

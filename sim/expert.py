@@ -24,7 +24,6 @@ import pybullet_data
 
 from sim import tasks
 from sim.env import (
-    ARM_NAMES,
     ARM_TORQUE_LIMITS,
     GRIPPER_CLOSE,
     GRIPPER_OPEN,
@@ -173,17 +172,6 @@ class ScriptedExpert:
         return out
 
 
-def make_expert(arm: str = "panda", task: str = tasks.DEFAULT_TASK):  # noqa: ANN201 - either arm's expert
-    """The scripted expert for `arm` (sim.env.ARM_NAMES) and `task` (sim.tasks.TASKS); both expose act(obs)."""
-    from sim.env import check_arm
-
-    if check_arm(arm) == "xarm6":
-        from sim.xarm import XArmExpert
-
-        return XArmExpert(task=task)
-    return ScriptedExpert(task=task)
-
-
 @dataclass
 class Episode:
     """One rollout. `actions` are the expert's clean commands (the labels); `executed` what the arm got."""
@@ -244,17 +232,17 @@ def run_episode(
     )
 
 
-def _measure_one(args: tuple[int, bool, bool, str, str]) -> tuple[bool, int, bool, float]:
+def _measure_one(args: tuple[int, bool, bool, str]) -> tuple[bool, int, bool, float]:
     import time
 
     from sim.env import StackingEnv
-    from sim.spec import embodiment_spec
+    from sim.spec import stacking_spec
 
-    seed, tokenize, noisy, task, arm = args
+    seed, tokenize, noisy, task = args
     if "env" not in _MEASURE:
-        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(task=task, arm=arm), make_expert(arm, task)
+        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(task=task), ScriptedExpert(task=task)
     t0 = time.perf_counter()
-    spec = embodiment_spec(arm) if tokenize else None
+    spec = stacking_spec() if tokenize else None
     ep = run_episode(_MEASURE["env"], _MEASURE["expert"], seed, noisy=noisy, tokenize_spec=spec)
     return ep.success, ep.steps, ep.nan, (time.perf_counter() - t0) / ep.steps
 
@@ -263,8 +251,8 @@ _MEASURE: dict = {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sim.expert --episodes 200 --workers 2 [--task T] [--arm A] [--tokenize] [--noisy]`: the expert's
-    success rate."""
+    """`python -m sim.expert --episodes 200 --workers 2 [--task T] [--tokenize] [--noisy]`: the Panda expert's
+    success rate (`gato-ros eval --task T --arm A` measures either arm's)."""
     import argparse
     import multiprocessing as mp
 
@@ -275,9 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenize", action="store_true", help="send every command through the token round trip")
     parser.add_argument("--noisy", action="store_true", help="inject torque noise (as in the noisy demos)")
     parser.add_argument("--task", default=tasks.DEFAULT_TASK, choices=tasks.task_names())
-    parser.add_argument("--arm", default="panda", choices=ARM_NAMES)
     args = parser.parse_args(argv)
-    jobs = [(args.seed + i, args.tokenize, args.noisy, args.task, args.arm) for i in range(args.episodes)]
+    jobs = [(args.seed + i, args.tokenize, args.noisy, args.task) for i in range(args.episodes)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(_measure_one, jobs, chunksize=4)
     ok = np.array([r[0] for r in results])
@@ -286,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     step_ms = 1e3 * np.mean([r[3] for r in results])
     tags = (" (token round trip)" if args.tokenize else "") + (" (noisy)" if args.noisy else "")
     print(
-        f"expert {args.arm} {args.task}{tags}: {ok.sum()}/{len(ok)} = {ok.mean():.1%} success; "
+        f"expert {args.task}{tags}: {ok.sum()}/{len(ok)} = {ok.mean():.1%} success; "
         f"steps mean {steps.mean():.1f} median {np.median(steps):.0f} min {steps.min()} max {steps.max()}; "
         f"{step_ms:.2f} ms wall per control step (env + expert); NaN {sum(r[2] for r in results)}; "
         f"failed seeds {failed}"

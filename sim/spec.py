@@ -50,19 +50,6 @@ def stacking_spec(image_size: int | None = None, privileged: bool = True,
     )
 
 
-def embodiment_spec(arm: str = "panda", image_size: int | None = None, privileged: bool = True,
-                    cameras: tuple[str, ...] | None = None) -> EmbodimentSpec:
-    """The spec of `arm` (sim.env.ARM_NAMES) in the stacking scene: `stacking_spec` for the Panda, the
-    velocity-commanded xArm6's from sim/xarm.py."""
-    from sim.env import check_arm
-
-    if check_arm(arm) == "xarm6":
-        from sim.xarm import xarm_spec
-
-        return xarm_spec(image_size, privileged, cameras)
-    return stacking_spec(image_size, privileged, cameras)
-
-
 def _name_suffix(image_size: int | None, privileged: bool, cameras: tuple[str, ...] | None) -> str:
     suffix = "" if privileged else "_blind" if not image_size else "_seeing"
     if image_size:

@@ -22,7 +22,7 @@ import numpy as np
 
 GoalKind = Literal["stack", "lift", "marker"]
 MARKER_XY = (0.525, 0.0)  # centre of the cube workspace (sim/env.py StackingConfig.workspace)
-MARKER_RADIUS = 0.03
+MARKER_RADIUS = 0.04
 MARKER_COLOUR = "green"
 LIFT_HEIGHT = 0.10  # a lifted cube's centre is at least this high above the table top (m)
 LIFT_HAND_HEIGHT = 0.15  # the expert carries the cube to this hand height (m)

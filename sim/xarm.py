@@ -16,6 +16,7 @@ real one, takes a position: the finger target (open 0.04 m, closed 0 m, squeezin
 Action (7,): joint1..joint6 velocities (rad/s), then the finger position target (m).
 Observation: joint_positions / joint_velocities (7,) (joint1..6 rad, finger m), and the same
 `task_state` (17,) and cameras as the Panda's env (the wrist camera is the Panda's only, for now).
+Build it as `XArmStackingEnv(task=...)`, `sim.arms.make_env(arm="xarm6")` or `gym.make("GatoStackXArm6-v0")`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pybullet_data
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 from sim.env import StackingEnv
 from sim.expert import ExpertConfig, ScriptedExpert
+from sim.spec import stacking_spec
 
 ARM_JOINT_NAMES = tuple(f"joint{i}" for i in range(1, 7))
 FINGER_JOINT_NAME = "gripper_finger_left"
@@ -114,10 +116,12 @@ def link_index(robot: int, client: int, name: str) -> int:
 
 
 class XArmStackingEnv(StackingEnv):
-    """The stacking scene with the xArm6 (module docstring); build it as `StackingEnv(arm="xarm6")`."""
+    """The stacking scene with the xArm6 (module docstring)."""
+
+    arm = "xarm6"
 
     def __init__(self, config=None, **overrides):  # noqa: ANN001 - as StackingEnv
-        super().__init__(config, **overrides)
+        super().__init__(config, **{"arm": self.arm, **overrides})
         if "wrist" in (self.config.cameras or ()):
             raise ValueError("the wrist camera is mounted on the Panda's hand only; the xArm6 has the scene camera")
         self.joint_names = JOINT_NAMES
@@ -187,8 +191,6 @@ def xarm_spec(image_size: int | None = None, privileged: bool = True,
               cameras: tuple[str, ...] | None = None) -> EmbodimentSpec:
     """xArm6 stacking: the Panda spec's observations with 7 joints; actions six joint velocities (rad/s)
     and the gripper as a discrete choice of finger targets (0.04 m open, 0 m closed); action mode velocity."""
-    from sim.spec import stacking_spec
-
     panda = stacking_spec(image_size, privileged, cameras)
     observations = tuple(_xarm_observation(o) for o in panda.observations)
     actions = tuple(ActionSpec(name, "continuous", ARM_VELOCITY_LIMIT) for name in ARM_JOINT_NAMES)
