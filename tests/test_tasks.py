@@ -181,3 +181,4 @@ def test_collect_records_task_and_arm(tmp_path):
     assert meta["task"] == "lift_red" and meta["arm"] == "xarm6" and meta["success"]
     observations, actions = dataset.episode(0)
     assert actions.shape[1] == 7 and observations["joint_positions"].shape[1] == 7
+    assert observations["task_state"][-1, 5] > 0.02 + tasks.LIFT_HEIGHT  # a lift was demonstrated: red is up
