@@ -1,7 +1,8 @@
 """The UFactory xArm6 in the stacking scene: a second body with a different command interface.
 
-pybullet_data ships the arm (`xarm/xarm6_robot.urdf`, no gripper) and `xarm6_with_gripper.urdf`, whose
-xArm gripper is a closed four-bar linkage with `mimic` joints that PyBullet cannot simulate as written. So
+pybullet_data ships the arm (`xarm/xarm6_robot.urdf`, no gripper; used here in its white version) and
+`xarm6_with_gripper.urdf`, whose xArm gripper is a four-bar linkage written with `mimic` joints, which PyBullet
+ignores (each mimic and the loop closure would need constraints of their own; not attempted here). So
 the arm here carries a **simple parallel gripper** (built below: a block on the flange and two prismatic
 fingers, coupled like the Panda's), not the xArm gripper. Its finger joint reads like the Panda's: half
 the gap between the fingers, 0.04 m open.
@@ -88,7 +89,8 @@ def urdf_path() -> Path:
     """The xArm6 URDF with the parallel gripper, written once per user into the temp folder (the arm's
     meshes are referenced in pybullet_data by absolute path)."""
     data = Path(pybullet_data.getDataPath()) / "xarm"
-    text = (data / "xarm6_robot.urdf").read_text()
+    # the white arm: the coloured one has red and blue links, the colours a seeing policy tells the cubes by
+    text = (data / "xarm6_robot_white.urdf").read_text()
     fingers = "".join(
         _FINGER_URDF.format(side=side, sign=sign, offset=0.006 * sign, force=GRIPPER_FORCE)
         for side, sign in (("left", 1), ("right", -1))
