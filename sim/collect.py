@@ -100,12 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.arms import embodiment_spec
+    from sim.arms import embodiment_spec, make_env
     from sim.spec import env_overrides
 
     cameras = tuple(args.cameras) if args.cameras else None
     spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
     env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
+    make_env(**env_options).close()  # options the env refuses fail here, once, not in pool workers that respawn
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0

@@ -121,6 +121,16 @@ def test_unknown_task_or_arm_names_the_choices():
         parser.parse_args(["--episodes", "1", "--out", "x", "--task", "stack_green"])
 
 
+@pytest.mark.timeout(120)  # a refusal inside pool workers would respawn them forever
+def test_collect_refuses_what_the_env_refuses_before_starting_workers(tmp_path):
+    parser = argparse.ArgumentParser()
+    collect.add_arguments(parser)
+    wrist = parser.parse_args(["--episodes", "1", "--out", str(tmp_path / "x"), "--arm", "xarm6", "--image-size",
+                               "64", "--cameras", "wrist"])
+    with pytest.raises(ValueError, match="wrist camera"):
+        collect.run(wrist)
+
+
 # ------------------------------------------------------------------------------------------ xArm6
 
 
