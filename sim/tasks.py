@@ -48,7 +48,9 @@ TASKS: dict[str, Task] = {
         Task("stack_red_on_blue", "stack the red cube on the blue cube", "stack", pick=0, base=1),
         Task("stack_blue_on_red", "stack the blue cube on the red cube", "stack", pick=1, base=0),
         Task("lift_red", "lift the red cube", "lift", pick=0),
+        Task("lift_blue", "lift the blue cube", "lift", pick=1),
         Task("place_red_at_marker", "put the red cube on the green marker", "marker", pick=0),
+        Task("place_blue_at_marker", "put the blue cube on the green marker", "marker", pick=1),
     )
 }
 DEFAULT_TASK = "stack_red_on_blue"

@@ -36,20 +36,21 @@ def test_default_task_replays_the_expert_recorded_before_the_task_registry():
         np.testing.assert_array_equal(episode.observations["task_state"], golden["task_state"])
 
 
-@pytest.mark.parametrize("task", ["stack_blue_on_red", "lift_red", "place_red_at_marker"])
+@pytest.mark.parametrize("task", ["stack_blue_on_red", "lift_red", "lift_blue", "place_red_at_marker",
+                                  "place_blue_at_marker"])
 def test_expert_does_its_task(task):
     env, expert = StackingEnv(task=task), ScriptedExpert(task=task)
     episode = run_episode(env, expert, 1)
-    red, blue = env.cube_position(0), env.cube_position(1)
+    moved, other = env.cube_position(tasks.TASKS[task].pick), env.cube_position(1 - tasks.TASKS[task].pick)
     env.close()
     expert.close()
     assert episode.success and not episode.nan
     if task == "stack_blue_on_red":
-        assert abs(blue[2] - red[2] - 0.04) < 0.008 and np.linalg.norm(blue[:2] - red[:2]) < 0.015
-    elif task == "lift_red":
-        assert red[2] > 0.02 + tasks.LIFT_HEIGHT and blue[2] < 0.03
+        assert abs(moved[2] - other[2] - 0.04) < 0.008 and np.linalg.norm(moved[:2] - other[:2]) < 0.015
+    elif task.startswith("lift"):
+        assert moved[2] > 0.02 + tasks.LIFT_HEIGHT and other[2] < 0.03
     else:
-        assert np.linalg.norm(red[:2] - tasks.MARKER_XY) < 0.015 and red[2] < 0.03 and blue[2] < 0.03
+        assert np.linalg.norm(moved[:2] - tasks.MARKER_XY) < 0.015 and moved[2] < 0.03 and other[2] < 0.03
 
 
 @pytest.mark.parametrize(("task", "top", "bottom"), [("stack_red_on_blue", 0, 1), ("stack_blue_on_red", 1, 0)])
@@ -103,7 +104,8 @@ def test_marker_is_visible_off_the_cubes_and_not_physical():
 
 
 def test_unknown_task_or_arm_names_the_choices():
-    with pytest.raises(ValueError, match="stack_red_on_blue, stack_blue_on_red, lift_red, place_red_at_marker"):
+    with pytest.raises(ValueError, match="stack_red_on_blue, stack_blue_on_red, lift_red, lift_blue, "
+                                         "place_red_at_marker, place_blue_at_marker"):
         StackingEnv(task="stack_green")
     with pytest.raises(ValueError, match="panda, xarm6"):
         make_env(arm="ur5")
@@ -112,7 +114,7 @@ def test_unknown_task_or_arm_names_the_choices():
     with pytest.raises(ValueError, match="make_env"):
         StackingEnv(arm="xarm6")  # never the Panda's env under the xArm's name
     with pytest.raises(ValueError, match="lift_red"):
-        make_expert("xarm6", "lift_blue")
+        make_expert("xarm6", "lift_green")
     with pytest.raises(ValueError, match="panda, xarm6"):
         embodiment_spec("ur5")
     parser = argparse.ArgumentParser()
