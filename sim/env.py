@@ -12,7 +12,7 @@ Observation dict:
     joint_velocities (8,)  same order
     task_state       (17,) privileged: hand xyz, red xyz, blue xyz, red - hand, blue - red,
                            sin/cos of 4 × the yaw of the cube the task picks up (a cube looks the same
-                           every 90°; red in every task but stack_blue_on_red: sim/tasks.py)
+                           every 90°; red, or blue in the tasks that move blue: sim/tasks.py)
     image            (H, W, 3) uint8, only when `image_size` is set and `cameras` is not (the scene camera)
     camera_<name>    (H, W, 3) uint8, one per camera in `cameras` ("scene", "wrist": sim/cameras.py)
 
@@ -68,7 +68,7 @@ def check_arm(name: str) -> str:
 class StackingConfig:
     task: str = tasks.DEFAULT_TASK  # a name in sim/tasks.py TASKS ("stack" is the legacy name of the default)
     arm: str = DEFAULT_ARM  # a name in ARM_NAMES
-    colours: tuple[str, ...] = ("red", "blue")  # colours[0] goes on top of colours[1]; more are distractors
+    colours: tuple[str, ...] = ("red", "blue")  # task_state's red and blue cubes; more: distractors
     cube_size: float = 0.04
     cube_mass: float = 0.05
     physics_hz: int = 1000
@@ -92,6 +92,11 @@ def yaw_of(quaternion) -> float:
 
 class StackingEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    # The arm and its joint and link indices in PyBullet (sim/xarm.py has the xArm6's).
+    arm = "panda"
+    hand_link = HAND_LINK
+    finger_links = FINGER_JOINTS
+    observed_joints = ARM_JOINTS + [FINGER_JOINTS[0]]
 
     def __init__(self, config: StackingConfig | None = None, **overrides):
         # keyword overrides (gym.make("GatoStack-v0", image_size=64)) never mutate the caller's config
@@ -238,7 +243,7 @@ class StackingEnv(gym.Env):
             p.stepSimulation(physicsClientId=cid)
         return self._end_step(nan)
 
-    def _end_step(self, nan: bool):
+    def _end_step(self, nan: bool) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         """After the physics of one control step: observe, judge success, end the episode when due."""
         self.steps += 1
         obs = self._observe()
@@ -278,12 +283,6 @@ class StackingEnv(gym.Env):
         """Whether a finger touches cube i."""
         return any(p.getContactPoints(self.robot, self.cubes[i], j, -1, physicsClientId=self.client)
                    for j in self.finger_links)
-
-    # The arm and its joint and link indices in PyBullet (sim/xarm.py has the xArm6's).
-    arm = "panda"
-    hand_link = HAND_LINK
-    finger_links = FINGER_JOINTS
-    observed_joints = ARM_JOINTS + [FINGER_JOINTS[0]]
 
     def _observe(self) -> dict[str, np.ndarray]:
         cid = self.client

@@ -3,7 +3,8 @@ scripted expert asks it where to carry the cube, the CLI and the model file list
 
 Every task runs in the same scene (a red and a blue cube on the table) with the same observations, so
 what tells two tasks apart is the prompt or the instruction, not the scene: `stack_red_on_blue` and
-`stack_blue_on_red` start from the same distribution of scenes. Tasks with a marker add a flat,
+`stack_blue_on_red` (and `lift_red` and `lift_blue`) start from the same scenes, seed for seed; so do
+`place_red_at_marker` and `place_blue_at_marker`. Tasks with a marker add a flat,
 visual-only disc on the table at a fixed spot (`MARKER_XY`): it has no collision shape, so physics is
 unchanged, and the cubes are sampled away from it. It is fixed so that a policy that observes the
 privileged `task_state` (which has no marker slot) can learn it too; a seeing policy sees it.
