@@ -85,3 +85,18 @@ def test_served_metadata_is_checked_when_written():
         contract.served_metadata({"panda": stacking_spec().to_json()}, ["lift_red", "lift_red"])
     with pytest.raises(ValueError, match="at least one"):
         contract.served_metadata({}, ["lift_red"])
+
+
+def test_export_writes_the_arm_and_tasks_into_every_variant(tmp_path, capsys):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(xarm_spec().to_json())
+    out = tmp_path / "xarm.onnx"
+    common = ["export", "--random-init", "--preset", "tiny", "--spec", str(spec_file), "--out", str(out), "--no-check"]
+    with pytest.raises(SystemExit, match="--arm needs --tasks"):
+        main([*common, "--arm", "xarm6"])
+    assert main([*common, "--variants", "fp32,int8", "--arm", "xarm6", "--tasks", "lift_red,lift_blue"]) == 0
+    capsys.readouterr()
+    for path in (out, out.with_name("xarm.int8.onnx")):
+        d = info_json(path, capsys)
+        assert d["arms"] == ["xarm6"] and d["tasks"] == ["lift_red", "lift_blue"]
+        assert d["action_modes"] == {"xarm6": "velocity"}

@@ -36,12 +36,13 @@ def test_default_task_replays_the_expert_recorded_before_the_task_registry():
         np.testing.assert_array_equal(episode.observations["task_state"], golden["task_state"])
 
 
-@pytest.mark.parametrize("task", ["stack_blue_on_red", "lift_red", "lift_blue", "place_red_at_marker",
-                                  "place_blue_at_marker"])
-def test_expert_does_its_task(task):
+@pytest.mark.parametrize(("task", "cube"), [("stack_blue_on_red", 1), ("lift_red", 0), ("lift_blue", 1),
+                                           ("place_red_at_marker", 0), ("place_blue_at_marker", 1)])
+def test_expert_does_its_task(task, cube):
+    """`cube`: the one the task moves (0 red, 1 blue)."""
     env, expert = StackingEnv(task=task), ScriptedExpert(task=task)
     episode = run_episode(env, expert, 1)
-    moved, other = env.cube_position(tasks.TASKS[task].pick), env.cube_position(1 - tasks.TASKS[task].pick)
+    moved, other = env.cube_position(cube), env.cube_position(1 - cube)
     env.close()
     expert.close()
     assert episode.success and not episode.nan
