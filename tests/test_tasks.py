@@ -195,3 +195,18 @@ def test_collect_records_task_and_arm(tmp_path):
     observations, actions = dataset.episode(0)
     assert actions.shape[1] == 7 and observations["joint_positions"].shape[1] == 7
     assert observations["task_state"][-1, 5] > 0.02 + tasks.LIFT_HEIGHT  # a lift was demonstrated: red is up
+
+
+def test_the_node_side_sees_the_xarm6_as_a_velocity_arm():
+    """What the node builds from the spec: six arm joints for the velocity controller, the gripper apart;
+    an effort controller is refused at configure."""
+    from gato_ros.commands import check_output_mode, model_action_mode
+    from gato_ros.control import build_layout
+
+    spec = xarm_spec()
+    layout = build_layout(spec)
+    assert layout.arm_names == tuple(f"joint{i}" for i in range(1, 7)) and layout.gripper_name == "gripper_finger_left"
+    assert model_action_mode(spec) == "velocity"
+    check_output_mode("velocity", "velocity")
+    with pytest.raises(ValueError, match="velocity"):
+        check_output_mode("effort", model_action_mode(spec))
