@@ -34,6 +34,7 @@ import pybullet as p
 import pybullet_data
 
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
+from sim import tasks
 from sim.env import StackingEnv
 from sim.expert import ExpertConfig, ScriptedExpert
 from sim.spec import stacking_spec
@@ -161,7 +162,8 @@ class XArmStackingEnv(StackingEnv):
         self._command(np.zeros(6), FINGER_OPEN)
 
     def _command(self, velocities: np.ndarray, finger: float) -> None:
-        """The servo loop's setpoints; PyBullet's motors hold them over every sub-step until the next command."""
+        """The servo loop's setpoints; PyBullet's motors hold them over every sub-step until the next command.
+        The fingers' position servo (gain 0.05, at most GRIPPER_FORCE) closes them in about two control steps."""
         cid = self.client
         p.setJointMotorControlArray(self.robot, self.arm_joints, p.VELOCITY_CONTROL, targetVelocities=list(velocities),
                                     forces=list(ARM_EFFORT_LIMITS), physicsClientId=cid)
@@ -178,7 +180,6 @@ class XArmStackingEnv(StackingEnv):
             raise ValueError("action holds NaN or inf")
         velocities = np.clip(action[:6], -ARM_VELOCITY_LIMIT, ARM_VELOCITY_LIMIT)
         self._command(velocities, float(np.clip(action[6], FINGER_CLOSED, FINGER_OPEN)))
-        nan = False
         for _ in range(self.substeps):
             p.stepSimulation(physicsClientId=self.client)
         states = p.getJointStates(self.robot, self.observed_joints, physicsClientId=self.client)
@@ -227,10 +228,8 @@ class XArmExpert(ScriptedExpert):
 
     gain = 10.0  # 1/s: joint velocity per radian of IK error
 
-    def __init__(self, config: ExpertConfig | None = None, task: str = "stack_red_on_blue"):
+    def __init__(self, config: ExpertConfig | None = None, task: str = tasks.DEFAULT_TASK):
         # no ScriptedExpert.__init__: it loads the Panda
-        from sim import tasks
-
         self.config = config or ExpertConfig(noise_std=(0.05,) * 6)
         self.task = tasks.get_task(task)
         self.client = p.connect(p.DIRECT)
