@@ -12,6 +12,7 @@ Rerunning with the same `--work` resumes: a stage whose output is complete is sk
 exist for fewer Python versions than torch's CUDA builds, so a GPU box may need two.
 Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-{w1,w4}.int8.onnx (a 1-timestep and
 a 4-timestep window trained from scratch on the final data with the same steps), WORK/summary.json.
+DAgger rounds are pipelined: while one round's policy drives, the trainer fine-tunes on the data so far.
 """
 
 from __future__ import annotations
@@ -56,14 +57,19 @@ class Recipe:
         self.log.flush()
         return seconds
 
-    def collect(self, name: str, episodes: int, seed: int, policy: Path | None = None, beta: float = 0.0) -> Path:
+    def collect(self, name: str, episodes: int, seed: int, policy: Path | None = None, beta: float = 0.0,
+                workers: int | None = None, background: bool = False) -> tuple[Path, subprocess.Popen | None]:
+        """Episodes into WORK/name; in the background, the caller waits on the returned process."""
         out = self.work / name
-        argv = ["collect", "--episodes", str(episodes), "--workers", str(self.args.workers), "--seed", str(seed),
-                *CAMERA, "--out", str(out)]
+        argv = ["collect", "--episodes", str(episodes), "--workers", str(workers or self.args.workers),
+                "--seed", str(seed), *CAMERA, "--out", str(out)]
         if policy is not None:
             argv += ["--policy", str(policy), "--beta", str(beta)]
+        if background and not (out / "dataset.json").exists():
+            print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
+            return out, subprocess.Popen([self.args.sim_python, "-m", "gato_ros.cli", *argv])
         self.run(name, self.args.sim_python, argv, done=out / "dataset.json")
-        return out
+        return out, None
 
     def train(self, name: str, data: list[Path], steps: int, minutes: float, init: Path | None = None,
               window_steps: int = WINDOW_STEPS, lr: float = 1e-3, seed: int = 0, background: bool = False):
@@ -123,28 +129,37 @@ def main() -> int:
     recipe = Recipe(args)
     per_minute = args.steps_per_minute
 
-    data = [recipe.collect("expert", args.expert_episodes, seed=500)]
+    data = [recipe.collect("expert", args.expert_episodes, seed=500)[0]]
     model = recipe.train("bc", data, steps=int(per_minute * args.bc_minutes), minutes=args.bc_minutes)
     per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
     recipe.summary["steps_per_minute"] = per_minute
+    # DAgger, pipelined: while round r's policy drives (simulator workers), the trainer fine-tunes on the data
+    # so far, so the next round's policy is one fine-tune newer and neither the CPUs nor the GPU wait.
     rounds = 0
     betas = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]
-    round_seconds = 120.0
+    round_seconds = 90.0
+    sim_workers = max(1, args.workers - args.loader_workers - 1)
+    policy = recipe.export(model, recipe.work / "round0.onnx", "fp32")
     while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes:
         t0 = time.time()
-        onnx = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
-        data.append(recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=onnx,
-                                   beta=betas[rounds]))
+        dagger, collecting = recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=policy,
+                                            beta=betas[rounds], workers=sim_workers, background=True)
         model = recipe.train(f"ft{rounds}", data, steps=int(per_minute * args.round_minutes),
                              minutes=args.round_minutes, init=model, lr=5e-4, seed=rounds + 1)
+        if collecting is not None and collecting.wait() != 0:
+            raise SystemExit(f"{dagger}: collection failed")
+        data.append(dagger)
         rounds += 1
+        policy = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
         round_seconds = max(round_seconds, time.time() - t0)
 
-    # The 1- vs 4-timestep window on the same data and the same steps, both from scratch, side by side.
+    # Last, side by side: a fine-tune on everything (the last round's data included), and the 1- against the
+    # 4-timestep window trained from scratch on the same data with the same steps.
     minutes = max(0.3, (recipe.left() - 45 - args.eval_seconds) / 60)
-    steps = int(per_minute * minutes * 0.5)  # two trainers share the machine
+    steps = int(per_minute * minutes / 3)  # three trainers share the machine
     ablation = {w: recipe.train(f"ablation-w{w}", data, steps=steps, minutes=minutes, window_steps=w, seed=7,
                                 background=True) for w in (1, WINDOW_STEPS)}
+    model = recipe.train("ft-final", data, steps=steps, minutes=minutes, init=model, lr=2e-4, seed=99)
     recipe.export(model, recipe.work / "see.onnx", "fp32,int8")
     for w, process in ablation.items():
         if process.wait() == 0:
