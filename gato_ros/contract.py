@@ -107,13 +107,6 @@ class Served:
     def default_arm(self) -> str:
         return self.arms[0]
 
-    def check(self, arm: str | None = None, task: str | None = None) -> None:
-        """A ValueError naming what the file serves when `arm` or `task` is not among them."""
-        if arm is not None and arm not in self.specs:
-            raise ValueError(f"the model serves arm(s) {', '.join(self.arms)}, not {arm!r}")
-        if task is not None and task not in self.tasks:
-            raise ValueError(f"the model serves task(s) {', '.join(self.tasks)}, not {task!r}")
-
 
 def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...]) -> dict[str, str]:
     """The metadata_props that say what a file serves: `specs` maps arm name -> spec JSON text (the first arm
