@@ -1,6 +1,7 @@
 """The seeing policy's recipe: expert demos -> behaviour cloning -> DAgger rounds -> int8 export, on a
 clock. Camera `scene` at 64 px + joint positions and velocities; no `task_state` (the expert still acts
-on it and labels every state). Every step is a `gato-ros` subcommand; the driver only sequences them,
+on it and labels every state; the demos keep it beside the frames as a training target of an auxiliary head,
+never an input). Every step is a `gato-ros` subcommand; the driver only sequences them,
 times them, and stops starting rounds when the budget runs short, so one command fits a fixed lease of
 a machine (it was sized for 16 cores + one GPU: `--workers 15 --budget-minutes 9`).
 
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state"]
+CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state", "--aux-keys", "task_state"]
 TOKENS_PER_STEP = 41  # 16 patches + 8 joint positions + 8 velocities + separator + 8 actions
 WINDOW_STEPS = 4
 EVAL_SEED = 100_000  # held out: collection seeds derive from --seed below 100 000's streams
@@ -80,6 +81,8 @@ class Recipe:
                 "--lr", str(lr), "--warmup", str(max(20, steps // 20)), "--eval-every", str(max(100, steps // 4)),
                 "--max-minutes", f"{minutes:.2f}", "--workers", str(self.args.loader_workers), "--seed", str(seed),
                 "--no-progress"]
+        if self.args.aux_weight > 0:  # task_state as a target only: the policy's inputs stay camera + joints
+            argv += ["--aux-key", "task_state", "--aux-weight", str(self.args.aux_weight)]
         if self.args.threads:
             argv += ["--threads", str(self.args.threads)]
         if init is not None:
@@ -123,6 +126,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the ablation and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary task_state target "
+                        "(0: none)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
                         "of the int8 file at the end (0: none)")
     args = parser.parse_args()

@@ -91,11 +91,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named cameras (observation keys camera_<name>); default: the scene camera as `image`")
     parser.add_argument("--no-task-state", action="store_true",
                         help="leave the privileged task_state out of the spec (camera + joints only)")
+    parser.add_argument("--aux-keys", nargs="+", default=(), choices=("task_state",),
+                        help="privileged env values kept beside the observations as training targets only "
+                        "(gato-ros train --aux-key), never policy inputs")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
     parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
                         "(failed episodes are kept: their states are the point)")
     parser.add_argument("--beta", type=float, default=0.3, help="DAgger: per-step chance the expert drives instead")
+
+
+def aux_specs(keys: list[str], arm: str = "panda") -> dict:
+    """Auxiliary keys with the normalization the privileged policy's spec (of `arm`) gives the same values."""
+    from gato_ros.data import AuxSpec
+    from sim.arms import embodiment_spec
+
+    privileged = embodiment_spec(arm, privileged=True)
+    specs = {}
+    for key in keys:
+        o = privileged.observation(key)
+        offset = np.broadcast_to(np.asarray(o.offset if o.offset is not None else 0.0, np.float64), (o.size,))
+        scale = np.broadcast_to(np.asarray(o.scale if o.scale is not None else 1.0, np.float64), (o.size,))
+        specs[key] = AuxSpec(o.size, tuple(map(float, offset)), tuple(map(float, scale)))
+    return specs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
     make_env(**env_options).close()  # options the env refuses fail here, once, not in pool workers that respawn
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
+    aux = aux_specs(args.aux_keys, args.arm)
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
     lengths: list[int] = []
@@ -115,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
-        EpisodeWriter(args.out, spec) as writer,
+        EpisodeWriter(args.out, spec, aux=aux) as writer,
         ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_options, args.policy, args.beta))
         as pool,
     ):
@@ -135,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                     "steps": episode.steps,
                     "nan": episode.nan,
                 }
-                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata)
+                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata,
+                                   aux={k: episode.observations[k] for k in aux})
                 kept += 1
                 steps += episode.steps
             lengths.append(episode.steps)
