@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gato_ros import contract
 from gato_ros.spec import EmbodimentSpec
 
 FORMAT = "gato_ros.episodes/v1"
@@ -260,7 +261,39 @@ class EpisodeCollection:
         dataset, i = self._parts[index]
         return dataset.aux_values(i, key)
 
+    @property
+    def arm(self) -> str:
+        """The arm its episodes were recorded on (their `arm` metadata; none: contract.LEGACY_ARM, the Panda of
+        every dataset recorded before the metadata). DatasetError when its episodes name several."""
+        arms = {str(e.get("arm", contract.LEGACY_ARM)) for e in self.episodes}
+        if len(arms) != 1:
+            raise DatasetError(f"episodes of spec {self.spec.name!r} name several arms {sorted(arms)}")
+        return arms.pop()
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task names of its episodes (`task` metadata; none: contract.LEGACY_TASK), in order of appearance."""
+        return list(dict.fromkeys(str(e.get("task", contract.LEGACY_TASK)) for e in self.episodes))
+
 
 def read_datasets(roots: list[str | Path]) -> EpisodeCollection:
     """Open one or more datasets that share a spec."""
     return EpisodeCollection([read_dataset(r) for r in roots])
+
+
+def read_spec_groups(roots: list[str | Path]) -> list[EpisodeCollection]:
+    """Open datasets of one or more specs (a generalist's data: Gato trains on several bodies at once): one
+    collection per spec, in the order the specs first appear in `roots`. Each spec is one arm's, so two specs
+    recorded on the same arm are refused (a file serves one spec per arm)."""
+    by_spec: dict[str, list[EpisodeDataset]] = {}
+    for root in roots:
+        dataset = read_dataset(root)
+        by_spec.setdefault(dataset.spec.to_json(), []).append(dataset)
+    groups = [EpisodeCollection(datasets) for datasets in by_spec.values()]
+    arms = [g.arm for g in groups]
+    for arm in dict.fromkeys(arms):
+        if arms.count(arm) > 1:
+            names = [g.spec.name for g in groups if g.arm == arm]
+            raise DatasetError(f"datasets of arm {arm!r} were recorded with {len(names)} different specs {names}; "
+                               "one spec per arm")
+    return groups

@@ -7,6 +7,12 @@ count from 0: attention is relative, so this matches the runtime's absolute posi
 Prompt conditioning (Gato section 3.3), optional: a share of the windows begin with a
 demonstration of the same task taken from another episode -- half of those from its end, half from
 anywhere in it -- and the rest of the window is the episode being trained on. No loss on the prompt.
+
+Several specs (a generalist: Gato serializes each body with its own tokens per timestep): each spec's
+episodes are tokenized with that spec, and `MixedSpecWindows` serves them as one dataset, so a batch
+mixes specs. Every window is `seq_len` tokens whatever its spec, padded with PAD_TOKEN after its
+episode's end; padding only ever follows a window's real tokens, so causal attention hides it from
+them, and it carries no loss (`loss_mask` is off): no padding reaches a loss term.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from gato_ros import contract
 from gato_ros import tokenizer as tok
@@ -211,4 +217,30 @@ class SequenceDataset(Dataset):
                 positions[dst] = tok.patch_positions(piece.patch_intervals[src], rng if self.train else None)
             item["patches"] = torch.from_numpy(patches)
             item["patch_positions"] = torch.from_numpy(positions)
+        return item
+
+
+class MixedSpecWindows(ConcatDataset):
+    """The windows of several `SequenceDataset`s (one per spec, same `seq_len`) as one dataset: a shuffled
+    sampler then mixes specs within a batch. Where some spec has images, the windows of a spec without
+    any get all-zero patches (no PATCH_TOKEN points at them), so every batch collates."""
+
+    def __init__(self, parts: list[SequenceDataset]) -> None:
+        lengths = {p.seq_len for p in parts}
+        if len(lengths) != 1:
+            raise ValueError(f"windows of one batch need one length, got {sorted(lengths)}")
+        super().__init__(parts)
+        self.parts = parts
+        self.seq_len = lengths.pop()
+        self.has_images = any(p.has_images for p in parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        if self.has_images and "patches" not in item:
+            item["patches"] = torch.zeros((self.seq_len, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=torch.uint8)
+            item["patch_positions"] = torch.zeros((self.seq_len, 2), dtype=torch.int64)
         return item
