@@ -81,6 +81,9 @@ class Param:
 PARAMETERS: dict[str, Param] = {
     "autostart": Param(True, "walk the lifecycle to active at startup (no lifecycle manager)", STARTUP),
     "model_path": Param("", "ONNX policy file; empty = the shipped model"),
+    # Read only: a file of several arms is served for this one; the wrong body's spec must never be swapped in live.
+    "arm": Param("", "which of the model's arms to serve (gato-ros info lists them); empty = its default arm",
+                 STARTUP),
     "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
@@ -255,6 +258,8 @@ class PolicyNode(LifecycleNode):
                                   "context_tokens": int(self._param("context_tokens")) or None}
         if self._param("threads"):
             kwargs["threads"] = int(self._param("threads"))
+        if self._param("arm"):
+            kwargs["arm"] = self._param("arm")
         return kwargs
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -276,7 +281,8 @@ class PolicyNode(LifecycleNode):
         self.last_error = ""
         self.state_label = "inactive"
         self.get_logger().info(
-            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}), {rate:g} Hz, {loop.mode} "
+            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}) for arm "
+            f"{getattr(runtime, 'arm', '?')}, {rate:g} Hz, {loop.mode} "
             f"output, arm {list(loop.layout.arm_names)}, gripper {loop.layout.gripper_name}, "
             f"limits {loop.limits.tolist()}, safe action {loop.safe_settings.kind}")
         return TransitionCallbackReturn.SUCCESS

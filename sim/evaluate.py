@@ -63,7 +63,7 @@ def make_policy(policy: str, provider: str, task: str | None = None, arm: str | 
     from gato_ros.runtime import PolicyRuntime
 
     check_policy_serves(policy, task, arm)
-    return PolicyRuntime(policy, provider=provider, threads=1)
+    return PolicyRuntime(policy, provider=provider, threads=1, arm=arm)  # that arm's spec: its observations, actions
 
 
 def check_policy_serves(policy: str, task: str, arm: str) -> None:
@@ -75,9 +75,6 @@ def check_policy_serves(policy: str, task: str, arm: str) -> None:
     if arm not in served["arms"] or task not in served["tasks"]:
         raise ValueError(f"{policy} serves arm(s) {', '.join(served['arms'])} and task(s) "
                          f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
-    if arm != served["default_arm"]:  # the runtime serves the file's default spec (gato_ros.spec) only
-        raise ValueError(f"{policy}: serving arm {arm!r} needs a runtime that picks a spec; this one serves "
-                         f"the default arm {served['default_arm']!r} only")
 
 
 def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | None = None,
