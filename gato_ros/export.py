@@ -496,13 +496,9 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
     {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
      "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
-    # quantizers may drop or keep stale props: what the file serves is copied from the fp32 file
+    # quantizers may drop or keep stale props (they keep gato_ros.specs/tasks: set_metadata leaves those as found)
     source = onnx.load(str(fp32), load_external_data=False)
-    source_props = {p.key: p.value for p in source.metadata_props}
-    served = ({k: source_props[k] for k in (contract.META_SPECS, contract.META_TASKS, contract.META_SPEC)}
-              if contract.META_SPECS in source_props else None)
-    set_metadata(proto, config, spec, context, variant, logit_ranges(source), trained_capacities, cache_layout(source),
-                 served)
+    set_metadata(proto, config, spec, context, variant, logit_ranges(source), trained_capacities, cache_layout(source))
     save(proto, dst)
     return dst
 

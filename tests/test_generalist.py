@@ -171,3 +171,23 @@ def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(expo
         for n in nodes:
             n.destroy_node()
         rclpy.shutdown(context=context)
+
+
+def test_the_head_scores_the_actions_of_every_arm(tmp_path) -> None:
+    """A file's restricted head covers the union of its arms' action tokens: an arm whose gripper has three
+    settings needs token 2, which the Panda's two-valued gripper never produces."""
+    from dataclasses import replace
+
+    from gato_ros import contract
+    from gato_ros.export import export
+    from gato_ros.model import GatoConfig, GatoModel
+    from gato_ros.runtime import PolicyRuntime
+
+    gripper = replace(XARM.actions[6], values=(0.04, 0.02, 0.0))
+    three = replace(XARM, name="xarm6_three_settings", actions=(*XARM.actions[:6], gripper))
+    served = contract.served_metadata({"panda": PANDA.to_json(), "xarm6": three.to_json()}, ["lift_red"])
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig.from_preset("tiny", n_layer=1, context_window=WINDOW)).eval()
+    path = export(model, PANDA, tmp_path / "three.onnx", check=False, served=served)["fp32"]
+    runtime = PolicyRuntime(str(path), provider="cpu", threads=1, arm="xarm6")
+    assert runtime.step(runtime.zero_observation())[6] in gripper.values
