@@ -191,3 +191,26 @@ def test_the_head_scores_the_actions_of_every_arm(tmp_path) -> None:
     path = export(model, PANDA, tmp_path / "three.onnx", check=False, served=served)["fp32"]
     runtime = PolicyRuntime(str(path), provider="cpu", threads=1, arm="xarm6")
     assert runtime.step(runtime.zero_observation())[6] in gripper.values
+
+
+def test_every_specs_timestep_must_fit_the_models_local_positions() -> None:
+    """The longest timestep of any spec, not only the default arm's, must have local positions to index."""
+    import argparse
+    from dataclasses import replace
+
+    from gato_ros.spec import ObservationSpec
+    from gato_ros.train import SetupError, choose_config
+
+    wide = replace(XARM, name="xarm6_wide", observations=(ObservationSpec("joint_positions", (600,)),))
+    args = argparse.Namespace(init=None, out="unused", preset="tiny", context_window=WINDOW, label_sigma=None,
+                              no_value_embedding=False)
+    assert choose_config(args, [PANDA, XARM], resuming=False).max_local_positions == 512
+    with pytest.raises(SetupError, match="xarm6_wide.*608 tokens.*512 local positions"):
+        choose_config(args, [PANDA, wide], resuming=False)
+
+
+def test_two_specs_of_one_arm_are_refused(datasets, tmp_path) -> None:
+    seeing = write_episodes(tmp_path / "seeing", stacking_spec(image_size=32, privileged=False), "panda", ["lift_red"],
+                            episodes=1, steps=2)
+    with pytest.raises(ValueError, match="arm 'panda' were recorded with 2 different specs"):
+        read_spec_groups([datasets[0], datasets[1], seeing])
