@@ -214,3 +214,20 @@ def test_two_specs_of_one_arm_are_refused(datasets, tmp_path) -> None:
                             episodes=1, steps=2)
     with pytest.raises(ValueError, match="arm 'panda' were recorded with 2 different specs"):
         read_spec_groups([datasets[0], datasets[1], seeing])
+
+
+def test_a_file_whose_other_arm_sees_serves_both(tmp_path) -> None:
+    """The graph takes patches when any arm's spec has a camera; an arm without one is fed none."""
+    from gato_ros import contract
+    from gato_ros.export import export
+    from gato_ros.model import GatoConfig, GatoModel
+    from gato_ros.runtime import PolicyRuntime
+
+    seeing = xarm_spec(image_size=32)
+    served = contract.served_metadata({"panda": PANDA.to_json(), "xarm6": seeing.to_json()}, ["lift_red"])
+    torch.manual_seed(0)
+    model = GatoModel(GatoConfig.from_preset("tiny", n_layer=1, context_window=WINDOW)).eval()
+    path = str(export(model, PANDA, tmp_path / "seeing.onnx", served=served)["fp32"])  # with the parity check
+    for arm, spec, size in (("panda", PANDA, 8), ("xarm6", seeing, 7)):
+        runtime = PolicyRuntime(path, provider="cpu", threads=1, arm=arm)
+        assert runtime.spec == spec and runtime.step(runtime.zero_observation()).shape == (size,)
