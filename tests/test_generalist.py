@@ -231,3 +231,13 @@ def test_a_file_whose_other_arm_sees_serves_both(tmp_path) -> None:
     for arm, spec, size in (("panda", PANDA, 8), ("xarm6", seeing, 7)):
         runtime = PolicyRuntime(path, provider="cpu", threads=1, arm=arm)
         assert runtime.spec == spec and runtime.step(runtime.zero_observation()).shape == (size,)
+
+
+def test_dagger_collection_drives_the_xarm6_with_the_generalist(exported, tmp_path) -> None:
+    from gato_ros.data import read_dataset
+
+    out = tmp_path / "dagger"
+    assert main(["collect", "--arm", "xarm6", "--task", "lift_red", "--episodes", "1", "--workers", "1",
+                 "--policy", str(exported), "--beta", "0", "--out", str(out)]) == 0
+    dataset = read_dataset(out)
+    assert dataset.spec == XARM and dataset.episodes[0]["arm"] == "xarm6" and len(dataset) == 1
