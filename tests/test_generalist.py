@@ -135,7 +135,7 @@ def test_eval_runs_the_xarm6_in_process(exported, tmp_path) -> None:
         main(["eval", "--policy", str(exported), "--arm", "xarm6", "--task", "lift_blue", "--episodes", "1"])
 
 
-def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(exported) -> None:
+def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(exported, datasets) -> None:
     import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
@@ -167,6 +167,12 @@ def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(expo
         assert xarm.trigger_configure() == TransitionCallbackReturn.SUCCESS, xarm.last_error
         assert xarm.runtime.spec == XARM and list(xarm.loop.layout.arm_names) == list(XARM.joint_names[:6])
         assert not xarm.set_parameters([Parameter("arm", value="panda")])[0].successful  # read only
+        # A prompt is a demonstration of the served arm: a Panda episode is refused for the xArm6.
+        prompted = node(arm="xarm6", output_mode="velocity", prompt_path=str(datasets[0]), **xarm_gains)
+        prompted.trigger_configure()
+        assert prompted.runtime is None and "does not match the expected spec 'xarm6_stack'" in prompted.last_error
+        prompted = node(arm="xarm6", output_mode="velocity", prompt_path=str(datasets[1]), **xarm_gains)
+        assert prompted.trigger_configure() == TransitionCallbackReturn.SUCCESS, prompted.last_error
     finally:
         for n in nodes:
             n.destroy_node()
