@@ -7,6 +7,11 @@ topics, exactly as a real arm would (`sim.ros_eval`).
 
 Writes JSON (success_rate, episodes, successes, 95 % Wilson interval, lengths, step latency) and a
 PNG summary; optionally an MP4 of the first episode.
+
+Robustness runs: `--camera-shift-cm`, `--camera-tilt-deg` and `--light` perturb every camera per episode
+(moved that far in a random direction, turned that much about a random axis, the light scaled by 1 ± that
+fraction), drawn from the episode's seed; the cube layouts stay those of the same seeds unperturbed. Both
+modes apply them (in-process to the worker's env, over ROS to the bridge's).
 """
 
 from __future__ import annotations
@@ -60,14 +65,22 @@ def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime
     return PolicyRuntime(policy, provider=provider, threads=1)
 
 
-def _init_worker(policy: str, provider: str, max_steps: int | None) -> None:
+def perturbation_options(args: argparse.Namespace) -> dict[str, float]:
+    """The camera perturbation the arguments ask for, as StackingEnv / sim_bridge options; {} for none."""
+    options = {"camera_shift_m": args.camera_shift_cm / 100.0, "camera_tilt_deg": args.camera_tilt_deg,
+               "light_change": args.light}
+    return {name: float(value) for name, value in options.items() if value}
+
+
+def _init_worker(policy: str, provider: str, max_steps: int | None,
+                 perturbation: dict[str, float] | None = None) -> None:
     from sim.env import StackingEnv
 
     _worker["policy"] = make_policy(policy, provider)
     from sim.spec import env_overrides
 
     spec = getattr(_worker["policy"], "spec", None)
-    overrides = env_overrides(spec) if spec else {}
+    overrides = {**(env_overrides(spec) if spec else {}), **(perturbation or {})}
     if max_steps:
         overrides["max_steps"] = max_steps
     _worker["env"] = StackingEnv(**overrides)
@@ -158,6 +171,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=Path("runs/eval.json"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG summary (default: beside --json)")
     parser.add_argument("--video", type=Path, default=None, help="MP4 of the first episode")
+    parser.add_argument("--camera-shift-cm", type=float, default=0.0,
+                        help="robustness: move every camera this far per episode, in a seeded random direction")
+    parser.add_argument("--camera-tilt-deg", type=float, default=0.0,
+                        help="robustness: turn every camera this much per episode, about a seeded random axis")
+    parser.add_argument("--light", type=float, default=0.0,
+                        help="robustness: scale the light by 1 ± this per episode (0.2 = ±20 %%, seeded sign)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,12 +186,13 @@ def run(args: argparse.Namespace) -> int:
         from sim.ros_eval import evaluate_over_ros
 
         ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
-                                    video=args.video)
+                                    video=args.video, perturbation=perturbation_options(args))
         results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds)
         mode = "in-process"
     summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
+    summary["perturbation"] = perturbation_options(args)
     if args.over_ros:
         from sim.ros_eval import ros_summary
 
@@ -197,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[EpisodeResult]:
     results: list[EpisodeResult] = []
     if args.video is not None:  # the filmed episode runs here, in this process
-        _init_worker(args.policy, args.provider, args.max_steps)
+        _init_worker(args.policy, args.provider, args.max_steps, perturbation_options(args))
         frames: list[np.ndarray] = []
         results.append(run_episode(seeds[0], frames))
         args.video.parent.mkdir(parents=True, exist_ok=True)
@@ -205,11 +225,12 @@ def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[Epis
         seeds = seeds[1:]
     if args.workers <= 1:
         if args.video is None:  # else the filmed episode's worker is this run's already
-            _init_worker(args.policy, args.provider, args.max_steps)
+            _init_worker(args.policy, args.provider, args.max_steps, perturbation_options(args))
         for s in tqdm(seeds, desc="eval"):
             results.append(run_episode(s))
         return results
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, _init_worker, (args.policy, args.provider, args.max_steps)) as pool:
+    with ctx.Pool(args.workers, _init_worker,
+                  (args.policy, args.provider, args.max_steps, perturbation_options(args))) as pool:
         results += list(tqdm(pool.imap(run_episode, seeds), total=len(seeds), desc="eval"))
     return results
