@@ -171,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=Path("runs/eval.json"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG summary (default: beside --json)")
     parser.add_argument("--video", type=Path, default=None, help="MP4 of the first episode")
+    parser.add_argument("--real-time-factor", type=float, default=1.0,
+                        help="--over-ros: the sim's speed (1 = real time; below 1 gives a loaded machine's bridge "
+                             "time to render and the node time to answer within each control period)")
     parser.add_argument("--camera-shift-cm", type=float, default=0.0,
                         help="robustness: move every camera this far per episode, in a seeded random direction")
     parser.add_argument("--camera-tilt-deg", type=float, default=0.0,
@@ -186,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         from sim.ros_eval import evaluate_over_ros
 
         ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
-                                    video=args.video, perturbation=perturbation_options(args))
+                                    video=args.video, perturbation=perturbation_options(args),
+                                    real_time_factor=args.real_time_factor)
         results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds)
