@@ -1,0 +1,171 @@
+"""The seeing policy's recipe: expert demos -> behaviour cloning -> DAgger rounds -> int8 export, on a
+clock. Camera `scene` at 64 px + joint positions and velocities; no `task_state` (the expert still acts
+on it and labels every state). Every step is a `gato-ros` subcommand; the driver only sequences them,
+times them, and stops starting rounds when the budget runs short, so one command fits a fixed lease of
+a machine (it was sized for 16 cores + one GPU: `--workers 15 --budget-minutes 9`).
+
+Rerunning with the same `--work` resumes: a stage whose output is complete is skipped.
+
+    python scripts/train_seeing_policy.py --work runs/see --workers 2 --budget-minutes 600
+
+`--sim-python` runs the simulator stages (collect, eval) with another interpreter: PyBullet wheels
+exist for fewer Python versions than torch's CUDA builds, so a GPU box may need two.
+Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-{w1,w4}.int8.onnx (a 1-timestep and
+a 4-timestep window trained from scratch on the final data with the same steps), WORK/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state"]
+TOKENS_PER_STEP = 41  # 16 patches + 8 joint positions + 8 velocities + separator + 8 actions
+WINDOW_STEPS = 4
+EVAL_SEED = 100_000  # held out: collection seeds derive from --seed below 100 000's streams
+
+
+class Recipe:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.time() + 60 * args.budget_minutes
+        self.log = (self.work / "recipe.jsonl").open("a")
+        self.summary: dict = {"stages": []}
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def run(self, name: str, python: str, argv: list[str], done: Path | None = None, check: bool = True) -> float:
+        """One gato-ros subcommand; skipped when `done` exists (a resumed recipe)."""
+        if done is not None and done.exists():
+            print(f"[recipe] {name}: done before, skipped", flush=True)
+            return 0.0
+        print(f"[recipe] {name}: {' '.join(argv)} ({self.left():.0f} s left)", flush=True)
+        t0 = time.time()
+        returncode = subprocess.run([python, "-m", "gato_ros.cli", *argv], check=check).returncode
+        seconds = time.time() - t0
+        record = {"stage": name, "seconds": round(seconds, 1), "left_s": round(self.left(), 1), "rc": returncode}
+        self.summary["stages"].append(record)
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        return seconds
+
+    def collect(self, name: str, episodes: int, seed: int, policy: Path | None = None, beta: float = 0.0) -> Path:
+        out = self.work / name
+        argv = ["collect", "--episodes", str(episodes), "--workers", str(self.args.workers), "--seed", str(seed),
+                *CAMERA, "--out", str(out)]
+        if policy is not None:
+            argv += ["--policy", str(policy), "--beta", str(beta)]
+        self.run(name, self.args.sim_python, argv, done=out / "dataset.json")
+        return out
+
+    def train(self, name: str, data: list[Path], steps: int, minutes: float, init: Path | None = None,
+              window_steps: int = WINDOW_STEPS, lr: float = 1e-3, seed: int = 0, background: bool = False):
+        out = self.work / name
+        argv = ["train", "--data", *map(str, data), "--out", str(out), "--preset", "tiny",
+                "--context-window", str(TOKENS_PER_STEP * window_steps), "--seq-len", str(TOKENS_PER_STEP * 8),
+                "--stride-steps", "2", "--steps", str(steps), "--batch-size", str(self.args.batch_size),
+                "--lr", str(lr), "--warmup", str(max(20, steps // 20)), "--eval-every", str(max(100, steps // 4)),
+                "--max-minutes", f"{minutes:.2f}", "--workers", str(self.args.loader_workers), "--seed", str(seed),
+                "--no-progress"]
+        if self.args.threads:
+            argv += ["--threads", str(self.args.threads)]
+        if init is not None:
+            argv += ["--init", str(init)]
+        if background:
+            print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
+            return subprocess.Popen([self.args.train_python, "-m", "gato_ros.cli", *argv])
+        self.run(name, self.args.train_python, argv, done=out / "model.safetensors")
+        return out
+
+    def measured_steps_per_minute(self, checkpoint: Path, fallback: float) -> float:
+        """The rate the last training stage reached (its log's final line), so later stages end their
+        cosine schedule inside their time."""
+        lines = (checkpoint / "log.jsonl").read_text().splitlines() if (checkpoint / "log.jsonl").exists() else []
+        if not lines:
+            return fallback
+        last = json.loads(lines[-1])
+        return 60 * last["step"] / max(last["time"], 1.0) if last["step"] > 50 else fallback
+
+    def export(self, checkpoint: Path, out: Path, variants: str) -> Path:
+        self.run(f"export {out.name}", self.args.train_python,
+                 ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--variants", variants],
+                 done=out.with_suffix(".int8.onnx") if "int8" in variants else out)
+        return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/see")
+    parser.add_argument("--workers", type=int, default=2, help="simulator processes")
+    parser.add_argument("--budget-minutes", type=float, default=9.0)
+    parser.add_argument("--sim-python", default=sys.executable)
+    parser.add_argument("--train-python", default=sys.executable)
+    parser.add_argument("--expert-episodes", type=int, default=600)
+    parser.add_argument("--dagger-episodes", type=int, default=150)
+    parser.add_argument("--bc-minutes", type=float, default=1.5)
+    parser.add_argument("--round-minutes", type=float, default=1.0, help="training time per DAgger round")
+    parser.add_argument("--steps-per-minute", type=float, default=2000, help="expected optimizer steps per minute")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--loader-workers", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the ablation and the exports")
+    parser.add_argument("--max-rounds", type=int, default=8)
+    parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
+                        "of the int8 file at the end (0: none)")
+    args = parser.parse_args()
+    recipe = Recipe(args)
+    per_minute = args.steps_per_minute
+
+    data = [recipe.collect("expert", args.expert_episodes, seed=500)]
+    model = recipe.train("bc", data, steps=int(per_minute * args.bc_minutes), minutes=args.bc_minutes)
+    per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
+    recipe.summary["steps_per_minute"] = per_minute
+    rounds = 0
+    betas = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]
+    round_seconds = 120.0
+    while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes:
+        t0 = time.time()
+        onnx = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
+        data.append(recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=onnx,
+                                   beta=betas[rounds]))
+        model = recipe.train(f"ft{rounds}", data, steps=int(per_minute * args.round_minutes),
+                             minutes=args.round_minutes, init=model, lr=5e-4, seed=rounds + 1)
+        rounds += 1
+        round_seconds = max(round_seconds, time.time() - t0)
+
+    # The 1- vs 4-timestep window on the same data and the same steps, both from scratch, side by side.
+    minutes = max(0.3, (recipe.left() - 45 - args.eval_seconds) / 60)
+    steps = int(per_minute * minutes * 0.5)  # two trainers share the machine
+    ablation = {w: recipe.train(f"ablation-w{w}", data, steps=steps, minutes=minutes, window_steps=w, seed=7,
+                                background=True) for w in (1, WINDOW_STEPS)}
+    recipe.export(model, recipe.work / "see.onnx", "fp32,int8")
+    for w, process in ablation.items():
+        if process.wait() == 0:
+            recipe.export(recipe.work / f"ablation-w{w}", recipe.work / f"ablation-w{w}.onnx", "int8")
+    if args.eval_seconds and recipe.left() > 30:
+        recipe.run("eval see.int8", args.sim_python,
+                   ["eval", "--policy", str(recipe.work / "see.int8.onnx"), "--episodes", "100",
+                    "--seed", str(EVAL_SEED),
+                    "--workers", str(args.workers), "--json", str(recipe.work / "eval-see-int8.json")],
+                   check=False)  # the JSON is written before the plot, which needs matplotlib
+    recipe.summary.update(rounds=rounds, final=str(model), data=[str(d) for d in data], ablation_steps=steps)
+    for d in data:
+        meta = json.loads((d / "dataset.json").read_text())
+        episodes = [json.loads(line) for line in (d / "episodes.jsonl").read_text().splitlines()]
+        recipe.summary.setdefault("datasets", {})[d.name] = {
+            "episodes": meta["num_episodes"], "steps": meta["num_steps"],
+            "successful": sum(bool(e.get("success")) for e in episodes)}
+    (recipe.work / "summary.json").write_text(json.dumps(recipe.summary, indent=2))
+    print(json.dumps(recipe.summary, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
