@@ -188,6 +188,13 @@ def check_aspect(image: np.ndarray, shape: Sequence[int]) -> None:
                                 f"(another field of view; only the size may differ)")
 
 
+def image_observation(msg: Any, shape: Sequence[int], max_bytes: int = ros_io.MAX_IMAGE_BYTES) -> np.ndarray:
+    """A sensor_msgs/Image → the model's (H, W, 3) uint8 RGB input: decoded, its aspect ratio checked, resized."""
+    image = ros_io.decode_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data, max_bytes)
+    check_aspect(image, shape)
+    return ros_io.resize_image(image, int(shape[0]), int(shape[1]))
+
+
 @dataclass
 class Buffered:
     """The latest message of one input, converted: a value or the reason it is invalid."""
@@ -389,10 +396,7 @@ class ControlLoop:
             error = self._stamp_error(msg, now_ns)
             if error:
                 raise ros_io.InputError(error)
-            image = ros_io.decode_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data,
-                                        self.max_image_bytes)
-            check_aspect(image, shape)
-            value: Any = ros_io.resize_image(image, int(shape[0]), int(shape[1]))
+            value: Any = image_observation(msg, shape, self.max_image_bytes)
         except (ros_io.InputError, ValueError, TypeError, MemoryError) as err:
             value, error = None, f"{self.describe_input(key)}: {err}"
         self._store(key, value, error, received, (time.perf_counter() - start) * 1e3)
