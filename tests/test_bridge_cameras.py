@@ -124,3 +124,23 @@ def test_camera_info_projects_the_cube_onto_its_pixels(camera_sim):
     wrist_f = sim.got["wrist/info"][0].k[0]
     assert wrist_f == pytest.approx(SIZE / 2 / np.tan(np.radians(cams.CAMERAS["wrist"].fov / 2)), rel=1e-5)
     env.close()
+
+
+def test_the_bridge_perturbs_its_cameras_as_the_env_does_in_process():
+    """Robustness runs over ROS: the bridge's camera_shift_m / camera_tilt_deg / light_change render, per episode,
+    the frames StackingEnv renders in-process with the same options and seed (not the unperturbed ones)."""
+    perturbation = {"camera_shift_m": 0.01, "camera_tilt_deg": 1.0, "light_change": 0.2}
+    sim = Harness(image_size=SIZE, cameras=list(CAMERAS), real_time_factor=0.0, max_steps=3, wait_for_reset=True,
+                  pause_when_done=True, **perturbation)
+    try:
+        sim.bridge.set_parameters([Parameter("seed", value=SEED)])
+        sim.call("reset")
+        assert sim.wait_for(lambda: sim.status()["done"], 20.0)
+        record = json.loads(sim.call("frames").message)["current"]["frames"]
+    finally:
+        sim.close()
+    perturbed, plain = _in_process_frames(SEED, 3, **perturbation), _in_process_frames(SEED, 3)
+    for key in ("camera_scene", "camera_wrist"):
+        seen = cams.frames_from_text(record[key])
+        np.testing.assert_array_equal(seen, np.stack(perturbed[key]))
+        assert not np.array_equal(seen, np.stack(plain[key]))
