@@ -31,6 +31,9 @@ PAD_TOKEN = SEPARATOR_TOKEN + 2
 VOCAB_SIZE = SEPARATOR_TOKEN + 3
 
 PATCH_SIZE = 16
+# Pixel scaling of a patch (Gato): uint8 to [-1, 1], then divided by sqrt(PATCH_SIZE) = 4.
+PIXEL_HALF_RANGE = 127.5
+PATCH_VALUE_DIVISOR = 4.0
 PATCH_POSITION_INTERVALS = 128
 
 # The local position of a token that gets no local position encoding: the separator and the action tokens of

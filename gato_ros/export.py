@@ -270,8 +270,8 @@ def save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: str) -> bool:
-    """The node-by-node graph (gato_ros/attention_graph.py) serves state-only specs with the action head."""
-    return attention == "fused" and not spec.image_keys and not full_vocab_head
+    """The node-by-node graph (gato_ros/attention_graph.py) serves specs with the action head."""
+    return attention == "fused" and not full_vocab_head
 
 
 def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False,
@@ -280,7 +280,8 @@ def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int
     phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
     ranges = action_vocab(spec)
     layout = contract.CACHE_LAYOUT_IN_PLACE
-    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout)
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout,
+                                images=bool(spec.image_keys))
     set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout)
     save(proto, out)
     return out
@@ -288,8 +289,8 @@ def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int
 
 def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
                 attention: str = "fused", trained_capacities: tuple[int, ...] = ()) -> Path:
-    """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
-    and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
+    """The fp32 serving graph: fused (`export_fused`) where it applies; the full-vocabulary head and
+    `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
     if fused_graph_applies(spec, full_vocab_head, attention):
         return export_fused(model, spec, out, context, trained_capacities=trained_capacities)
     proto = torchscript_graph(model, bool(spec.image_keys))

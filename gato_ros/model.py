@@ -115,8 +115,12 @@ class PatchEmbedding(nn.Module):
         return self.proj(x.flatten(1)).reshape(*lead, -1)
 
 
-def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_patch: torch.Tensor) -> torch.Tensor:
+def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_patch: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, S, D]: the patch network's output at PATCH_TOKEN slots (rows elsewhere are meaningless).
+
+    `patches` holds the tokenizer's scaled values (float, as the runtime feeds them) or raw uint8 pixels
+    (training batches: a quarter of the bytes to load and copy), which are scaled here the same way.
 
     The network runs on the patch tokens only (gathered by index), never on the other tokens of the
     window, in training and in the exported graph alike. One zero patch is always appended so the
@@ -127,6 +131,9 @@ def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_pa
     flat = is_patch.reshape(-1)
     index = torch.nonzero(flat).squeeze(1)
     selected = patches.reshape(B * S, 3, contract.PATCH_SIZE, contract.PATCH_SIZE).index_select(0, index)
+    if selected.dtype == torch.uint8:
+        selected = (selected.to(dtype) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
+    selected = selected.to(dtype)
     selected = torch.cat([selected, selected.new_zeros((1, 3, contract.PATCH_SIZE, contract.PATCH_SIZE))])
     vectors = patch_embed(selected)  # [P + 1, D]
     slot = (torch.cumsum(flat.to(torch.int64), 0) - 1).clamp(min=0)  # the k-th patch token -> row k
@@ -252,7 +259,7 @@ class GatoModel(nn.Module):
             x = torch.where(continuous.unsqueeze(-1), self.values(input_ids), x)
         if patches is not None:
             is_patch = input_ids == contract.PATCH_TOKEN
-            pe = embed_patch_tokens(self.patch_embed, patches.to(x.dtype), is_patch)
+            pe = embed_patch_tokens(self.patch_embed, patches, is_patch, x.dtype)
             is_patch = is_patch.unsqueeze(-1)
             if patch_positions is not None:
                 pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)

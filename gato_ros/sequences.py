@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.data import EpisodeDataset
 from gato_ros.spec import EmbodimentSpec
@@ -43,7 +44,7 @@ def pixels_from_patches(patches: np.ndarray) -> np.ndarray:
 
 def patches_from_pixels(pixels: np.ndarray) -> np.ndarray:
     """The tokenizer's scaling: pixels to [-1, 1], divided by 4 (float32, same arithmetic)."""
-    return (pixels.astype(np.float32) / 127.5 - 1.0) / 4.0
+    return (pixels.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
 
 
 def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions: np.ndarray,
@@ -183,12 +184,13 @@ class SequenceDataset(Dataset):
             "target_hi": torch.from_numpy(target_hi[1:]),
         }
         if self.has_images:
-            patches = np.zeros((L, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=np.float32)
+            # Raw uint8 pixels: a quarter of float32's bytes through the loader; the model scales them.
+            patches = np.zeros((L, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=np.uint8)
             positions = np.zeros((L, 2), dtype=np.int64)
             for piece, pidx, dst in patch_src:
                 keep = (pidx >= 0) & (dst < L)
                 src, dst = pidx[keep], dst[keep]
-                patches[dst] = patches_from_pixels(piece.patches[src])
+                patches[dst] = piece.patches[src]
                 positions[dst] = tok.patch_positions(piece.patch_intervals[src], rng if self.train else None)
             item["patches"] = torch.from_numpy(patches)
             item["patch_positions"] = torch.from_numpy(positions)

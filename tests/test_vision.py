@@ -155,3 +155,45 @@ def test_eval_and_dagger_drive_a_seeing_policy(seeing_policy, tmp_path):
     job, episode, _ = collect._run_job(collect.Job(0, seed=9, noisy=False))
     assert episode.steps == 4 and {"camera_scene", "camera_wrist", "task_state"} <= episode.observations.keys()
     collect._worker.clear()
+
+
+def test_fused_serving_graph_with_images_matches_the_plain_graph(tmp_path):
+    """Image specs export the fused serving graph (patch network, fused attention, in-place ring) by
+    default; over real camera frames and a ring that evicts, it gives the plain TorchScript graph's
+    logits at every call of a step."""
+    import onnx
+
+    from gato_ros import contract
+    from gato_ros.export import export
+    from gato_ros.runtime import PolicyRuntime
+
+    class RecordingRuntime(PolicyRuntime):
+        calls: list[np.ndarray] = []
+
+        def forward(self, *args, **kwargs):  # every call's logits: the observation prefill and each decode
+            logits = super().forward(*args, **kwargs)
+            self.calls = [*self.calls, np.array(logits, copy=True)]
+            return logits
+
+    spec = stacking_spec(64, privileged=False, cameras=("scene",))
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
+                        patch_channels=8)
+    model = GatoModel(config).eval()
+    fused = export(model, spec, tmp_path / "fused.onnx")["fp32"]
+    plain = export(model, spec, tmp_path / "plain.onnx", attention="plain")["fp32"]
+    layout = {p.key: p.value for p in onnx.load(str(fused), load_external_data=False).metadata_props}
+    assert layout[contract.META_CACHE_LAYOUT] == contract.CACHE_LAYOUT_IN_PLACE
+    env = StackingEnv(image_size=64, cameras=("scene",))
+    obs, _ = env.reset(seed=4)
+    runtimes = [RecordingRuntime(str(p), provider="cpu", threads=1) for p in (fused, plain)]
+    for r in runtimes:
+        r.calls = []
+    for _ in range(5):  # 5 timesteps through a 2-timestep window
+        observation = {o.name: obs[o.name] for o in spec.observations}
+        tokens = [r.step_tokens(observation) for r in runtimes]
+        assert np.array_equal(*tokens)
+        obs, *_ = env.step(np.zeros(8))
+    got, expected = (np.stack(r.calls) for r in runtimes)
+    assert got.shape == expected.shape and got.shape[0] == 5 * spec.action_size
+    assert np.abs(got - expected).max() <= 1e-4
