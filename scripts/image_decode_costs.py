@@ -34,6 +34,14 @@ def message(frame: np.ndarray, size: int, encoding: str) -> Image:
     return Image(height=size, width=size, encoding=encoding, step=size * CHANNELS[encoding], data=pixels.tobytes())
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2000)
@@ -43,7 +51,7 @@ def main() -> None:
     env = StackingEnv(image_size=256, cameras=("scene",))
     frame = env.reset(seed=0)[0]["camera_scene"]
     env.close()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+    print(f"{cpu_name()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; model input {args.model_size} px; {args.repeats} calls per row")
     print("| camera frame | encoding | ms p50 | ms p99 |\n|---|---|---|---|")
     for size, encoding in CASES:
