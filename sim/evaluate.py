@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sim.replay import write_video
+from sim.replay import beside, write_video
 from sim.results import EpisodeResult
 
 _worker: dict = {}
@@ -94,9 +94,11 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeRes
     policy.reset()
     result = EpisodeResult(seed=seed, success=False, steps=0, nan=False)
     done = False
+    image_keys = [o.name for o in policy.spec.observations if o.kind == "image"] if policy.spec else []
     while not done:
-        if frames is not None:
-            frames.append(env.render(256))
+        if frames is not None:  # a seeing policy's film shows its first camera's frame beside the scene
+            scene = [env.render(256)]
+            frames.extend(beside(scene, obs[image_keys[0]][None]) if image_keys else scene)
         t0 = time.perf_counter()
         action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))
         result.step_ms.append(1e3 * (time.perf_counter() - t0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -172,6 +173,28 @@ def test_closed_loop_over_ros_with_a_camera_matches_in_process(seeing_model, tmp
     assert not np.array_equal(seen[0], seen[-1]), "the arm moved in view"
     gif = Image.open(tmp_path / "ep.gif")
     assert gif.size[0] == 2 * gif.size[1] and gif.n_frames == math.ceil((steps + 1) / 2), "policy view beside scene"
+
+
+def test_in_process_film_of_a_seeing_policy_shows_its_camera(seeing_model, tmp_path):
+    """`gato-ros eval --video` of a seeing policy: each frame is the scene with the policy's 64 px frame beside it."""
+    import cv2
+
+    from sim import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--policy", str(seeing_model), "--episodes", "1", "--max-steps", "3", "--provider",
+                              "cpu", "--seed", "7", "--video", str(tmp_path / "ep.mp4"), "--json",
+                              str(tmp_path / "ep.json")])
+    assert evaluate.run(args) == 0
+    evaluate._worker.clear()
+    cap = cv2.VideoCapture(str(tmp_path / "ep.mp4"))
+    ok, first = cap.read()
+    assert ok and first.shape == (256, 512, 3) and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    cap.release()
+    camera = StackingEnv(image_size=64, cameras=("scene",)).reset(seed=7)[0]["camera_scene"]
+    right = cv2.cvtColor(first[:, 256:], cv2.COLOR_BGR2RGB)[2::4, 2::4]  # one pixel per upscaled 4x4 block
+    assert np.abs(right.astype(int) - camera).mean() < 8, "the right half is the policy's frame (MP4 is lossy)"
 
 
 def test_replay_renders_one_frame_per_recorded_step(tmp_path):
