@@ -168,6 +168,11 @@ class GatoConfig:
     # Local position encodings on observation tokens only, as in the paper: the separator and the action tokens
     # get NO_LOCAL_POSITION. False: every token of a timestep gets its index (files written before this field).
     observation_local_positions_only: bool = True
+    # A training-only head that predicts privileged state (for example the cube positions a seeing policy
+    # must find in its image) from each timestep's separator token: width of that state (0: none). It shapes
+    # what the transformer learns to extract; the serving graph never contains it.
+    aux_size: int = 0
+    aux_weight: float = 1.0  # its mean squared error's weight beside the action loss
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -222,6 +222,8 @@ class GatoModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(d)
+        with torch.random.fork_rng(devices=[]):  # registered last: the other weights init as without it
+            self.aux_head = nn.Linear(d, config.aux_size) if config.aux_size else None
         self.register_buffer("rope_k", rope_multipliers(config), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
@@ -330,6 +332,8 @@ class GatoModel(nn.Module):
         target_hi: torch.Tensor,
         patches: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
+        aux_targets: torch.Tensor | None = None,
+        aux_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean action loss over positions where `loss_mask` is set (position t predicts token t+1).
 
@@ -340,8 +344,19 @@ class GatoModel(nn.Module):
         runs only at loss positions. Continuous targets get Gaussian soft labels (config.label_sigma
         bins), discrete ones hard labels. The loss is the KL divergence to the label distribution
         (cross-entropy minus the label entropy: same gradients, and 0 for a perfect fit).
+        With `aux_targets` [B, S, aux_size] and `aux_mask` [B, S] (a model with an aux head), config.aux_weight
+        times the aux head's mean squared error at the masked positions is added.
         """
-        h, _ = self.hidden(input_ids, position_ids, local_positions, patches=patches, patch_positions=patch_positions)
+        hidden, _ = self.hidden(input_ids, position_ids, local_positions, patches=patches,
+                                patch_positions=patch_positions)
+        loss = self._action_loss(hidden, targets, loss_mask, target_hi)
+        if aux_targets is not None and self.aux_head is not None and aux_mask is not None and bool(aux_mask.any()):
+            predicted = self.aux_head(hidden[aux_mask]).float()
+            loss = loss + self.config.aux_weight * F.mse_loss(predicted, aux_targets[aux_mask].float())
+        return loss
+
+    def _action_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, target_hi: torch.Tensor
+                     ) -> torch.Tensor:
         h, targets, target_hi = h[loss_mask], targets[loss_mask], target_hi[loss_mask]
         n = targets.shape[0]
         if n == 0:

@@ -35,6 +35,7 @@ class TokenizedEpisode:
     steps: int
     step_tokens: int
     task: str
+    aux: np.ndarray | None = None  # (steps, n) float32 normalized auxiliary targets, one row per timestep
 
 
 def pixels_from_patches(patches: np.ndarray) -> np.ndarray:
@@ -86,6 +87,9 @@ class SequenceDataset(Dataset):
                    otherwise interval means and a prompt choice fixed per item
     observation_local_positions_only: the model's GatoConfig field of that name (which tokens get local
                    positions)
+    aux_key:       an auxiliary key of the dataset: items then carry `aux_targets` [L, n] (normalized) and
+                   `aux_mask` [L] set at each separator token of the window's own episode (where the model
+                   has seen that timestep's whole observation)
     """
 
     def __init__(
@@ -99,8 +103,10 @@ class SequenceDataset(Dataset):
         train: bool = True,
         seed: int = 0,
         observation_local_positions_only: bool = True,
+        aux_key: str | None = None,
     ) -> None:
         self.spec = dataset.spec
+        self.aux_size = dataset.aux[aux_key].size if aux_key else 0
         self.seq_len = seq_len
         self.has_images = bool(self.spec.image_keys)
         self.train = train
@@ -119,6 +125,8 @@ class SequenceDataset(Dataset):
             observations, actions = dataset.episode(i)
             task = str(dataset.episodes[i].get("task", dataset.spec.name))
             self.episodes.append(tokenize(self.spec, observations, actions, task, observation_local_positions_only))
+            if aux_key:
+                self.episodes[-1].aux = dataset.aux[aux_key].normalize(dataset.aux_values(i, aux_key))
         self.by_task: dict[str, list[int]] = {}
         for j, ep in enumerate(self.episodes):
             self.by_task.setdefault(ep.task, []).append(j)
@@ -164,6 +172,8 @@ class SequenceDataset(Dataset):
         is_action = np.zeros(n, dtype=bool)
         target_hi = np.zeros(n, dtype=np.int64)
         patch_src: list[tuple[TokenizedEpisode, np.ndarray, np.ndarray]] = []
+        aux_targets = np.zeros((n, self.aux_size), dtype=np.float32)
+        aux_mask = np.zeros(n, dtype=bool)
         at = 0
         for piece, lo, count, with_loss in pieces:
             sl, dst = slice(lo, lo + count), slice(at, at + count)
@@ -173,6 +183,10 @@ class SequenceDataset(Dataset):
             target_hi[dst] = piece.target_hi[sl]
             if self.has_images:
                 patch_src.append((piece, piece.patch_index[sl], np.arange(at, at + count)))
+            if self.aux_size and with_loss:
+                separators = np.flatnonzero(piece.tokens[sl] == tok.SEPARATOR_TOKEN)
+                aux_targets[at + separators] = piece.aux[(lo + separators) // piece.step_tokens]
+                aux_mask[at + separators] = True
             at += count
 
         item = {
@@ -183,6 +197,9 @@ class SequenceDataset(Dataset):
             "loss_mask": torch.from_numpy(is_action[1:]),
             "target_hi": torch.from_numpy(target_hi[1:]),
         }
+        if self.aux_size:
+            item["aux_targets"] = torch.from_numpy(aux_targets[:L])
+            item["aux_mask"] = torch.from_numpy(aux_mask[:L])
         if self.has_images:
             # Raw uint8 pixels: a quarter of float32's bytes through the loader; the model scales them.
             patches = np.zeros((L, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=np.uint8)

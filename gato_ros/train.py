@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-sigma", type=float, default=None, help="soft-label width in bins (0: hard)")
     parser.add_argument("--no-value-embedding", action="store_true", help="plain lookup for continuous tokens")
     parser.add_argument("--stride-steps", type=int, default=1, help="timesteps between window starts")
+    parser.add_argument("--aux-key", default=None, help="train an auxiliary head to predict this auxiliary key of the "
+                        "data (collect --aux-keys) from each timestep's separator; training only, never exported")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary mean squared error")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
@@ -202,6 +205,7 @@ def evaluate(model: GatoModel, loader: DataLoader, device: torch.device, max_bat
         if i >= max_batches:
             break
         batch = to_device(batch, device)
+        batch = {k: v for k, v in batch.items() if not k.startswith("aux_")}  # the action loss alone: comparable
         with autocast():
             loss = model.action_loss(**batch)
         n = int(batch["loss_mask"].sum())
@@ -317,11 +321,24 @@ def choose_config(args: argparse.Namespace, spec: EmbodimentSpec, resuming: bool
     return config
 
 
+def with_aux_head(config: GatoConfig, args: argparse.Namespace, data: Any) -> GatoConfig:
+    """The config with an aux head as wide as --aux-key's values (a fine-tune may add one to a model without)."""
+    if not args.aux_key:
+        return config
+    if args.aux_key not in data.aux:
+        raise SetupError(f"--aux-key {args.aux_key!r}: the data has auxiliary keys {sorted(data.aux)}")
+    size = data.aux[args.aux_key].size
+    if config.aux_size not in (0, size):
+        raise SetupError(f"the model's aux head predicts {config.aux_size} values, {args.aux_key!r} has {size}")
+    return replace(config, aux_size=size, aux_weight=args.aux_weight)
+
+
 def make_datasets(args: argparse.Namespace, data: Any, config: GatoConfig, seq_len: int, master: bool
                   ) -> tuple[SequenceDataset, SequenceDataset | None, int, int]:
     """Training windows and (on rank 0) validation windows over held-out episodes, with their episode counts."""
     train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
-    layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed}
+    layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed,
+              "aux_key": args.aux_key if config.aux_size else None}
     train_set = SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob, args.prompt_tokens,
                                 train=True, **layout)
     val_stride = max(1, seq_len // tok.timestep_token_count(data.spec))
@@ -349,7 +366,7 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
                 distributed: bool) -> Run:
     resuming = check_output(args, world)
     data = read_datasets(args.data)
-    config = choose_config(args, data.spec, resuming)
+    config = with_aux_head(choose_config(args, data.spec, resuming), args, data)
     seq_len = args.seq_len or config.context_window
     torch.manual_seed(args.seed)
     train_set, val_set, n_train, n_val = make_datasets(args, data, config, seq_len, master)
@@ -361,7 +378,9 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
 
     model = GatoModel(config).to(device)
     if args.init and not resuming:
-        model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)))
+        missing, unexpected = model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)), strict=False)
+        if unexpected or any(not k.startswith("aux_head.") for k in missing):  # only a new aux head may be missing
+            raise SetupError(f"{args.init}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     run = Run(
         args=args, world=world, device=device, master=master, distributed=distributed, out=Path(args.out),
         spec=data.spec, seq_len=seq_len, train_set=train_set,

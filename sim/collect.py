@@ -87,11 +87,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named cameras (observation keys camera_<name>); default: the scene camera as `image`")
     parser.add_argument("--no-task-state", action="store_true",
                         help="leave the privileged task_state out of the spec (camera + joints only)")
+    parser.add_argument("--aux-keys", nargs="+", default=(), choices=("task_state",),
+                        help="privileged env values kept beside the observations as training targets only "
+                        "(gato-ros train --aux-key), never policy inputs")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
     parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
                         "(failed episodes are kept: their states are the point)")
     parser.add_argument("--beta", type=float, default=0.3, help="DAgger: per-step chance the expert drives instead")
+
+
+def aux_specs(keys: list[str]) -> dict:
+    """Auxiliary keys with the normalization the privileged policy's spec gives the same values."""
+    from gato_ros.data import AuxSpec
+    from sim.spec import stacking_spec
+
+    privileged = stacking_spec(privileged=True)
+    specs = {}
+    for key in keys:
+        o = privileged.observation(key)
+        offset = np.broadcast_to(np.asarray(o.offset if o.offset is not None else 0.0, np.float64), (o.size,))
+        scale = np.broadcast_to(np.asarray(o.scale if o.scale is not None else 1.0, np.float64), (o.size,))
+        specs[key] = AuxSpec(o.size, tuple(map(float, offset)), tuple(map(float, scale)))
+    return specs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     cameras = tuple(args.cameras) if args.cameras else None
     spec = stacking_spec(image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
+    aux = aux_specs(args.aux_keys)
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
     lengths: list[int] = []
@@ -108,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
-        EpisodeWriter(args.out, spec) as writer,
+        EpisodeWriter(args.out, spec, aux=aux) as writer,
         ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_overrides(spec), args.policy, args.beta))
         as pool,
     ):
@@ -126,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                     "steps": episode.steps,
                     "nan": episode.nan,
                 }
-                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata)
+                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata,
+                                   aux={k: episode.observations[k] for k in aux})
                 kept += 1
                 steps += episode.steps
             lengths.append(episode.steps)
