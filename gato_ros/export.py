@@ -226,7 +226,9 @@ def cache_layout(model: onnx.ModelProto) -> str:
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
                  ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = (),
-                 layout: str = contract.CACHE_LAYOUT_RING) -> None:
+                 layout: str = contract.CACHE_LAYOUT_RING, served: dict[str, str] | None = None) -> None:
+    """Write the gato_ros metadata_props. `served`: `contract.served_metadata(...)` for a file of several arms or
+    tasks (its default spec must be `spec`); None keeps what the file says it serves (absent: the legacy one)."""
     props = {
         contract.META_CONFIG: config.to_json(),
         contract.META_SPEC: spec.to_json(),
@@ -245,6 +247,10 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
     if trained_capacities:
         props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
+    if served is not None:
+        if json.loads(served[contract.META_SPEC]) != json.loads(props[contract.META_SPEC]):
+            raise ValueError("the served default spec is not the spec the graph was exported for")
+        props.update(served)
     optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES, contract.META_CACHE_LAYOUT,
                 contract.META_CACHE_UPDATE)
     kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]
@@ -275,29 +281,31 @@ def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: 
 
 
 def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False,
-                 trained_capacities: tuple[int, ...] = ()) -> Path:
+                 trained_capacities: tuple[int, ...] = (), served: dict[str, str] | None = None) -> Path:
     """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
     phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
     ranges = action_vocab(spec)
     layout = contract.CACHE_LAYOUT_IN_PLACE
     proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout,
                                 images=bool(spec.image_keys))
-    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout)
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout,
+                 served)
     save(proto, out)
     return out
 
 
 def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
-                attention: str = "fused", trained_capacities: tuple[int, ...] = ()) -> Path:
+                attention: str = "fused", trained_capacities: tuple[int, ...] = (),
+                served: dict[str, str] | None = None) -> Path:
     """The fp32 serving graph: fused (`export_fused`) where it applies; the full-vocabulary head and
     `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
     if fused_graph_applies(spec, full_vocab_head, attention):
-        return export_fused(model, spec, out, context, trained_capacities=trained_capacities)
+        return export_fused(model, spec, out, context, trained_capacities=trained_capacities, served=served)
     proto = torchscript_graph(model, bool(spec.image_keys))
     ranges = None if full_vocab_head else action_vocab(spec)
     if ranges is not None:
         restrict_head(proto, ranges)
-    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities, served=served)
     save(proto, out)
     return out
 
@@ -526,9 +534,10 @@ def with_room_for_new_tokens(args: list[torch.Tensor], expected: list[np.ndarray
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
            context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused",
-           trained_capacities: tuple[int, ...] = ()) -> dict[str, Path]:
+           trained_capacities: tuple[int, ...] = (), served: dict[str, str] | None = None) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
-    covers the spec's action vocabulary only, or every token with `full_vocab_head`.
+    covers the spec's action vocabulary only, or every token with `full_vocab_head`. `served`
+    (`contract.served_metadata`) says which arm and tasks the file serves; None: the legacy Panda stacking.
 
     `context` (the runtime's default cache capacity) is the model's window unless `trained_capacities` lists it:
     those are the other capacities the model was trained to be served with (`gato_ros.trained_capacities`); the
@@ -540,7 +549,7 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
         raise ValueError(f"context {context} differs from the model's trained window (context_window="
                          f"{model.config.context_window}); list it in trained_capacities if the model was trained "
                          f"for it")
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities)
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities, served)
     if check:
         diff = parity(model, spec, fp32)
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
@@ -552,7 +561,7 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
         if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
             paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True,
-                                    trained_capacities=trained_capacities)
+                                    trained_capacities=trained_capacities, served=served)
         else:
             paths[v] = make_variant(fp32, v, model.config, spec, context, trained_capacities)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
@@ -578,6 +587,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "specs); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
+    parser.add_argument("--arm", default=contract.LEGACY_ARM, help="the arm the spec is for (gato_ros.specs)")
+    parser.add_argument("--tasks", default="", help="comma list of the tasks the model was trained on "
+                        f"(gato_ros.tasks; default: none written, which reads as {contract.LEGACY_TASK})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -585,6 +597,13 @@ def run(args: argparse.Namespace) -> int:
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     capacities = tuple(int(c) for c in args.trained_capacities.split(",") if c.strip())
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    served = None
+    if tasks or args.arm != contract.LEGACY_ARM:
+        if not tasks:
+            raise SystemExit("gato-ros export: --arm needs --tasks (the tasks the model was trained on)")
+        served = contract.served_metadata({args.arm: spec.to_json()}, tasks)
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities)
+           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities,
+           served=served)
     return 0

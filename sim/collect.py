@@ -36,11 +36,10 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
 
 
 def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0) -> None:
-    from sim.env import StackingEnv
-    from sim.expert import ScriptedExpert
+    from sim.arms import make_env, make_expert
 
-    _worker["env"] = StackingEnv(**env_options)
-    _worker["expert"] = ScriptedExpert()
+    _worker["env"] = make_env(**env_options)
+    _worker["expert"] = make_expert(_worker["env"].arm, _worker["env"].config.task)
     _worker["beta"] = beta
     if policy is not None:
         from gato_ros.runtime import PolicyRuntime
@@ -78,7 +77,12 @@ def run_dagger_episode(seed: int, beta: float):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sim.env import ARM_NAMES, DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK, task_names
+
     parser.add_argument("--episodes", type=int, required=True, help="episodes to run")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="what the expert demonstrates")
+    parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="which arm (its own spec)")
     parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)), help="parallel processes")
     parser.add_argument("--out", required=True, help="dataset directory (must not hold a finished dataset)")
     parser.add_argument("--noise-fraction", type=float, default=0.5, help="share of noise-injected demos")
@@ -97,12 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.3, help="DAgger: per-step chance the expert drives instead")
 
 
-def aux_specs(keys: list[str]) -> dict:
-    """Auxiliary keys with the normalization the privileged policy's spec gives the same values."""
+def aux_specs(keys: list[str], arm: str = "panda") -> dict:
+    """Auxiliary keys with the normalization the privileged policy's spec (of `arm`) gives the same values."""
     from gato_ros.data import AuxSpec
-    from sim.spec import stacking_spec
+    from sim.arms import embodiment_spec
 
-    privileged = stacking_spec(privileged=True)
+    privileged = embodiment_spec(arm, privileged=True)
     specs = {}
     for key in keys:
         o = privileged.observation(key)
@@ -114,12 +118,15 @@ def aux_specs(keys: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.spec import env_overrides, stacking_spec
+    from sim.arms import embodiment_spec, make_env
+    from sim.spec import env_overrides
 
     cameras = tuple(args.cameras) if args.cameras else None
-    spec = stacking_spec(image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
+    make_env(**env_options).close()  # options the env refuses fail here, once, not in pool workers that respawn
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
-    aux = aux_specs(args.aux_keys)
+    aux = aux_specs(args.aux_keys, args.arm)
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
     lengths: list[int] = []
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
         EpisodeWriter(args.out, spec, aux=aux) as writer,
-        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_overrides(spec), args.policy, args.beta))
+        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_options, args.policy, args.beta))
         as pool,
     ):
         progress = tqdm(pool.imap(_run_job, jobs), total=len(jobs), unit="ep", desc="collect")
@@ -138,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             nans += episode.nan
             if episode.success or args.keep_failures or args.policy:
                 metadata = {
+                    "task": args.task,
+                    "arm": args.arm,
                     "seed": job.seed,
                     "success": episode.success,
                     "noisy": episode.noisy,

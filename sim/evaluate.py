@@ -43,12 +43,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime, both have reset/step
-    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command."""
-    if policy == "expert":
-        from sim.expert import ScriptedExpert
+def make_policy(policy: str, provider: str, task: str | None = None, arm: str | None = None):  # noqa: ANN201
+    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command. A file is refused
+    (ValueError naming what it serves) when it does not serve `arm` or `task`."""
+    from sim.env import DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK
 
-        expert = ScriptedExpert()
+    task, arm = task or DEFAULT_TASK, arm or DEFAULT_ARM
+    if policy == "expert":
+        from sim.arms import make_expert
+
+        expert = make_expert(arm, task)
 
         class ExpertPolicy:
             spec = None
@@ -62,6 +67,7 @@ def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime
         return ExpertPolicy()
     from gato_ros.runtime import PolicyRuntime
 
+    check_policy_serves(policy, task, arm)
     return PolicyRuntime(policy, provider=provider, threads=1)
 
 
@@ -72,18 +78,33 @@ def perturbation_options(args: argparse.Namespace) -> dict[str, float]:
     return {name: float(value) for name, value in options.items() if value}
 
 
-def _init_worker(policy: str, provider: str, max_steps: int | None,
-                 perturbation: dict[str, float] | None = None) -> None:
-    from sim.env import StackingEnv
+def check_policy_serves(policy: str, task: str, arm: str) -> None:
+    """A ValueError naming what the file serves when it does not serve `arm` and `task`: never a command
+    computed for another body or task."""
+    from gato_ros.info import describe
 
-    _worker["policy"] = make_policy(policy, provider)
+    served = describe(policy)
+    if arm not in served["arms"] or task not in served["tasks"]:
+        raise ValueError(f"{policy} serves arm(s) {', '.join(served['arms'])} and task(s) "
+                         f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
+    if arm != served["default_arm"]:  # the runtime serves the file's default spec (gato_ros.spec) only
+        raise ValueError(f"{policy}: serving arm {arm!r} needs a runtime that picks a spec; this one serves "
+                         f"the default arm {served['default_arm']!r} only")
+
+
+def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | None = None,
+                 arm: str | None = None, perturbation: dict[str, float] | None = None) -> None:
+    from sim.arms import make_env
+
+    _worker["policy"] = make_policy(policy, provider, task, arm)
     from sim.spec import env_overrides
 
     spec = getattr(_worker["policy"], "spec", None)
     overrides = {**(env_overrides(spec) if spec else {}), **(perturbation or {})}
     if max_steps:
         overrides["max_steps"] = max_steps
-    _worker["env"] = StackingEnv(**overrides)
+    overrides.update({k: v for k, v in (("task", task), ("arm", arm)) if v is not None})
+    _worker["env"] = make_env(**overrides)
 
 
 def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:
@@ -162,7 +183,12 @@ def plot_summary(summary: dict, latency_ms: np.ndarray, path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sim.env import ARM_NAMES, DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK, task_names
+
     parser.add_argument("--policy", default="expert", help="'expert' or PATH.onnx")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="the task whose success counts")
+    parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="the simulated arm")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=100_000, help="episodes use seed, seed+1, ... (keep them apart "
                         "from the training seeds)")
@@ -185,7 +211,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sim.env import DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK
+
     seeds = [args.seed + i for i in range(args.episodes)]
+    if args.over_ros and (args.task, args.arm) != (DEFAULT_TASK, DEFAULT_ARM):
+        raise SystemExit(f"gato-ros eval --over-ros: the sim bridge simulates {DEFAULT_ARM} / {DEFAULT_TASK} only "
+                         "for now; evaluate other tasks and arms in-process")
+    if args.policy != "expert":
+        try:
+            check_policy_serves(args.policy, args.task, args.arm)
+        except ValueError as e:
+            raise SystemExit(f"gato-ros eval: {e}") from e
     start = time.perf_counter()
     if args.over_ros:
         from sim.ros_eval import evaluate_over_ros
@@ -199,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         mode = "in-process"
     summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
     summary["perturbation"] = perturbation_options(args)
+    summary["task"], summary["arm"] = args.task, args.arm
     if args.over_ros:
         from sim.ros_eval import ros_summary
 
@@ -209,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     plot_summary(summary, latency, args.plot or args.json.with_suffix(".png"))
     lo, hi = summary["success_ci95"]
     lat = summary.get("step_latency_ms", {})
-    print(f"eval {args.policy} ({mode}): {summary['successes']}/{summary['episodes']} = "
+    print(f"eval {args.policy} {args.arm} {args.task} ({mode}): {summary['successes']}/{summary['episodes']} = "
           f"{summary['success_rate']:.1%} success (95 % CI {lo:.1%}-{hi:.1%}); "
           f"step latency p50 {lat.get('p50', float('nan')):.2f} ms p99 {lat.get('p99', float('nan')):.2f} ms; "
           f"wrote {args.json}")
@@ -223,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[EpisodeResult]:
     results: list[EpisodeResult] = []
     if args.video is not None:  # the filmed episode runs here, in this process
-        _init_worker(args.policy, args.provider, args.max_steps, perturbation_options(args))
+        _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
         frames: list[np.ndarray] = []
         results.append(run_episode(seeds[0], frames))
         args.video.parent.mkdir(parents=True, exist_ok=True)
@@ -231,12 +269,12 @@ def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[Epis
         seeds = seeds[1:]
     if args.workers <= 1:
         if args.video is None:  # else the filmed episode's worker is this run's already
-            _init_worker(args.policy, args.provider, args.max_steps, perturbation_options(args))
+            _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
         for s in tqdm(seeds, desc="eval"):
             results.append(run_episode(s))
         return results
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, _init_worker,
-                  (args.policy, args.provider, args.max_steps, perturbation_options(args))) as pool:
+    init = (args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
+    with ctx.Pool(args.workers, _init_worker, init) as pool:
         results += list(tqdm(pool.imap(run_episode, seeds), total=len(seeds), desc="eval"))
     return results
