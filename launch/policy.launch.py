@@ -66,6 +66,8 @@ def generate_launch_description() -> LaunchDescription:
             namespace=LaunchConfiguration("namespace"),
             output="screen",
             condition=IfCondition(LaunchConfiguration("use_sim")),  # it publishes /clock: it runs on wall time
+            # A seeing model's spec chooses the cameras the bridge renders ("" = the bridge's own parameters).
+            parameters=[{"model_path": LaunchConfiguration("model")}],
         ),
         OpaqueFunction(function=_nodes),
     ])

@@ -16,6 +16,10 @@ Observation dict:
     image            (H, W, 3) uint8, only when `image_size` is set and `cameras` is not (the scene camera)
     camera_<name>    (H, W, 3) uint8, one per camera in `cameras` ("scene", "wrist": sim/cameras.py)
 
+Robustness options (`camera_shift_m`, `camera_tilt_deg`, `light_change`) perturb every camera per episode,
+drawn from the episode's seed apart from the scene's random stream: the same seeds give the same cube
+layouts with and without them (sim/cameras.py `sample_perturbation`).
+
 Tasks (`task=`, sim/tasks.py) share the scene and the observations and differ in what counts as success.
 Arms: this env is the Panda's; the velocity-commanded UFactory xArm6 is its sibling `sim.xarm.XArmStackingEnv`.
 `sim.arms.make_env(arm=..., task=...)` builds either.
@@ -83,7 +87,12 @@ class StackingConfig:
     friction: float = 1.0
     camera: dict = field(
         default_factory=lambda: {k: getattr(cams.CAMERAS["scene"], k) for k in ("eye", "target", "up", "fov")}
-    )  # the scene camera's pose (perturb it here for robustness runs)
+    )  # the scene camera's pose
+    # Per-episode camera perturbation (robustness runs): every camera moved this far in a random direction
+    # (m), turned this much about a random axis (degrees), the light scaled by 1 ± light_change; 0 = none.
+    camera_shift_m: float = 0.0
+    camera_tilt_deg: float = 0.0
+    light_change: float = 0.0
 
 
 def yaw_of(quaternion) -> float:
@@ -130,6 +139,8 @@ class StackingEnv(gym.Env):
         self.client = p.connect(p.DIRECT)  # own client: several envs coexist in one process
         self._build_scene()
         self._last_obs: dict[str, np.ndarray] | None = None
+        self._episode_seed = 0  # the perturbation's seed: the reset's seed, else one more than the last
+        self.perturbation: cams.CameraPerturbation | None = None
 
     # ---------------------------------------------------------------- scene
     def _build_scene(self) -> None:
@@ -190,6 +201,10 @@ class StackingEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         cid, half = self.client, self.config.cube_size / 2
+        c = self.config
+        self._episode_seed = int(seed) if seed is not None else self._episode_seed + 1
+        self.perturbation = cams.sample_perturbation(self._episode_seed, c.camera_shift_m, c.camera_tilt_deg,
+                                                     c.light_change)
         # Rebuild so a seed fully determines the state (no solver warm-start from a previous episode).
         self._build_scene()
         self._reset_robot()
@@ -320,7 +335,7 @@ class StackingEnv(gym.Env):
     def render(self, size: int | None = None, camera: str = "scene") -> np.ndarray:
         """RGB (size, size, 3) uint8 from camera `camera` (TinyRenderer: runs headless)."""
         size = size or self.config.image_size or 64
-        return cams.render_camera(self.camera(camera), size, self.robot, self.client)
+        return cams.render_camera(self.camera(camera), size, self.robot, self.client, self.perturbation)
 
     def close(self) -> None:
         if self.client is not None and p.isConnected(self.client):
