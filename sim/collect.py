@@ -44,7 +44,8 @@ def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0
     if policy is not None:
         from gato_ros.runtime import PolicyRuntime
 
-        _worker["policy"] = PolicyRuntime(policy, provider="cpu", threads=1)
+        # The collected arm's spec, for a file of several arms (its default arm's otherwise: refused if another).
+        _worker["policy"] = PolicyRuntime(policy, provider="cpu", threads=1, arm=_worker["env"].arm)
 
 
 def _run_job(job: Job):
