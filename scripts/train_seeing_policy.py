@@ -126,8 +126,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the ablation and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
-    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary task_state target "
-                        "(0: none)")
+    parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
+                        "(0: none; scripts/aux_pilot.sh found no gain at 1 500 CPU steps)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
                         "of the int8 file at the end (0: none)")
     args = parser.parse_args()
