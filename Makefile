@@ -19,8 +19,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# MODEL=path.onnx runs another policy (e.g. a seeing one); unset, the demo's default model.
+MODEL ?=
 demo: venv
-	$(VENV)/bin/gato-ros demo
+	$(VENV)/bin/gato-ros demo $(if $(MODEL),--model $(MODEL))
 
 test: venv
 	$(VENV)/bin/ruff check gato_ros sim tests launch scripts

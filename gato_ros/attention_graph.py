@@ -110,12 +110,15 @@ class _Graph:
         return self.op(op_type, inputs, prefix, **attrs)[0]
 
 
-def _embedding(g: _Graph, model: GatoModel) -> str:
+def _embedding(g: _Graph, model: GatoModel, images: bool = False) -> str:
     c = model.config
     table = g.const("model.tokens.weight", merged_input_table(model))  # text/discrete rows: the tied table's
     lo, hi = g.const("/embed/zero", 0, np.int64), g.const("/embed/vocab_max", c.vocab_size - 1, np.int64)
     ids = g.op1("Clip", [contract.INPUT_IDS, lo, hi], "/embed/")
     x = g.op1("Gather", [table, ids], "/embed/", axis=0)
+    if images:
+        is_patch, patch_vectors = _patch_embedding(g, model)
+        x = g.op1("Where", [is_patch, patch_vectors, x], "/embed/")
     local_max = g.const("/embed/local_max", c.max_local_positions - 1, np.int64)
     # A negative local position (contract.NO_LOCAL_POSITION) adds nothing, as in GatoModel.embed: it clips to -1,
     # which Gather reads as the last row, a zero row appended to the table (folded by ORT at load).
@@ -125,6 +128,67 @@ def _embedding(g: _Graph, model: GatoModel) -> str:
     zero_row = g.const("/embed/no_local_row", np.zeros((1, c.n_embd)))
     with_zero = g.op1("Concat", [local_table, zero_row], "/embed/", axis=0)
     return g.op1("Add", [x, g.op1("Gather", [with_zero, local], "/embed/", axis=0)], "/embed/")
+
+
+def _conv(g: _Graph, x: str, conv: torch.nn.Conv2d, name: str) -> str:
+    return g.op1("Conv", [x, g.const(f"model.{name}.weight", _np(conv.weight), np.float32),
+                          g.const(f"model.{name}.bias", _np(conv.bias), np.float32)], f"/{name}/",
+                 strides=list(conv.stride), pads=[conv.padding[0], conv.padding[1]] * 2)
+
+
+def _group_norm_gelu(g: _Graph, x: str, norm: torch.nn.GroupNorm, name: str) -> str:
+    """GELU(GroupNorm(x)) on [N, C, 4, 4]: each group normalized as one LayerNormalization row, then the
+    per-channel affine (ONNX's GroupNormalization is not in opset 17)."""
+    p, c = f"/{name}/", norm.num_channels
+    width = c // norm.num_groups * 16
+    rows = g.op1("Reshape", [x, g.const(p + "groups", [-1, norm.num_groups, width], np.int64)], p)
+    normed = g.op1("LayerNormalization", [rows, g.const(p + "ones", np.ones(width), np.float32),
+                                         g.const(p + "zeros", np.zeros(width), np.float32)], p,
+                   axis=-1, epsilon=norm.eps)
+    y = g.op1("Reshape", [normed, g.const(p + "channels", [-1, c, 4, 4], np.int64)], p)
+    y = g.op1("Mul", [y, g.const(f"model.{name}.weight", _np(norm.weight).reshape(c, 1, 1), np.float32)], p)
+    y = g.op1("Add", [y, g.const(f"model.{name}.bias", _np(norm.bias).reshape(c, 1, 1), np.float32)], p)
+    return g.op1("Gelu", [y], p, domain=ORT_DOMAIN)
+
+
+def _patch_embedding(g: _Graph, model: GatoModel) -> tuple[str, str]:
+    """(is_patch [B, S, 1], vectors [B, S, D]) as GatoModel.embed computes them: the patch network runs on
+    the PATCH_TOKEN slots only (gathered by index, one zero patch appended so an action token's call never
+    has an empty batch), its output scattered back by slot, plus the patch row/column encodings. The
+    network stays fp32 in an fp16 graph (ORT's CPU provider has no fp16 Conv)."""
+    p, pe, size = "/patch/", model.patch_embed, contract.PATCH_SIZE
+    is_patch = g.op1("Equal", [contract.INPUT_IDS, g.const(p + "patch_token", contract.PATCH_TOKEN, np.int64)], p)
+    flat = g.op1("Reshape", [is_patch, g.const(p + "flat", [-1], np.int64)], p)
+    index = g.op1("Squeeze", [g.op1("NonZero", [flat], p), g.const(p + "axis0", [0], np.int64)], p)
+    pixels = g.op1("Reshape", [contract.PATCHES, g.const(p + "patch_rows", [-1, 3, size, size], np.int64)], p)
+    selected = g.op1("Gather", [pixels, index], p, axis=0)
+    selected = g.op1("Concat", [selected, g.const(p + "pad_patch", np.zeros((1, 3, size, size)), np.float32)], p,
+                     axis=0)
+    x = _conv(g, selected, pe.stem, "patch_embed.stem")
+    h = _conv(g, _group_norm_gelu(g, x, pe.norm1, "patch_embed.norm1"), pe.conv1, "patch_embed.conv1")
+    x = g.op1("Add", [x, _conv(g, _group_norm_gelu(g, h, pe.norm2, "patch_embed.norm2"), pe.conv2,
+                                "patch_embed.conv2")], p)
+    x = g.op1("Flatten", [_group_norm_gelu(g, x, pe.norm_out, "patch_embed.norm_out")], p, axis=1)
+    vectors = g.op1("Gemm", [x, g.const("model.patch_embed.proj.weight", _np(pe.proj.weight), np.float32),
+                             g.const("model.patch_embed.proj.bias", _np(pe.proj.bias), np.float32)], p, transB=1)
+    slot = g.op1("Sub", [g.op1("CumSum", [g.op1("Cast", [flat], p, to=TensorProto.INT64),
+                                          g.const(p + "cumsum_axis", 0, np.int64)], p),
+                         g.const(p + "one", 1, np.int64)], p)
+    slot = g.op1("Max", [slot, g.const(p + "zero", 0, np.int64)], p)
+    per_slot = g.op1("Gather", [vectors, slot], p, axis=0)
+    shape = g.op1("Concat", [g.op1("Shape", [contract.INPUT_IDS], p), g.const(p + "width", [-1], np.int64)], p, axis=0)
+    per_slot = g.op1("Reshape", [per_slot, shape], p)
+    top = g.const(p + "interval_max", contract.PATCH_POSITION_INTERVALS - 1, np.int64)
+    pos = g.op1("Clip", [contract.PATCH_POSITIONS, g.const(p + "interval_min", 0, np.int64), top], p)
+    row, col = g.op("Split", [pos], p, outputs=2, axis=-1)
+    rows = g.op1("Gather", [g.const("model.patch_rows.weight", _np(model.patch_rows.weight), np.float32),
+                            g.op1("Squeeze", [row, g.const(p + "last", [-1], np.int64)], p)], p, axis=0)
+    cols = g.op1("Gather", [g.const("model.patch_cols.weight", _np(model.patch_cols.weight), np.float32),
+                            g.op1("Squeeze", [col, g.const(p + "last_", [-1], np.int64)], p)], p, axis=0)
+    vectors = g.op1("Add", [g.op1("Add", [per_slot, rows], p), cols], p)
+    if g.dtype is np.float16:
+        vectors = g.op1("Cast", [vectors], p, to=TensorProto.FLOAT16)
+    return g.op1("Unsqueeze", [is_patch, g.const(p + "feature_axis", [-1], np.int64)], p), vectors
 
 
 def _rotary(g: _Graph, model: GatoModel) -> tuple[str, str]:
@@ -287,12 +351,12 @@ def _mlp(g: _Graph, i: int, model: GatoModel, h: str) -> str:
 
 
 def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = np.float32,
-                        layout: str = contract.CACHE_LAYOUT_IN_PLACE) -> onnx.ModelProto:
-    """The serving graph of `model` (a state-only policy) with logits over `logit_ids`, weights and cache in
-    `dtype` (np.float32 or np.float16; logits always fp32)."""
+                        layout: str = contract.CACHE_LAYOUT_IN_PLACE, images: bool = False) -> onnx.ModelProto:
+    """The serving graph of `model` with logits over `logit_ids`, weights and cache in `dtype` (np.float32 or
+    np.float16; logits always fp32). `images`: the spec has image keys, so the graph takes patches."""
     c = model.config
     g = _Graph(dtype)
-    x = _embedding(g, model)
+    x = _embedding(g, model, images)
     in_place = layout == contract.CACHE_LAYOUT_IN_PLACE
     slots, indices = _ring_slots(g) if in_place else (None, None)
     (cos, sin), bias = _rotary(g, model), _mask_bias(g, model, slots)
@@ -324,6 +388,10 @@ def build_serving_graph(model: GatoModel, logit_ids: np.ndarray, dtype: type = n
     cache_in = [elem, ["batch", c.n_head, "past_sequence", dh]]
     cache_out = cache_in if in_place else [elem, ["batch", c.n_head, "sequence", dh]]
     inputs += [helper.make_tensor_value_info(n, *cache_in) for n in contract.past_names(c.n_layer)]
+    if images:
+        inputs += [helper.make_tensor_value_info(contract.PATCHES, TensorProto.FLOAT,
+                                                 [*batch_seq, 3, contract.PATCH_SIZE, contract.PATCH_SIZE]),
+                   helper.make_tensor_value_info(contract.PATCH_POSITIONS, TensorProto.INT64, [*batch_seq, 2])]
     outputs += [helper.make_tensor_value_info(n, *cache_out) for n in contract.present_names(c.n_layer)]
     graph = helper.make_graph(g.nodes, "gato_ros_policy", inputs, outputs, g.inits)
     proto = helper.make_model(graph, producer_name="gato_ros", opset_imports=[

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gato_ros.export", "export a checkpoint to ONNX (fp32, int8, int4, fp16)"),
     "eval": ("sim.evaluate", "closed-loop success rate of a policy on the stacking task"),
     "bench": ("gato_ros.bench", "latency benchmark per control step"),
+    "info": ("gato_ros.info", "what a policy file serves: arms, tasks, specs, window, variant"),
     "record": ("gato_ros.record", "record the arm's inputs, commands and the policy's ticks as a rosbag2 MCAP bag"),
     "dataset": ("gato_ros.bags", "turn recorded bags into a training dataset"),
     "replay": ("gato_ros.bag_replay", "open-loop check of a policy on a recorded episode: per-joint action error"),

@@ -7,7 +7,7 @@ module imports only the standard library (no numpy, no torch, no rclpy), so any 
     token ids          the tokenizer's constants (Gato, Reed et al. 2022, section 2.1)
     GatoConfig         the model's hyperparameters and PRESETS, JSON in checkpoints and ONNX files
     EMPTY_POSITION     the absolute position of an empty cache slot
-    metadata keys      `gato_ros.*` keys of an ONNX file's metadata_props
+    metadata keys      `gato_ros.*` keys of an ONNX file's metadata_props, and what a file serves (Served)
     tensor names       the ONNX graph's inputs and outputs, cache tensors included
 """
 
@@ -31,6 +31,9 @@ PAD_TOKEN = SEPARATOR_TOKEN + 2
 VOCAB_SIZE = SEPARATOR_TOKEN + 3
 
 PATCH_SIZE = 16
+# Pixel scaling of a patch (Gato): uint8 to [-1, 1], then divided by sqrt(PATCH_SIZE) = 4.
+PIXEL_HALF_RANGE = 127.5
+PATCH_VALUE_DIVISOR = 4.0
 PATCH_POSITION_INTERVALS = 128
 
 # The local position of a token that gets no local position encoding: the separator and the action tokens of
@@ -76,6 +79,60 @@ CACHE_LAYOUT_RING = "ring"
 CACHE_LAYOUT_IN_PLACE = "ring-in-place"
 
 REQUIRED_METADATA = (META_CONFIG, META_SPEC, META_TOKENIZER, META_CONTEXT_TOKENS)
+
+# What a file serves: its bodies and tasks (issue 13, one file for several arms and tasks). Both optional.
+# META_SPECS: JSON object, arm name -> that arm's spec (an EmbodimentSpec's JSON object), in the file's order;
+#   META_SPEC is then the spec of one of them (the default arm, the first), so a reader that knows only
+#   META_SPEC still serves a body the file was trained for.
+# META_TASKS: JSON list of the task names the file was trained on (the names `--task` accepts).
+# A file without them (every file before issue 13) serves LEGACY_ARM with META_SPEC and LEGACY_TASK.
+META_SPECS = "gato_ros.specs"
+META_TASKS = "gato_ros.tasks"
+LEGACY_ARM = "panda"
+LEGACY_TASK = "stack_red_on_blue"
+
+
+@dataclass(frozen=True)
+class Served:
+    """The arms (each with its spec as a JSON object) and the tasks a model file serves."""
+
+    specs: dict[str, dict]
+    tasks: tuple[str, ...]
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return tuple(self.specs)
+
+    @property
+    def default_arm(self) -> str:
+        return self.arms[0]
+
+
+def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """The metadata_props that say what a file serves: `specs` maps arm name -> spec JSON text (the first arm
+    is the default, whose spec also goes under META_SPEC), `tasks` the task names."""
+    if not specs or not tasks:
+        raise ValueError("a model file serves at least one arm and one task")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task names: {list(tasks)}")
+    objects = {arm: json.loads(text) for arm, text in specs.items()}
+    return {META_SPECS: json.dumps(objects), META_TASKS: json.dumps(list(tasks)),
+            META_SPEC: specs[next(iter(specs))]}
+
+
+def read_served(meta: dict[str, str]) -> Served:
+    """What a file's metadata_props say it serves (the legacy defaults for a file without META_SPECS/META_TASKS).
+    ValueError on unreadable or inconsistent entries."""
+    default_spec = json.loads(meta[META_SPEC])
+    specs = json.loads(meta[META_SPECS]) if META_SPECS in meta else {LEGACY_ARM: default_spec}
+    tasks = json.loads(meta[META_TASKS]) if META_TASKS in meta else [LEGACY_TASK]
+    if not isinstance(specs, dict) or not specs or not all(isinstance(v, dict) for v in specs.values()):
+        raise ValueError(f"{META_SPECS} must be a non-empty JSON object of arm name -> spec")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{META_TASKS} must be a non-empty JSON list of task names")
+    if default_spec not in specs.values():
+        raise ValueError(f"{META_SPEC} is not one of the specs in {META_SPECS}")
+    return Served(specs=specs, tasks=tuple(tasks))
 
 # ----------------------------------------------------------------------------------------------
 # ONNX tensor names
@@ -165,6 +222,11 @@ class GatoConfig:
     # Local position encodings on observation tokens only, as in the paper: the separator and the action tokens
     # get NO_LOCAL_POSITION. False: every token of a timestep gets its index (files written before this field).
     observation_local_positions_only: bool = True
+    # A training-only head that predicts privileged state (for example the cube positions a seeing policy
+    # must find in its image) from each timestep's separator token: width of that state (0: none). It shapes
+    # what the transformer learns to extract; the serving graph never contains it.
+    aux_size: int = 0
+    aux_weight: float = 1.0  # its mean squared error's weight beside the action loss
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -6,6 +6,13 @@ when every input is present, fresh and valid and the policy answers; otherwise t
 messages in, calls `tick` from its timer and publishes the result. numpy only, so it is tested
 without rclpy (tests/test_control.py) and runs in-process against the PyBullet env.
 
+Inputs: the joint states, one camera per image key of the model (each key its own topic, named by the
+node's `image_topics`), and one vector per other key. Each is judged on its own: a camera that is
+missing, stale, in an unsupported encoding, or of another aspect ratio than the model's input (resizing
+would squash the field of view it was trained on) gives the safe action, and the reason names the key
+and its topic. Frames of the model's aspect ratio are resized (area averaging when shrinking); the
+decode + resize time of the frames a tick uses is its `image_ms`.
+
 Time: an input's age is judged on the monotonic clock at receive (`time.monotonic()`), so a node
 clock that steps back or leaps never makes old data fresh; header stamps, where a message has one,
 are checked against the node clock when the message arrives, and a stamp too far from it makes the
@@ -22,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -144,6 +151,50 @@ def tightened_limits(layout: JointLayout, limits: Sequence[float] | None) -> np.
 
 # ----------------------------------------------------------------------------- inputs
 
+CAMERA_KEY_PREFIX = "camera_"  # image key `camera_<name>` reads `<name>/image_raw` unless image_topics says otherwise
+MAX_ASPECT_ERROR = 0.01  # relative: a frame whose width/height differs more from the model's is another view
+
+
+def default_image_topic(key: str, fallback: str) -> str:
+    """The topic of image key `key` when image_topics does not name one: `camera_<name>` → `<name>/image_raw`
+    (the sim bridge's and ROS camera drivers' layout), any other key → `fallback` (the node's image_topic)."""
+    if key.startswith(CAMERA_KEY_PREFIX) and len(key) > len(CAMERA_KEY_PREFIX):
+        return f"{key[len(CAMERA_KEY_PREFIX):]}/image_raw"
+    return fallback
+
+
+def parse_image_topics(entries: Sequence[str], image_keys: Sequence[str], fallback: str) -> dict[str, str]:
+    """["camera_scene=scene/image_raw", ...] (the image_topics parameter) → {image key: topic}, for every image
+    key of the model: the keys not named take `default_image_topic`."""
+    named: dict[str, str] = {}
+    for entry in entries:
+        key, sep, topic = str(entry).partition("=")
+        key, topic = key.strip().rstrip(":"), topic.strip()  # 'key:=topic' reads as 'key=topic' too
+        if not sep or not key or not topic:
+            raise ValueError(f"image_topics entries are 'image_key=topic', got {entry!r}")
+        if key not in image_keys:
+            raise ValueError(f"image_topics names {key!r}, not an image key of the model {list(image_keys)}")
+        if key in named:
+            raise ValueError(f"image_topics maps {key!r} twice")
+        named[key] = topic
+    return {key: named.get(key, default_image_topic(key, fallback)) for key in image_keys}
+
+
+def check_aspect(image: np.ndarray, shape: Sequence[int]) -> None:
+    """InputError when a decoded frame's aspect ratio is not the model's input's: resizing would squash it."""
+    h, w = image.shape[:2]
+    want_h, want_w = int(shape[0]), int(shape[1])
+    if abs(w * want_h - h * want_w) > MAX_ASPECT_ERROR * h * want_w:
+        raise ros_io.InputError(f"frame is {w}×{h}, not the aspect ratio of the model's {want_w}×{want_h} input "
+                                f"(another field of view; only the size may differ)")
+
+
+def image_observation(msg: Any, shape: Sequence[int], max_bytes: int = ros_io.MAX_IMAGE_BYTES) -> np.ndarray:
+    """A sensor_msgs/Image → the model's (H, W, 3) uint8 RGB input: decoded, its aspect ratio checked, resized."""
+    image = ros_io.decode_image(msg.encoding, int(msg.height), int(msg.width), int(msg.step), msg.data, max_bytes)
+    check_aspect(image, shape)
+    return ros_io.resize_image(image, int(shape[0]), int(shape[1]))
+
 
 @dataclass
 class Buffered:
@@ -152,6 +203,7 @@ class Buffered:
     value: Any
     error: str | None
     received: float  # time.monotonic() at receive
+    cost_ms: float = 0.0  # conversion time (an image's decode + resize)
 
 
 @dataclass(frozen=True)
@@ -188,6 +240,7 @@ class TickResult:
     tokens: tuple[int, ...] = ()
     step_ms: float | None = None
     cause: str = ""  # the reason without per-tick details ("" while running)
+    image_ms: float | None = None  # decode + resize of the frames this tick used (None: no policy step, or no image)
 
     @property
     def message(self) -> str:
@@ -267,7 +320,8 @@ class ControlLoop:
 
     def __init__(self, runtime: Any, layout: JointLayout, mode: str = "effort", limits: np.ndarray | None = None,
                  stale_timeout_s: float = 0.25, max_stamp_offset_s: float = 1.0,
-                 safe: SafeActionSettings | None = None, max_image_bytes: int = ros_io.MAX_IMAGE_BYTES) -> None:
+                 safe: SafeActionSettings | None = None, max_image_bytes: int = ros_io.MAX_IMAGE_BYTES,
+                 image_topics: Mapping[str, str] | None = None) -> None:
         spec: EmbodimentSpec = runtime.spec
         commands.check_output_mode(mode, commands.model_action_mode(spec))
         self.runtime, self.spec, self.layout, self.mode = runtime, spec, layout, mode
@@ -289,6 +343,9 @@ class ControlLoop:
         self.observed_joint_keys = [k for k in JOINT_KEYS if k in keys]
         self._needs_velocity = "joint_velocities" in keys
         self.image_specs = [o for o in spec.observations if o.kind == "image"]
+        # image key -> its topic, to name it in faults (the node subscribes; here only for the messages)
+        self.image_topics = dict(image_topics or {o.name: default_image_topic(o.name, "camera/image_raw")
+                                                  for o in self.image_specs})
         self.vector_specs = [o for o in spec.observations if o.kind != "image" and o.name not in JOINT_KEYS]
         self._lock = threading.Lock()
         self._inputs: dict[str, Buffered] = {}
@@ -298,11 +355,11 @@ class ControlLoop:
 
     # --- inputs (called from subscription callbacks; `now_ns` is the node clock, for header stamps) ---
 
-    def _store(self, name: str, value: Any, error: str | None, received: float) -> None:
+    def _store(self, name: str, value: Any, error: str | None, received: float, cost_ms: float = 0.0) -> None:
         with self._lock:
             old = self._inputs.get(name)
             if old is None or received >= old.received:
-                self._inputs[name] = Buffered(value, error, received)
+                self._inputs[name] = Buffered(value, error, received, cost_ms)
 
     def _stamp_error(self, msg: Any, now_ns: int | None) -> str | None:
         if now_ns is None:
@@ -334,15 +391,22 @@ class ControlLoop:
         except (ros_io.InputError, ValueError, TypeError):
             return None
 
-    def on_image(self, msg: Any, received: float, now_ns: int | None = None) -> None:
+    def on_image(self, key: str, msg: Any, received: float, now_ns: int | None = None) -> None:
+        """A sensor_msgs/Image for image key `key` (its own topic): decoded to RGB and resized to the model's input."""
+        start = time.perf_counter()
+        shape = self.spec.observation(key).shape
         try:
             error = self._stamp_error(msg, now_ns)
             if error:
                 raise ros_io.InputError(error)
-            value = {o.name: ros_io.image_to_observation(msg, o.shape, self.max_image_bytes) for o in self.image_specs}
+            value: Any = image_observation(msg, shape, self.max_image_bytes)
         except (ros_io.InputError, ValueError, TypeError, MemoryError) as err:
-            value, error = None, f"image: {err}"
-        self._store("image", value, error, received)
+            value, error = None, f"{self.describe_input(key)}: {err}"
+        self._store(key, value, error, received, (time.perf_counter() - start) * 1e3)
+
+    def describe_input(self, name: str) -> str:
+        """An input as faults name it: an image key with its topic."""
+        return f"{name} ({self.image_topics[name]})" if name in self.image_topics else name
 
     def on_vector(self, key: str, msg: Any, received: float) -> None:
         """A std_msgs/Float64MultiArray observation (no header: no stamp to check)."""
@@ -354,7 +418,7 @@ class ControlLoop:
 
     def required_inputs(self) -> list[str]:
         names = ["joint_states"] if self.observed_joint_keys else []
-        names += ["image"] if self.image_specs else []
+        names += [o.name for o in self.image_specs]
         return names + [o.name for o in self.vector_specs]
 
     def input_ages(self, now: float) -> dict[str, float]:
@@ -364,7 +428,7 @@ class ControlLoop:
         return {n: now - inputs[n].received if n in inputs else float("inf") for n in self.required_inputs()}
 
     def latest(self, name: str) -> Buffered | None:
-        """The latest converted input `name` ("joint_states", "image" or a vector key), for diagnostics."""
+        """The latest converted input `name` ("joint_states", an image key or a vector key), for diagnostics."""
         with self._lock:
             return self._inputs.get(name)
 
@@ -383,9 +447,9 @@ class ControlLoop:
         for name in self.required_inputs():
             buf = inputs.get(name)
             if buf is None:
-                missing.append(name)
+                missing.append(self.describe_input(name))
             elif now - buf.received > self.stale_timeout_s or not now >= buf.received:
-                stale.append((name, now - buf.received))
+                stale.append((self.describe_input(name), now - buf.received))
             elif buf.error is not None:
                 invalid[name] = buf.error
         if invalid:
@@ -403,8 +467,8 @@ class ControlLoop:
             pos, vel = inputs["joint_states"].value
             joint_values = {"joint_positions": pos, "joint_velocities": vel}
             obs.update({k: joint_values[k] for k in self.observed_joint_keys})
-        if self.image_specs:
-            obs.update(inputs["image"].value)
+        for o in self.image_specs:
+            obs[o.name] = inputs[o.name].value
         for o in self.vector_specs:
             obs[o.name] = inputs[o.name].value
         return obs
@@ -441,7 +505,10 @@ class ControlLoop:
         fault = fault or self._input_fault(inputs, now)
         if fault is not None:
             return self._fault(fault, now)
-        return self._run_policy(self._observation(inputs), now)
+        result = self._run_policy(self._observation(inputs), now)
+        if self.image_specs and not result.safe:
+            result = replace(result, image_ms=sum(inputs[o.name].cost_ms for o in self.image_specs))
+        return result
 
     # --- the safe action ---
 

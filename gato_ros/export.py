@@ -82,10 +82,11 @@ def load_model(args: argparse.Namespace) -> tuple[GatoModel, GatoConfig, Embodim
     return GatoModel(config).eval(), config, load_spec(args.spec)
 
 
-def action_vocab(spec: EmbodimentSpec) -> list[tuple[int, int]]:
-    """The ids any action dimension of `spec` can produce, as sorted, disjoint [lo, hi) ranges (the union
-    of `tokenizer.action_token_range`; for the Panda spec [(0, 2), (32000, 33024)])."""
-    ranges = sorted({tok.action_token_range(spec, i) for i in range(spec.action_size)})
+def action_vocab(*specs: EmbodimentSpec) -> list[tuple[int, int]]:
+    """The ids any action dimension of the `specs` can produce, as sorted, disjoint [lo, hi) ranges (the union
+    of `tokenizer.action_token_range`; for the Panda spec [(0, 2), (32000, 33024)]). A file of several arms
+    scores the actions of every one of them."""
+    ranges = sorted({tok.action_token_range(spec, i) for spec in specs for i in range(spec.action_size)})
     merged: list[list[int]] = []
     for lo, hi in ranges:
         if merged and lo <= merged[-1][1]:
@@ -93,6 +94,18 @@ def action_vocab(spec: EmbodimentSpec) -> list[tuple[int, int]]:
         else:
             merged.append([lo, hi])
     return [(lo, hi) for lo, hi in merged]
+
+
+def served_specs(spec: EmbodimentSpec, served: dict[str, str] | None) -> list[EmbodimentSpec]:
+    """Every spec a file serves: those of `served` (`contract.served_metadata`), else `spec` alone."""
+    if served is None:
+        return [spec]
+    return [EmbodimentSpec.from_json(json.dumps(raw)) for raw in json.loads(served[contract.META_SPECS]).values()]
+
+
+def graph_has_images(spec: EmbodimentSpec, served: dict[str, str] | None) -> bool:
+    """The graph takes patches when any spec it serves has an image key."""
+    return any(s.image_keys for s in served_specs(spec, served))
 
 
 def range_ids(ranges: list[tuple[int, int]]) -> np.ndarray:
@@ -226,7 +239,9 @@ def cache_layout(model: onnx.ModelProto) -> str:
 
 def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpec, context: int, variant: str,
                  ranges: list[tuple[int, int]] | None = None, trained_capacities: tuple[int, ...] = (),
-                 layout: str = contract.CACHE_LAYOUT_RING) -> None:
+                 layout: str = contract.CACHE_LAYOUT_RING, served: dict[str, str] | None = None) -> None:
+    """Write the gato_ros metadata_props. `served`: `contract.served_metadata(...)` for a file of several arms or
+    tasks (its default spec must be `spec`); None keeps what the file says it serves (absent: the legacy one)."""
     props = {
         contract.META_CONFIG: config.to_json(),
         contract.META_SPEC: spec.to_json(),
@@ -245,6 +260,10 @@ def set_metadata(model: onnx.ModelProto, config: GatoConfig, spec: EmbodimentSpe
         props[contract.META_LOGIT_IDS] = json.dumps([list(r) for r in ranges])
     if trained_capacities:
         props[contract.META_TRAINED_CAPACITIES] = json.dumps(sorted(trained_capacities))
+    if served is not None:
+        if json.loads(served[contract.META_SPEC]) != json.loads(props[contract.META_SPEC]):
+            raise ValueError("the served default spec is not the spec the graph was exported for")
+        props.update(served)
     optional = (contract.META_LOGIT_IDS, contract.META_TRAINED_CAPACITIES, contract.META_CACHE_LAYOUT,
                 contract.META_CACHE_UPDATE)
     kept = [p for p in model.metadata_props if p.key not in props and p.key not in optional]
@@ -270,33 +289,36 @@ def save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def fused_graph_applies(spec: EmbodimentSpec, full_vocab_head: bool, attention: str) -> bool:
-    """The node-by-node graph (gato_ros/attention_graph.py) serves state-only specs with the action head."""
-    return attention == "fused" and not spec.image_keys and not full_vocab_head
+    """The node-by-node graph (gato_ros/attention_graph.py) serves specs with the action head."""
+    return attention == "fused" and not full_vocab_head
 
 
 def export_fused(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, half: bool = False,
-                 trained_capacities: tuple[int, ...] = ()) -> Path:
+                 trained_capacities: tuple[int, ...] = (), served: dict[str, str] | None = None) -> Path:
     """The fused serving graph written straight from the model, fp32 or fp16 (weights and cache; the rotary
     phases and the logits stay fp32): no fp32 file and no converter pass for the fp16 one."""
-    ranges = action_vocab(spec)
+    ranges = action_vocab(*served_specs(spec, served))
     layout = contract.CACHE_LAYOUT_IN_PLACE
-    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout)
-    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout)
+    proto = build_serving_graph(model.eval(), range_ids(ranges), np.float16 if half else np.float32, layout,
+                                images=graph_has_images(spec, served))
+    set_metadata(proto, model.config, spec, context, "fp16" if half else "fp32", ranges, trained_capacities, layout,
+                 served)
     save(proto, out)
     return out
 
 
 def export_fp32(model: GatoModel, spec: EmbodimentSpec, out: Path, context: int, full_vocab_head: bool = False,
-                attention: str = "fused", trained_capacities: tuple[int, ...] = ()) -> Path:
-    """The fp32 serving graph: fused (`export_fused`) where it applies; image specs, the full-vocabulary head
-    and `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
+                attention: str = "fused", trained_capacities: tuple[int, ...] = (),
+                served: dict[str, str] | None = None) -> Path:
+    """The fp32 serving graph: fused (`export_fused`) where it applies; the full-vocabulary head and
+    `attention="plain"` go through the TorchScript exporter (the model's own attention, unfused)."""
     if fused_graph_applies(spec, full_vocab_head, attention):
-        return export_fused(model, spec, out, context, trained_capacities=trained_capacities)
-    proto = torchscript_graph(model, bool(spec.image_keys))
-    ranges = None if full_vocab_head else action_vocab(spec)
+        return export_fused(model, spec, out, context, trained_capacities=trained_capacities, served=served)
+    proto = torchscript_graph(model, graph_has_images(spec, served))
+    ranges = None if full_vocab_head else action_vocab(*served_specs(spec, served))
     if ranges is not None:
         restrict_head(proto, ranges)
-    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities)
+    set_metadata(proto, model.config, spec, context, "fp32", ranges, trained_capacities, served=served)
     save(proto, out)
     return out
 
@@ -474,7 +496,7 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
     {"int8": quantize_int8_weights, "int8-dynamic": quantize_int8_dynamic, "int4": quantize_int4,
      "fp16": convert_fp16}[variant](fp32, dst)
     proto = onnx.load(str(dst))
-    # quantizers may drop or keep stale props
+    # quantizers may drop or keep stale props (they keep gato_ros.specs/tasks: set_metadata leaves those as found)
     source = onnx.load(str(fp32), load_external_data=False)
     set_metadata(proto, config, spec, context, variant, logit_ranges(source), trained_capacities, cache_layout(source))
     save(proto, dst)
@@ -482,12 +504,15 @@ def make_variant(fp32: Path, variant: str, config: GatoConfig, spec: EmbodimentS
 
 
 # ------------------------------------------------------------------------------------------ parity
-def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, cache: int = 20) -> float:
+def parity(model: GatoModel, spec: EmbodimentSpec, path: Path, seq: int = 12, cache: int = 20,
+           images: bool | None = None) -> float:
     """Max abs logit difference, ORT (CPU) vs torch, for a prefill over a partly filled cache and a
-    one-token decode. Returns the larger of the two."""
+    one-token decode. Returns the larger of the two. `images`: whether the graph takes patches (default:
+    whether `spec` has an image key)."""
     import onnxruntime as ort
 
-    config, images = model.config, bool(spec.image_keys)
+    config = model.config
+    images = bool(spec.image_keys) if images is None else images
     inputs, _ = io_names(config.n_layer, images)
     so = ort.SessionOptions()
     # As the runtime's sessions: ORT applies this flag process-wide from the first session a process creates
@@ -525,9 +550,11 @@ def with_room_for_new_tokens(args: list[torch.Tensor], expected: list[np.ndarray
 # ------------------------------------------------------------------------------------------ cli
 def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tuple[str, ...] = ("fp32",),
            context: int | None = None, check: bool = True, full_vocab_head: bool = False, attention: str = "fused",
-           trained_capacities: tuple[int, ...] = ()) -> dict[str, Path]:
+           trained_capacities: tuple[int, ...] = (), served: dict[str, str] | None = None) -> dict[str, Path]:
     """Export fp32 to `out` (always: the variants derive from it) and the requested variants. The head
-    covers the spec's action vocabulary only, or every token with `full_vocab_head`.
+    covers the action vocabulary of every served spec only, or every token with `full_vocab_head`. `served`
+    (`contract.served_metadata`) says which arms (with their specs; `spec` is the default arm's) and tasks the
+    file serves, and every variant keeps it; None: the legacy Panda stacking.
 
     `context` (the runtime's default cache capacity) is the model's window unless `trained_capacities` lists it:
     those are the other capacities the model was trained to be served with (`gato_ros.trained_capacities`); the
@@ -539,9 +566,9 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
         raise ValueError(f"context {context} differs from the model's trained window (context_window="
                          f"{model.config.context_window}); list it in trained_capacities if the model was trained "
                          f"for it")
-    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities)
+    fp32 = export_fp32(model, spec, out, context, full_vocab_head, attention, trained_capacities, served)
     if check:
-        diff = parity(model, spec, fp32)
+        diff = parity(model, spec, fp32, images=graph_has_images(spec, served))
         print(f"fp32 parity vs torch: max abs diff {diff:.2e} (logits and presents)")
         if diff > 1e-4:
             raise RuntimeError(f"fp32 ONNX disagrees with torch: max abs diff {diff:.3e} > 1e-4")
@@ -551,7 +578,7 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
         if v == "fp16" and fused_graph_applies(spec, full_vocab_head, attention):
             paths[v] = export_fused(model, spec, fp32.with_name(f"{fp32.stem}.fp16.onnx"), context, half=True,
-                                    trained_capacities=trained_capacities)
+                                    trained_capacities=trained_capacities, served=served)
         else:
             paths[v] = make_variant(fp32, v, model.config, spec, context, trained_capacities)
         size = sum(p.stat().st_size for p in paths[v].parent.glob(paths[v].name + "*"))
@@ -577,6 +604,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "specs); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
+    parser.add_argument("--arm", default=None, help="the arm the spec is for (gato_ros.specs; default: the "
+                        f"checkpoint's, else {contract.LEGACY_ARM}); not for a checkpoint of several arms")
+    parser.add_argument("--tasks", default="", help="comma list of the tasks the model was trained on "
+                        "(gato_ros.tasks; default: the checkpoint's served.json, else none written, which reads as "
+                        f"{contract.LEGACY_TASK})")
+
+
+def served_for_export(args: argparse.Namespace, spec: EmbodimentSpec) -> dict[str, str] | None:
+    """What the file will serve: the checkpoint's arms (each with its spec) and tasks (served.json), with --tasks
+    and, for a one-arm checkpoint, --arm in their place where given; None writes nothing (the legacy Panda
+    stacking), for a checkpoint without served.json and no --arm/--tasks."""
+    from gato_ros.train import load_served, served_specs  # the training stage owns the checkpoint format
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    recorded = load_served(args.checkpoint) if args.checkpoint else None
+    if recorded is not None:
+        specs = served_specs(recorded)
+        if len(specs) > 1 and args.arm is not None:
+            raise SystemExit(f"gato-ros export: {args.checkpoint} serves arms {', '.join(specs)}; --arm names the arm "
+                             "of a one-arm checkpoint only")
+        if next(iter(specs.values())) != spec:
+            raise SystemExit(f"gato-ros export: {args.checkpoint}: spec.json is not the default arm's spec in "
+                             "served.json")
+        if args.arm is not None:
+            specs = {args.arm: spec}
+        return contract.served_metadata({arm: s.to_json() for arm, s in specs.items()}, tasks or recorded.tasks)
+    if tasks or args.arm is not None:
+        if not tasks:
+            raise SystemExit("gato-ros export: --arm needs --tasks (the tasks the model was trained on)")
+        return contract.served_metadata({args.arm or contract.LEGACY_ARM: spec.to_json()}, tasks)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -584,6 +642,8 @@ def run(args: argparse.Namespace) -> int:
     model, config, spec = load_model(args)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     capacities = tuple(int(c) for c in args.trained_capacities.split(",") if c.strip())
+    served = served_for_export(args, spec)
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
-           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities)
+           full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities,
+           served=served)
     return 0

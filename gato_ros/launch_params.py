@@ -15,6 +15,7 @@ LAUNCH_PARAMETERS: dict[str, tuple[str, type]] = {
     "rate": ("control_rate_hz", float),
     "autostart": ("autostart", bool),
     "output_mode": ("output_mode", str),
+    "arm": ("arm", str),
 }
 
 

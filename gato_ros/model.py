@@ -115,8 +115,12 @@ class PatchEmbedding(nn.Module):
         return self.proj(x.flatten(1)).reshape(*lead, -1)
 
 
-def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_patch: torch.Tensor) -> torch.Tensor:
+def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_patch: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, S, D]: the patch network's output at PATCH_TOKEN slots (rows elsewhere are meaningless).
+
+    `patches` holds the tokenizer's scaled values (float, as the runtime feeds them) or raw uint8 pixels
+    (training batches: a quarter of the bytes to load and copy), which are scaled here the same way.
 
     The network runs on the patch tokens only (gathered by index), never on the other tokens of the
     window, in training and in the exported graph alike. One zero patch is always appended so the
@@ -127,6 +131,9 @@ def embed_patch_tokens(patch_embed: PatchEmbedding, patches: torch.Tensor, is_pa
     flat = is_patch.reshape(-1)
     index = torch.nonzero(flat).squeeze(1)
     selected = patches.reshape(B * S, 3, contract.PATCH_SIZE, contract.PATCH_SIZE).index_select(0, index)
+    if selected.dtype == torch.uint8:
+        selected = (selected.to(dtype) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
+    selected = selected.to(dtype)
     selected = torch.cat([selected, selected.new_zeros((1, 3, contract.PATCH_SIZE, contract.PATCH_SIZE))])
     vectors = patch_embed(selected)  # [P + 1, D]
     slot = (torch.cumsum(flat.to(torch.int64), 0) - 1).clamp(min=0)  # the k-th patch token -> row k
@@ -215,6 +222,8 @@ class GatoModel(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(d)
+        with torch.random.fork_rng(devices=[]):  # registered last: the other weights init as without it
+            self.aux_head = nn.Linear(d, config.aux_size) if config.aux_size else None
         self.register_buffer("rope_k", rope_multipliers(config), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
@@ -252,7 +261,7 @@ class GatoModel(nn.Module):
             x = torch.where(continuous.unsqueeze(-1), self.values(input_ids), x)
         if patches is not None:
             is_patch = input_ids == contract.PATCH_TOKEN
-            pe = embed_patch_tokens(self.patch_embed, patches.to(x.dtype), is_patch)
+            pe = embed_patch_tokens(self.patch_embed, patches, is_patch, x.dtype)
             is_patch = is_patch.unsqueeze(-1)
             if patch_positions is not None:
                 pos = patch_positions.clamp(0, contract.PATCH_POSITION_INTERVALS - 1)
@@ -323,6 +332,8 @@ class GatoModel(nn.Module):
         target_hi: torch.Tensor,
         patches: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
+        aux_targets: torch.Tensor | None = None,
+        aux_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean action loss over positions where `loss_mask` is set (position t predicts token t+1).
 
@@ -333,8 +344,19 @@ class GatoModel(nn.Module):
         runs only at loss positions. Continuous targets get Gaussian soft labels (config.label_sigma
         bins), discrete ones hard labels. The loss is the KL divergence to the label distribution
         (cross-entropy minus the label entropy: same gradients, and 0 for a perfect fit).
+        With `aux_targets` [B, S, aux_size] and `aux_mask` [B, S] (a model with an aux head), config.aux_weight
+        times the aux head's mean squared error at the masked positions is added.
         """
-        h, _ = self.hidden(input_ids, position_ids, local_positions, patches=patches, patch_positions=patch_positions)
+        hidden, _ = self.hidden(input_ids, position_ids, local_positions, patches=patches,
+                                patch_positions=patch_positions)
+        loss = self._action_loss(hidden, targets, loss_mask, target_hi)
+        if aux_targets is not None and self.aux_head is not None and aux_mask is not None and bool(aux_mask.any()):
+            predicted = self.aux_head(hidden[aux_mask]).float()
+            loss = loss + self.config.aux_weight * F.mse_loss(predicted, aux_targets[aux_mask].float())
+        return loss
+
+    def _action_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, target_hi: torch.Tensor
+                     ) -> torch.Tensor:
         h, targets, target_hi = h[loss_mask], targets[loss_mask], target_hi[loss_mask]
         n = targets.shape[0]
         if n == 0:

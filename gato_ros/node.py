@@ -81,6 +81,9 @@ class Param:
 PARAMETERS: dict[str, Param] = {
     "autostart": Param(True, "walk the lifecycle to active at startup (no lifecycle manager)", STARTUP),
     "model_path": Param("", "ONNX policy file; empty = the shipped model"),
+    # Read only: a file of several arms is served for this one; the wrong body's spec must never be swapped in live.
+    "arm": Param("", "which of the model's arms to serve (gato-ros info lists them); empty = its default arm",
+                 STARTUP),
     "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
@@ -90,7 +93,11 @@ PARAMETERS: dict[str, Param] = {
     "joint_names": Param(Parameter.Type.STRING_ARRAY, "arm controller joint order (robot names); unset = model's"),
     "gripper_action": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
     "joint_states_topic": Param("joint_states", "sensor_msgs/JointState in"),
-    "image_topic": Param("camera/image_raw", "sensor_msgs/Image in (models with an image key)"),
+    "image_topic": Param("camera/image_raw", "sensor_msgs/Image in, for image keys not named camera_<name> "
+                         "(the legacy 'image' key) and not in image_topics"),
+    "image_topics": Param(Parameter.Type.STRING_ARRAY, "image key → sensor_msgs/Image topic, as "
+                          "'camera_scene=scene/image_raw'; unset keys: camera_<name> → <name>/image_raw, others → "
+                          "image_topic"),
     "arm_command_topic": Param("", "arm controller topic; empty = the output mode's default (commands.py)"),
     "gripper_command_topic": Param(commands.GRIPPER_COMMAND_TOPIC, "gripper command topic (Float64MultiArray)"),
     "direct_output": Param(False, "also publish to the controller topics (no watchdog relaying)"),
@@ -196,6 +203,7 @@ class PolicyNode(LifecycleNode):
         self.clock_jumps = control.ClockJumpDetector()
         self._tick_times: deque[float] = deque(maxlen=1000)
         self._latencies: deque[float] = deque(maxlen=1000)
+        self._image_ms: deque[float] = deque(maxlen=1000)  # per policy tick: decode + resize of its frames
 
     # --- parameters ---
 
@@ -250,8 +258,11 @@ class PolicyNode(LifecycleNode):
                                       self._param("joint_names") or (), self._param("gripper_action"))
         values = {n: self._param(n) for n in PARAMETERS}
         settings = self._loop_settings(values, layout)
+        image_keys = [o.name for o in runtime.spec.observations if o.kind == "image"]
+        image_topics = control.parse_image_topics(self._param("image_topics") or (), image_keys,
+                                                  self._param("image_topic"))
         loop = ControlLoop(runtime, layout, self._param("output_mode"), settings.limits, settings.stale_timeout_s,
-                           settings.max_stamp_offset_s, settings.safe, self._param("max_image_bytes"))
+                           settings.max_stamp_offset_s, settings.safe, self._param("max_image_bytes"), image_topics)
         rate = float(self._param("control_rate_hz")) or float(runtime.spec.control_rate_hz)
         if not np.isfinite(rate) or rate <= 0:
             raise ValueError(f"control_rate_hz must be positive, got {rate}")
@@ -262,6 +273,8 @@ class PolicyNode(LifecycleNode):
                                   "context_tokens": int(self._param("context_tokens")) or None}
         if self._param("threads"):
             kwargs["threads"] = int(self._param("threads"))
+        if self._param("arm"):
+            kwargs["arm"] = self._param("arm")
         return kwargs
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -283,7 +296,8 @@ class PolicyNode(LifecycleNode):
         self.last_error = ""
         self.state_label = "inactive"
         self.get_logger().info(
-            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}), {rate:g} Hz, {loop.mode} "
+            f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}) for arm "
+            f"{getattr(runtime, 'arm', '?')}, {rate:g} Hz, {loop.mode} "
             f"output, arm {list(loop.layout.arm_names)}, gripper {loop.layout.gripper_name}, "
             f"limits {loop.limits.tolist()}, safe action {loop.safe_settings.kind}")
         return TransitionCallbackReturn.SUCCESS
@@ -307,8 +321,8 @@ class PolicyNode(LifecycleNode):
         if loop.observed_joint_keys:
             subscribe(JointState, self._param("joint_states_topic"),
                       lambda m: loop.on_joint_state(m, time.monotonic(), self._now_ns()))
-        if loop.image_specs:
-            subscribe(Image, self._param("image_topic"), lambda m: loop.on_image(m, time.monotonic(), self._now_ns()))
+        for key, topic in loop.image_topics.items():  # each image key its own camera
+            subscribe(Image, topic, lambda m, key=key: loop.on_image(key, m, time.monotonic(), self._now_ns()))
         for o in loop.vector_specs:
             subscribe(Float64MultiArray, OBSERVATION_TOPIC_PREFIX + o.name,
                       lambda m, key=o.name: loop.on_vector(key, m, time.monotonic()))
@@ -425,6 +439,8 @@ class PolicyNode(LifecycleNode):
         self._tick_times.append(now)
         if result.step_ms is not None:
             self._latencies.append(result.step_ms * 1e-3)
+        if result.image_ms is not None:
+            self._image_ms.append(result.image_ms)
         if result.cause != self.cause:  # log changes only: each fault once, with its cause
             self._log(result.level, result.message)
         self.level, self.message, self.cause = result.level, result.message, result.cause
@@ -452,6 +468,7 @@ class PolicyNode(LifecycleNode):
 
     def _diagnostic_values(self) -> dict[str, str]:
         lat = np.asarray(list(self._latencies), dtype=np.float64)
+        image_ms = np.asarray(list(self._image_ms), dtype=np.float64)
         values = {
             "state": self.state_label,
             "model_path": self.model_path or self._param("model_path") or default_model_path(),
@@ -462,6 +479,9 @@ class PolicyNode(LifecycleNode):
             "achieved_rate_hz": f"{self.achieved_rate_hz():.3f}",
             "step_latency_p50_ms": f"{np.percentile(lat, 50) * 1e3:.3f}" if lat.size else "",
             "step_latency_p99_ms": f"{np.percentile(lat, 99) * 1e3:.3f}" if lat.size else "",
+            # The node's image decode + resize per policy tick (all its cameras), over the last 1000 ticks.
+            "image_decode_p50_ms": f"{np.percentile(image_ms, 50):.3f}" if image_ms.size else "",
+            "image_decode_p99_ms": f"{np.percentile(image_ms, 99):.3f}" if image_ms.size else "",
             "ticks": str(self.ticks),
             "safe_ticks": str(self.safe_ticks),
             "deadline_misses": str(self.deadline.total),
@@ -473,6 +493,8 @@ class PolicyNode(LifecycleNode):
         if self.loop is not None:
             for name, age in self.loop.input_ages(time.monotonic()).items():
                 values[f"input_age_s.{name}"] = f"{age:.3f}"
+            for key, topic in self.loop.image_topics.items():
+                values[f"input_topic.{key}"] = self.resolve_topic_name(topic)
         return values
 
     def _describe(self, level: int, message: str) -> str:

@@ -1,12 +1,12 @@
 """`gato-ros record`: record what the arm saw and did as a rosbag2 bag (MCAP storage), over rclpy.
 
-By default it records the policy's inputs (/joint_states, the camera image and camera_info, every
-/gato/observations/<key>), its commands (/effort_controller/commands), the node's per-tick record
-(/gato_policy/tick, see `gato_ros.ticks`), the sim bridge's episode events (/sim_bridge/episode)
-and /diagnostics. A topic is subscribed once a publisher of it is seen (its type and QoS come from
-the graph; reliable only when every publisher is, like `ros2 bag record`), with raw=True: the CDR
-bytes are written as they arrive, never re-serialized; log time is the receive time, publish time
-the publisher's source time, header stamps untouched.
+By default it records the policy's inputs (/joint_states, every camera's image and camera_info: any
+topic ending in /image_raw or /camera_info, every /gato/observations/<key>), its commands
+(/effort_controller/commands), the node's per-tick record (/gato_policy/tick, see `gato_ros.ticks`),
+the sim bridge's episode events (/sim_bridge/episode) and /diagnostics. A topic is subscribed once a
+publisher of it is seen (its type and QoS come from the graph; reliable only when every publisher is,
+like `ros2 bag record`), with raw=True: the CDR bytes are written as they arrive, never re-serialized;
+log time is the receive time, publish time the publisher's source time, header stamps untouched.
 
 The writer (`gato_ros.rosbag.BagWriter`) holds one open chunk (at most `--chunk-size` bytes or
 `--flush-interval` seconds of messages), so memory is flat however long the recording. Ctrl-C or
@@ -32,6 +32,7 @@ EPISODE_TOPIC = "/sim_bridge/episode"  # the sim bridge's ~/episode events
 DEFAULT_TOPICS = ("/joint_states", "/camera/image_raw", "/camera/camera_info", COMMAND_TOPIC, TICK_TOPIC,
                   EPISODE_TOPIC, "/diagnostics")
 DEFAULT_PREFIXES = ("/gato/observations/",)
+DEFAULT_SUFFIXES = ("/image_raw", "/camera_info")  # one camera per image key: <camera>/image_raw (sim bridge, drivers)
 SUBSCRIPTION_DEPTH = 1000  # a busy recorder thread queues messages instead of losing them
 DISCOVERY_PERIOD_S = 0.2
 
@@ -56,6 +57,7 @@ class Recorder:
         self.writer = BagWriter(out, chunk_size=chunk_size, flush_interval_s=flush_interval_s)
         self.topics = set(topics) if topics else set(DEFAULT_TOPICS)
         self.prefixes = () if topics else prefixes
+        self.suffixes = () if topics else DEFAULT_SUFFIXES
         self.node = Node("gato_recorder", context=context, start_parameter_services=False)
         self.subscriptions: dict[str, Any] = {}
         self.lock = threading.Lock()  # the writer: callbacks vs close()
@@ -64,7 +66,7 @@ class Recorder:
         self.discover()
 
     def wanted(self, name: str) -> bool:
-        return name in self.topics or any(name.startswith(p) for p in self.prefixes)
+        return name in self.topics or name.startswith(self.prefixes) or name.endswith(self.suffixes)
 
     def discover(self) -> None:
         for name, types in self.node.get_topic_names_and_types():

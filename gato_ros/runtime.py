@@ -94,7 +94,9 @@ class ModelInfo:
     """What the runtime reads from the file's metadata and graph signature."""
 
     config: GatoConfig
-    spec: EmbodimentSpec
+    spec: EmbodimentSpec  # the served arm's
+    arm: str  # the arm served (one of the file's `gato_ros.specs`, the default one unless asked)
+    arms: tuple[str, ...]  # every arm the file serves, the default first
     context_tokens: int
     variant: str
     empty_position: int
@@ -102,7 +104,7 @@ class ModelInfo:
     num_heads: int
     head_dim: int
     cache_dtype: np.dtype
-    has_images: bool
+    has_images: bool  # the graph takes patches (some spec the file serves has an image key)
     cache_update: bytes | None
     logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
     trained_capacities: tuple[int, ...]  # cache capacities besides config.context_window the model was trained for
@@ -116,11 +118,13 @@ class ModelInfo:
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
-def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
-    """What the file says about itself, checked against this runtime's contract (ModelLoadError naming the field)."""
+def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = None) -> ModelInfo:
+    """What the file says about itself, checked against this runtime's contract (ModelLoadError naming the field).
+    `arm`: which of the file's arms to serve (its spec is `spec`); None: the default arm."""
     meta = session.get_modelmeta().custom_metadata_map
-    config, spec, context, trained_capacities = read_metadata(meta, path)
-    key = check_signature(session, config, bool(spec.image_keys), path)
+    config, _, context, trained_capacities = read_metadata(meta, path)
+    arm, arms, spec, has_images = choose_arm(meta, arm, path)
+    key = check_signature(session, config, has_images, path)
     heads, head_dim = key.shape[1], key.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         heads, head_dim = config.n_head, config.head_dim
@@ -134,6 +138,8 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
     info = ModelInfo(
         config=config,
         spec=spec,
+        arm=arm,
+        arms=arms,
         context_tokens=context,
         variant=meta.get(contract.META_VARIANT, "fp32"),
         empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
@@ -141,7 +147,7 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         num_heads=int(heads),
         head_dim=int(head_dim),
         cache_dtype=np.dtype(cache_dtype),
-        has_images=bool(spec.image_keys),
+        has_images=has_images,
         cache_update=base64.b64decode(update) if update else None,
         logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
         trained_capacities=trained_capacities,
@@ -172,6 +178,21 @@ def read_metadata(meta: dict[str, str], path: str) -> tuple[GatoConfig, Embodime
     if differ:
         raise ModelLoadError(f"{path} was exported with other tokenizer constants (file, ours): {differ}")
     return config, spec, context, trained_capacities
+
+
+def choose_arm(meta: dict[str, str], arm: str | None, path: str) -> tuple[str, tuple[str, ...], EmbodimentSpec, bool]:
+    """(arm, every arm, that arm's spec, whether any served spec has images) from the file's `gato_ros.specs`
+    (a file without it serves contract.LEGACY_ARM with `gato_ros.spec`). An arm the file does not serve is a
+    ModelLoadError naming the arms it does: never a command computed for another body."""
+    try:
+        served = contract.read_served(meta)
+        specs = {name: EmbodimentSpec.from_json(json.dumps(raw)) for name, raw in served.specs.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: unreadable {contract.META_SPECS}/{contract.META_TASKS} ({e})") from e
+    arm = served.default_arm if arm is None else arm
+    if arm not in specs:
+        raise ModelLoadError(f"{path} serves arm(s) {', '.join(served.arms)}, not arm {arm!r}")
+    return arm, served.arms, specs[arm], any(s.image_keys for s in specs.values())
 
 
 def check_signature(session: ort.InferenceSession, config: GatoConfig, images: bool, path: str) -> Any:
@@ -291,7 +312,9 @@ def ring_slices(start: int, count: int, slots: int) -> list[tuple[slice, slice]]
 
 
 class PolicyRuntime:
-    """Serve one gato_ros ONNX policy: `reset()`, then `step(observation)` once per control tick."""
+    """Serve one gato_ros ONNX policy: `reset()`, then `step(observation)` once per control tick.
+
+    A file of several arms (`gato_ros.specs`) is served for one of them, `arm` (default: the file's first)."""
 
     def __init__(
         self,
@@ -303,10 +326,13 @@ class PolicyRuntime:
         threads: int | None = None,
         device_cache: bool | None = None,
         warmup: bool = True,
+        arm: str | None = None,
     ) -> None:
         self.model_path = str(model_path)
         self.session, self.provider = open_session(self.model_path, provider, threads)
-        self.info = read_model_info(self.session, self.model_path)
+        # The arm's spec sets the observations, the action decoding, the limits and the action mode.
+        self.info = read_model_info(self.session, self.model_path, arm)
+        self.arm = self.info.arm
         self.spec = self.info.spec
         self.capacity = int(context_tokens or self.info.context_tokens)
         if not self.info.accepts_capacity(self.capacity):

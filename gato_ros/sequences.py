@@ -7,6 +7,12 @@ count from 0: attention is relative, so this matches the runtime's absolute posi
 Prompt conditioning (Gato section 3.3), optional: a share of the windows begin with a
 demonstration of the same task taken from another episode -- half of those from its end, half from
 anywhere in it -- and the rest of the window is the episode being trained on. No loss on the prompt.
+
+Several specs (a generalist: Gato serializes each body with its own tokens per timestep): each spec's
+episodes are tokenized with that spec, and `MixedSpecWindows` serves them as one dataset, so a batch
+mixes specs. Every window is `seq_len` tokens whatever its spec, padded with PAD_TOKEN after its
+episode's end; padding only ever follows a window's real tokens, so causal attention hides it from
+them, and it carries no loss (`loss_mask` is off): no padding reaches a loss term.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.data import EpisodeDataset
 from gato_ros.spec import EmbodimentSpec
@@ -34,6 +41,7 @@ class TokenizedEpisode:
     steps: int
     step_tokens: int
     task: str
+    aux: np.ndarray | None = None  # (steps, n) float32 normalized auxiliary targets, one row per timestep
 
 
 def pixels_from_patches(patches: np.ndarray) -> np.ndarray:
@@ -43,7 +51,7 @@ def pixels_from_patches(patches: np.ndarray) -> np.ndarray:
 
 def patches_from_pixels(pixels: np.ndarray) -> np.ndarray:
     """The tokenizer's scaling: pixels to [-1, 1], divided by 4 (float32, same arithmetic)."""
-    return (pixels.astype(np.float32) / 127.5 - 1.0) / 4.0
+    return (pixels.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
 
 
 def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions: np.ndarray,
@@ -85,6 +93,9 @@ class SequenceDataset(Dataset):
                    otherwise interval means and a prompt choice fixed per item
     observation_local_positions_only: the model's GatoConfig field of that name (which tokens get local
                    positions)
+    aux_key:       an auxiliary key of the dataset: items then carry `aux_targets` [L, n] (normalized) and
+                   `aux_mask` [L] set at each separator token of the window's own episode (where the model
+                   has seen that timestep's whole observation)
     """
 
     def __init__(
@@ -98,8 +109,10 @@ class SequenceDataset(Dataset):
         train: bool = True,
         seed: int = 0,
         observation_local_positions_only: bool = True,
+        aux_key: str | None = None,
     ) -> None:
         self.spec = dataset.spec
+        self.aux_size = dataset.aux[aux_key].size if aux_key else 0
         self.seq_len = seq_len
         self.has_images = bool(self.spec.image_keys)
         self.train = train
@@ -118,6 +131,8 @@ class SequenceDataset(Dataset):
             observations, actions = dataset.episode(i)
             task = str(dataset.episodes[i].get("task", dataset.spec.name))
             self.episodes.append(tokenize(self.spec, observations, actions, task, observation_local_positions_only))
+            if aux_key:
+                self.episodes[-1].aux = dataset.aux[aux_key].normalize(dataset.aux_values(i, aux_key))
         self.by_task: dict[str, list[int]] = {}
         for j, ep in enumerate(self.episodes):
             self.by_task.setdefault(ep.task, []).append(j)
@@ -163,6 +178,8 @@ class SequenceDataset(Dataset):
         is_action = np.zeros(n, dtype=bool)
         target_hi = np.zeros(n, dtype=np.int64)
         patch_src: list[tuple[TokenizedEpisode, np.ndarray, np.ndarray]] = []
+        aux_targets = np.zeros((n, self.aux_size), dtype=np.float32)
+        aux_mask = np.zeros(n, dtype=bool)
         at = 0
         for piece, lo, count, with_loss in pieces:
             sl, dst = slice(lo, lo + count), slice(at, at + count)
@@ -172,6 +189,10 @@ class SequenceDataset(Dataset):
             target_hi[dst] = piece.target_hi[sl]
             if self.has_images:
                 patch_src.append((piece, piece.patch_index[sl], np.arange(at, at + count)))
+            if self.aux_size and with_loss:
+                separators = np.flatnonzero(piece.tokens[sl] == tok.SEPARATOR_TOKEN)
+                aux_targets[at + separators] = piece.aux[(lo + separators) // piece.step_tokens]
+                aux_mask[at + separators] = True
             at += count
 
         item = {
@@ -182,14 +203,44 @@ class SequenceDataset(Dataset):
             "loss_mask": torch.from_numpy(is_action[1:]),
             "target_hi": torch.from_numpy(target_hi[1:]),
         }
+        if self.aux_size:
+            item["aux_targets"] = torch.from_numpy(aux_targets[:L])
+            item["aux_mask"] = torch.from_numpy(aux_mask[:L])
         if self.has_images:
-            patches = np.zeros((L, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=np.float32)
+            # Raw uint8 pixels: a quarter of float32's bytes through the loader; the model scales them.
+            patches = np.zeros((L, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=np.uint8)
             positions = np.zeros((L, 2), dtype=np.int64)
             for piece, pidx, dst in patch_src:
                 keep = (pidx >= 0) & (dst < L)
                 src, dst = pidx[keep], dst[keep]
-                patches[dst] = patches_from_pixels(piece.patches[src])
+                patches[dst] = piece.patches[src]
                 positions[dst] = tok.patch_positions(piece.patch_intervals[src], rng if self.train else None)
             item["patches"] = torch.from_numpy(patches)
             item["patch_positions"] = torch.from_numpy(positions)
+        return item
+
+
+class MixedSpecWindows(ConcatDataset):
+    """The windows of several `SequenceDataset`s (one per spec, same `seq_len`) as one dataset: a shuffled
+    sampler then mixes specs within a batch. Where some spec has images, the windows of a spec without
+    any get all-zero patches (no PATCH_TOKEN points at them), so every batch collates."""
+
+    def __init__(self, parts: list[SequenceDataset]) -> None:
+        lengths = {p.seq_len for p in parts}
+        if len(lengths) != 1:
+            raise ValueError(f"windows of one batch need one length, got {sorted(lengths)}")
+        super().__init__(parts)
+        self.parts = parts
+        self.seq_len = lengths.pop()
+        self.has_images = any(p.has_images for p in parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        if self.has_images and "patches" not in item:
+            item["patches"] = torch.zeros((self.seq_len, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), dtype=torch.uint8)
+            item["patch_positions"] = torch.zeros((self.seq_len, 2), dtype=torch.int64)
         return item

@@ -57,6 +57,10 @@ class EmbodimentSpec:
     actions: tuple[ActionSpec, ...]
     control_rate_hz: float = 20.0
     joint_names: tuple[str, ...] = field(default_factory=tuple)
+    # What the continuous actions command (gato_ros.commands.MODES_FOR_ACTIONS): "effort" (torques, every
+    # Panda spec), "velocity" (rad/s, the xArm6) or "position" (rad). Left out of the JSON when "effort",
+    # so files and datasets written before the field read back equal.
+    action_mode: str = "effort"
 
     def __post_init__(self) -> None:
         names = [o.name for o in self.observations]
@@ -95,7 +99,10 @@ class EmbodimentSpec:
         raise KeyError(name)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        raw = asdict(self)
+        if raw["action_mode"] == "effort":
+            del raw["action_mode"]
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> EmbodimentSpec:
@@ -118,4 +125,5 @@ class EmbodimentSpec:
             ),
             control_rate_hz=raw.get("control_rate_hz", 20.0),
             joint_names=tuple(raw.get("joint_names", ())),
+            action_mode=raw.get("action_mode", "effort"),
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gato_ros import contract
 from gato_ros.contract import (  # noqa: F401  (re-exported: callers use tok.NUM_BINS etc.)
     CONTINUOUS_OFFSET,
     DISCRETE_RANGE,
@@ -91,7 +92,7 @@ def image_to_patches(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] % PATCH_SIZE or image.shape[1] % PATCH_SIZE:
         raise ObservationError(f"image must be (H, W, 3) with H, W multiples of {PATCH_SIZE}, got {image.shape}")
     h, w = image.shape[0] // PATCH_SIZE, image.shape[1] // PATCH_SIZE
-    x = (image.astype(np.float32) / 127.5 - 1.0) / 4.0
+    x = (image.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
     x = x.reshape(h, PATCH_SIZE, w, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
     return np.ascontiguousarray(x.reshape(h * w, 3, PATCH_SIZE, PATCH_SIZE))
 

@@ -7,7 +7,12 @@ CPU, nccl on GPU), each rank reading its share of the windows; rank 0 logs and w
     torchrun --nproc_per_node 2 --standalone -m gato_ros.train --data data/stack --out runs/tiny --epochs 10
 
 The output directory is the checkpoint (never pickle): model.safetensors, config.json (GatoConfig),
-spec.json (EmbodimentSpec), optimizer.safetensors + train_state.json (for --resume), log.jsonl.
+spec.json (EmbodimentSpec of the default arm), served.json (every arm's spec and the task names),
+optimizer.safetensors + train_state.json (for --resume), log.jsonl.
+
+`--data` may hold datasets of several specs, one per arm (a generalist, as Gato trains one network on many
+bodies): each spec's windows are tokenized with that spec and a batch mixes them (gato_ros.sequences). The
+first dataset's arm is the default. Datasets of one spec train exactly as before.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +37,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from gato_ros import contract
 from gato_ros import tokenizer as tok
-from gato_ros.data import read_datasets
+from gato_ros.data import DatasetError, EpisodeCollection, read_spec_groups
 from gato_ros.model import GatoConfig, GatoModel
-from gato_ros.sequences import SequenceDataset
+from gato_ros.sequences import MixedSpecWindows, SequenceDataset
 from gato_ros.spec import EmbodimentSpec
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 LOG_FILE = "log.jsonl"
+SERVED_FILE = "served.json"  # {"specs": {arm: spec JSON object}, "tasks": [name, ...]}: what an export serves
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +56,8 @@ class CheckpointError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, nargs="+", help="dataset directories (gato-ros collect), one spec")
+    parser.add_argument("--data", required=True, nargs="+", help="dataset directories (gato-ros collect); several "
+                        "specs train one generalist (one spec per arm, the first dataset's arm is the default)")
     parser.add_argument("--init", default=None, help="start from this checkpoint's weights (fine-tuning; a fresh "
                         "optimizer and schedule)")
     parser.add_argument("--out", required=True, help="checkpoint/output directory")
@@ -67,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-sigma", type=float, default=None, help="soft-label width in bins (0: hard)")
     parser.add_argument("--no-value-embedding", action="store_true", help="plain lookup for continuous tokens")
     parser.add_argument("--stride-steps", type=int, default=1, help="timesteps between window starts")
+    parser.add_argument("--aux-key", default=None, help="train an auxiliary head to predict this auxiliary key of the "
+                        "data (collect --aux-keys) from each timestep's separator; training only, never exported")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary mean squared error")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
@@ -93,14 +104,18 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(out: Path, model: GatoModel, spec: EmbodimentSpec, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any]) -> None:
-    """Write the checkpoint; train_state.json goes last and names the step every file holds."""
+                    state: dict[str, Any], served: contract.Served | None = None) -> None:
+    """Write the checkpoint; train_state.json goes last and names the step every file holds. `served`: every
+    arm's spec and the tasks (served.json; its default arm's spec is `spec`)."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(state["step"])}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic(out / MODEL_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
     _atomic(out / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2)))
     _atomic(out / "spec.json", lambda p: p.write_text(spec.to_json()))
+    if served is not None:
+        text = json.dumps({"specs": served.specs, "tasks": list(served.tasks)}, indent=2)
+        _atomic(out / SERVED_FILE, lambda p: p.write_text(text))
     if optimizer is not None:
         opt_tensors, opt_json = _flatten_optimizer(optimizer)
         _atomic(out / OPTIMIZER_FILE, lambda p: save_file(opt_tensors, str(p), metadata=meta))
@@ -153,6 +168,34 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     return model.to(device).eval(), config, spec
 
 
+def load_served(directory: str | Path) -> contract.Served | None:
+    """The arms (each with its spec) and tasks a checkpoint was trained on (served.json; None for a checkpoint
+    written before it, which knows its spec.json only)."""
+    path = Path(directory) / SERVED_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        served = contract.Served(specs=dict(raw["specs"]), tasks=tuple(raw["tasks"]))
+        served_specs(served)  # every spec must read back
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    if not served.specs or not served.tasks:
+        raise CheckpointError(f"{path}: names no arm or no task")
+    return served
+
+
+def served_specs(served: contract.Served) -> dict[str, EmbodimentSpec]:
+    """Arm name -> EmbodimentSpec, in the file's order (the first is the default)."""
+    return {arm: EmbodimentSpec.from_json(json.dumps(raw)) for arm, raw in served.specs.items()}
+
+
+def served_by(groups: list[EpisodeCollection]) -> contract.Served:
+    """What a model trained on `groups` serves: each group's arm with its spec, the tasks of every episode."""
+    tasks = dict.fromkeys(t for g in groups for t in g.tasks)
+    return contract.Served(specs={g.arm: json.loads(g.spec.to_json()) for g in groups}, tasks=tuple(tasks))
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -202,6 +245,7 @@ def evaluate(model: GatoModel, loader: DataLoader, device: torch.device, max_bat
         if i >= max_batches:
             break
         batch = to_device(batch, device)
+        batch = {k: v for k, v in batch.items() if not k.startswith("aux_")}  # the action loss alone: comparable
         with autocast():
             loss = model.action_loss(**batch)
         n = int(batch["loss_mask"].sum())
@@ -249,9 +293,10 @@ class Run:
     master: bool
     distributed: bool
     out: Path
-    spec: EmbodimentSpec
+    spec: EmbodimentSpec  # the default arm's
+    served: contract.Served  # every arm's spec and the tasks
     seq_len: int
-    train_set: SequenceDataset
+    train_set: SequenceDataset | MixedSpecWindows
     val_loader: DataLoader | None
     sampler: DistributedSampler
     per_rank: int
@@ -299,35 +344,73 @@ def check_output(args: argparse.Namespace, world: int) -> bool:
     return args.resume and (out / STATE_FILE).exists()
 
 
-def choose_config(args: argparse.Namespace, spec: EmbodimentSpec, resuming: bool) -> GatoConfig:
-    """The checkpoint's config when resuming or fine-tuning (its spec must match the data), else the preset's."""
+def choose_config(args: argparse.Namespace, specs: list[EmbodimentSpec], resuming: bool) -> GatoConfig:
+    """The checkpoint's config when resuming or fine-tuning (every spec of the data must be one it was trained
+    on), else the preset's. Each spec's timestep must fit the model's local positions."""
     if resuming or args.init:
         source = Path(args.out) if resuming else Path(args.init)
-        if EmbodimentSpec.from_json((source / "spec.json").read_text()) != spec:
-            raise SetupError(f"{source} was trained on another spec than {' '.join(args.data)} ({spec.name!r})")
+        served = load_served(source)
+        known = (list(served_specs(served).values()) if served is not None
+                 else [EmbodimentSpec.from_json((source / "spec.json").read_text())])
+        for spec in specs:
+            if spec not in known:
+                raise SetupError(f"{source} was trained on other specs than {' '.join(args.data)} ({spec.name!r})")
         config = GatoConfig.from_json((source / "config.json").read_text())
     else:
         config = GatoConfig.from_preset(
             args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
             value_embedding=False if args.no_value_embedding else None,
         )
-    if tok.timestep_token_count(spec) > config.max_local_positions:
-        raise SetupError(f"a timestep of spec {spec.name!r} has {tok.timestep_token_count(spec)} tokens, the model "
-                         f"has {config.max_local_positions} local positions")
+    for spec in specs:
+        if tok.timestep_token_count(spec) > config.max_local_positions:
+            raise SetupError(f"a timestep of spec {spec.name!r} has {tok.timestep_token_count(spec)} tokens, the "
+                             f"model has {config.max_local_positions} local positions")
     return config
 
 
-def make_datasets(args: argparse.Namespace, data: Any, config: GatoConfig, seq_len: int, master: bool
-                  ) -> tuple[SequenceDataset, SequenceDataset | None, int, int]:
-    """Training windows and (on rank 0) validation windows over held-out episodes, with their episode counts."""
-    train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
-    layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed}
-    train_set = SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob, args.prompt_tokens,
-                                train=True, **layout)
-    val_stride = max(1, seq_len // tok.timestep_token_count(data.spec))
-    val_set = (SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens, train=False,
-                               **layout) if val_eps and master else None)
-    return train_set, val_set, len(train_eps), len(val_eps)
+def with_aux_head(config: GatoConfig, args: argparse.Namespace, groups: list[EpisodeCollection]) -> GatoConfig:
+    """The config with an aux head as wide as --aux-key's values (a fine-tune may add one to a model without).
+    Every spec's data must carry the key with one width (each keeps its own normalization)."""
+    if not args.aux_key:
+        return config
+    for data in groups:
+        if args.aux_key not in data.aux:
+            raise SetupError(f"--aux-key {args.aux_key!r}: the data of spec {data.spec.name!r} has auxiliary keys "
+                             f"{sorted(data.aux)}")
+    sizes = {data.aux[args.aux_key].size for data in groups}
+    if len(sizes) != 1:
+        raise SetupError(f"--aux-key {args.aux_key!r} has different widths {sorted(sizes)} across specs")
+    size = sizes.pop()
+    if config.aux_size not in (0, size):
+        raise SetupError(f"the model's aux head predicts {config.aux_size} values, {args.aux_key!r} has {size}")
+    return replace(config, aux_size=size, aux_weight=args.aux_weight)
+
+
+Windows = SequenceDataset | MixedSpecWindows
+
+
+def make_datasets(args: argparse.Namespace, groups: list[EpisodeCollection], config: GatoConfig, seq_len: int,
+                  master: bool) -> tuple[Windows, Windows | None, int, int]:
+    """Training windows and (on rank 0) validation windows over held-out episodes, with their episode counts.
+    Each spec's episodes are split and tokenized on their own (so each spec has held-out episodes); one spec
+    gives its SequenceDataset itself, several a MixedSpecWindows over them."""
+    layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed,
+              "aux_key": args.aux_key if config.aux_size else None}
+    train_sets, val_sets, n_train, n_val = [], [], 0, 0
+    for data in groups:
+        train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
+        train_sets.append(SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob,
+                                          args.prompt_tokens, train=True, **layout))
+        val_stride = max(1, seq_len // tok.timestep_token_count(data.spec))
+        if val_eps and master:
+            val_sets.append(SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens,
+                                            train=False, **layout))
+        n_train, n_val = n_train + len(train_eps), n_val + len(val_eps)
+
+    def joined(sets: list[SequenceDataset]) -> Windows | None:
+        return None if not sets else sets[0] if len(sets) == 1 else MixedSpecWindows(sets)
+
+    return joined(train_sets), joined(val_sets), n_train, n_val
 
 
 def load_resume_state(run: Run) -> None:
@@ -348,11 +431,14 @@ def load_resume_state(run: Run) -> None:
 def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.device, master: bool,
                 distributed: bool) -> Run:
     resuming = check_output(args, world)
-    data = read_datasets(args.data)
-    config = choose_config(args, data.spec, resuming)
+    try:
+        groups = read_spec_groups(args.data)
+    except DatasetError as err:
+        raise SetupError(str(err)) from err
+    config = with_aux_head(choose_config(args, [g.spec for g in groups], resuming), args, groups)
     seq_len = args.seq_len or config.context_window
     torch.manual_seed(args.seed)
-    train_set, val_set, n_train, n_val = make_datasets(args, data, config, seq_len, master)
+    train_set, val_set, n_train, n_val = make_datasets(args, groups, config, seq_len, master)
     per_rank = args.batch_size // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=False)
@@ -361,10 +447,12 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
 
     model = GatoModel(config).to(device)
     if args.init and not resuming:
-        model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)))
+        missing, unexpected = model.load_state_dict(load_file(str(Path(args.init) / MODEL_FILE)), strict=False)
+        if unexpected or any(not k.startswith("aux_head.") for k in missing):  # only a new aux head may be missing
+            raise SetupError(f"{args.init}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     run = Run(
         args=args, world=world, device=device, master=master, distributed=distributed, out=Path(args.out),
-        spec=data.spec, seq_len=seq_len, train_set=train_set,
+        spec=groups[0].spec, served=served_by(groups), seq_len=seq_len, train_set=train_set,
         val_loader=(DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=args.workers)
                     if val_set is not None else None),
         sampler=sampler, per_rank=per_rank, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -376,11 +464,13 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
         load_resume_state(run)
     if distributed:  # after loading: DDP starts every rank from rank 0's weights
         run.wrapped = DistributedDataParallel(run.wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=not data.spec.image_keys)
+                                              find_unused_parameters=not any(g.spec.image_keys for g in groups))
     if master:
         run.out.mkdir(parents=True, exist_ok=True)
+        arms = ", ".join(f"{g.arm} ({g.spec.name}, {tok.timestep_token_count(g.spec)} tokens per timestep)"
+                         for g in groups)
         print(f"gato-ros train: {model.num_params() / 1e6:.2f}M parameters, {len(train_set)} windows of {seq_len} "
-              f"tokens from {n_train} episodes ({n_val} held out), {world} rank(s) on {device}, "
+              f"tokens from {n_train} episodes ({n_val} held out) of {arms}, {world} rank(s) on {device}, "
               f"{run.total_steps} steps from {run.step}", file=sys.stderr)
     return run
 
@@ -390,7 +480,7 @@ def save_run(run: Run) -> None:
     save_checkpoint(run.out, run.model, run.spec, run.optimizer, {
         "step": run.step, "total_steps": run.total_steps, "best_val": run.best_val, "seed": args.seed,
         "seq_len": run.seq_len, "batch_size": args.batch_size, "data": [str(d) for d in args.data],
-    })
+    }, run.served)
 
 
 def optimizer_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[float, float]:

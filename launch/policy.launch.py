@@ -28,6 +28,7 @@ def _nodes(context: LaunchContext) -> list:
         "rate": LaunchConfiguration("rate").perform(context),
         "autostart": LaunchConfiguration("autostart").perform(context),
         "output_mode": LaunchConfiguration("output_mode").perform(context),
+        "arm": LaunchConfiguration("arm").perform(context),
         "use_sim": LaunchConfiguration("use_sim").perform(context),
     }
     overrides = parameter_overrides(given)
@@ -51,6 +52,8 @@ def generate_launch_description() -> LaunchDescription:
                                           "true with use_sim"),
         DeclareLaunchArgument("output_mode", default_value="",
                               description="effort | position | velocity | trajectory; empty = the params file's"),
+        DeclareLaunchArgument("arm", default_value="",
+                              description="which of the model's arms to serve (gato-ros info); empty = its default"),
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "policy.yaml"),
                               description="parameters of the policy node and the watchdog (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the nodes and their topics"),
@@ -63,6 +66,8 @@ def generate_launch_description() -> LaunchDescription:
             namespace=LaunchConfiguration("namespace"),
             output="screen",
             condition=IfCondition(LaunchConfiguration("use_sim")),  # it publishes /clock: it runs on wall time
+            # A seeing model's spec chooses the cameras the bridge renders ("" = the bridge's own parameters).
+            parameters=[{"model_path": LaunchConfiguration("model")}],
         ),
         OpaqueFunction(function=_nodes),
     ])

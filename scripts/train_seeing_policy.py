@@ -1,6 +1,7 @@
 """The seeing policy's recipe: expert demos -> behaviour cloning -> DAgger rounds -> int8 export, on a
 clock. Camera `scene` at 64 px + joint positions and velocities; no `task_state` (the expert still acts
-on it and labels every state). Every step is a `gato-ros` subcommand; the driver only sequences them,
+on it and labels every state; the demos keep it beside the frames as a training target of an auxiliary head,
+never an input). Every step is a `gato-ros` subcommand; the driver only sequences them,
 times them, and stops starting rounds when the budget runs short, so one command fits a fixed lease of
 a machine (it was sized for 16 cores + one GPU: `--workers 15 --budget-minutes 9`).
 
@@ -12,6 +13,7 @@ Rerunning with the same `--work` resumes: a stage whose output is complete is sk
 exist for fewer Python versions than torch's CUDA builds, so a GPU box may need two.
 Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-{w1,w4}.int8.onnx (a 1-timestep and
 a 4-timestep window trained from scratch on the final data with the same steps), WORK/summary.json.
+DAgger rounds are pipelined: while one round's policy drives, the trainer fine-tunes on the data so far.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state"]
+CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state", "--aux-keys", "task_state"]
 TOKENS_PER_STEP = 41  # 16 patches + 8 joint positions + 8 velocities + separator + 8 actions
 WINDOW_STEPS = 4
 EVAL_SEED = 100_000  # held out: collection seeds derive from --seed below 100 000's streams
@@ -56,14 +58,19 @@ class Recipe:
         self.log.flush()
         return seconds
 
-    def collect(self, name: str, episodes: int, seed: int, policy: Path | None = None, beta: float = 0.0) -> Path:
+    def collect(self, name: str, episodes: int, seed: int, policy: Path | None = None, beta: float = 0.0,
+                workers: int | None = None, background: bool = False) -> tuple[Path, subprocess.Popen | None]:
+        """Episodes into WORK/name; in the background, the caller waits on the returned process."""
         out = self.work / name
-        argv = ["collect", "--episodes", str(episodes), "--workers", str(self.args.workers), "--seed", str(seed),
-                *CAMERA, "--out", str(out)]
+        argv = ["collect", "--episodes", str(episodes), "--workers", str(workers or self.args.workers),
+                "--seed", str(seed), *CAMERA, "--out", str(out)]
         if policy is not None:
             argv += ["--policy", str(policy), "--beta", str(beta)]
+        if background and not (out / "dataset.json").exists():
+            print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
+            return out, subprocess.Popen([self.args.sim_python, "-m", "gato_ros.cli", *argv])
         self.run(name, self.args.sim_python, argv, done=out / "dataset.json")
-        return out
+        return out, None
 
     def train(self, name: str, data: list[Path], steps: int, minutes: float, init: Path | None = None,
               window_steps: int = WINDOW_STEPS, lr: float = 1e-3, seed: int = 0, background: bool = False):
@@ -74,6 +81,8 @@ class Recipe:
                 "--lr", str(lr), "--warmup", str(max(20, steps // 20)), "--eval-every", str(max(100, steps // 4)),
                 "--max-minutes", f"{minutes:.2f}", "--workers", str(self.args.loader_workers), "--seed", str(seed),
                 "--no-progress"]
+        if self.args.aux_weight > 0:  # task_state as a target only: the policy's inputs stay camera + joints
+            argv += ["--aux-key", "task_state", "--aux-weight", str(self.args.aux_weight)]
         if self.args.threads:
             argv += ["--threads", str(self.args.threads)]
         if init is not None:
@@ -117,34 +126,45 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the ablation and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
+    parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
+                        "(0: none; scripts/aux_pilot.sh found no gain at 1 500 CPU steps)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
                         "of the int8 file at the end (0: none)")
     args = parser.parse_args()
     recipe = Recipe(args)
     per_minute = args.steps_per_minute
 
-    data = [recipe.collect("expert", args.expert_episodes, seed=500)]
+    data = [recipe.collect("expert", args.expert_episodes, seed=500)[0]]
     model = recipe.train("bc", data, steps=int(per_minute * args.bc_minutes), minutes=args.bc_minutes)
     per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
     recipe.summary["steps_per_minute"] = per_minute
+    # DAgger, pipelined: while round r's policy drives (simulator workers), the trainer fine-tunes on the data
+    # so far, so the next round's policy is one fine-tune newer and neither the CPUs nor the GPU wait.
     rounds = 0
     betas = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]
-    round_seconds = 120.0
+    round_seconds = 90.0
+    sim_workers = max(1, args.workers - args.loader_workers - 1)
+    policy = recipe.export(model, recipe.work / "round0.onnx", "fp32")
     while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes:
         t0 = time.time()
-        onnx = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
-        data.append(recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=onnx,
-                                   beta=betas[rounds]))
+        dagger, collecting = recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=policy,
+                                            beta=betas[rounds], workers=sim_workers, background=True)
         model = recipe.train(f"ft{rounds}", data, steps=int(per_minute * args.round_minutes),
                              minutes=args.round_minutes, init=model, lr=5e-4, seed=rounds + 1)
+        if collecting is not None and collecting.wait() != 0:
+            raise SystemExit(f"{dagger}: collection failed")
+        data.append(dagger)
         rounds += 1
+        policy = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
         round_seconds = max(round_seconds, time.time() - t0)
 
-    # The 1- vs 4-timestep window on the same data and the same steps, both from scratch, side by side.
+    # Last, side by side: a fine-tune on everything (the last round's data included), and the 1- against the
+    # 4-timestep window trained from scratch on the same data with the same steps.
     minutes = max(0.3, (recipe.left() - 45 - args.eval_seconds) / 60)
-    steps = int(per_minute * minutes * 0.5)  # two trainers share the machine
+    steps = int(per_minute * minutes / 3)  # three trainers share the machine
     ablation = {w: recipe.train(f"ablation-w{w}", data, steps=steps, minutes=minutes, window_steps=w, seed=7,
                                 background=True) for w in (1, WINDOW_STEPS)}
+    model = recipe.train("ft-final", data, steps=steps, minutes=minutes, init=model, lr=2e-4, seed=99)
     recipe.export(model, recipe.work / "see.onnx", "fp32,int8")
     for w, process in ablation.items():
         if process.wait() == 0:

@@ -3,3 +3,4 @@
 from gymnasium.envs.registration import register
 
 register(id="GatoStack-v0", entry_point="sim.env:StackingEnv")
+register(id="GatoStackXArm6-v0", entry_point="sim.xarm:XArmStackingEnv")

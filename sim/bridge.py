@@ -1,9 +1,9 @@
 """The PyBullet arm as a ROS 2 robot: `gato-ros sim` / console script `sim_bridge`.
 
 It looks to the policy exactly like the real arm's contract (DESIGN.md "The arm's contract"):
-publishes joint_states, camera/image_raw (+ camera/camera_info) and gato/observations/<key> for the
-other observation keys, all relative so a namespace moves them, and takes commands the way ros2_control
-controllers do (gato_ros.commands), in the `command_mode` chosen:
+publishes joint_states, one sensor_msgs/Image (rgb8) + sensor_msgs/CameraInfo per camera and
+gato/observations/<key> for the other observation keys, all relative so a namespace moves them, and takes
+commands the way ros2_control controllers do (gato_ros.commands), in the `command_mode` chosen:
 
     effort      arm torques (7, N·m) on effort_controller/commands (std_msgs/Float64MultiArray)
     position    arm positions (7, rad) on position_controller/commands, a joint PD at 1 kHz (sim.controllers)
@@ -13,6 +13,16 @@ controllers do (gato_ros.commands), in the `command_mode` chosen:
                 (> 0) holds the position where the arm is when no trajectory came for that long, as
                 joint_trajectory_controller's cmd_timeout does
     gripper     the finger force (1 value, N, positive opens) on gripper_controller/commands, in every mode
+
+Cameras: the named cameras of sim/cameras.py listed in `cameras` (or those of the model at `model_path`,
+whose spec also sets `image_size`) publish `<camera>/image_raw` and `<camera>/camera_info`; with
+`image_size` and no cameras, the legacy scene camera publishes on `image_topic` / `camera_info_topic`.
+Each frame is the one the env rendered for that step (the same bytes in-process evaluation feeds the
+policy), stamped like the joint states, one per control step; CameraInfo holds the pinhole intrinsics
+of the renderer's projection. `camera_shift_m`, `camera_tilt_deg` and `light_change` perturb the cameras
+per episode (robustness runs, sim/cameras.py). ~/frames (Trigger) returns the frames of the current and
+the previous episode as JSON (deflated, bit-exact: sim.cameras.frames_from_text), for the demo's view
+of what the policy saw and for comparing with in-process rendering.
 
 Like Franka's torque interface the env adds gravity compensation, so a zero torque holds a still arm.
 Like forward_command_controller the bridge applies the last command until a new one arrives, forever:
@@ -54,8 +64,10 @@ from typing import Any
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from rclpy.time import Time
@@ -67,13 +79,19 @@ from trajectory_msgs.msg import JointTrajectory
 
 from gato_ros import ros_io
 from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, OUTPUT_MODES
+from sim import cameras as cams
 from sim.controllers import ArmController
 from sim.env import JOINT_NAMES, StackingEnv
 
 ARM_JOINTS = JOINT_NAMES[:7]  # the arm controller's joints, in its order; the finger has its own controller
 PARAMETERS: dict[str, Any] = {
     "seed": 0,
-    "image_size": 64,  # 0 = no camera (rendering costs ~38 ms a frame)
+    "image_size": 64,  # 0 = no camera (rendering costs ~14-30 ms a frame: README)
+    "cameras": Parameter.Type.STRING_ARRAY,  # named cameras (sim/cameras.py); unset = the legacy scene camera
+    "model_path": "",  # an ONNX policy: its spec's image size and cameras replace image_size and cameras
+    "camera_shift_m": 0.0,  # robustness: every camera moved this far per episode, in a seeded random direction
+    "camera_tilt_deg": 0.0,  # robustness: and turned this much about a seeded random axis
+    "light_change": 0.0,  # robustness: the light scaled by 1 ± this per episode
     "real_time_factor": 1.0,  # 0 = as fast as possible
     "command_mode": "effort",  # effort | position | velocity | trajectory (gato_ros.commands.OUTPUT_MODES)
     "command_timeout_s": 0.0,  # sim time; > 0: an older command is replaced by zero effort (real controllers: 0)
@@ -97,9 +115,9 @@ class SimBridge(Node):
         super().__init__("sim_bridge", **kwargs)
         for name, default in PARAMETERS.items():
             self.declare_parameter(name, default)
-        prm = {name: self.get_parameter(name).value for name in PARAMETERS}
+        prm = {name: self._value(name) for name in PARAMETERS}
         self.prm = prm
-        self.env = StackingEnv(image_size=prm["image_size"] or None, max_steps=prm["max_steps"])
+        self.env = StackingEnv(**self._env_options(prm))
         self.period = 1.0 / self.env.config.control_hz
         # Sim time counts whole nanoseconds: a float sum of periods drifts a few ns off the period grid
         # over a long run, and a /clock stamp 1 ns short of a timer's deadline makes a node on sim time
@@ -126,8 +144,14 @@ class SimBridge(Node):
         self._next_t = time.monotonic()  # wall time of the next step
         self._started = not prm["wait_for_reset"]
         self.joint_pub = self.create_publisher(JointState, prm["joint_states_topic"], qos_profile_sensor_data)
-        self.image_pub = self.create_publisher(Image, prm["image_topic"], qos_profile_sensor_data)
-        self.info_pub = self.create_publisher(CameraInfo, prm["camera_info_topic"], qos_profile_sensor_data)
+        # Observation key -> (camera name, image publisher, camera_info publisher)
+        self.camera_pubs: dict[str, tuple[str, Any, Any]] = {}
+        for key, camera in self.env.image_keys.items():
+            legacy = key == cams.LEGACY_IMAGE_KEY
+            image_topic = prm["image_topic"] if legacy else f"{camera}/image_raw"
+            info_topic = prm["camera_info_topic"] if legacy else f"{camera}/camera_info"
+            self.camera_pubs[key] = (camera, self.create_publisher(Image, image_topic, qos_profile_sensor_data),
+                                     self.create_publisher(CameraInfo, info_topic, qos_profile_sensor_data))
         on_sim_clock = prm["publish_clock"] and not prm["wall_clock_stamps"]
         self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if on_sim_clock else None
         self.vector_pubs: dict[str, Any] = {}
@@ -144,12 +168,33 @@ class SimBridge(Node):
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/status", self._on_status)
         self.create_service(Trigger, "~/trajectory", self._on_trajectory)
+        self.create_service(Trigger, "~/frames", self._on_frames)
         self.trajectory: dict[str, Any] = {}
         self.previous_trajectory: dict[str, Any] | None = None
+        self.frames: dict[str, Any] = {}  # the current episode's rendered frames, per observation key
+        self.previous_frames: dict[str, Any] | None = None
         with self.lock:
             self._reset_locked()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _value(self, name: str) -> Any:
+        try:
+            return self.get_parameter(name).value
+        except ParameterUninitializedException:  # declared by type only and not set
+            return None
+
+    @staticmethod
+    def _env_options(prm: dict[str, Any]) -> dict[str, Any]:
+        """The StackingEnv options: cameras from the model's spec, else from the parameters."""
+        if prm["model_path"]:
+            from sim.spec import env_overrides, model_spec
+
+            images = env_overrides(model_spec(prm["model_path"]))
+        else:
+            images = {"image_size": prm["image_size"] or None, "cameras": tuple(prm["cameras"] or ()) or None}
+        return {**images, "max_steps": prm["max_steps"], "camera_shift_m": float(prm["camera_shift_m"]),
+                "camera_tilt_deg": float(prm["camera_tilt_deg"]), "light_change": float(prm["light_change"])}
 
     def start(self) -> None:
         self._thread.start()
@@ -239,7 +284,9 @@ class SimBridge(Node):
         self.latency_ms = []
         if self.trajectory:
             self.previous_trajectory = self.trajectory
+            self.previous_frames = self.frames
         self.trajectory = {"seed": self.seed, "observations": {}}
+        self.frames = {"seed": self.seed, "frames": {key: [] for key in self.camera_pubs}}
         self.seed += 1
         self.arm.reset(obs["joint_positions"][:7])  # a controller starts by holding where the arm is
         self.command_time = self.gripper_time = -math.inf
@@ -261,6 +308,17 @@ class SimBridge(Node):
         with self.lock:
             response.success = bool(self.trajectory)
             response.message = json.dumps({"current": self.trajectory, "previous": self.previous_trajectory})
+        return response
+
+    def _on_frames(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self.lock:
+            episodes = {"current": self.frames, "previous": self.previous_frames}
+            response.success = bool(self.frames)
+        # Deflating is the slow part (~ms per frame): outside the lock, from the lists as they are now.
+        encoded = {name: None if ep is None else {"seed": ep["seed"], "frames": {
+            key: cams.frames_to_text(list(frames)) for key, frames in ep["frames"].items()}}
+            for name, ep in episodes.items()}
+        response.message = json.dumps(encoded)
         return response
 
     def _on_status(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -359,19 +417,15 @@ class SimBridge(Node):
         # then holds this observation, so its command answers it (as in-process stepping would).
         stamp = (self.get_clock().now() if self.prm["wall_clock_stamps"] else Time(nanoseconds=self.sim_ns)).to_msg()
         vectors = {key: np.asarray(value, np.float64).reshape(-1).tolist()  # once: published and recorded
-                   for key, value in obs.items() if key != "image"}
+                   for key, value in obs.items() if key not in self.camera_pubs}
         self._arm_positions = np.asarray(vectors["joint_positions"][:7])
         js = JointState(name=list(JOINT_NAMES), position=vectors["joint_positions"],
                         velocity=vectors["joint_velocities"])
         js.header.stamp = stamp
         self.joint_pub.publish(js)
-        if "image" in obs:
-            img = obs["image"]
-            h, w = img.shape[:2]
-            msg = Image(height=h, width=w, encoding="rgb8", step=w * 3, data=img.tobytes())
-            msg.header.stamp, msg.header.frame_id = stamp, "camera"
-            self.image_pub.publish(msg)
-            self.info_pub.publish(self._camera_info(h, w, stamp))
+        for key, (camera, image_pub, info_pub) in self.camera_pubs.items():
+            image_pub.publish(self._image(obs[key], camera, stamp))
+            info_pub.publish(self._camera_info(camera, obs[key].shape[0], stamp))
         for key, values in vectors.items():
             if key in ("joint_positions", "joint_velocities"):
                 continue
@@ -379,26 +433,39 @@ class SimBridge(Node):
                 self.vector_pubs[key] = self.create_publisher(
                     Float64MultiArray, self.prm["observation_prefix"] + key, qos_profile_sensor_data)
             self.vector_pubs[key].publish(Float64MultiArray(data=values))
-        self._record(vectors)
+        self._record(vectors, obs)
         if self.clock_pub is not None:
             self.clock_pub.publish(Clock(clock=stamp))
         self._published_at, self._answered = time.monotonic(), False
 
-    def _record(self, vectors: dict[str, list[float]]) -> None:
+    def _record(self, vectors: dict[str, list[float]], obs: dict[str, np.ndarray]) -> None:
         """One entry per observation of the episode (steps + 1 of them); none after it ended."""
         record = self.trajectory["observations"]
         if len(record.get("joint_positions", ())) > self.episode["steps"]:
             return
         for key, values in vectors.items():
             record.setdefault(key, []).append(values)
+        for key, frames in self.frames["frames"].items():
+            frames.append(obs[key])  # a fresh array per render: kept, not copied
 
-    def _camera_info(self, h: int, w: int, stamp: Any) -> CameraInfo:
-        f = 0.5 * h / math.tan(math.radians(self.env.config.camera["fov"]) / 2)  # vertical fov, square pixels
-        info = CameraInfo(height=h, width=w, distortion_model="plumb_bob", d=[0.0] * 5)
-        info.k = [f, 0.0, w / 2, 0.0, f, h / 2, 0.0, 0.0, 1.0]
+    @staticmethod
+    def _frame_id(camera: str) -> str:
+        return f"{camera}_camera"
+
+    def _image(self, frame: np.ndarray, camera: str, stamp: Any) -> Image:
+        h, w = frame.shape[:2]
+        msg = Image(height=h, width=w, encoding="rgb8", step=w * 3, data=frame.tobytes())
+        msg.header.stamp, msg.header.frame_id = stamp, self._frame_id(camera)
+        return msg
+
+    def _camera_info(self, camera: str, size: int, stamp: Any) -> CameraInfo:
+        """The pinhole model of the renderer's projection (square frames, no distortion)."""
+        fx, fy, cx, cy = cams.intrinsics(self.env.camera(camera), size, self.env.client)
+        info = CameraInfo(height=size, width=size, distortion_model="plumb_bob", d=[0.0] * 5)
+        info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
         info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-        info.p = [f, 0.0, w / 2, 0.0, 0.0, f, h / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
-        info.header.stamp, info.header.frame_id = stamp, "camera"
+        info.p = [fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+        info.header.stamp, info.header.frame_id = stamp, self._frame_id(camera)
         return info
 
 

@@ -6,10 +6,18 @@ PyBullet's TinyRenderer: headless, CPU only, and deterministic for a given scene
 
 Observation keys: a camera named `scene` appears as `camera_scene`, `wrist` as `camera_wrist`. The
 legacy single-camera env (`image_size` without `cameras`) keeps its `image` key for the scene view.
+
+Robustness runs perturb every camera by a `CameraPerturbation` (the mount moved and turned, the light
+brighter or dimmer), sampled per episode from the episode's seed (`sample_perturbation`); without one
+the frames are exactly the unperturbed renderer's. `intrinsics` gives the pinhole model of the same
+projection the renderer uses (the bridge's sensor_msgs/CameraInfo), and `frames_to_text` /
+`frames_from_text` carry an episode's frames bit-exact through a JSON service (the bridge's ~/frames).
 """
 
 from __future__ import annotations
 
+import base64
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +26,10 @@ import pybullet as p
 CAMERA_KEY_PREFIX = "camera_"
 LEGACY_IMAGE_KEY = "image"
 HAND_LINK_FRAME = 8  # panda_hand: z points from the flange to the fingertips, fingers open along y
+# TinyRenderer's default light coefficients (PyBullet's TinyRendererVisualShapeConverter): a light change
+# scales all three, so a change of 0 renders exactly the default image.
+LIGHT_COEFFICIENTS = {"lightAmbientCoeff": 0.6, "lightDiffuseCoeff": 0.35, "lightSpecularCoeff": 0.05}
+PERTURBATION_STREAM = 0xCA3E  # mixed into the episode seed: the perturbation never draws from the scene's stream
 
 
 @dataclass(frozen=True)
@@ -78,33 +90,105 @@ def check_cameras(cameras: tuple[str, ...]) -> None:
         raise ValueError(f"camera listed twice in {cameras}")
 
 
-def _view_matrix(camera: Camera, robot: int, client: int) -> list[float]:
+@dataclass(frozen=True)
+class CameraPerturbation:
+    """A camera mount moved by `shift` (m, world frame) and turned by `rotation` about its eye, and the
+    light scaled by `light_scale` (1 = unchanged)."""
+
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    light_scale: float = 1.0
+
+    @property
+    def moves(self) -> bool:
+        return self.shift != (0.0, 0.0, 0.0) or not np.array_equal(self.rotation, np.eye(3))
+
+
+def _unit_vector(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def sample_perturbation(seed: int, shift_m: float = 0.0, tilt_deg: float = 0.0,
+                        light_change: float = 0.0) -> CameraPerturbation | None:
+    """The perturbation of episode `seed`: the camera moved `shift_m` in a random direction, turned `tilt_deg`
+    about a random axis, the light `1 ± light_change` (random sign). Magnitudes are exact, directions random;
+    None when all three are 0 (the unperturbed renderer, bit for bit)."""
+    if not (shift_m or tilt_deg or light_change):
+        return None
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, PERTURBATION_STREAM])
+    shift = shift_m * _unit_vector(rng)
+    axis, angle = _unit_vector(rng), np.radians(tilt_deg)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
+    light = 1.0 + light_change * (1.0 if rng.random() < 0.5 else -1.0)
+    return CameraPerturbation(tuple(float(x) for x in shift), tuple(tuple(float(x) for x in row) for row in rotation),
+                              float(light))
+
+
+def _camera_pose(camera: Camera, robot: int, client: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The camera's eye, target and up in the world."""
     if isinstance(camera, FixedCamera):
-        return p.computeViewMatrix(camera.eye, camera.target, camera.up, physicsClientId=client)
+        return np.asarray(camera.eye, float), np.asarray(camera.target, float), np.asarray(camera.up, float)
     state = p.getLinkState(robot, HAND_LINK_FRAME, computeForwardKinematics=True, physicsClientId=client)
     origin = np.asarray(state[4])
     rotation = np.asarray(p.getMatrixFromQuaternion(state[5])).reshape(3, 3)
-    eye = origin + rotation @ np.asarray(camera.eye)
-    target = origin + rotation @ np.asarray(camera.target)
-    up = rotation @ np.asarray(camera.up)
+    return origin + rotation @ np.asarray(camera.eye), origin + rotation @ np.asarray(camera.target), \
+        rotation @ np.asarray(camera.up)
+
+
+def _view_matrix(camera: Camera, robot: int, client: int,
+                 perturbation: CameraPerturbation | None = None) -> list[float]:
+    if isinstance(camera, FixedCamera) and (perturbation is None or not perturbation.moves):
+        return p.computeViewMatrix(camera.eye, camera.target, camera.up, physicsClientId=client)
+    eye, target, up = _camera_pose(camera, robot, client)
+    if perturbation is not None and perturbation.moves:
+        turn = np.asarray(perturbation.rotation)
+        eye, target, up = eye + np.asarray(perturbation.shift), eye + np.asarray(perturbation.shift) + \
+            turn @ (target - eye), turn @ up
     return p.computeViewMatrix(eye.tolist(), target.tolist(), up.tolist(), physicsClientId=client)
 
 
-def render_camera(camera: Camera, size: int, robot: int, client: int) -> np.ndarray:
-    """RGB (size, size, 3) uint8 from `camera` (TinyRenderer)."""
-    view = _view_matrix(camera, robot, client)
-    projection = p.computeProjectionMatrixFOV(camera.fov, 1.0, camera.near, camera.far, physicsClientId=client)
+def _projection_matrix(camera: Camera, client: int) -> list[float]:
+    return p.computeProjectionMatrixFOV(camera.fov, 1.0, camera.near, camera.far, physicsClientId=client)
+
+
+def render_camera(camera: Camera, size: int, robot: int, client: int,
+                  perturbation: CameraPerturbation | None = None) -> np.ndarray:
+    """RGB (size, size, 3) uint8 from `camera` (TinyRenderer), perturbed when `perturbation` is given."""
+    view = _view_matrix(camera, robot, client, perturbation)
+    light = {} if perturbation is None or perturbation.light_scale == 1.0 else \
+        {name: value * perturbation.light_scale for name, value in LIGHT_COEFFICIENTS.items()}
     # No segmentation mask: the same pixels, a little less work per frame.
-    _, _, rgba, _, _ = p.getCameraImage(size, size, view, projection, renderer=p.ER_TINY_RENDERER,
-                                        flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client)
+    _, _, rgba, _, _ = p.getCameraImage(size, size, view, _projection_matrix(camera, client),
+                                        renderer=p.ER_TINY_RENDERER, flags=p.ER_NO_SEGMENTATION_MASK,
+                                        physicsClientId=client, **light)
     return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
+
+
+def intrinsics(camera: Camera, size: int, client: int) -> tuple[float, float, float, float]:
+    """(fx, fy, cx, cy) in pixels of the pinhole camera that `render_camera` renders at `size`: read off the
+    renderer's own projection matrix (column-major OpenGL: P[0] = 2 fx / w, P[5] = 2 fy / h)."""
+    projection = _projection_matrix(camera, client)
+    return projection[0] * size / 2, projection[5] * size / 2, size / 2, size / 2
+
+
+def frames_to_text(frames: list[np.ndarray]) -> dict:
+    """An episode's frames (each (H, W, 3) uint8) as JSON-ready text: deflated, base64, bit-exact."""
+    stack = np.ascontiguousarray(np.stack(frames)) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    return {"shape": list(stack.shape), "deflate_b64": base64.b64encode(zlib.compress(stack.tobytes(), 6)).decode()}
+
+
+def frames_from_text(record: dict) -> np.ndarray:
+    """The inverse of `frames_to_text`: (T, H, W, 3) uint8."""
+    data = zlib.decompress(base64.b64decode(record["deflate_b64"]))
+    return np.frombuffer(data, dtype=np.uint8).reshape(record["shape"]).copy()
 
 
 def body_pixels(camera: Camera, size: int, robot: int, client: int, bodies: list[int]) -> list[int]:
     """How many pixels of `camera` show each of `bodies` (from the renderer's segmentation mask)."""
     view = _view_matrix(camera, robot, client)
-    projection = p.computeProjectionMatrixFOV(camera.fov, 1.0, camera.near, camera.far, physicsClientId=client)
-    _, _, _, _, segmentation = p.getCameraImage(size, size, view, projection, renderer=p.ER_TINY_RENDERER,
-                                                physicsClientId=client)
+    _, _, _, _, segmentation = p.getCameraImage(size, size, view, _projection_matrix(camera, client),
+                                                renderer=p.ER_TINY_RENDERER, physicsClientId=client)
     mask = np.asarray(segmentation).reshape(size, size)
     return [int(np.count_nonzero(mask == body)) for body in bodies]

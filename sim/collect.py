@@ -36,16 +36,16 @@ def episode_jobs(episodes: int, seed: int, noise_fraction: float) -> list[Job]:
 
 
 def _init_worker(env_options: dict, policy: str | None = None, beta: float = 0.0) -> None:
-    from sim.env import StackingEnv
-    from sim.expert import ScriptedExpert
+    from sim.arms import make_env, make_expert
 
-    _worker["env"] = StackingEnv(**env_options)
-    _worker["expert"] = ScriptedExpert()
+    _worker["env"] = make_env(**env_options)
+    _worker["expert"] = make_expert(_worker["env"].arm, _worker["env"].config.task)
     _worker["beta"] = beta
     if policy is not None:
         from gato_ros.runtime import PolicyRuntime
 
-        _worker["policy"] = PolicyRuntime(policy, provider="cpu", threads=1)
+        # The collected arm's spec, for a file of several arms (its default arm's otherwise: refused if another).
+        _worker["policy"] = PolicyRuntime(policy, provider="cpu", threads=1, arm=_worker["env"].arm)
 
 
 def _run_job(job: Job):
@@ -78,7 +78,12 @@ def run_dagger_episode(seed: int, beta: float):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sim.env import ARM_NAMES, DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK, task_names
+
     parser.add_argument("--episodes", type=int, required=True, help="episodes to run")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="what the expert demonstrates")
+    parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="which arm (its own spec)")
     parser.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 1)), help="parallel processes")
     parser.add_argument("--out", required=True, help="dataset directory (must not hold a finished dataset)")
     parser.add_argument("--noise-fraction", type=float, default=0.5, help="share of noise-injected demos")
@@ -87,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named cameras (observation keys camera_<name>); default: the scene camera as `image`")
     parser.add_argument("--no-task-state", action="store_true",
                         help="leave the privileged task_state out of the spec (camera + joints only)")
+    parser.add_argument("--aux-keys", nargs="+", default=(), choices=("task_state",),
+                        help="privileged env values kept beside the observations as training targets only "
+                        "(gato-ros train --aux-key), never policy inputs")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
     parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
@@ -94,13 +102,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.3, help="DAgger: per-step chance the expert drives instead")
 
 
+def aux_specs(keys: list[str], arm: str = "panda") -> dict:
+    """Auxiliary keys with the normalization the privileged policy's spec (of `arm`) gives the same values."""
+    from gato_ros.data import AuxSpec
+    from sim.arms import embodiment_spec
+
+    privileged = embodiment_spec(arm, privileged=True)
+    specs = {}
+    for key in keys:
+        o = privileged.observation(key)
+        offset = np.broadcast_to(np.asarray(o.offset if o.offset is not None else 0.0, np.float64), (o.size,))
+        scale = np.broadcast_to(np.asarray(o.scale if o.scale is not None else 1.0, np.float64), (o.size,))
+        specs[key] = AuxSpec(o.size, tuple(map(float, offset)), tuple(map(float, scale)))
+    return specs
+
+
 def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
-    from sim.spec import env_overrides, stacking_spec
+    from sim.arms import embodiment_spec, make_env
+    from sim.spec import env_overrides
 
     cameras = tuple(args.cameras) if args.cameras else None
-    spec = stacking_spec(image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
+    env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
+    make_env(**env_options).close()  # options the env refuses fail here, once, not in pool workers that respawn
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
+    aux = aux_specs(args.aux_keys, args.arm)
     jobs = episode_jobs(args.episodes, args.seed, args.noise_fraction)
     kept = failed = nans = steps = 0
     lengths: list[int] = []
@@ -108,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # fresh interpreters: no pybullet state copied across fork
     with (
-        EpisodeWriter(args.out, spec) as writer,
-        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_overrides(spec), args.policy, args.beta))
+        EpisodeWriter(args.out, spec, aux=aux) as writer,
+        ctx.Pool(max(1, args.workers), initializer=_init_worker, initargs=(env_options, args.policy, args.beta))
         as pool,
     ):
         progress = tqdm(pool.imap(_run_job, jobs), total=len(jobs), unit="ep", desc="collect")
@@ -119,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
             nans += episode.nan
             if episode.success or args.keep_failures or args.policy:
                 metadata = {
+                    "task": args.task,
+                    "arm": args.arm,
                     "seed": job.seed,
                     "success": episode.success,
                     "noisy": episode.noisy,
@@ -126,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                     "steps": episode.steps,
                     "nan": episode.nan,
                 }
-                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata)
+                writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata,
+                                   aux={k: episode.observations[k] for k in aux})
                 kept += 1
                 steps += episode.steps
             lengths.append(episode.steps)

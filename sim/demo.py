@@ -4,7 +4,12 @@ Starts `sim_bridge` (the PyBullet arm) and `policy_node` (the lifecycle node a r
 separate processes talking over ROS 2 on loopback, runs a few episodes at the control rate
 (20 Hz, real time), prints success and step latency, and saves into --out: `demo.json` (the same
 summary as `gato-ros eval`), `demo.png` (plot), `episode1.mp4` and `episode1.gif` (a replay of the
-first episode rendered after the run, so filming never slows the loop).
+first episode rendered after the run, so filming never slows the loop). For a seeing policy the film
+shows, beside the scene, the camera frame the policy acted on at each step (its 64 px frame upscaled,
+as the bridge rendered and published it).
+
+The policy file comes from `--model` (`make demo MODEL=models/see_int8.onnx`); the default is the
+shipped model.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", type=Path, default=None, help="also record the run as a rosbag2 MCAP bag here")
 
 
+def model_image_keys(model: str) -> list[str]:
+    """The image keys of the model's spec (empty for a state policy)."""
+    from sim.spec import model_spec
+
+    return [o.name for o in model_spec(model).observations if o.kind == "image"]
+
+
 def run(args: argparse.Namespace) -> int:
     from gato_ros.node import default_model_path
     from sim.evaluate import plot_summary, summarize
@@ -44,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"ROS 2: ROS_AUTOMATIC_DISCOVERY_RANGE={discovery} ROS_DOMAIN_ID={domain} (set them to override)")
     print(f"model {model}: {args.episodes} episode(s) from seed {args.seed}, sim_bridge + policy_node over ROS 2 "
           f"at 20 Hz, {args.real_time_factor:g}x real time")
+    image_keys = model_image_keys(model)
+    if image_keys:
+        from gato_ros.control import default_image_topic
+
+        topics = ", ".join(f"{key} on {default_image_topic(key, 'camera/image_raw')}" for key in image_keys)
+        print(f"a seeing policy ({topics}): the film shows what it saw beside the scene")
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [args.seed + i for i in range(args.episodes)]
     video, gif = args.out / "episode1.mp4", args.out / "episode1.gif"

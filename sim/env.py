@@ -11,9 +11,18 @@ Observation dict:
     joint_positions  (8,)  panda_joint1..7 (rad) + panda_finger_joint1 (m, half the finger width)
     joint_velocities (8,)  same order
     task_state       (17,) privileged: hand xyz, red xyz, blue xyz, red - hand, blue - red,
-                           sin/cos of 4 × red yaw (a cube looks the same every 90°)
+                           sin/cos of 4 × the yaw of the cube the task picks up (a cube looks the same
+                           every 90°; red, or blue in the tasks that move blue: sim/tasks.py)
     image            (H, W, 3) uint8, only when `image_size` is set and `cameras` is not (the scene camera)
     camera_<name>    (H, W, 3) uint8, one per camera in `cameras` ("scene", "wrist": sim/cameras.py)
+
+Robustness options (`camera_shift_m`, `camera_tilt_deg`, `light_change`) perturb every camera per episode,
+drawn from the episode's seed apart from the scene's random stream: the same seeds give the same cube
+layouts with and without them (sim/cameras.py `sample_perturbation`).
+
+Tasks (`task=`, sim/tasks.py) share the scene and the observations and differ in what counts as success.
+Arms: this env is the Panda's; the velocity-commanded UFactory xArm6 is its sibling `sim.xarm.XArmStackingEnv`.
+`sim.arms.make_env(arm=..., task=...)` builds either.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import pybullet as p
 import pybullet_data
 
 from sim import cameras as cams
+from sim import tasks
 
 JOINT_NAMES = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
 ARM_TORQUE_LIMITS = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
@@ -47,12 +57,22 @@ COLOURS = {
     "green": (0.2, 0.7, 0.25, 1.0),
     "yellow": (0.9, 0.8, 0.15, 1.0),
 }
+ARM_NAMES = ("panda", "xarm6")  # what `arm=` (and `gato-ros collect/eval --arm`) accepts
+DEFAULT_ARM = "panda"
+
+
+def check_arm(name: str) -> str:
+    """`name` if it is a simulated arm; a ValueError naming the valid choices otherwise."""
+    if name not in ARM_NAMES:
+        raise ValueError(f"unknown arm {name!r}: choose one of {', '.join(ARM_NAMES)}")
+    return name
 
 
 @dataclass
 class StackingConfig:
-    task: str = "stack"  # only stacking for now; the name travels into metadata
-    colours: tuple[str, ...] = ("red", "blue")  # colours[0] goes on top of colours[1]; more are distractors
+    task: str = tasks.DEFAULT_TASK  # a name in sim/tasks.py TASKS ("stack" is the legacy name of the default)
+    arm: str = DEFAULT_ARM  # a name in ARM_NAMES
+    colours: tuple[str, ...] = ("red", "blue")  # task_state's red and blue cubes; more: distractors
     cube_size: float = 0.04
     cube_mass: float = 0.05
     physics_hz: int = 1000
@@ -67,7 +87,12 @@ class StackingConfig:
     friction: float = 1.0
     camera: dict = field(
         default_factory=lambda: {k: getattr(cams.CAMERAS["scene"], k) for k in ("eye", "target", "up", "fov")}
-    )  # the scene camera's pose (perturb it here for robustness runs)
+    )  # the scene camera's pose
+    # Per-episode camera perturbation (robustness runs): every camera moved this far in a random direction
+    # (m), turned this much about a random axis (degrees), the light scaled by 1 ± light_change; 0 = none.
+    camera_shift_m: float = 0.0
+    camera_tilt_deg: float = 0.0
+    light_change: float = 0.0
 
 
 def yaw_of(quaternion) -> float:
@@ -76,13 +101,22 @@ def yaw_of(quaternion) -> float:
 
 class StackingEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    # The arm and its joint and link indices in PyBullet (sim/xarm.py has the xArm6's).
+    arm = "panda"
+    hand_link = HAND_LINK
+    finger_links = FINGER_JOINTS
+    observed_joints = ARM_JOINTS + [FINGER_JOINTS[0]]
 
     def __init__(self, config: StackingConfig | None = None, **overrides):
         # keyword overrides (gym.make("GatoStack-v0", image_size=64)) never mutate the caller's config
         self.config = replace(config or StackingConfig(), **overrides)
         c = self.config
-        if c.task != "stack" or len(c.colours) < 2:
-            raise ValueError("only the stacking task with at least two blocks is implemented")
+        self.task = tasks.get_task(c.task)
+        if check_arm(c.arm) != self.arm:
+            raise ValueError(f"{type(self).__name__} simulates the {self.arm}; sim.arms.make_env(arm={c.arm!r}) "
+                             f"builds the {c.arm}'s env")
+        if len(c.colours) < 2:
+            raise ValueError("the stacking scene needs at least two blocks")
         if c.physics_hz % c.control_hz:
             raise ValueError("physics rate must be a multiple of the control rate")
         self.substeps = c.physics_hz // c.control_hz
@@ -105,6 +139,8 @@ class StackingEnv(gym.Env):
         self.client = p.connect(p.DIRECT)  # own client: several envs coexist in one process
         self._build_scene()
         self._last_obs: dict[str, np.ndarray] | None = None
+        self._episode_seed = 0  # the perturbation's seed: the reset's seed, else one more than the last
+        self.perturbation: cams.CameraPerturbation | None = None
 
     # ---------------------------------------------------------------- scene
     def _build_scene(self) -> None:
@@ -115,6 +151,21 @@ class StackingEnv(gym.Env):
         p.setTimeStep(1.0 / c.physics_hz, physicsClientId=cid)
         p.loadURDF("plane.urdf", [0, 0, -0.626], physicsClientId=cid)
         self.table = p.loadURDF("table/table.urdf", [0.5, 0, -0.626], physicsClientId=cid)  # top at z = 0
+        self._load_robot()
+        half = c.cube_size / 2
+        col = p.createCollisionShape(p.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=cid)
+        self.cubes = []
+        for name in c.colours:
+            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=COLOURS[name], physicsClientId=cid)
+            body = p.createMultiBody(c.cube_mass, col, vis, [0, 0, half], physicsClientId=cid)
+            p.changeDynamics(body, -1, lateralFriction=c.friction, physicsClientId=cid)
+            self.cubes.append(body)
+        if self.task.has_marker:
+            self._add_marker()
+
+    def _load_robot(self) -> None:
+        """The Panda, torque-controlled: default motors off, fingers coupled."""
+        c, cid = self.config, self.client
         self.robot = p.loadURDF("franka_panda/panda.urdf", [0, 0, 0], useFixedBase=True, physicsClientId=cid)
         # Torque control needs the default velocity motors off.
         p.setJointMotorControlArray(
@@ -127,14 +178,13 @@ class StackingEnv(gym.Env):
         p.changeConstraint(gear, gearRatio=-1, erp=0.1, maxForce=50, physicsClientId=cid)
         for j in FINGER_JOINTS:
             p.changeDynamics(self.robot, j, lateralFriction=c.friction, physicsClientId=cid)
-        half = c.cube_size / 2
-        col = p.createCollisionShape(p.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=cid)
-        self.cubes = []
-        for name in c.colours:
-            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=COLOURS[name], physicsClientId=cid)
-            body = p.createMultiBody(c.cube_mass, col, vis, [0, 0, half], physicsClientId=cid)
-            p.changeDynamics(body, -1, lateralFriction=c.friction, physicsClientId=cid)
-            self.cubes.append(body)
+
+    def _add_marker(self) -> None:
+        """A flat disc on the table, visual only (no collision shape: physics is unchanged)."""
+        cid = self.client
+        vis = p.createVisualShape(p.GEOM_CYLINDER, radius=tasks.MARKER_RADIUS, length=0.002,
+                                  rgbaColor=COLOURS[tasks.MARKER_COLOUR], physicsClientId=cid)
+        self.marker = p.createMultiBody(0.0, -1, vis, [*tasks.MARKER_XY, 0.001], physicsClientId=cid)
 
     def _sample_cube_positions(self, rng: np.random.Generator) -> list[tuple[float, float]]:
         c = self.config
@@ -142,19 +192,22 @@ class StackingEnv(gym.Env):
         while True:
             xy = rng.uniform([x_lo, y_lo], [x_hi, y_hi], size=(len(self.cubes), 2))
             d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(len(xy))
-            if d.min() >= c.min_separation:
+            # a marker task also keeps the cubes off the marker (its scenes are a subset of the other tasks')
+            clear = not self.task.has_marker or np.linalg.norm(xy - tasks.MARKER_XY, axis=-1).min() >= c.min_separation
+            if d.min() >= c.min_separation and clear:
                 return [tuple(v) for v in xy]
 
     # ---------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         cid, half = self.client, self.config.cube_size / 2
+        c = self.config
+        self._episode_seed = int(seed) if seed is not None else self._episode_seed + 1
+        self.perturbation = cams.sample_perturbation(self._episode_seed, c.camera_shift_m, c.camera_tilt_deg,
+                                                     c.light_change)
         # Rebuild so a seed fully determines the state (no solver warm-start from a previous episode).
         self._build_scene()
-        for j, q in zip(ARM_JOINTS, HOME_Q, strict=True):
-            p.resetJointState(self.robot, j, q, 0.0, physicsClientId=cid)
-        for j in FINGER_JOINTS:
-            p.resetJointState(self.robot, j, FINGER_OPEN, 0.0, physicsClientId=cid)
+        self._reset_robot()
         for body, (x, y) in zip(self.cubes, self._sample_cube_positions(self.np_random), strict=True):
             yaw = self.np_random.uniform(-math.pi, math.pi)
             p.resetBasePositionAndOrientation(body, [x, y, half], p.getQuaternionFromEuler([0, 0, yaw]), cid)
@@ -163,6 +216,13 @@ class StackingEnv(gym.Env):
         obs = self._observe()
         self._last_obs = obs
         return obs, {"success": False, "nan": False}
+
+    def _reset_robot(self) -> None:
+        """Home pose, hand open."""
+        for j, q in zip(ARM_JOINTS, HOME_Q, strict=True):
+            p.resetJointState(self.robot, j, q, 0.0, physicsClientId=self.client)
+        for j in FINGER_JOINTS:
+            p.resetJointState(self.robot, j, FINGER_OPEN, 0.0, physicsClientId=self.client)
 
     def gravity_compensation(self, q: np.ndarray) -> np.ndarray:
         """The torques that hold the arm still at q: inverse dynamics with zero velocity and acceleration."""
@@ -196,6 +256,10 @@ class StackingEnv(gym.Env):
                 self.robot, MOVABLE_JOINTS, p.TORQUE_CONTROL, forces=list(tau) + [finger, finger], physicsClientId=cid
             )
             p.stepSimulation(physicsClientId=cid)
+        return self._end_step(nan)
+
+    def _end_step(self, nan: bool) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        """After the physics of one control step: observe, judge success, end the episode when due."""
         self.steps += 1
         obs = self._observe()
         nan = nan or not all(np.all(np.isfinite(v)) for k, v in obs.items() if k not in self.image_keys)
@@ -205,7 +269,7 @@ class StackingEnv(gym.Env):
             info = {"success": False, "nan": True, "steps": self.steps}
             return self._last_obs, 0.0, True, False, info
         self._last_obs = obs
-        self.hold = self.hold + 1 if self._stacked_and_released() else 0
+        self.hold = self.hold + 1 if self.task_achieved() else 0
         success = self.hold >= self.config.hold_steps
         truncated = not success and self.steps >= self.config.max_steps
         info = {"success": success, "nan": False, "steps": self.steps}
@@ -217,30 +281,33 @@ class StackingEnv(gym.Env):
         return np.asarray(pos), yaw_of(orn)
 
     def hand_position(self) -> np.ndarray:
-        state = p.getLinkState(self.robot, HAND_LINK, computeForwardKinematics=True, physicsClientId=self.client)
+        state = p.getLinkState(self.robot, self.hand_link, computeForwardKinematics=True, physicsClientId=self.client)
         return np.asarray(state[4])
 
-    def _stacked_and_released(self) -> bool:
-        c, cid = self.config, self.client
-        top, _ = self._cube_pose(0)
-        bottom, _ = self._cube_pose(1)
-        on_top = (
-            np.linalg.norm(top[:2] - bottom[:2]) < c.place_tolerance and abs(top[2] - bottom[2] - c.cube_size) < 0.008
-        )
-        resting = np.linalg.norm(p.getBaseVelocity(self.cubes[0], physicsClientId=cid)[0]) < 0.05
-        touching = any(
-            p.getContactPoints(self.robot, self.cubes[0], j, -1, physicsClientId=cid) for j in FINGER_JOINTS
-        )
-        return bool(on_top and resting and not touching)
+    def task_achieved(self) -> bool:
+        """The task's success predicate at this instant (sim/tasks.py); success needs it `hold_steps` in a row."""
+        return tasks.achieved(self.task, self, self.config.cube_size, self.config.place_tolerance)
+
+    def cube_position(self, i: int) -> np.ndarray:
+        return self._cube_pose(i)[0]
+
+    def cube_speed(self, i: int) -> float:
+        return float(np.linalg.norm(p.getBaseVelocity(self.cubes[i], physicsClientId=self.client)[0]))
+
+    def fingers_touch(self, i: int) -> bool:
+        """Whether a finger touches cube i."""
+        return any(p.getContactPoints(self.robot, self.cubes[i], j, -1, physicsClientId=self.client)
+                   for j in self.finger_links)
 
     def _observe(self) -> dict[str, np.ndarray]:
         cid = self.client
-        states = p.getJointStates(self.robot, ARM_JOINTS + [FINGER_JOINTS[0]], physicsClientId=cid)
+        states = p.getJointStates(self.robot, self.observed_joints, physicsClientId=cid)
         hand = self.hand_position()
-        red, red_yaw = self._cube_pose(0)
+        red, _ = self._cube_pose(0)
         blue, _ = self._cube_pose(1)
+        _, yaw = self._cube_pose(self.task.pick)
         task = np.concatenate(
-            [hand, red, blue, red - hand, blue - red, [math.sin(4 * red_yaw), math.cos(4 * red_yaw)]]
+            [hand, red, blue, red - hand, blue - red, [math.sin(4 * yaw), math.cos(4 * yaw)]]
         )
         obs = {
             "joint_positions": np.array([s[0] for s in states]),
@@ -268,7 +335,7 @@ class StackingEnv(gym.Env):
     def render(self, size: int | None = None, camera: str = "scene") -> np.ndarray:
         """RGB (size, size, 3) uint8 from camera `camera` (TinyRenderer: runs headless)."""
         size = size or self.config.image_size or 64
-        return cams.render_camera(self.camera(camera), size, self.robot, self.client)
+        return cams.render_camera(self.camera(camera), size, self.robot, self.client, self.perturbation)
 
     def close(self) -> None:
         if self.client is not None and p.isConnected(self.client):

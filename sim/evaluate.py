@@ -7,6 +7,11 @@ topics, exactly as a real arm would (`sim.ros_eval`).
 
 Writes JSON (success_rate, episodes, successes, 95 % Wilson interval, lengths, step latency) and a
 PNG summary; optionally an MP4 of the first episode.
+
+Robustness runs: `--camera-shift-cm`, `--camera-tilt-deg` and `--light` perturb every camera per episode
+(moved that far in a random direction, turned that much about a random axis, the light scaled by 1 ± that
+fraction), drawn from the episode's seed; the cube layouts stay those of the same seeds unperturbed. Both
+modes apply them (in-process to the worker's env, over ROS to the bridge's).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sim.replay import write_video
+from sim.replay import beside, write_video
 from sim.results import EpisodeResult
 
 _worker: dict = {}
@@ -38,12 +43,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime, both have reset/step
-    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command."""
-    if policy == "expert":
-        from sim.expert import ScriptedExpert
+def make_policy(policy: str, provider: str, task: str | None = None, arm: str | None = None):  # noqa: ANN201
+    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command. A file is refused
+    (ValueError naming what it serves) when it does not serve `arm` or `task`."""
+    from sim.env import DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK
 
-        expert = ScriptedExpert()
+    task, arm = task or DEFAULT_TASK, arm or DEFAULT_ARM
+    if policy == "expert":
+        from sim.arms import make_expert
+
+        expert = make_expert(arm, task)
 
         class ExpertPolicy:
             spec = None
@@ -57,20 +67,41 @@ def make_policy(policy: str, provider: str):  # noqa: ANN201 - expert or runtime
         return ExpertPolicy()
     from gato_ros.runtime import PolicyRuntime
 
-    return PolicyRuntime(policy, provider=provider, threads=1)
+    check_policy_serves(policy, task, arm)
+    return PolicyRuntime(policy, provider=provider, threads=1, arm=arm)  # that arm's spec: its observations, actions
 
 
-def _init_worker(policy: str, provider: str, max_steps: int | None) -> None:
-    from sim.env import StackingEnv
+def perturbation_options(args: argparse.Namespace) -> dict[str, float]:
+    """The camera perturbation the arguments ask for, as StackingEnv / sim_bridge options; {} for none."""
+    options = {"camera_shift_m": args.camera_shift_cm / 100.0, "camera_tilt_deg": args.camera_tilt_deg,
+               "light_change": args.light}
+    return {name: float(value) for name, value in options.items() if value}
 
-    _worker["policy"] = make_policy(policy, provider)
+
+def check_policy_serves(policy: str, task: str, arm: str) -> None:
+    """A ValueError naming what the file serves when it does not serve `arm` and `task`: never a command
+    computed for another body or task."""
+    from gato_ros.info import describe
+
+    served = describe(policy)
+    if arm not in served["arms"] or task not in served["tasks"]:
+        raise ValueError(f"{policy} serves arm(s) {', '.join(served['arms'])} and task(s) "
+                         f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
+
+
+def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | None = None,
+                 arm: str | None = None, perturbation: dict[str, float] | None = None) -> None:
+    from sim.arms import make_env
+
+    _worker["policy"] = make_policy(policy, provider, task, arm)
     from sim.spec import env_overrides
 
     spec = getattr(_worker["policy"], "spec", None)
-    overrides = env_overrides(spec) if spec else {}
+    overrides = {**(env_overrides(spec) if spec else {}), **(perturbation or {})}
     if max_steps:
         overrides["max_steps"] = max_steps
-    _worker["env"] = StackingEnv(**overrides)
+    overrides.update({k: v for k, v in (("task", task), ("arm", arm)) if v is not None})
+    _worker["env"] = make_env(**overrides)
 
 
 def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:
@@ -81,9 +112,11 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeRes
     policy.reset()
     result = EpisodeResult(seed=seed, success=False, steps=0, nan=False)
     done = False
+    image_keys = [o.name for o in policy.spec.observations if o.kind == "image"] if policy.spec else []
     while not done:
-        if frames is not None:
-            frames.append(env.render(256))
+        if frames is not None:  # a seeing policy's film shows its first camera's frame beside the scene
+            scene = [env.render(256)]
+            frames.extend(beside(scene, obs[image_keys[0]][None]) if image_keys else scene)
         t0 = time.perf_counter()
         action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))
         result.step_ms.append(1e3 * (time.perf_counter() - t0))
@@ -147,7 +180,12 @@ def plot_summary(summary: dict, latency_ms: np.ndarray, path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sim.env import ARM_NAMES, DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK, task_names
+
     parser.add_argument("--policy", default="expert", help="'expert' or PATH.onnx")
+    parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="the task whose success counts")
+    parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="the simulated arm")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=100_000, help="episodes use seed, seed+1, ... (keep them apart "
                         "from the training seeds)")
@@ -158,21 +196,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=Path("runs/eval.json"))
     parser.add_argument("--plot", type=Path, default=None, help="PNG summary (default: beside --json)")
     parser.add_argument("--video", type=Path, default=None, help="MP4 of the first episode")
+    parser.add_argument("--real-time-factor", type=float, default=1.0,
+                        help="--over-ros: the sim's speed (1 = real time; below 1 gives a loaded machine's bridge "
+                             "time to render and the node time to answer within each control period)")
+    parser.add_argument("--camera-shift-cm", type=float, default=0.0,
+                        help="robustness: move every camera this far per episode, in a seeded random direction")
+    parser.add_argument("--camera-tilt-deg", type=float, default=0.0,
+                        help="robustness: turn every camera this much per episode, about a seeded random axis")
+    parser.add_argument("--light", type=float, default=0.0,
+                        help="robustness: scale the light by 1 ± this per episode (0.2 = ±20 %%, seeded sign)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from sim.env import DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK
+
     seeds = [args.seed + i for i in range(args.episodes)]
+    if args.over_ros and (args.task, args.arm) != (DEFAULT_TASK, DEFAULT_ARM):
+        raise SystemExit(f"gato-ros eval --over-ros: the sim bridge simulates {DEFAULT_ARM} / {DEFAULT_TASK} only "
+                         "for now; evaluate other tasks and arms in-process")
+    if args.policy != "expert":
+        try:
+            check_policy_serves(args.policy, args.task, args.arm)
+        except ValueError as e:
+            raise SystemExit(f"gato-ros eval: {e}") from e
     start = time.perf_counter()
     if args.over_ros:
         from sim.ros_eval import evaluate_over_ros
 
         ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
-                                    video=args.video)
+                                    video=args.video, perturbation=perturbation_options(args),
+                                    real_time_factor=args.real_time_factor)
         results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds)
         mode = "in-process"
     summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
+    summary["perturbation"] = perturbation_options(args)
+    summary["task"], summary["arm"] = args.task, args.arm
     if args.over_ros:
         from sim.ros_eval import ros_summary
 
@@ -183,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     plot_summary(summary, latency, args.plot or args.json.with_suffix(".png"))
     lo, hi = summary["success_ci95"]
     lat = summary.get("step_latency_ms", {})
-    print(f"eval {args.policy} ({mode}): {summary['successes']}/{summary['episodes']} = "
+    print(f"eval {args.policy} {args.arm} {args.task} ({mode}): {summary['successes']}/{summary['episodes']} = "
           f"{summary['success_rate']:.1%} success (95 % CI {lo:.1%}-{hi:.1%}); "
           f"step latency p50 {lat.get('p50', float('nan')):.2f} ms p99 {lat.get('p99', float('nan')):.2f} ms; "
           f"wrote {args.json}")
@@ -197,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[EpisodeResult]:
     results: list[EpisodeResult] = []
     if args.video is not None:  # the filmed episode runs here, in this process
-        _init_worker(args.policy, args.provider, args.max_steps)
+        _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
         frames: list[np.ndarray] = []
         results.append(run_episode(seeds[0], frames))
         args.video.parent.mkdir(parents=True, exist_ok=True)
@@ -205,11 +266,12 @@ def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[Epis
         seeds = seeds[1:]
     if args.workers <= 1:
         if args.video is None:  # else the filmed episode's worker is this run's already
-            _init_worker(args.policy, args.provider, args.max_steps)
+            _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
         for s in tqdm(seeds, desc="eval"):
             results.append(run_episode(s))
         return results
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, _init_worker, (args.policy, args.provider, args.max_steps)) as pool:
+    init = (args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
+    with ctx.Pool(args.workers, _init_worker, init) as pool:
         results += list(tqdm(pool.imap(run_episode, seeds), total=len(seeds), desc="eval"))
     return results

@@ -1,4 +1,4 @@
-"""Scripted stacking expert that acts only on what the policy observes.
+"""Scripted expert for every task of the stacking scene (sim/tasks.py) that acts only on what the policy observes.
 
 DESIGN.md ("What is known about learnability") found that clones of a timer-driven expert froze at
 the grasp: the policy cannot see a timer. So every decision here is a function of the current
@@ -10,6 +10,7 @@ observation alone:
   - IK to the waypoint in the expert's own kinematic model of the Panda, then a mass-scaled joint PD
     τ = M(q)(ωₙ²·e − 2ζωₙ·q̇), ωₙ = 10, ζ = 1, on top of the hardware's gravity compensation;
   - the gripper is a discrete decision: +15 N open, −15 N close.
+The task only changes which cube is picked and where it is carried (`sim.tasks.expert_goal`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pybullet as p
 import pybullet_data
 
+from sim import tasks
 from sim.env import (
     ARM_TORQUE_LIMITS,
     GRIPPER_CLOSE,
@@ -59,8 +61,9 @@ def _wrap(angle: float) -> float:
 class ScriptedExpert:
     """`act(obs) -> (8,)` command: 7 arm torques (added to gravity compensation) + finger force."""
 
-    def __init__(self, config: ExpertConfig | None = None):
+    def __init__(self, config: ExpertConfig | None = None, task: str = tasks.DEFAULT_TASK):
         self.config = config or ExpertConfig()
+        self.task = tasks.get_task(task)
         # The expert's own kinematic/dynamic model of the arm: it never reads the simulator's state.
         self.client = p.connect(p.DIRECT)
         p.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=self.client)
@@ -100,32 +103,30 @@ class ScriptedExpert:
     def plan(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float, str]:
         """Observation → (hand target, hand yaw target, finger force, phase name)."""
         c = self.config
-        finger = float(obs["joint_positions"][7])
-        finger_speed = abs(float(obs["joint_velocities"][7]))
+        finger = float(obs["joint_positions"][-1])  # the finger joint comes last, whatever the arm
+        finger_speed = abs(float(obs["joint_velocities"][-1]))
         s = obs["task_state"]
-        hand, red, blue = s[0:3], s[3:6], s[6:9]
-        red_yaw = math.atan2(s[15], s[16]) / 4.0  # defined modulo 90°
+        hand = s[0:3]
+        goal = tasks.expert_goal(self.task, s, c.cube_size, c.grasp_height, c.place_clearance, c.xy_tolerance,
+                                 c.z_tolerance)
+        cube = goal.pick
+        cube_yaw = math.atan2(s[15], s[16]) / 4.0  # the picked cube's yaw, defined modulo 90°
         hand_yaw = self._hand_yaw()
         # The 90°-equivalent of the cube's yaw closest to the hand's: never more than 45° to turn.
-        yaw = hand_yaw + _wrap(4.0 * (red_yaw - hand_yaw)) / 4.0
+        yaw = hand_yaw + _wrap(4.0 * (cube_yaw - hand_yaw)) / 4.0
         yaw_err = abs(yaw - hand_yaw)
 
-        grasp_point = red + np.array([0.0, 0.0, c.grasp_height])
-        near_red = np.linalg.norm((hand - grasp_point)[:2]) < 0.02 and abs(hand[2] - grasp_point[2]) < 0.02
-        on_blue = (
-            np.linalg.norm((red - blue)[:2]) < c.xy_tolerance + 0.002
-            and abs(red[2] - blue[2] - c.cube_size) < c.z_tolerance
-        )
+        grasp_point = cube + np.array([0.0, 0.0, c.grasp_height])
+        near_cube = np.linalg.norm((hand - grasp_point)[:2]) < 0.02 and abs(hand[2] - grasp_point[2]) < 0.02
         closed_on_cube = 0.012 < finger < 0.025
         settled = finger_speed < c.finger_settled
 
-        if on_blue and near_red and finger < c.finger_open:
+        if goal.in_place and near_cube and finger < c.finger_open:
             return grasp_point, yaw, GRIPPER_OPEN, "release"
-        if on_blue and finger >= c.finger_open:
-            return self._funnel(hand, red, c.funnel_height, force_up=True), yaw, GRIPPER_OPEN, "retreat"
-        if near_red and closed_on_cube and settled:
-            place = blue + np.array([0.0, 0.0, c.cube_size + c.place_clearance + c.grasp_height])
-            return self._funnel(hand, place, 0.0), yaw, GRIPPER_CLOSE, "carry"
+        if goal.in_place and finger >= c.finger_open:
+            return self._funnel(hand, cube, c.funnel_height, force_up=True), yaw, GRIPPER_OPEN, "retreat"
+        if near_cube and closed_on_cube and settled:
+            return self._funnel(hand, goal.carry_to, 0.0), yaw, GRIPPER_CLOSE, "carry"
         at_grasp = (
             np.linalg.norm((hand - grasp_point)[:2]) < c.xy_tolerance
             and abs(hand[2] - grasp_point[2]) < c.z_tolerance
@@ -231,15 +232,15 @@ def run_episode(
     )
 
 
-def _measure_one(args: tuple[int, bool, bool]) -> tuple[bool, int, bool, float]:
+def _measure_one(args: tuple[int, bool, bool, str]) -> tuple[bool, int, bool, float]:
     import time
 
     from sim.env import StackingEnv
     from sim.spec import stacking_spec
 
-    seed, tokenize, noisy = args
+    seed, tokenize, noisy, task = args
     if "env" not in _MEASURE:
-        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(), ScriptedExpert()
+        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(task=task), ScriptedExpert(task=task)
     t0 = time.perf_counter()
     spec = stacking_spec() if tokenize else None
     ep = run_episode(_MEASURE["env"], _MEASURE["expert"], seed, noisy=noisy, tokenize_spec=spec)
@@ -250,7 +251,8 @@ _MEASURE: dict = {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sim.expert --episodes 200 --workers 2 [--tokenize] [--noisy]`: the expert's success rate."""
+    """`python -m sim.expert --episodes 200 --workers 2 [--task T] [--tokenize] [--noisy]`: the Panda expert's
+    success rate (`gato-ros eval --task T --arm A` measures either arm's)."""
     import argparse
     import multiprocessing as mp
 
@@ -260,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tokenize", action="store_true", help="send every command through the token round trip")
     parser.add_argument("--noisy", action="store_true", help="inject torque noise (as in the noisy demos)")
+    parser.add_argument("--task", default=tasks.DEFAULT_TASK, choices=tasks.task_names())
     args = parser.parse_args(argv)
-    jobs = [(args.seed + i, args.tokenize, args.noisy) for i in range(args.episodes)]
+    jobs = [(args.seed + i, args.tokenize, args.noisy, args.task) for i in range(args.episodes)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(_measure_one, jobs, chunksize=4)
     ok = np.array([r[0] for r in results])
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     step_ms = 1e3 * np.mean([r[3] for r in results])
     tags = (" (token round trip)" if args.tokenize else "") + (" (noisy)" if args.noisy else "")
     print(
-        f"expert{tags}: {ok.sum()}/{len(ok)} = {ok.mean():.1%} success; "
+        f"expert {args.task}{tags}: {ok.sum()}/{len(ok)} = {ok.mean():.1%} success; "
         f"steps mean {steps.mean():.1f} median {np.median(steps):.0f} min {steps.min()} max {steps.max()}; "
         f"{step_ms:.2f} ms wall per control step (env + expert); NaN {sum(r[2] for r in results)}; "
         f"failed seeds {failed}"

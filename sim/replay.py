@@ -74,11 +74,14 @@ def write_video(frames: list[np.ndarray], path: Path, fps: float) -> None:
 
 def write_gif(frames: list[np.ndarray], path: Path, fps: float, size: int = 160, every: int = 2,
               max_bytes: int = 2_000_000) -> None:
-    """A README-sized GIF: `size` px, every `every`-th frame; shrinks further until under `max_bytes`."""
+    """A README-sized GIF: `size` px tall (the frames' aspect ratio kept), every `every`-th frame; shrinks further
+    until under `max_bytes`."""
     from PIL import Image
 
+    height, width = frames[0].shape[:2]
     while True:
-        images = [Image.fromarray(f).resize((size, size), Image.Resampling.LANCZOS) for f in frames[::every]]
+        shape = (round(size * width / height), size)
+        images = [Image.fromarray(f).resize(shape, Image.Resampling.LANCZOS) for f in frames[::every]]
         images = [im.convert("P", palette=Image.Palette.ADAPTIVE, colors=128) for im in images]
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * every / fps), loop=0,
                        optimize=True)
@@ -87,12 +90,32 @@ def write_gif(frames: list[np.ndarray], path: Path, fps: float, size: int = 160,
         size, every = int(size * 0.8), every + 1
 
 
+def beside(scene: list[np.ndarray], policy_frames: np.ndarray) -> list[np.ndarray]:
+    """Each scene frame with the policy's camera frame of the same step to its right, upscaled (nearest: its
+    pixels stay visible as pixels) to the scene frame's height."""
+    if len(policy_frames) != len(scene):
+        raise ValueError(f"{len(policy_frames)} camera frames for {len(scene)} scene frames")
+    size = scene[0].shape[0]
+    return [np.concatenate([s, _upscale_nearest(f, size)], axis=1) for s, f in zip(scene, policy_frames, strict=True)]
+
+
+def _upscale_nearest(frame: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(frame, (size * frame.shape[1] // frame.shape[0], size), interpolation=cv2.INTER_NEAREST)
+
+
 def replay_to_files(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, video: Path | str | None = None,
-                    gif: Path | str | None = None, fps: float = 20.0, size: int = 256) -> list[np.ndarray]:
-    """Render the recorded episode to an MP4 (`video`, `size` px) and/or a GIF; returns the frames."""
+                    gif: Path | str | None = None, fps: float = 20.0, size: int = 256,
+                    policy_frames: np.ndarray | None = None) -> list[np.ndarray]:
+    """Render the recorded episode to an MP4 (`video`, `size` px tall) and/or a GIF; returns the frames. With
+    `policy_frames` (one camera frame per recorded step: what a seeing policy saw) each frame shows it beside
+    the scene."""
     if len(joint_positions) == 0:
         raise ValueError("nothing was recorded: no frames to replay")
     frames = replay_frames(seed, joint_positions, task_states, size)
+    if policy_frames is not None:
+        frames = beside(frames, policy_frames)
     for path, write in ((video, lambda f, pth: write_video(f, pth, fps)), (gif, lambda f, pth: write_gif(f, pth, fps))):
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)

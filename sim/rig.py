@@ -99,6 +99,7 @@ class LoopRig:
         image_size = model_image_size(self.model_path) if self.model_path else 0
         self.procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
             "--ros-args", "-p", f"image_size:={image_size}", "-p", f"max_steps:={self.max_steps}",
+            *(["-p", f"model_path:={self.model_path}"] if self.model_path else []),  # its spec's cameras
             "-p", "real_time_factor:=1.0", "-p", f"wall_clock_stamps:={str(not self.sim_time).lower()}",
             "--log-level", "warn"])
         if self.watchdog:

@@ -9,6 +9,11 @@ An in-process rclpy supervisor runs the episodes:
     for each seed: set the bridge's seed → reset the node's context (~/reset) → reset the bridge
     (~/reset) → poll the bridge's ~/status until the episode is done
 
+A seeing policy works the same way: the bridge builds its env from the model's spec (`model_path`), so it
+renders the model's cameras and publishes each as `<camera>/image_raw`, and the node maps each image key to
+its camera's topic. Camera perturbations (`perturbation`: camera_shift_m, camera_tilt_deg, light_change) go
+to the bridge's env as in-process evaluation gives them to its env.
+
 The bridge publishes an observation before /clock and waits a full period after a reset, so the
 node's tick for step t answers observation t before the bridge steps to t + 1, as in-process
 stepping does; the bridge counts the steps where that failed (stale commands) and measures the
@@ -64,13 +69,14 @@ def ros_environment() -> tuple[str, str]:
     return os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"], os.environ["ROS_DOMAIN_ID"]
 
 
+PERTURBATION_OPTIONS = ("camera_shift_m", "camera_tilt_deg", "light_change")  # StackingConfig fields = bridge params
+
+
 def model_image_size(policy_path: str) -> int:
     """The camera size the model wants (0: no image observation), from the spec in the ONNX metadata."""
-    from gato_ros.runtime import open_session, read_model_info
+    from sim.spec import model_spec
 
-    session, _ = open_session(policy_path, "cpu", threads=1)
-    spec = read_model_info(session, policy_path).spec
-    return next((int(o.shape[0]) for o in spec.observations if o.kind == "image"), 0)
+    return next((int(o.shape[0]) for o in model_spec(policy_path).observations if o.kind == "image"), 0)
 
 
 def _console_script(name: str, module: str) -> list[str]:
@@ -151,6 +157,7 @@ class Supervisor:
         self.bridge_reset = client(Trigger, f"/{BRIDGE}/reset")
         self.bridge_status = client(Trigger, f"/{BRIDGE}/status")
         self.bridge_trajectory = client(Trigger, f"/{BRIDGE}/trajectory")
+        self.bridge_frames = client(Trigger, f"/{BRIDGE}/frames")
         self.bridge_params = client(SetParameters, f"/{BRIDGE}/set_parameters")
         self.node_reset = client(Trigger, f"/{NODE}/reset")
         self.node_state = client(GetState, f"/{NODE}/get_state")
@@ -175,6 +182,16 @@ class Supervisor:
             raise RuntimeError(f"the bridge holds no record of episode seed {seed}")
         observations = episode["observations"]
         return np.array(observations["joint_positions"]), np.array(observations["task_state"])
+
+    def frames(self, seed: int) -> dict[str, np.ndarray]:
+        """The camera frames of episode `seed` as the bridge rendered them, per image key: (steps + 1, H, W, 3)."""
+        from sim.cameras import frames_from_text
+
+        record = json.loads(self.trigger(self.bridge_frames).message)
+        episode = next((e for e in (record["current"], record["previous"]) if e and e["seed"] == seed), None)
+        if episode is None:
+            raise RuntimeError(f"the bridge holds no frames of episode seed {seed}")
+        return {key: frames_from_text(text) for key, text in episode["frames"].items()}
 
     def call(self, client: Any, request: Any, timeout_s: float = 10.0) -> Any:
         if not client.wait_for_service(timeout_sec=timeout_s):
@@ -279,6 +296,7 @@ class RosRun:
     domain_id: str
     pids: dict[str, int]
     recording: tuple[int, np.ndarray, np.ndarray] | None  # (seed, joint positions, task states) of the first episode
+    frames: dict[str, np.ndarray] = field(default_factory=dict)  # the first episode's camera frames, per image key
 
 
 def evaluate_over_ros(
@@ -293,10 +311,13 @@ def evaluate_over_ros(
     progress: bool = True,
     record: Path | str | None = None,
     watchdog: bool = True,
+    perturbation: dict[str, float] | None = None,
 ) -> RosRun:
     """Run one episode per seed through `sim_bridge` + `policy_node` (+ `policy_watchdog` relaying its commands,
     as on a robot; `watchdog=False`: the node publishes to the controller itself); film the first one (`video`,
-    `gif`); with `record` a `gato-ros record` process beside them writes the run into that bag directory."""
+    `gif`: for a seeing policy, what it saw beside the scene); with `record` a `gato-ros record` process beside
+    them writes the run into that bag directory. `perturbation` ({camera_shift_m, camera_tilt_deg, light_change})
+    perturbs the bridge's cameras per episode, as `StackingEnv` does in-process."""
     if policy_path == "expert":
         raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
     from sim.env import StackingConfig
@@ -314,8 +335,10 @@ def evaluate_over_ros(
     watchdog_diagnostics: dict[str, str] = {}
     results: list[RosEpisodeResult] = []
     recorded = None
+    frames: dict[str, np.ndarray] = {}
     try:
-        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor, watchdog)
+        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor, watchdog,
+                        perturbation)
         supervisor = Supervisor()
         wait_until_connected(supervisor, procs, None if record is None else Path(record))
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
@@ -325,6 +348,7 @@ def evaluate_over_ros(
             results.append(run_episode(supervisor, procs, seed, period, episode_timeout, real_time_factor))
             if i == 0:
                 recorded = (seed, *supervisor.recording(seed))
+                frames = supervisor.frames(seed)
     finally:
         codes = procs.stop(poke=supervisor.poke_node if supervisor is not None else None)
         if supervisor is not None:
@@ -336,23 +360,31 @@ def evaluate_over_ros(
     if recorded is not None and (video or gif):
         from sim.replay import replay_to_files
 
-        replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period)
+        # A seeing policy's film shows its first camera's frames (upscaled) beside the scene.
+        replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period,
+                        policy_frames=next(iter(frames.values()), None))
     return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
                   watchdog_diagnostics=watchdog_diagnostics,
                   domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},
-                  recording=recorded)
+                  recording=recorded, frames=frames)
 
 
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
-                    real_time_factor: float, watchdog: bool = True) -> None:
-    """`sim_bridge` (waiting for a reset, pausing between episodes), `policy_node` on sim time, and
-    `policy_watchdog`, which relays the node's stamped commands to the controller topics, as on a robot."""
+                    real_time_factor: float, watchdog: bool = True,
+                    perturbation: dict[str, float] | None = None) -> None:
+    """`sim_bridge` (its cameras from the model's spec; waiting for a reset, pausing between episodes),
+    `policy_node` on sim time, and `policy_watchdog`, which relays the node's stamped commands to the controller
+    topics, as on a robot."""
     from sim.env import StackingConfig
 
+    unknown = set(perturbation or {}) - set(PERTURBATION_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown perturbation option(s) {sorted(unknown)}; known: {PERTURBATION_OPTIONS}")
+    perturb = [a for name, value in (perturbation or {}).items() for a in ("-p", f"{name}:={float(value)!r}")]
     procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
-        "--ros-args", "-p", f"seed:={first_seed}", "-p", f"image_size:={model_image_size(policy_path)}",
+        "--ros-args", "-p", f"seed:={first_seed}", "-p", f"model_path:={policy_path}",
         "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
-        "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", "--log-level", "warn"])
+        "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", *perturb, "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
         "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}"])
@@ -416,6 +448,9 @@ def ros_summary(run: RosRun) -> dict:
         "node_step_latency_ms": {"p50": diag.get("step_latency_p50_ms", ""),
                                  "p99": diag.get("step_latency_p99_ms", "")},
         "node_deadline_misses": diag.get("deadline_misses", ""),
+        # The node's image decode + resize per policy tick, all cameras (its last diagnostics: the last 1000 ticks).
+        "node_image_decode_ms": {"p50": diag.get("image_decode_p50_ms", ""),
+                                 "p99": diag.get("image_decode_p99_ms", "")},
         # Steps the watchdog put its safe action on the arm (the policy was silent for 1.5 periods): the bridge
         # counts them as answered, so they are reported here (as of the watchdog's last diagnostics, 1 Hz).
         "watchdog_safe_commands": int(run.watchdog_diagnostics.get("safe_commands", "0") or 0),

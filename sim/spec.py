@@ -71,3 +71,11 @@ def env_overrides(spec: EmbodimentSpec) -> dict:
         return {}
     cameras = tuple(c for c in (camera_from_key(o.name) for o in images) if c is not None)
     return {"image_size": int(images[0].shape[0]), "cameras": cameras or None}
+
+
+def model_spec(policy_path: str) -> EmbodimentSpec:
+    """The spec an exported ONNX policy carries in its metadata (through the runtime's public API)."""
+    from gato_ros.runtime import open_session, read_model_info
+
+    session, _ = open_session(policy_path, "cpu", threads=1)
+    return read_model_info(session, policy_path).spec

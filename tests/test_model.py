@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gato_ros import tokenizer as tok
 from gato_ros.model import EMPTY_POSITION, PRESETS, GatoConfig, GatoModel, apply_rope, rope_cos_sin, soft_labels
+from gato_ros.sequences import patches_from_pixels
 
 torch.set_num_threads(1)
 
@@ -131,6 +132,20 @@ def test_rolling_cache_with_image_patches() -> None:
     # The patches matter: other pixels give other logits.
     other = dict(stream, patches=stream["patches"] * -1.0)
     assert (full - full_forward(model, other)).abs().max().item() > 1e-3
+
+
+def test_raw_pixel_patches_embed_like_the_runtimes_scaled_patches() -> None:
+    """Training batches carry uint8 pixels; the runtime feeds the tokenizer's float patches. Both must give
+    the model the same logits, or the served policy would see other inputs than it was trained on."""
+    model = small_model()
+    stream = random_stream(2 * WINDOW, with_patches=True)
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, stream["patches"].shape, dtype=torch.uint8, generator=g)
+    pixels[stream["input_ids"] != tok.PATCH_TOKEN] = 0
+    floats = torch.from_numpy(patches_from_pixels(pixels.numpy()))
+    raw = full_forward(model, dict(stream, patches=pixels))
+    assert (raw - full_forward(model, dict(stream, patches=floats))).abs().max().item() <= 1e-6
+    assert (raw - full_forward(model, stream)).abs().max().item() > 1e-3  # other pixels, other logits
 
 
 def test_attention_is_relative_for_huge_positions() -> None:

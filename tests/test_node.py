@@ -83,7 +83,7 @@ def joint_state(names=JOINTS, position=None, velocity=None) -> JointState:
                       velocity=list(np.zeros(n) if velocity is None else velocity))
 
 
-def image(h: int = 48, w: int = 64, encoding: str = "rgb8") -> Image:
+def image(h: int = 48, w: int = 48, encoding: str = "rgb8") -> Image:
     channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding, 3)
     data = np.random.default_rng(h * w).integers(0, 256, h * w * channels, dtype=np.uint8).tobytes()
     return Image(height=h, width=w, encoding=encoding, step=w * channels, data=data)
@@ -130,6 +130,7 @@ class Robot:
         self.feed = {"joints": joint_state(), "image": image(), "task": Float64MultiArray(data=[0.1, 0.2, 0.3])}
         self.enabled = {"joints": True, "image": True, "task": True}
         self._stop = threading.Event()
+        self.pubs = {"joints": self.joint_pub, "image": self.image_pub, "task": self.task_pub}  # feed key -> publisher
         self.feeder = threading.Thread(target=self._feed, daemon=True)
         self.feeder.start()
         if start and node:
@@ -144,11 +145,10 @@ class Robot:
             self.diagnostics.append(msg)
 
     def _feed(self) -> None:
-        pubs = {"joints": self.joint_pub, "image": self.image_pub, "task": self.task_pub}
         next_t = time.monotonic()
         while not self._stop.is_set():
-            for key, pub in pubs.items():
-                if self.enabled[key]:
+            for key, pub in list(self.pubs.items()):
+                if self.enabled.get(key):
                     pub.publish(self.feed[key])
             next_t += PERIOD
             time.sleep(max(0.0, next_t - time.monotonic()))
@@ -328,7 +328,7 @@ def test_huge_image_and_burst_keep_the_loop_running(robot):
 
     def big_image_decoded() -> bool:
         buf = robot.node.loop.latest("image")
-        return buf is not None and buf.error is None and bool(np.all(buf.value["image"] == (255, 0, 0)))
+        return buf is not None and buf.error is None and bool(np.all(buf.value == (255, 0, 0)))
 
     assert robot.wait_for(big_image_decoded, 5.0), "the 4000×4000 image is decoded and resized"
     robot.enabled["image"] = True
@@ -633,7 +633,10 @@ def fuzz_loop(model_path):
 
 def _fuzz_case(loop: ControlLoop, now: float, msgs) -> None:
     for m in msgs:
-        (loop.on_joint_state if isinstance(m, JointState) else loop.on_image)(m, now)
+        if isinstance(m, JointState):
+            loop.on_joint_state(m, now)
+        else:
+            loop.on_image("image", m, now)
     loop.on_vector("task_state", Float64MultiArray(data=[0.0, 0.0, 0.0]), now)
     result = loop.tick(now + 0.01)
     command = np.asarray(result.command)

@@ -189,3 +189,28 @@ def test_a_sim_episode_recorded_over_ros_becomes_the_in_process_dataset(tmp_path
                          "--val-fraction", "0", "--threads", "1", "--seed", "7", "--no-progress"]) == 0
         curves.append([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()])
     assert len(curves[0]) == 3 and curves[0] == curves[1]
+
+
+def test_by_default_every_camera_is_recorded(tmp_path: Path) -> None:
+    """A seeing policy reads <camera>/image_raw per image key: the default recording holds every camera (image and
+    camera_info); an explicit --topics list holds exactly its topics."""
+    import rclpy
+
+    from gato_ros.record import DEFAULT_PREFIXES, Recorder
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    recorders = []
+    try:
+        for topics in (None, ["/joint_states"]):
+            recorders.append(Recorder(tmp_path / f"bag{len(recorders)}", topics, DEFAULT_PREFIXES, 1 << 20, 1.0,
+                                      context=context))
+        default, explicit = recorders
+        cameras = ["/scene/image_raw", "/scene/camera_info", "/ns/wrist/image_raw", "/camera/image_raw"]
+        assert all(default.wanted(t) for t in cameras) and not default.wanted("/scene/image_raw/compressed")
+        assert not any(explicit.wanted(t) for t in cameras) and explicit.wanted("/joint_states")
+    finally:
+        for recorder in recorders:
+            recorder.close()
+            recorder.node.destroy_node()
+        rclpy.shutdown(context=context)

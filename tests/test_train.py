@@ -107,7 +107,8 @@ def test_sequences_with_images_carry_patches(tmp_path: Path) -> None:
     stream = tok.tokenize_episode(data.spec, obs, actions)
     is_patch = item["input_ids"] == tok.PATCH_TOKEN
     assert int(is_patch.sum()) == 4
-    assert torch.equal(item["patches"][is_patch], torch.from_numpy(stream["patches"][:4]))
+    assert item["patches"].dtype == torch.uint8  # raw pixels through the loader; the model scales them
+    assert torch.equal(item["patches"][is_patch], torch.from_numpy(pixels_from_patches(stream["patches"][:4])))
     assert (item["patches"][~is_patch] == 0).all()
     rows = item["patch_positions"][is_patch][:, 0]
     assert (rows[[0, 2]] < 64).all() and (rows[[1, 3]] >= 64).all()  # two rows of 16 pixels over 128 intervals

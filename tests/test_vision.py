@@ -155,3 +155,101 @@ def test_eval_and_dagger_drive_a_seeing_policy(seeing_policy, tmp_path):
     job, episode, _ = collect._run_job(collect.Job(0, seed=9, noisy=False))
     assert episode.steps == 4 and {"camera_scene", "camera_wrist", "task_state"} <= episode.observations.keys()
     collect._worker.clear()
+
+
+def test_fused_serving_graph_with_images_matches_the_plain_graph(tmp_path):
+    """Image specs export the fused serving graph (patch network, fused attention, in-place ring) by
+    default; over real camera frames and a ring that evicts, it gives the plain TorchScript graph's
+    logits at every call of a step."""
+    import onnx
+
+    from gato_ros import contract
+    from gato_ros.export import export
+    from gato_ros.runtime import PolicyRuntime
+
+    class RecordingRuntime(PolicyRuntime):
+        calls: list[np.ndarray] = []
+
+        def forward(self, *args, **kwargs):  # every call's logits: the observation prefill and each decode
+            logits = super().forward(*args, **kwargs)
+            self.calls = [*self.calls, np.array(logits, copy=True)]
+            return logits
+
+    spec = stacking_spec(64, privileged=False, cameras=("scene",))
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
+                        patch_channels=8)
+    model = GatoModel(config).eval()
+    fused = export(model, spec, tmp_path / "fused.onnx")["fp32"]
+    plain = export(model, spec, tmp_path / "plain.onnx", attention="plain")["fp32"]
+    layout = {p.key: p.value for p in onnx.load(str(fused), load_external_data=False).metadata_props}
+    assert layout[contract.META_CACHE_LAYOUT] == contract.CACHE_LAYOUT_IN_PLACE
+    env = StackingEnv(image_size=64, cameras=("scene",))
+    obs, _ = env.reset(seed=4)
+    runtimes = [RecordingRuntime(str(p), provider="cpu", threads=1) for p in (fused, plain)]
+    for r in runtimes:
+        r.calls = []
+    for _ in range(5):  # 5 timesteps through a 2-timestep window
+        observation = {o.name: obs[o.name] for o in spec.observations}
+        tokens = [r.step_tokens(observation) for r in runtimes]
+        assert np.array_equal(*tokens)
+        obs, *_ = env.step(np.zeros(8))
+    got, expected = (np.stack(r.calls) for r in runtimes)
+    assert got.shape == expected.shape and got.shape[0] == 5 * spec.action_size
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_privileged_state_is_an_auxiliary_target_never_an_input(tmp_path):
+    """`collect --aux-keys task_state` keeps the cube/hand state beside a seeing policy's observations;
+    `train --aux-key` fits a head that predicts it (normalized) at each timestep's separator, adding its
+    MSE to the action loss; the exported file serves without it, from camera + joints alone."""
+    import onnx
+
+    from gato_ros.cli import main as cli_main
+    from gato_ros.export import export
+    from gato_ros.runtime import PolicyRuntime
+    from gato_ros.sequences import SequenceDataset
+    from gato_ros.train import load_checkpoint
+
+    parser = argparse.ArgumentParser()
+    collect.add_arguments(parser)
+    data_dir = tmp_path / "aux"
+    args = parser.parse_args(["--episodes", "2", "--workers", "1", "--out", str(data_dir), "--seed", "5",
+                              "--image-size", "64", "--cameras", "scene", "--no-task-state",
+                              "--aux-keys", "task_state"])
+    assert collect.run(args) == 0
+    spec = stacking_spec(64, privileged=False, cameras=("scene",))
+    data = read_dataset(data_dir, spec)
+    assert "task_state" not in {o.name for o in data.spec.observations}
+    meta = data.episodes[0]
+    again = run_episode(StackingEnv(**env_overrides(spec)), ScriptedExpert(), meta["seed"], noisy=meta["noisy"])
+    stored = data.aux_values(0, "task_state")
+    np.testing.assert_array_equal(stored, again.observations["task_state"].astype(np.float32))
+
+    step = tok.timestep_token_count(spec)
+    item = SequenceDataset(data, seq_len=3 * step, stride_steps=1, aux_key="task_state", train=False)[2]
+    separators = (item["input_ids"] == tok.SEPARATOR_TOKEN).numpy()
+    assert separators.sum() == 3 and np.array_equal(item["aux_mask"].numpy(), separators)
+    normalized = data.aux["task_state"].normalize(stored[2:5])
+    np.testing.assert_array_equal(item["aux_targets"].numpy()[separators], normalized)
+
+    out = tmp_path / "ckpt"
+    assert cli_main(["train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--context-window",
+                     str(2 * step), "--seq-len", str(3 * step), "--steps", "2", "--batch-size", "4", "--threads", "1",
+                     "--val-fraction", "0", "--aux-key", "task_state", "--aux-weight", "0.5", "--no-progress"]) == 0
+    model, config, _ = load_checkpoint(out)
+    assert (config.aux_size, config.aux_weight) == (17, 0.5)
+    batch = {k: v.unsqueeze(0) for k, v in item.items()}
+    with torch.no_grad():
+        action_only = model.action_loss(**{k: v for k, v in batch.items() if not k.startswith("aux_")})
+        with_aux = model.action_loss(**batch)
+        mse = ((model.aux_head(model.hidden(batch["input_ids"], batch["position_ids"], batch["local_positions"],
+                                            patches=batch["patches"], patch_positions=batch["patch_positions"])[0]
+                               [batch["aux_mask"]]) - batch["aux_targets"][batch["aux_mask"]]) ** 2).mean()
+    assert float(mse) > 0 and abs(float(with_aux - action_only - 0.5 * mse)) < 1e-5
+
+    path = export(model, spec, tmp_path / "aux.onnx")["fp32"]  # parity-checked against torch
+    assert not [t.name for t in onnx.load(str(path)).graph.initializer if "aux" in t.name]
+    runtime = PolicyRuntime(str(path), provider="cpu", threads=1)
+    obs, _ = StackingEnv(**env_overrides(spec)).reset(seed=5)
+    assert runtime.step({o.name: obs[o.name] for o in spec.observations}).shape == (8,)
