@@ -103,6 +103,7 @@ class WatchdogCore:
     arm_joints: tuple[str, ...] = ()  # learnt from the first valid command (the controller's order)
     relayed: int = 0
     node_safe_actions: int = 0  # commands that were the node's safe action (the watchdog held instead)
+    silence_faults: int = 0  # faults begun by the policy's silence (the others: the node's own safe action)
     dropped_stale: int = 0
     dropped_invalid: int = 0
     clock_jumps: int = 0
@@ -254,6 +255,7 @@ class WatchdogCore:
             if not self.in_fault:
                 if silence <= self.timeout_s:
                     return None, ""
+                self.silence_faults += 1
                 self.fault_cause = f"no fresh command for {silence:.3f} s" + (
                     f"; the latest was dropped: {self.last_drop}" if self.last_drop else
                     " (the policy is silent: dead, hung or blocked)")
@@ -466,6 +468,7 @@ class PolicyWatchdog(Node):
             "dropped_stale": str(core.dropped_stale),
             "dropped_invalid": str(core.dropped_invalid), "clock_jumps": str(core.clock_jumps),
             "control_period_s": f"{core.period_s:.4f}", "faults": str(core.faults),
+            "silence_faults": str(core.silence_faults),
             "safe_commands": str(core.safe_commands), "last_fault": core.fault_cause,
             "hold_acts_on": core.hold_feedback if core.in_fault else "",
             "relay_latency_p50_us": f"{np.percentile(latency_us, 50):.1f}" if latency_us.size else "",
