@@ -78,10 +78,13 @@ class HoldGainTable:
                 "mass_matrices": [[float(f"{v:.5g}") for v in m[upper]] for m in self.masses]}
         Path(path).write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
+    def serves(self, arm_names: Sequence[str]) -> bool:
+        return sorted(arm_names) == sorted(self.joint_names)
+
     def order(self, arm_names: Sequence[str]) -> np.ndarray:
         """Index into this table's joints of each of `arm_names` (the controller's order); ValueError when the
         table is for other joints."""
-        if sorted(arm_names) != sorted(self.joint_names):
+        if not self.serves(arm_names):
             raise ValueError(f"the hold gain table ({self.robot}) is for joints {list(self.joint_names)}, the arm's "
                              f"are {list(arm_names)}: give a table for this arm, or hold_gain_table:=none")
         return np.array([self.joint_names.index(n) for n in arm_names], dtype=np.int64)

@@ -113,8 +113,8 @@ PARAMETERS: dict[str, Param] = {
     "hold_damping": Param([float(v) for v in control.DEFAULT_HOLD_DAMPING], "hold and damp damping (N·m·s/rad), "
                           "same forms", LIVE),
     "hold_gain_table": Param("", "pose-dependent hold gains (gato_ros.hold_table, JSON): the mass matrix at the "
-                             "fault pose; empty = the sim Panda's shipped table, 'none' = the fixed "
-                             "hold_stiffness/hold_damping", LIVE),
+                             "fault pose; empty = the sim Panda's shipped table (fixed gains for an arm with other "
+                             "joints), 'none' = the fixed hold_stiffness/hold_damping", LIVE),
     "max_overruns": Param(5, "consecutive deadline overruns that switch to the safe action", LIVE, 1, 1000),
     "prompt_path": Param("", "gato_ros dataset dir: its episode is the prompt on reset (read by ~/load_prompt)",
                          LIVE),
@@ -210,8 +210,10 @@ class PolicyNode(LifecycleNode):
     def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout) -> LoopSettings:
         n_arm = len(layout.arm_names)
         table = hold_table.load_table(str(values["hold_gain_table"]))
+        if table is not None and not values["hold_gain_table"] and not table.serves(layout.arm_names):
+            table = None  # the shipped table is the sim Panda's: another arm holds with hold_stiffness/hold_damping
         if table is not None:
-            table.order(layout.arm_names)  # a table for other joints is refused here, with the reason
+            table.order(layout.arm_names)  # a named table for other joints is refused here, with the reason
         return LoopSettings(
             limits=control.tightened_limits(layout, values["torque_limits"] or None),
             safe=control.SafeActionSettings(
