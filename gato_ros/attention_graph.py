@@ -3,10 +3,13 @@
 The TorchScript exporter turns GatoModel's forward into ~310 nodes after ORT's optimizations, most of them
 shape arithmetic (Shape/Gather/Unsqueeze/Concat for every view) and per-layer rotary slicing; at the tiny
 preset's size each node costs about as much as its arithmetic, so per-call overhead dominated the step.
-This module writes the same function directly with onnx.helper (state-only specs, action-vocabulary head):
+This module writes the same function directly with onnx.helper (action-vocabulary head; image specs too):
 
 - embedding: one Gather from a table whose continuous rows hold the value embedding of each bin
   (ValueEmbedding is a function of the token id alone, so it is precomputed), plus the local positions;
+- patches (image specs): the patch network on the PATCH_TOKEN slots only, gathered by index (Conv, GroupNorm
+  as LayerNormalization rows, Gelu; fp32 inside an fp16 graph), scattered back by slot with the patch
+  row/column encodings, as GatoModel.embed does;
 - rotary: cos/sin of every q/k column computed once per call, in int64 phases (exact, as in the model) and
   fp32 angles; rope is q * cos + rotate_half(q) * sin, with rotate_half(q) and rotate_half(k) from extra
   columns of the qkv MatMul (the projection's columns permuted and negated) on narrow models, from five

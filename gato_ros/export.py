@@ -600,8 +600,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with (written as gato_ros.trained_capacities; the runtime refuses any other)")
     parser.add_argument("--no-check", action="store_true", help="skip the torch parity check")
     parser.add_argument("--attention", default="fused", choices=("fused", "plain"),
-                        help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, state-only "
-                             "specs); plain: the TorchScript export of the model's own attention")
+                        help="fused: the graph of gato_ros/attention_graph.py (ORT MultiHeadAttention, the patch "
+                             "network node by node); plain: the TorchScript export of the model's own attention")
     parser.add_argument("--full-vocab-head", action="store_true",
                         help="logits over all 33k tokens (default: only the ids the spec's actions can take)")
     parser.add_argument("--arm", default=None, help="the arm the spec is for (gato_ros.specs; default: the "
