@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import signal
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import InvalidParameterValueException, ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -40,7 +39,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from gato_ros import commands, control, hold_table, ros_io
+from gato_ros import commands, control, hold_table, ros_io, ros_process
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
@@ -577,20 +576,12 @@ def autostart(node: PolicyNode) -> None:
         node.trigger_activate()
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM (e.g. from ros2 launch) ends like Ctrl-C: safe action, clean exit
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console script `policy_node`: spin the node until Ctrl-C / SIGTERM, then send the safe action."""
     argv = list(sys.argv if argv is None else argv)
     # Own signal handling: on Ctrl-C the context must stay up long enough to publish the safe action.
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
-    if threading.current_thread() is threading.main_thread():
-        # SIGINT too: a process started from a background shell inherits SIGINT ignored, and ros2 launch
-        # stops its children with SIGINT.
-        signal.signal(signal.SIGINT, _interrupt)
-        signal.signal(signal.SIGTERM, _interrupt)
+    ros_process.stop_on_signals()  # Ctrl-C and SIGTERM (ros2 launch) end alike: safe action, clean exit
     node = PolicyNode()
     # One thread: rclpy's MultiThreadedExecutor busy-waits while a ready entity's callback group is
     # busy, holding the GIL: in 8 s at 20 Hz it delivered 31 commands instead of 160, with gaps up to
@@ -600,11 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     executor.add_node(node)
     try:
         autostart(node)
-        # spin_once with a timeout, not spin(): on sim time with the clock paused nothing else would
-        # wake the executor, and the Python signal handler only runs between calls.
-        while rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
+        ros_process.spin_until_stopped(executor)
+    except KeyboardInterrupt:  # during autostart
         pass
     finally:
         if rclpy.ok():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import threading
 import time
 from pathlib import Path
@@ -127,22 +126,18 @@ def record(out: Path, topics: list[str] | None = None, duration_s: float | None 
            chunk_size: int = 1024 * 1024, flush_interval_s: float = 1.0) -> Recorder:
     """Record until Ctrl-C / SIGTERM (or `duration_s`), then finish the bag. Returns the recorder."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
+    from gato_ros import ros_process
+
     rclpy.init(args=["gato-ros-record"], signal_handler_options=SignalHandlerOptions.NO)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ros_process.stop_on_signals()
     recorder = Recorder(out, topics, DEFAULT_PREFIXES, chunk_size, flush_interval_s)
     executor = SingleThreadedExecutor()
     executor.add_node(recorder.node)
-    end = time.monotonic() + duration_s if duration_s else float("inf")
     try:
-        while rclpy.ok() and time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        ros_process.spin_until_stopped(executor, time.monotonic() + duration_s if duration_s else float("inf"))
     finally:
         recorder.close()
         executor.shutdown()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_ros import ros_io
+from gato_ros import ros_io, ros_process
 from gato_ros.commands import (
     ARM_COMMAND_TOPICS,
     GRIPPER_COMMAND_TOPIC,
@@ -329,7 +328,7 @@ import rclpy  # noqa: E402  (below the ROS-free core on purpose, as in gato_ros.
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
 from rcl_interfaces.msg import ParameterDescriptor  # noqa: E402
 from rclpy.clock import Clock, ClockType  # noqa: E402
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
@@ -488,17 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     """Console script `policy_watchdog`: spin until Ctrl-C / SIGTERM."""
     argv = list(sys.argv if argv is None else argv)
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ros_process.stop_on_signals()
     node = PolicyWatchdog()
     executor = SingleThreadedExecutor()  # see gato_ros.node.main: the multi-threaded one busy-waits
     executor.add_node(node)
     try:
-        while rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        ros_process.spin_until_stopped(executor)
     finally:
         executor.shutdown()
         node.destroy_node()

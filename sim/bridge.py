@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import threading
 import time
@@ -65,7 +64,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -77,7 +76,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from gato_ros import ros_io
+from gato_ros import ros_io, ros_process
 from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, OUTPUT_MODES
 from sim import cameras as cams
 from sim.controllers import ArmController
@@ -472,11 +471,7 @@ class SimBridge(Node):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C even when started from a shell that ignores SIGINT (background jobs), and SIGTERM
-        # (ros2 launch, a supervisor) end the same clean way.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ros_process.stop_on_signals()
     bridge = SimBridge()
     # Single-threaded: physics runs in its own thread; rclpy's MultiThreadedExecutor busy-waits and
     # holds the GIL (see gato_ros.node.main).
@@ -484,12 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     executor.add_node(bridge)
     bridge.start()
     try:
-        # spin_once with a timeout, not spin(): the main thread returns to Python at least every 0.1 s, so
-        # Ctrl-C / SIGTERM land even while no callback is due (a paused sim may sit idle for long).
-        while rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        ros_process.spin_until_stopped(executor)
     finally:
         bridge.stop()
         executor.shutdown()
