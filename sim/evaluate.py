@@ -8,6 +8,12 @@ topics, exactly as a real arm would (`sim.ros_eval`).
 Writes JSON (success_rate, episodes, successes, 95 % Wilson interval, lengths, step latency) and a
 PNG summary; optionally an MP4 of the first episode.
 
+Conditioning (issue 13), `--condition`: `none` (a bare reset), `prompt` (a successful scripted-expert demonstration
+of the task on the arm, `sim.prompts`, passed to `runtime.reset(prompt=...)` at each episode start), `wrong-prompt`
+(the paired task's demonstration, success still judged on `--task`) or `instruction` (`runtime.reset(instruction=
+the task's text)`); default `prompt` for a file that declares conditioning metadata, else `none`. `--policy random`
+is the baseline of the normalized score (`normalized_score`: 0 = random policy, 100 = scripted expert).
+
 Robustness runs: `--camera-shift-cm`, `--camera-tilt-deg` and `--light` perturb every camera per episode
 (moved that far in a random direction, turned that much about a random axis, the light scaled by 1 ± that
 fraction), drawn from the episode's seed; the cube layouts stay those of the same seeds unperturbed. Both
@@ -21,16 +27,24 @@ import json
 import math
 import multiprocessing as mp
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from sim.prompts import CONDITIONS, PROMPT_SEED_OFFSET, DemonstrationSource, prompt_task
 from sim.replay import beside, write_video
 from sim.results import EpisodeResult
 
 _worker: dict = {}
+BASELINES = ("expert", "random")  # --policy names that are not files: they take no conditioning
+RANDOM_STREAM = 3  # the random policy's generator is seeded [RANDOM_STREAM, episode seed]: apart from the env's
+
+
+@dataclass
+class ConditionedResult(EpisodeResult):
+    prompt_seed: int | None = None  # the env seed of the demonstration that prompted the episode
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -43,8 +57,35 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def normalized_score(success_rate: float, random_rate: float, expert_rate: float) -> float | None:
+    """JAT-style normalized score of a success rate: 0 = the random policy's, 100 = the scripted expert's, all three
+    measured on the same seeds. None where the expert does no better than random (the scale is undefined)."""
+    span = expert_rate - random_rate
+    if span <= 0:
+        return None
+    return 100.0 * (success_rate - random_rate) / span
+
+
+class RandomPolicy:
+    """The normalized score's zero: each continuous action uniform within its limit, each discrete one a uniform
+    choice of its values; seeded per episode (`reset(seed)`), so a run is the same on every machine."""
+
+    spec = None  # acts on nothing: the env's observation passes through untouched
+
+    def __init__(self, action_spec) -> None:  # noqa: ANN001 - an EmbodimentSpec (its actions)
+        self.actions = action_spec.actions
+        self.rng = np.random.default_rng(RANDOM_STREAM)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng([RANDOM_STREAM, seed or 0])
+
+    def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.array([self.rng.choice(a.values) if a.kind == "discrete" else self.rng.uniform(-a.limit, a.limit)
+                         for a in self.actions], dtype=np.float64)
+
+
 def make_policy(policy: str, provider: str, task: str | None = None, arm: str | None = None):  # noqa: ANN201
-    """'expert' or a path to an ONNX file. Both expose reset() and step(obs) -> command. A file is refused
+    """'expert', 'random' or a path to an ONNX file. All expose reset() and step(obs) -> command. A file is refused
     (ValueError naming what it serves) when it does not serve `arm` or `task`."""
     from sim.env import DEFAULT_ARM
     from sim.tasks import DEFAULT_TASK
@@ -65,6 +106,10 @@ def make_policy(policy: str, provider: str, task: str | None = None, arm: str | 
                 return expert.act(obs)
 
         return ExpertPolicy()
+    if policy == "random":
+        from sim.arms import embodiment_spec
+
+        return RandomPolicy(embodiment_spec(arm))
     from gato_ros.runtime import PolicyRuntime
 
     check_policy_serves(policy, task, arm)
@@ -89,14 +134,80 @@ def check_policy_serves(policy: str, task: str, arm: str) -> None:
                          f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
 
 
+def read_conditioning(policy: str) -> dict | None:
+    """The file's conditioning metadata (`gato_ros.conditioning`, parsed); None for a file without it."""
+    import onnxruntime as ort
+
+    from gato_ros import contract
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(policy, options, providers=["CPUExecutionProvider"])
+    raw = session.get_modelmeta().custom_metadata_map.get(conditioning_key(contract))
+    return None if raw is None else json.loads(raw)
+
+
+def conditioning_key(contract) -> str:  # noqa: ANN001 - the gato_ros.contract module
+    return getattr(contract, "META_CONDITIONING", "gato_ros.conditioning")
+
+
+def resolve_condition(policy: str, requested: str | None, task: str) -> str:
+    """The condition a run uses (`requested`, or its default for `policy`); a ValueError saying why for one the
+    policy cannot take, raised before any episode runs."""
+    if policy in BASELINES:
+        if requested not in (None, "none"):
+            raise ValueError(f"--policy {policy} takes no conditioning; --condition {requested} is for a model file")
+        return "none"
+    conditioning = read_conditioning(policy)
+    condition = requested or ("prompt" if conditioning else "none")
+    if condition == "instruction" and not (conditioning or {}).get("instructions"):
+        from gato_ros import contract
+
+        where = "has no" if conditioning is None else "has no \"instructions\" in its"
+        raise ValueError(f"{policy} has no instruction model (it {where} {conditioning_key(contract)} metadata): it "
+                         "cannot be told the task in text; use --condition prompt, wrong-prompt or none")
+    prompt_task(condition, task)  # an unknown condition, or a task without a pair for the wrong prompt
+    return condition
+
+
+class EpisodeConditioning:
+    """What starts each episode of a run: `reset_arguments(seed)` are the policy's reset() arguments for the
+    episode of `seed` under `condition` (demonstrations of `sim.prompts`, rolled in an env rendering `spec`'s
+    cameras and kept in `cache_dir` when given)."""
+
+    def __init__(self, condition: str, task: str, arm: str, spec=None, cache_dir: Path | None = None) -> None:  # noqa: ANN001
+        from sim.spec import env_overrides
+
+        self.condition, self.task, self.spec = condition, task, spec
+        self.demo_task = prompt_task(condition, task)
+        self.demonstrations = (DemonstrationSource(arm, env_overrides(spec) if spec else {}, cache_dir)
+                               if self.demo_task else None)
+
+    def demonstration(self, seed: int):  # noqa: ANN201 - a sim.prompts.Demonstration, or None
+        return None if self.demonstrations is None else self.demonstrations.for_episode(self.demo_task, seed)
+
+    def reset_arguments(self, seed: int) -> dict:
+        if self.condition == "instruction":
+            from sim.tasks import TASKS
+
+            return {"instruction": TASKS[self.task].instruction}
+        demo = self.demonstration(seed)
+        return {} if demo is None else {"prompt": demo.prompt(self.spec)}
+
+
 def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | None = None,
-                 arm: str | None = None, perturbation: dict[str, float] | None = None) -> None:
+                 arm: str | None = None, perturbation: dict[str, float] | None = None, condition: str = "none",
+                 prompt_cache: Path | None = None) -> None:
     from sim.arms import make_env
+    from sim.env import DEFAULT_ARM
+    from sim.tasks import DEFAULT_TASK
 
     _worker["policy"] = make_policy(policy, provider, task, arm)
     from sim.spec import env_overrides
 
     spec = getattr(_worker["policy"], "spec", None)
+    _worker["conditioning"] = EpisodeConditioning(condition, task or DEFAULT_TASK, arm or DEFAULT_ARM, spec,
+                                                  prompt_cache)
     overrides = {**(env_overrides(spec) if spec else {}), **(perturbation or {})}
     if max_steps:
         overrides["max_steps"] = max_steps
@@ -104,13 +215,18 @@ def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | 
     _worker["env"] = make_env(**overrides)
 
 
-def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> EpisodeResult:
+def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> ConditionedResult:
     from sim.spec import policy_observation
 
-    env, policy = _worker["env"], _worker["policy"]
+    env, policy, conditioning = _worker["env"], _worker["policy"], _worker["conditioning"]
     obs, info = env.reset(seed=seed)
-    policy.reset()
-    result = EpisodeResult(seed=seed, success=False, steps=0, nan=False)
+    if isinstance(policy, RandomPolicy):
+        policy.reset(seed)
+    else:
+        policy.reset(**conditioning.reset_arguments(seed))
+    demo = conditioning.demonstration(seed)
+    result = ConditionedResult(seed=seed, success=False, steps=0, nan=False,
+                               prompt_seed=None if demo is None else demo.seed)
     done = False
     image_keys = [o.name for o in policy.spec.observations if o.kind == "image"] if policy.spec else []
     while not done:
@@ -183,7 +299,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from sim.env import ARM_NAMES, DEFAULT_ARM
     from sim.tasks import DEFAULT_TASK, task_names
 
-    parser.add_argument("--policy", default="expert", help="'expert' or PATH.onnx")
+    parser.add_argument("--policy", default="expert", help="'expert', 'random' (the normalized score's 0) or PATH.onnx")
+    parser.add_argument("--condition", default=None, choices=CONDITIONS,
+                        help="how each episode starts: none, prompt (a successful expert demonstration of --task), "
+                        "wrong-prompt (the paired task's), instruction (the task's text); default: prompt for a file "
+                        "with conditioning metadata, else none")
+    parser.add_argument("--prompt-cache", type=Path, default=None,
+                        help="folder keeping the demonstrations rolled for prompts, to reuse across runs")
     parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="the task whose success counts")
     parser.add_argument("--arm", default=DEFAULT_ARM, choices=ARM_NAMES, help="the simulated arm")
     parser.add_argument("--episodes", type=int, default=20)
@@ -215,11 +337,15 @@ def run(args: argparse.Namespace) -> int:
     if args.over_ros and (args.task, args.arm) != (DEFAULT_TASK, DEFAULT_ARM):
         raise SystemExit(f"gato-ros eval --over-ros: the sim bridge simulates {DEFAULT_ARM} / {DEFAULT_TASK} only "
                          "for now; evaluate other tasks and arms in-process")
-    if args.policy != "expert":
-        try:
+    try:
+        if args.policy not in BASELINES:
             check_policy_serves(args.policy, args.task, args.arm)
-        except ValueError as e:
-            raise SystemExit(f"gato-ros eval: {e}") from e
+        requested = args.condition or ("none" if args.over_ros else None)  # over ROS: no conditioning by default
+        condition = resolve_condition(args.policy, requested, args.task)
+    except ValueError as e:
+        raise SystemExit(f"gato-ros eval: {e}") from e
+    if args.over_ros and condition != "none":
+        raise SystemExit(f"gato-ros eval --over-ros: --condition {condition} is evaluated in-process only")
     start = time.perf_counter()
     if args.over_ros:
         from sim.ros_eval import evaluate_over_ros
@@ -229,11 +355,12 @@ def run(args: argparse.Namespace) -> int:
                                     real_time_factor=args.real_time_factor)
         results, mode = ros_run.results, "over-ros"
     else:
-        results = evaluate_in_process(args, seeds)
+        results = evaluate_in_process(args, seeds, condition)
         mode = "in-process"
     summary = summarize(results, args.policy, mode, args.seed, time.perf_counter() - start)
     summary["perturbation"] = perturbation_options(args)
     summary["task"], summary["arm"] = args.task, args.arm
+    summary.update(condition_record(condition, args.task))
     if args.over_ros:
         from sim.ros_eval import ros_summary
 
@@ -244,7 +371,8 @@ def run(args: argparse.Namespace) -> int:
     plot_summary(summary, latency, args.plot or args.json.with_suffix(".png"))
     lo, hi = summary["success_ci95"]
     lat = summary.get("step_latency_ms", {})
-    print(f"eval {args.policy} {args.arm} {args.task} ({mode}): {summary['successes']}/{summary['episodes']} = "
+    print(f"eval {args.policy} {args.arm} {args.task} condition {condition} ({mode}): "
+          f"{summary['successes']}/{summary['episodes']} = "
           f"{summary['success_rate']:.1%} success (95 % CI {lo:.1%}-{hi:.1%}); "
           f"step latency p50 {lat.get('p50', float('nan')):.2f} ms p99 {lat.get('p99', float('nan')):.2f} ms; "
           f"wrote {args.json}")
@@ -255,10 +383,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[EpisodeResult]:
+def condition_record(condition: str, task: str) -> dict:
+    """What the eval JSON records of the condition (the same for every worker)."""
+    record: dict = {"condition": condition}
+    demo_task = prompt_task(condition, task)
+    if demo_task:
+        record.update(prompt_task=demo_task, prompt_seed_offset=PROMPT_SEED_OFFSET)
+    if condition == "instruction":
+        from sim.tasks import TASKS
+
+        record["instruction"] = TASKS[task].instruction
+    return record
+
+
+def evaluate_in_process(args: argparse.Namespace, seeds: list[int], condition: str = "none") -> list[EpisodeResult]:
     results: list[EpisodeResult] = []
+    init = (args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args), condition,
+            args.prompt_cache)
     if args.video is not None:  # the filmed episode runs here, in this process
-        _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
+        _init_worker(*init)
         frames: list[np.ndarray] = []
         results.append(run_episode(seeds[0], frames))
         args.video.parent.mkdir(parents=True, exist_ok=True)
@@ -266,12 +409,11 @@ def evaluate_in_process(args: argparse.Namespace, seeds: list[int]) -> list[Epis
         seeds = seeds[1:]
     if args.workers <= 1:
         if args.video is None:  # else the filmed episode's worker is this run's already
-            _init_worker(args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
+            _init_worker(*init)
         for s in tqdm(seeds, desc="eval"):
             results.append(run_episode(s))
         return results
     ctx = mp.get_context("spawn")
-    init = (args.policy, args.provider, args.max_steps, args.task, args.arm, perturbation_options(args))
     with ctx.Pool(args.workers, _init_worker, init) as pool:
         results += list(tqdm(pool.imap(run_episode, seeds), total=len(seeds), desc="eval"))
     return results
