@@ -105,6 +105,9 @@ def make_policy(policy: str, provider: str, task: str | None = None, arm: str | 
             def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
                 return expert.act(obs)
 
+            def close(self) -> None:
+                expert.close()
+
         return ExpertPolicy()
     if policy == "random":
         from sim.arms import embodiment_spec
@@ -213,6 +216,19 @@ def _init_worker(policy: str, provider: str, max_steps: int | None, task: str | 
         overrides["max_steps"] = max_steps
     overrides.update({k: v for k, v in (("task", task), ("arm", arm)) if v is not None})
     _worker["env"] = make_env(**overrides)
+
+
+def release_worker() -> None:
+    """Close this process's worker env and demonstration envs (their PyBullet clients) and forget them: a caller
+    that runs many in-process evals one after another (scripts/conditioning_table.py) leaks none."""
+    if "env" in _worker:
+        _worker["env"].close()
+    if hasattr(_worker.get("policy"), "close"):
+        _worker["policy"].close()
+    conditioning = _worker.get("conditioning")
+    if conditioning is not None and conditioning.demonstrations is not None:
+        conditioning.demonstrations.close()
+    _worker.clear()
 
 
 def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> ConditionedResult:

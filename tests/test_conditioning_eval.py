@@ -1,0 +1,150 @@
+"""Evidence that conditioning is real (issue 13): `gato-ros eval --condition` prompts each episode with a successful
+expert demonstration of the task (or of the paired task for `wrong-prompt`), refuses a condition the file cannot
+take before any episode runs, `--policy random` and the normalized score set the scale, and
+scripts/conditioning_table.py fills every cell of its table and resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from gato_ros.cli import main
+from sim.arms import embodiment_spec, make_env
+from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, resolve_condition
+from sim.prompts import PROMPT_SEED_OFFSET
+from sim.tasks import LIFT_HEIGHT
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "stack_int8.onnx"
+CUBE_HALF = 0.02
+RED_Z, BLUE_Z = 5, 8  # task_state: hand xyz, red xyz, blue xyz, ...
+
+
+@pytest.fixture(scope="module")
+def conditioned_model(tmp_path_factory) -> Path:
+    """A random-init Panda file serving lift_red and lift_blue, with conditioning metadata (demonstration prompts
+    of 2 steps, pinned; no instruction model)."""
+    out = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    assert main(["export", "--preset", "tiny", "--random-init", "--spec", "builtin", "--arm", "panda", "--tasks",
+                 "lift_red,lift_blue", "--attention", "plain", "--out", str(out)]) == 0
+    model = onnx.load(str(out))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "gato_ros.conditioning", json.dumps({"prompt_steps": 2, "pinned": True})
+    onnx.save(model, str(out))
+    return out
+
+
+def lifted(task_state: np.ndarray, z_index: int) -> bool:
+    return bool(task_state[z_index] - CUBE_HALF >= LIFT_HEIGHT)
+
+
+def test_prompt_is_a_successful_expert_episode_of_the_task_on_the_arm() -> None:
+    spec = embodiment_spec("xarm6")
+    conditioning = EpisodeConditioning("prompt", "lift_red", "xarm6", spec)
+    prompt = conditioning.reset_arguments(100_000)["prompt"]
+    demo = conditioning.demonstration(100_000)
+    assert (demo.arm, demo.task, demo.seed) == ("xarm6", "lift_red", 100_000 + PROMPT_SEED_OFFSET)
+    # the arm's own observations and actions: the xArm6's 7 joints and 7 commands, not the Panda's 8
+    assert set(prompt["observations"]) == {o.name for o in spec.observations}
+    steps = len(prompt["actions"])
+    assert prompt["actions"].shape == (steps, spec.action_size) == (steps, 7)
+    assert prompt["observations"]["joint_positions"].shape == (steps, 7)
+    # it starts in the scene of its own seed, on that arm ...
+    first, _ = make_env("xarm6", task="lift_red").reset(seed=demo.seed)
+    for key, frames in prompt["observations"].items():
+        np.testing.assert_array_equal(frames[0], first[key])
+    # ... and ends with the red cube held up and the blue one on the table: a successful lift_red
+    last = prompt["observations"]["task_state"][-1]
+    assert lifted(last, RED_Z) and not lifted(last, BLUE_Z)
+
+
+def test_wrong_prompt_is_the_paired_tasks_successful_demonstration() -> None:
+    conditioning = EpisodeConditioning("wrong-prompt", "lift_red", "xarm6", embodiment_spec("xarm6"))
+    prompt = conditioning.reset_arguments(100_001)["prompt"]
+    assert conditioning.demonstration(100_001).task == "lift_blue"
+    last = prompt["observations"]["task_state"][-1]
+    assert lifted(last, BLUE_Z) and not lifted(last, RED_Z)
+    assert "prompt" not in EpisodeConditioning("none", "lift_red", "xarm6").reset_arguments(100_001)
+
+
+def test_normalized_score_is_zero_at_random_and_hundred_at_the_expert() -> None:
+    assert normalized_score(0.1, random_rate=0.1, expert_rate=0.9) == 0.0
+    assert normalized_score(0.9, random_rate=0.1, expert_rate=0.9) == 100.0
+    assert normalized_score(0.5, random_rate=0.1, expert_rate=0.9) == pytest.approx(50.0)
+    assert normalized_score(0.0, random_rate=0.2, expert_rate=1.0) == pytest.approx(-25.0)  # worse than random
+    assert normalized_score(0.5, random_rate=0.3, expert_rate=0.3) is None  # no scale: the expert is no better
+
+
+@pytest.mark.parametrize("arm", ["panda", "xarm6"])
+def test_random_policy_spans_the_limits_and_repeats_per_seed(arm: str) -> None:
+    spec = embodiment_spec(arm)
+    policy = RandomPolicy(spec)
+
+    def episode(seed: int) -> np.ndarray:
+        policy.reset(seed)
+        return np.stack([policy.step({}) for _ in range(400)])
+
+    actions = episode(100_000)
+    for i, a in enumerate(spec.actions):
+        column = actions[:, i]
+        if a.kind == "discrete":
+            assert set(column) == set(a.values), a.name
+        else:
+            assert np.abs(column).max() <= a.limit and column.min() < -0.8 * a.limit and column.max() > 0.8 * a.limit
+    np.testing.assert_array_equal(episode(100_000), actions)
+    assert not np.array_equal(episode(100_001), actions)
+
+
+def test_default_condition_is_prompt_only_for_a_file_that_declares_conditioning(conditioned_model: Path) -> None:
+    assert resolve_condition(str(SHIPPED), None, "stack_red_on_blue") == "none"
+    assert resolve_condition(str(conditioned_model), None, "lift_red") == "prompt"
+    assert resolve_condition("random", None, "lift_red") == "none"
+
+
+@pytest.mark.parametrize("which", ["shipped", "conditioned"])
+def test_instruction_without_an_instruction_model_is_refused_before_any_episode(which: str, conditioned_model: Path,
+                                                                                tmp_path: Path) -> None:
+    policy, task = (SHIPPED, "stack_red_on_blue") if which == "shipped" else (conditioned_model, "lift_red")
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit, match="has no instruction model"):
+        main(["eval", "--policy", str(policy), "--task", task, "--condition", "instruction", "--episodes", "1",
+              "--max-steps", "2", "--provider", "cpu", "--json", str(out)])
+    assert not out.exists()
+
+
+def test_eval_records_the_condition_and_each_episodes_prompt(conditioned_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--policy", str(conditioned_model), "--task", "lift_red", "--condition", "wrong-prompt",
+                 "--episodes", "2", "--max-steps", "2", "--provider", "cpu", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert (summary["condition"], summary["prompt_task"]) == ("wrong-prompt", "lift_blue")
+    assert [e["prompt_seed"] for e in summary["per_episode"]] == [100_000 + PROMPT_SEED_OFFSET,
+                                                                 100_001 + PROMPT_SEED_OFFSET]
+
+
+def test_conditioning_table_fills_every_cell_and_resumes(conditioned_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "table"
+    command = [sys.executable, str(ROOT / "scripts" / "conditioning_table.py"), "--policy", str(conditioned_model),
+               "--episodes", "2", "--max-steps", "3", "--out", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = json.loads((out / "conditioning.json").read_text())
+    cells = {"prompt", "wrong-prompt", "none", "expert", "random"}  # instruction: the file has no instruction model
+    assert set(table["cells"]) == {"panda"} and set(table["cells"]["panda"]) == {"lift_red", "lift_blue"}
+    for task, done in table["cells"]["panda"].items():
+        assert set(done) == cells, task
+        assert all(entry["episodes"] == 2 for entry in done.values())
+        assert set(table["normalized_score"]["panda"][task]) == {"prompt", "wrong-prompt", "none"}
+    wrong = json.loads((out / "cells" / "panda" / "lift_blue" / "wrong-prompt.json").read_text())
+    assert (wrong["condition"], wrong["prompt_task"], wrong["task"]) == ("wrong-prompt", "lift_red", "lift_blue")
+    markdown = (out / "conditioning.md").read_text()
+    assert "| lift_red |" in markdown and "| lift_blue |" in markdown and "no instruction model" in markdown
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and "conditioning_table: panda" not in again.stdout  # every cell was done
+    assert json.loads((out / "conditioning.json").read_text()) == table
