@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.evaluate import normalized_score, read_conditioning, release_worker, wilson_interval
+from sim.evaluate import normalized_score, release_worker, resolve_condition, wilson_interval
 
 CONDITION_CELLS = ("prompt", "wrong-prompt", "none", "instruction")
 BASELINE_CELLS = ("expert", "random")
@@ -96,7 +96,7 @@ def scores(cells: dict[str, dict]) -> dict[str, float | None]:
 
 def format_cell(entry: dict | None) -> str:
     if entry is None:
-        return "–"
+        return "not run"
     lo, hi = entry["success_ci95"]
     return f"{entry['successes']}/{entry['episodes']} ({100 * lo:.0f}–{100 * hi:.0f} %)"
 
@@ -110,8 +110,8 @@ def markdown(table: dict) -> str:
              f"seeds {table['seed']}–{table['seed'] + table['episodes'] - 1}"
              + (f", at most {table['max_steps']} steps" if table["max_steps"] else "") + ". Success k/n (95 % Wilson "
              "interval); normalized score 0 = random policy, 100 = scripted expert, on the same seeds."]
-    if table["instruction_note"]:
-        lines.append(f"Instruction: {table['instruction_note']}.")
+    reasons = sorted({why for tasks in table["not_run"].values() for cells in tasks.values() for why in cells.values()})
+    lines += [f"Not run: {why}." for why in reasons]
     for arm, tasks in table["cells"].items():
         lines += ["", f"### {arm}", "", "| task | " + " | ".join(HEADINGS[c] for c in CELLS) + " |",
                   "|---|" + "---|" * len(CELLS)]
@@ -138,18 +138,26 @@ def served(policy: Path) -> tuple[list[str], list[str]]:
     return d["arms"], d["tasks"]
 
 
-def plan(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], str]:
-    """(arms, tasks, cells, why instruction is left out or ''): refusing arms or tasks the file does not serve."""
+def plan(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(arms, tasks) to run: those asked for, refusing any the file does not serve; every one it serves by default."""
     arms, tasks = served(args.policy)
     want_arms = [a for a in args.arms.split(",") if a] or arms
     want_tasks = [t for t in args.tasks.split(",") if t] or tasks
     unknown = [a for a in want_arms if a not in arms] + [t for t in want_tasks if t not in tasks]
     if unknown:
         raise SystemExit(f"conditioning_table: {args.policy} serves arms {arms} and tasks {tasks}, not {unknown}")
-    conditioning = read_conditioning(str(args.policy))
-    note = "" if (conditioning or {}).get("instructions") else "not run, the file has no instruction model"
-    cells = [c for c in CELLS if not (c == "instruction" and note)]
-    return want_arms, want_tasks, cells, note
+    return want_arms, want_tasks
+
+
+def unavailable(policy: Path, task: str) -> dict[str, str]:
+    """The conditions the file cannot take for `task` (an instruction without an instruction model), with why."""
+    why = {}
+    for condition in CONDITION_CELLS:
+        try:
+            resolve_condition(str(policy), condition, task)
+        except ValueError as e:
+            why[condition] = str(e)
+    return why
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,15 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/conditioning"))
     args = parser.parse_args(argv)
-    arms, tasks, cells, note = plan(args)
+    arms, tasks = plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
     digest = file_digest(args.policy)
     table: dict = {"policy": str(args.policy), "policy_sha256": digest, "episodes": args.episodes, "seed": args.seed,
-                   "max_steps": args.max_steps, "instruction_note": note, "cells": {}, "normalized_score": {}}
+                   "max_steps": args.max_steps, "cells": {}, "not_run": {}, "normalized_score": {}}
     for arm in arms:
         for task in tasks:
             done: dict[str, dict] = table["cells"].setdefault(arm, {}).setdefault(task, {})
-            for cell in cells:
+            not_run = unavailable(args.policy, task)
+            if not_run:
+                table["not_run"].setdefault(arm, {})[task] = not_run
+            for cell in (c for c in CELLS if c not in not_run):
                 path = args.out / "cells" / arm / task / f"{cell}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 settings = cell_settings(args, digest, cell)

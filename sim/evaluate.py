@@ -137,8 +137,9 @@ def check_policy_serves(policy: str, task: str, arm: str) -> None:
                          f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
 
 
-def read_conditioning(policy: str) -> dict | None:
-    """The file's conditioning metadata (`gato_ros.conditioning`, parsed); None for a file without it."""
+def read_conditioning(policy: str):  # noqa: ANN201 - gato_ros.contract.Conditioning | None
+    """How the file selects its task (`gato_ros.conditioning`: prompt steps, instruction model); None for a file
+    trained without prompts or instructions."""
     import onnxruntime as ort
 
     from gato_ros import contract
@@ -146,29 +147,27 @@ def read_conditioning(policy: str) -> dict | None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(policy, options, providers=["CPUExecutionProvider"])
-    raw = session.get_modelmeta().custom_metadata_map.get(conditioning_key(contract))
-    return None if raw is None else json.loads(raw)
-
-
-def conditioning_key(contract) -> str:  # noqa: ANN001 - the gato_ros.contract module
-    return getattr(contract, "META_CONDITIONING", "gato_ros.conditioning")
+    return contract.read_served(session.get_modelmeta().custom_metadata_map).conditioning
 
 
 def resolve_condition(policy: str, requested: str | None, task: str) -> str:
     """The condition a run uses (`requested`, or its default for `policy`); a ValueError saying why for one the
-    policy cannot take, raised before any episode runs."""
+    policy cannot take (an instruction the file cannot read included), raised before any episode runs."""
     if policy in BASELINES:
         if requested not in (None, "none"):
             raise ValueError(f"--policy {policy} takes no conditioning; --condition {requested} is for a model file")
         return "none"
     conditioning = read_conditioning(policy)
-    condition = requested or ("prompt" if conditioning else "none")
-    if condition == "instruction" and not (conditioning or {}).get("instructions"):
-        from gato_ros import contract
+    condition = requested or ("prompt" if conditioning is not None else "none")
+    if condition == "instruction":
+        from gato_ros.instructions import InstructionError, instruction_tokenizer
+        from sim.tasks import TASKS
 
-        where = "has no" if conditioning is None else "has no \"instructions\" in its"
-        raise ValueError(f"{policy} has no instruction model (it {where} {conditioning_key(contract)} metadata): it "
-                         "cannot be told the task in text; use --condition prompt, wrong-prompt or none")
+        try:
+            instruction_tokenizer(conditioning).encode(TASKS[task].instruction)
+        except InstructionError as e:
+            raise ValueError(f"{policy} cannot be told {task!r} in text: {e}; use --condition prompt, wrong-prompt "
+                             "or none") from e
     prompt_task(condition, task)  # an unknown condition, or a task without a pair for the wrong prompt
     return condition
 
@@ -346,6 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gato_ros.runtime import ModelLoadError
     from sim.env import DEFAULT_ARM
     from sim.tasks import DEFAULT_TASK
 
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
             check_policy_serves(args.policy, args.task, args.arm)
         requested = args.condition or ("none" if args.over_ros else None)  # over ROS: no conditioning by default
         condition = resolve_condition(args.policy, requested, args.task)
-    except ValueError as e:
+    except (ValueError, ModelLoadError) as e:
         raise SystemExit(f"gato-ros eval: {e}") from e
     if args.over_ros and condition != "none":
         raise SystemExit(f"gato-ros eval --over-ros: --condition {condition} is evaluated in-process only")

@@ -8,9 +8,9 @@ prompts with the paired task's demonstration (`PAIRED_TASK`: the same scene, the
 while success is still judged on the evaluated task: a policy that reads its prompt does worse there.
 
 The expert acts on the env's full observation (`task_state` included); the prompt keeps the keys of the policy's
-spec, as rolled in an env that renders that spec's cameras. Demonstrations are deterministic per (arm, task, seed)
-and are kept in memory, and on disk under a cache folder when one is given, so the several conditions and
-workers of a run roll each one once.
+spec, as rolled in an env that renders that spec's cameras. Demonstrations are deterministic per (arm, task, seed);
+they are kept on disk under a cache folder when one is given, so the conditions of a table (the prompt of one
+task is the wrong prompt of its pair) roll each one once.
 """
 
 from __future__ import annotations
@@ -75,15 +75,15 @@ class DemonstrationSource:
         self.arm = arm
         self.env_options = {k: v for k, v in (env_options or {}).items() if k not in ("task", "arm", "max_steps")}
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self._memory: dict[tuple[str, int], Demonstration] = {}
+        self._latest: tuple[tuple[str, int], Demonstration] | None = None  # an episode asks more than once
         self._envs: dict[str, Any] = {}
 
     def for_episode(self, task: str, eval_seed: int) -> Demonstration:
         """The demonstration of `task` that prompts the episode of seed `eval_seed`."""
         key = (task, eval_seed)
-        if key not in self._memory:
-            self._memory[key] = self._load(task, eval_seed) or self._roll(task, eval_seed)
-        return self._memory[key]
+        if self._latest is None or self._latest[0] != key:  # only the latest in memory: a seeing run's frames add up
+            self._latest = key, self._load(task, eval_seed) or self._roll(task, eval_seed)
+        return self._latest[1]
 
     def _cache_path(self, task: str, eval_seed: int) -> Path | None:
         if self.cache_dir is None:

@@ -14,11 +14,14 @@ import numpy as np
 import onnx
 import pytest
 
+from gato_ros import contract
+from gato_ros import tokenizer as tok
 from gato_ros.cli import main
+from gato_ros.data import EpisodeWriter
 from sim.arms import embodiment_spec, make_env
 from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, resolve_condition
 from sim.prompts import PROMPT_SEED_OFFSET
-from sim.tasks import LIFT_HEIGHT
+from sim.tasks import LIFT_HEIGHT, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "stack_int8.onnx"
@@ -26,16 +29,42 @@ CUBE_HALF = 0.02
 RED_Z, BLUE_Z = 5, 8  # task_state: hand xyz, red xyz, blue xyz, ...
 
 
+TASK_NAMES = ("lift_red", "lift_blue")
+PANDA = embodiment_spec("panda")
+WINDOW = 4 * tok.timestep_token_count(PANDA)  # the runtime's cache: a 2-step prompt and two steps of the episode
+
+
 @pytest.fixture(scope="module")
 def conditioned_model(tmp_path_factory) -> Path:
-    """A random-init Panda file serving lift_red and lift_blue, with conditioning metadata (demonstration prompts
-    of 2 steps, pinned; no instruction model)."""
-    out = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    assert main(["export", "--preset", "tiny", "--random-init", "--spec", "builtin", "--arm", "panda", "--tasks",
-                 "lift_red,lift_blue", "--attention", "plain", "--out", str(out)]) == 0
-    model = onnx.load(str(out))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "gato_ros.conditioning", json.dumps({"prompt_steps": 2, "pinned": True})
+    """A Panda file of lift_red and lift_blue trained (2 steps, on random episodes) and exported the way a generalist
+    is: prompted and instructed windows, pinned, so the file carries gato_ros.conditioning and an instruction model."""
+    root = tmp_path_factory.mktemp("conditioned")
+    rng = np.random.default_rng(5)
+    with EpisodeWriter(root / "data", PANDA) as writer:
+        for e in range(6):
+            task, steps = TASK_NAMES[e % 2], 8
+            obs = {o.name: rng.normal(size=(steps, *o.shape)).astype(np.float32) for o in PANDA.observations}
+            actions = np.stack([rng.choice(a.values, steps) if a.kind == "discrete"
+                                else rng.uniform(-a.limit, a.limit, steps) for a in PANDA.actions], 1)
+            writer.add_episode(obs, actions, {"seed": e, "arm": "panda", "task": task,
+                                              "instruction": TASKS[task].instruction})
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--preset", "tiny",
+                 "--context-window", "1024", "--seq-len", str(WINDOW), "--steps", "2", "--batch-size", "4",
+                 "--eval-every", "2", "--val-fraction", "0.2", "--prompt-prob", "0.25", "--prompt-steps", "2",
+                 "--instruction-prob", "0.25", "--no-progress"]) == 0
+    out = root / "conditioned.onnx"
+    assert main(["export", "--checkpoint", str(root / "run"), "--out", str(out), "--attention", "plain",
+                 "--context-tokens", str(WINDOW), "--trained-capacities", str(WINDOW)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_only_model(conditioned_model: Path) -> Path:
+    """The same file declaring prompts but no instruction model (as one trained with --prompt-prob alone)."""
+    model = onnx.load(str(conditioned_model))
+    entry = next(e for e in model.metadata_props if e.key == contract.META_CONDITIONING)
+    entry.value = contract.Conditioning(prompt_steps=2).to_json()
+    out = conditioned_model.with_name("prompt_only.onnx")
     onnx.save(model, str(out))
     return out
 
@@ -70,7 +99,9 @@ def test_wrong_prompt_is_the_paired_tasks_successful_demonstration() -> None:
     assert conditioning.demonstration(100_001).task == "lift_blue"
     last = prompt["observations"]["task_state"][-1]
     assert lifted(last, BLUE_Z) and not lifted(last, RED_Z)
-    assert "prompt" not in EpisodeConditioning("none", "lift_red", "xarm6").reset_arguments(100_001)
+    assert EpisodeConditioning("none", "lift_red", "xarm6").reset_arguments(100_001) == {}
+    assert EpisodeConditioning("instruction", "lift_red", "xarm6").reset_arguments(100_001) == {
+        "instruction": "lift the red cube"}
 
 
 def test_normalized_score_is_zero_at_random_and_hundred_at_the_expert() -> None:
@@ -107,10 +138,10 @@ def test_default_condition_is_prompt_only_for_a_file_that_declares_conditioning(
     assert resolve_condition("random", None, "lift_red") == "none"
 
 
-@pytest.mark.parametrize("which", ["shipped", "conditioned"])
-def test_instruction_without_an_instruction_model_is_refused_before_any_episode(which: str, conditioned_model: Path,
+@pytest.mark.parametrize("which", ["shipped", "prompt-only"])
+def test_instruction_without_an_instruction_model_is_refused_before_any_episode(which: str, prompt_only_model: Path,
                                                                                 tmp_path: Path) -> None:
-    policy, task = (SHIPPED, "stack_red_on_blue") if which == "shipped" else (conditioned_model, "lift_red")
+    policy, task = (SHIPPED, "stack_red_on_blue") if which == "shipped" else (prompt_only_model, "lift_red")
     out = tmp_path / "eval.json"
     with pytest.raises(SystemExit, match="has no instruction model"):
         main(["eval", "--policy", str(policy), "--task", task, "--condition", "instruction", "--episodes", "1",
@@ -135,16 +166,18 @@ def test_conditioning_table_fills_every_cell_and_resumes(conditioned_model: Path
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((out / "conditioning.json").read_text())
-    cells = {"prompt", "wrong-prompt", "none", "expert", "random"}  # instruction: the file has no instruction model
+    cells = {"prompt", "wrong-prompt", "none", "instruction", "expert", "random"}
     assert set(table["cells"]) == {"panda"} and set(table["cells"]["panda"]) == {"lift_red", "lift_blue"}
     for task, done in table["cells"]["panda"].items():
         assert set(done) == cells, task
         assert all(entry["episodes"] == 2 for entry in done.values())
-        assert set(table["normalized_score"]["panda"][task]) == {"prompt", "wrong-prompt", "none"}
+        assert set(table["normalized_score"]["panda"][task]) == {"prompt", "wrong-prompt", "none", "instruction"}
     wrong = json.loads((out / "cells" / "panda" / "lift_blue" / "wrong-prompt.json").read_text())
     assert (wrong["condition"], wrong["prompt_task"], wrong["task"]) == ("wrong-prompt", "lift_red", "lift_blue")
+    told = json.loads((out / "cells" / "panda" / "lift_red" / "instruction.json").read_text())
+    assert (told["condition"], told["instruction"]) == ("instruction", TASKS["lift_red"].instruction)
     markdown = (out / "conditioning.md").read_text()
-    assert "| lift_red |" in markdown and "| lift_blue |" in markdown and "no instruction model" in markdown
+    assert "| lift_red |" in markdown and "| lift_blue |" in markdown and "not run" not in markdown
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "conditioning_table: panda" not in again.stdout  # every cell was done
     assert json.loads((out / "conditioning.json").read_text()) == table
