@@ -71,8 +71,9 @@ class DemonstrationSource:
     """Successful expert demonstrations by (task, eval seed) for one arm and one set of rendered cameras,
     rolled on first use and kept (in memory; on disk under `cache_dir` when given)."""
 
-    def __init__(self, arm: str, env_options: dict[str, Any] | None = None, cache_dir: Path | None = None) -> None:
-        self.arm = arm
+    def __init__(self, arm: str, env_options: dict[str, Any] | None = None, cache_dir: Path | None = None,
+                 max_tries: int = MAX_DEMONSTRATION_TRIES) -> None:
+        self.arm, self.max_tries = arm, max_tries
         self.env_options = {k: v for k, v in (env_options or {}).items() if k not in ("task", "arm", "max_steps")}
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._latest: tuple[tuple[str, int], Demonstration] | None = None  # an episode asks more than once
@@ -119,7 +120,7 @@ class DemonstrationSource:
             self._envs[task] = (make_env(self.arm, task=task, **self.env_options), make_expert(self.arm, task))
         env, expert = self._envs[task]
         first = eval_seed + PROMPT_SEED_OFFSET
-        for seed in range(first, first + MAX_DEMONSTRATION_TRIES + 1):
+        for seed in range(first, first + self.max_tries + 1):
             episode = run_episode(env, expert, seed)
             if episode.success:
                 demo = Demonstration(self.arm, task, seed, episode.observations, episode.actions)

@@ -20,7 +20,7 @@ from gato_ros.cli import main
 from gato_ros.data import EpisodeWriter
 from sim.arms import embodiment_spec, make_env
 from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, resolve_condition
-from sim.prompts import PROMPT_SEED_OFFSET
+from sim.prompts import PROMPT_SEED_OFFSET, DemonstrationError, DemonstrationSource
 from sim.tasks import LIFT_HEIGHT, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,14 @@ def test_wrong_prompt_is_the_paired_tasks_successful_demonstration() -> None:
     assert EpisodeConditioning("none", "lift_red", "xarm6").reset_arguments(100_001) == {}
     assert EpisodeConditioning("instruction", "lift_red", "xarm6").reset_arguments(100_001) == {
         "instruction": "lift the red cube"}
+
+
+def test_a_failed_expert_episode_never_prompts() -> None:
+    """Frictionless cubes slip out of every grasp: the expert fails each seed tried, and no prompt comes of it."""
+    source = DemonstrationSource("xarm6", {"friction": 0.0}, max_tries=1)
+    first = 7 + PROMPT_SEED_OFFSET
+    with pytest.raises(DemonstrationError, match=f"seeds {first}..{first + 1}"):
+        source.for_episode("lift_red", 7)
 
 
 def test_normalized_score_is_zero_at_random_and_hundred_at_the_expert() -> None:
