@@ -5,7 +5,8 @@ publishes joint_states, one sensor_msgs/Image (rgb8) + sensor_msgs/CameraInfo pe
 gato/observations/<key> for the other observation keys, all relative so a namespace moves them, and takes
 commands the way ros2_control controllers do (gato_ros.commands), in the `command_mode` chosen.
 
-`arm` picks the simulated arm (sim/arms.py: `panda` or `xarm6`). Its spec (sim.arms.embodiment_spec, or the
+`arm` picks the simulated arm (sim/arms.py: `panda` or `xarm6`; "" = the default arm of the model at
+`model_path`, else the Panda, as the node's `arm` reads ""). Its spec (sim.arms.embodiment_spec, or the
 spec the model at `model_path` serves for that arm) names everything on the wire: the joint_states names and
 order, the arm controller's joints (the spec's arm actions, gato_ros.control.build_layout, as the node reads
 them), the gripper's joint and the observation keys. Nothing here is an arm's constant.
@@ -101,7 +102,7 @@ from sim.env import check_arm
 from sim.tasks import DEFAULT_TASK
 
 PARAMETERS: dict[str, Any] = {
-    "arm": DEFAULT_ARM,  # the simulated arm (sim/arms.py): panda | xarm6
+    "arm": "",  # the simulated arm (sim/arms.py): panda | xarm6; "" = the model's default arm, else panda
     "task": DEFAULT_TASK,  # what counts as success (sim/tasks.py); the scene is the same for every task
     "seed": 0,
     "image_size": 64,  # 0 = no camera (rendering costs ~14-30 ms a frame: README)
@@ -135,8 +136,7 @@ class SimBridge(Node):
             self.declare_parameter(name, default)
         prm = {name: self._value(name) for name in PARAMETERS}
         self.prm = prm
-        self.arm_name = check_arm(str(prm["arm"]))
-        spec = self._spec(prm)
+        self.arm_name, spec = self._arm_and_spec(prm)
         self.env = make_env(self.arm_name, **self._env_options(prm, spec))
         if tuple(self.env.joint_names) != tuple(spec.joint_names):
             raise ValueError(f"the {self.arm_name} spec's joints {list(spec.joint_names)} are not the simulated "
@@ -216,14 +216,20 @@ class SimBridge(Node):
         except ParameterUninitializedException:  # declared by type only and not set
             return None
 
-    def _spec(self, prm: dict[str, Any]) -> EmbodimentSpec:
-        """The arm's spec: the one the model at `model_path` serves for it (a file that does not serve the arm is
-        refused, naming the arms it does), else the arm's own in the stacking scene."""
+    @staticmethod
+    def _arm_and_spec(prm: dict[str, Any]) -> tuple[str, EmbodimentSpec]:
+        """The arm and its spec: the one the model at `model_path` serves for it (through the runtime's public API;
+        a file that does not serve the arm is refused, naming the arms it does), else the arm's own in the
+        stacking scene."""
+        arm = str(prm["arm"])
         if prm["model_path"]:
-            from sim.spec import model_spec
+            from gato_ros.runtime import open_session, read_model_info
 
-            return model_spec(prm["model_path"], self.arm_name)
-        return embodiment_spec(self.arm_name)
+            session, _ = open_session(prm["model_path"], "cpu", threads=1)
+            info = read_model_info(session, prm["model_path"], arm or None)
+            return check_arm(info.arm), info.spec
+        arm = check_arm(arm or DEFAULT_ARM)
+        return arm, embodiment_spec(arm)
 
     @staticmethod
     def _env_options(prm: dict[str, Any], spec: EmbodimentSpec) -> dict[str, Any]:

@@ -176,6 +176,21 @@ def two_arm_model(tmp_path_factory) -> Path:
     return export(GatoModel(config).eval(), panda, out, check=False, served=served)["fp32"]
 
 
+@pytest.mark.parametrize(("arm", "joints"), [("", "panda_joint1"), ("xarm6", "joint1")])
+def test_the_bridge_simulates_the_arm_of_the_model_it_is_given(two_arm_model, arm, joints):
+    """With a model: `arm` picks which of its arms, "" its default (the Panda here), as the node reads `arm`."""
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        overrides = [Parameter("model_path", value=str(two_arm_model)), Parameter("arm", value=arm)]
+        bridge = SimBridge(context=context, parameter_overrides=overrides)
+        assert bridge.joint_names[0] == joints and bridge.arm_name == (arm or "panda")
+        bridge.stop()
+        bridge.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+
+
 @pytest.mark.timeout(180)
 def test_eval_over_ros_drives_the_xarm6_from_a_two_arm_file(two_arm_model, tmp_path, monkeypatch):
     """`gato-ros eval --over-ros --arm xarm6`: the bridge simulates the xArm6, the node serves the file's xArm6 spec
