@@ -7,6 +7,7 @@ xarm6` runs it. The Panda's bridge keeps its own tests (tests/test_bridge.py, un
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,41 @@ def test_the_xarm6_gripper_takes_a_finger_target():
         assert sim.got["joints"][-1].position[6] < 0.005
         np.testing.assert_allclose(arm_qd(sim), np.zeros(6), atol=0.02)  # no arm command: the arm stands
     finally:
+        sim.close()
+
+
+def test_the_watchdog_stops_the_xarm6_when_its_policy_falls_silent():
+    """The watchdog between a policy and the xArm6's velocity controller: it relays the policy's stamped six
+    velocities and finger target, and when they stop its safe action (a velocity hold: zero for each of the six
+    joints) stops the arm, which a forward velocity controller would otherwise keep turning forever."""
+    from gato_ros.watchdog import PolicyWatchdog
+
+    sim = xarm(wall_clock_stamps=True)  # the watchdog and this stand-in policy judge stamps on the wall clock
+    watchdog = PolicyWatchdog(context=sim.context, namespace=sim.ns, parameter_overrides=[
+        Parameter("output_mode", value="velocity"), Parameter("gripper_joint", value=JOINT_NAMES[6]),
+        Parameter("control_rate_hz", value=20.0)])
+    sim.executor.add_node(watchdog)
+    policy = sim.peer.create_publisher(JointState, f"{sim.ns}/gato_policy/joint_command", 10)
+    try:
+        assert sim.wait_for(lambda: len(sim.got["joints"]) >= 2, 20.0)
+        for _ in range(30):  # 1.5 s of the policy at 20 Hz: joint 1 turns at 0.3 rad/s, the gripper stays open
+            msg = JointState(name=list(JOINT_NAMES), velocity=[*DRIFT, FINGER_OPEN])
+            msg.header.stamp = sim.peer.get_clock().now().to_msg()
+            policy.publish(msg)
+            time.sleep(0.05)
+        np.testing.assert_allclose(arm_qd(sim), DRIFT, atol=0.02, err_msg="the watchdog relays the six velocities")
+        assert sim.wait_for(lambda: watchdog.core.in_fault, 2.0), "silence is a fault"
+        after_steps(sim, 10)
+        np.testing.assert_allclose(arm_qd(sim), np.zeros(6), atol=0.02, err_msg="the safe action stops the arm")
+        stopped = arm_q(sim)
+        after_steps(sim, 10)
+        np.testing.assert_allclose(arm_q(sim), stopped, atol=0.005)
+        assert sim.got["joints"][-1].position[6] > FINGER_OPEN - 0.005, "the gripper keeps its last command"
+        status = sim.status()
+        assert status["rejected_commands"] == 0 and watchdog.core.safe_commands > 0
+    finally:
+        sim.executor.remove_node(watchdog)
+        watchdog.destroy_node()
         sim.close()
 
 
