@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    ros_io.add_ros_arguments(parser, "gato-ros sim --ros-args -p seed:=3 -p real_time_factor:=2.0")
+    ros_io.add_ros_arguments(parser, "gato-ros sim --ros-args -p arm:=xarm6 -p seed:=3 -p real_time_factor:=2.0")
 
 
 def run(args: argparse.Namespace) -> int:
