@@ -39,7 +39,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
-from gato_ros import commands, control, hold_table, ros_io, ros_process
+from gato_ros import commands, contract, control, hold_table, ros_io, ros_process
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
@@ -64,6 +64,20 @@ def default_model_path() -> str:
     return str(candidates[0])
 
 
+def served_by(runtime: Any) -> contract.Served:
+    """What the runtime's file serves (its arms, tasks and conditioning), from the metadata the runtime checked."""
+    return contract.read_served(runtime.session.get_modelmeta().custom_metadata_map)
+
+
+def choose_task(served: contract.Served, task: str, path: str) -> str:
+    """`task`, or the file's first task when empty; a ValueError naming the file's tasks for one it does not serve."""
+    if not task:
+        return served.tasks[0]
+    if task not in served.tasks:
+        raise ValueError(f"{path} serves task(s) {', '.join(served.tasks)}, not task {task!r}")
+    return task
+
+
 # ----------------------------------------------------------------------------- parameters
 
 STARTUP, CONFIGURE, LIVE = "read only", "applied at configure", "applied live"
@@ -84,6 +98,9 @@ PARAMETERS: dict[str, Param] = {
     # Read only: a file of several arms is served for this one; the wrong body's spec must never be swapped in live.
     "arm": Param("", "which of the model's arms to serve (gato-ros info lists them); empty = its default arm",
                  STARTUP),
+    # Read only, like the arm: the task the node was started for is the task every episode is conditioned on.
+    "task": Param("", "which of the model's tasks to perform (gato-ros info lists them); empty = its first task; a "
+                  "model with an instruction model starts each episode with this task's instruction", STARTUP),
     "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
@@ -158,6 +175,7 @@ class PolicyNode(LifecycleNode):
         self.runtime: Any = None
         self.loop: ControlLoop | None = None
         self.model_path = ""
+        self.task = ""  # the task served, one of the file's (`task` parameter)
         self.period_s = 0.0
         self.prompt: dict[str, Any] | None = None
         self.last_error = ""
@@ -282,6 +300,7 @@ class PolicyNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             runtime, loop, rate = self._build_loop()
+            task = choose_task(served_by(runtime), self._param("task"), self.model_path)
             prompt = None
             if self._param("prompt_path"):
                 prompt = control.load_prompt(self._param("prompt_path"), runtime, self._param("prompt_episode"),
@@ -290,7 +309,7 @@ class PolicyNode(LifecycleNode):
             self.last_error = f"configure failed: {type(err).__name__}: {err}"
             self.get_logger().error(self.last_error)
             return TransitionCallbackReturn.FAILURE
-        self.runtime, self.loop, self.period_s, self.prompt = runtime, loop, 1.0 / rate, prompt
+        self.runtime, self.loop, self.period_s, self.prompt, self.task = runtime, loop, 1.0 / rate, prompt, task
         self._loader = control.ContextLoader(lambda: type(runtime)(self.model_path, warmup=False,
                                                                    **self._runtime_kwargs()))
         self._create_outputs(loop)
@@ -303,7 +322,7 @@ class PolicyNode(LifecycleNode):
         self.state_label = "inactive"
         self.get_logger().info(
             f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}) for arm "
-            f"{getattr(runtime, 'arm', '?')}, {rate:g} Hz, {loop.mode} "
+            f"{getattr(runtime, 'arm', '?')}, task {task}, {rate:g} Hz, {loop.mode} "
             f"output, arm {list(loop.layout.arm_names)}, gripper {loop.layout.gripper_name}, "
             f"limits {loop.limits.tolist()}, safe action {loop.safe_settings.kind}")
         return TransitionCallbackReturn.SUCCESS
@@ -393,6 +412,7 @@ class PolicyNode(LifecycleNode):
             if self._loader is not None:
                 self._loader.close()
             self.runtime = self.loop = self.prompt = self._loader = None
+            self.task = ""
 
     # --- control loop ---
 
@@ -478,6 +498,7 @@ class PolicyNode(LifecycleNode):
         values = {
             "state": self.state_label,
             "model_path": self.model_path or self._param("model_path") or default_model_path(),
+            "task": self.task,
             "provider": str(getattr(self.runtime, "provider", "")),
             "output_mode": self.loop.mode if self.loop is not None else "",
             "safe_action": self.loop.safe_settings.kind if self.loop is not None else "",
@@ -559,7 +580,8 @@ class PolicyNode(LifecycleNode):
         try:  # the dataset's metadata only: a bad path or episode is refused here, at once
             read = control.open_prompt(path, self.runtime, self._param("prompt_episode"), self._param("prompt_steps"))
         except Exception as err:
-            response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
+            # e.g. a dataset recorded with another arm's spec: never prefilled into this arm's context
+            response.success, response.message = False, f"cannot load prompt {path!r} for arm {self.runtime.arm}: {err}"
             return response
         started = self._loader.start(read, f"prompt from {path} is live")
         response.success = started
