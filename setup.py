@@ -15,6 +15,7 @@ RUNTIME = [
     "onnxruntime-gpu>=1.20; platform_machine == 'x86_64'",
     "onnxruntime>=1.20; platform_machine != 'x86_64'",
     "opencv-python-headless>=4.9",
+    "sentencepiece>=0.2",  # a policy's instruction text (gato_ros.instructions)
 ]
 ROS = [
     "ros-rclpy[fastrtps]",

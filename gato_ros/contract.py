@@ -14,7 +14,7 @@ module imports only the standard library (no numpy, no torch, no rclpy), so any 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 # ----------------------------------------------------------------------------------------------
 # Token ids and tokenizer constants
@@ -92,12 +92,46 @@ LEGACY_ARM = "panda"
 LEGACY_TASK = "stack_red_on_blue"
 
 
+# How a file trained with Gato prompting is conditioned (absent: not trained so; a prompt then simply rolls out
+# of the cache). JSON object, `Conditioning` below. With it, the runtime pins the prefix (the demonstration
+# prompt or the instruction's text tokens) at positions 0.. for the whole episode and rolls only the episode's
+# tokens, which keep their true positions: training lays prompted windows out the same way.
+META_CONDITIONING = "gato_ros.conditioning"
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What selects the task in a file trained with prompts (Gato section 3.3) and/or instructions."""
+
+    prompt_steps: int = 0  # a demonstration prompt is the last this many timesteps of an episode; 0: none
+    instructions: dict[str, str] = field(default_factory=dict)  # task name -> its instruction text
+    instruction_model: str = ""  # base64 of the SentencePiece model proto (gato_ros.instructions); "": none
+
+    def __post_init__(self) -> None:
+        if self.prompt_steps < 0:
+            raise ValueError(f"prompt_steps {self.prompt_steps} < 0")
+        if bool(self.instructions) != bool(self.instruction_model):
+            raise ValueError("instructions and the instruction model come together")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Conditioning:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{META_CONDITIONING} must be a JSON object")
+        return cls(prompt_steps=int(raw.get("prompt_steps", 0)), instructions=dict(raw.get("instructions", {})),
+                   instruction_model=str(raw.get("instruction_model", "")))
+
+
 @dataclass(frozen=True)
 class Served:
     """The arms (each with its spec as a JSON object) and the tasks a model file serves."""
 
     specs: dict[str, dict]
     tasks: tuple[str, ...]
+    conditioning: Conditioning | None = None  # a file trained with prompts / instructions (META_CONDITIONING)
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -108,16 +142,23 @@ class Served:
         return self.arms[0]
 
 
-def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...]) -> dict[str, str]:
+def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...],
+                    conditioning: Conditioning | None = None) -> dict[str, str]:
     """The metadata_props that say what a file serves: `specs` maps arm name -> spec JSON text (the first arm
-    is the default, whose spec also goes under META_SPEC), `tasks` the task names."""
+    is the default, whose spec also goes under META_SPEC), `tasks` the task names, `conditioning` how a task is
+    selected in a file trained with prompts or instructions."""
     if not specs or not tasks:
         raise ValueError("a model file serves at least one arm and one task")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"duplicate task names: {list(tasks)}")
     objects = {arm: json.loads(text) for arm, text in specs.items()}
-    return {META_SPECS: json.dumps(objects), META_TASKS: json.dumps(list(tasks)),
-            META_SPEC: specs[next(iter(specs))]}
+    if conditioning is not None and set(conditioning.instructions) - set(tasks):
+        raise ValueError(f"instructions for tasks the file does not serve: "
+                         f"{sorted(set(conditioning.instructions) - set(tasks))}")
+    props = {META_SPECS: json.dumps(objects), META_TASKS: json.dumps(list(tasks)), META_SPEC: specs[next(iter(specs))]}
+    if conditioning is not None:
+        props[META_CONDITIONING] = conditioning.to_json()
+    return props
 
 
 def read_served(meta: dict[str, str]) -> Served:
@@ -132,7 +173,8 @@ def read_served(meta: dict[str, str]) -> Served:
         raise ValueError(f"{META_TASKS} must be a non-empty JSON list of task names")
     if default_spec not in specs.values():
         raise ValueError(f"{META_SPEC} is not one of the specs in {META_SPECS}")
-    return Served(specs=specs, tasks=tuple(tasks))
+    conditioning = Conditioning.from_json(meta[META_CONDITIONING]) if META_CONDITIONING in meta else None
+    return Served(specs=specs, tasks=tuple(tasks), conditioning=conditioning)
 
 # ----------------------------------------------------------------------------------------------
 # ONNX tensor names

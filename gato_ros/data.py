@@ -276,6 +276,20 @@ class EpisodeCollection:
         return list(dict.fromkeys(str(e.get("task", contract.LEGACY_TASK)) for e in self.episodes))
 
 
+    @property
+    def instructions(self) -> dict[str, str]:
+        """Task name -> the instruction text its episodes were recorded with (`instruction` metadata); DatasetError
+        when one task's episodes give different texts. Tasks recorded without one are left out."""
+        texts: dict[str, str] = {}
+        for e in self.episodes:
+            if "instruction" not in e:
+                continue
+            task, text = str(e.get("task", contract.LEGACY_TASK)), str(e["instruction"])
+            if texts.setdefault(task, text) != text:
+                raise DatasetError(f"task {task!r} has two instructions: {texts[task]!r} and {text!r}")
+        return texts
+
+
 def read_datasets(roots: list[str | Path]) -> EpisodeCollection:
     """Open one or more datasets that share a spec."""
     return EpisodeCollection([read_dataset(r) for r in roots])

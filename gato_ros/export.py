@@ -629,7 +629,8 @@ def served_for_export(args: argparse.Namespace, spec: EmbodimentSpec) -> dict[st
                              "served.json")
         if args.arm is not None:
             specs = {args.arm: spec}
-        return contract.served_metadata({arm: s.to_json() for arm, s in specs.items()}, tasks or recorded.tasks)
+        return contract.served_metadata({arm: s.to_json() for arm, s in specs.items()}, tasks or recorded.tasks,
+                                        recorded.conditioning)
     if tasks or args.arm is not None:
         if not tasks:
             raise SystemExit("gato-ros export: --arm needs --tasks (the tasks the model was trained on)")
@@ -643,6 +644,9 @@ def run(args: argparse.Namespace) -> int:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     capacities = tuple(int(c) for c in args.trained_capacities.split(",") if c.strip())
     served = served_for_export(args, spec)
+    if served is not None and contract.META_CONDITIONING in served and args.attention == "fused":
+        raise SystemExit("gato-ros export: this checkpoint was trained with pinned prompts/instructions, which the "
+                         "runtime keeps in a ring it writes itself: pass --attention plain")
     export(model, spec, args.out, variants, args.context_tokens, check=not args.no_check,
            full_vocab_head=args.full_vocab_head, attention=args.attention, trained_capacities=capacities,
            served=served)

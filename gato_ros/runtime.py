@@ -49,6 +49,7 @@ import onnxruntime as ort
 from gato_ros import contract
 from gato_ros import tokenizer as tok
 from gato_ros.contract import GatoConfig
+from gato_ros.instructions import InstructionError, InstructionTokenizer, instruction_tokenizer
 from gato_ros.spec import EmbodimentSpec
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class ModelInfo:
     logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
     trained_capacities: tuple[int, ...]  # cache capacities besides config.context_window the model was trained for
     cache_layout: str  # contract.CACHE_LAYOUT_*: who writes the new keys/values into the ring
+    tasks: tuple[str, ...] = (contract.LEGACY_TASK,)  # the tasks the file was trained on
+    conditioning: contract.Conditioning | None = None  # prompts/instructions pinned in the cache (see reset)
 
     def accepts_capacity(self, capacity: int) -> bool:
         """A cache of `capacity` slots serves the model as trained: its window, or one the file declares."""
@@ -124,6 +127,7 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
     meta = session.get_modelmeta().custom_metadata_map
     config, _, context, trained_capacities = read_metadata(meta, path)
     arm, arms, spec, has_images = choose_arm(meta, arm, path)
+    served = contract.read_served(meta)  # readable: choose_arm checked it
     key = check_signature(session, config, has_images, path)
     heads, head_dim = key.shape[1], key.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
@@ -135,6 +139,9 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
     layout = meta.get(contract.META_CACHE_LAYOUT, contract.CACHE_LAYOUT_RING)
     if layout not in (contract.CACHE_LAYOUT_RING, contract.CACHE_LAYOUT_IN_PLACE):
         raise ModelLoadError(f"{path}: unknown {contract.META_CACHE_LAYOUT} {layout!r}")
+    if served.conditioning is not None and layout == contract.CACHE_LAYOUT_IN_PLACE:
+        raise ModelLoadError(f"{path}: a pinned prompt needs a ring the runtime writes; this graph writes its ring "
+                             f"in place (export it with --attention plain)")
     info = ModelInfo(
         config=config,
         spec=spec,
@@ -152,6 +159,8 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
         logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
         trained_capacities=trained_capacities,
         cache_layout=layout,
+        tasks=served.tasks,
+        conditioning=served.conditioning,
     )
     if not info.accepts_capacity(context):
         raise ModelLoadError(f"{path}: {contract.META_CONTEXT_TOKENS}={context} disagrees with the window the model "
@@ -188,7 +197,8 @@ def choose_arm(meta: dict[str, str], arm: str | None, path: str) -> tuple[str, t
         served = contract.read_served(meta)
         specs = {name: EmbodimentSpec.from_json(json.dumps(raw)) for name, raw in served.specs.items()}
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{path}: unreadable {contract.META_SPECS}/{contract.META_TASKS} ({e})") from e
+        raise ModelLoadError(f"{path}: unreadable {contract.META_SPECS}/{contract.META_TASKS}/"
+                             f"{contract.META_CONDITIONING} ({e})") from e
     arm = served.default_arm if arm is None else arm
     if arm not in specs:
         raise ModelLoadError(f"{path} serves arm(s) {', '.join(served.arms)}, not arm {arm!r}")
@@ -361,6 +371,8 @@ class PolicyRuntime:
             self.device_cache = False
         self.last_step_ms = float("nan")
         self.steps = 0
+        self.pinned = 0  # tokens at the start of the context that never roll out (a prompt or an instruction)
+        self._instructions: InstructionTokenizer | None = None
         self._ranges = [self._columns(*tok.action_token_range(self.spec, i)) for i in range(self.spec.action_size)]
         self._allocate()
         self.reset()
@@ -459,8 +471,9 @@ class PolicyRuntime:
         the next call overwrites): [V], or [K] over `info.logit_ids` for a head restricted to the actions.
         `patches` / `patch_pos` are per token (S, 3, 16, 16) / (S, 2)."""
         S = len(ids)
-        if self.capacity < S:
-            raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}")
+        if self.capacity - self.pinned < S:
+            raise ValueError(f"{S} tokens in one call exceed the context capacity {self.capacity}"
+                             + (f" less the {self.pinned} pinned tokens" if self.pinned else ""))
         logits = self._logits[0, 0]
         for lo in range(0, S, self.max_call_tokens):  # in pieces: causal attention makes that the same computation
             piece = slice(lo, lo + self.max_call_tokens)
@@ -488,22 +501,33 @@ class PolicyRuntime:
             for name, value in zip(self._past_names(), self._caches[self._current], strict=True):
                 io.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(io)
+        pieces = self._ring_slices(start, S)
         if self.device_cache and not self.in_place:
-            self._write_device(presents, (start + np.arange(S)) % self.ring_slots)
+            self._write_device(presents, np.concatenate([np.arange(slots.start, slots.stop) for slots, _ in pieces]))
         elif not self.in_place:
-            self._write_host(presents, start, S)
+            self._write_host(presents, pieces)
         positions = self.past_positions[0]
-        for slots, taken in ring_slices(start, S, self.ring_slots):  # slot = position mod ring_slots
+        for slots, taken in pieces:
             positions[slots] = feeds[contract.POSITION_IDS][0, taken]
         self.position = start + S
+        if self.pinned and self.position > self.info.config.context_window >= start:
+            log.warning("%s: the episode has passed the model's attention reach of %d tokens: the pinned prompt or "
+                        "instruction is no longer seen", self.model_path, self.info.config.context_window)
         if self.in_place:  # the ring holds more slots than the capacity: hide what falls out of the newest C
             expired = max(0, start - self.capacity)
             for slots, _ in ring_slices(expired, self.position - self.capacity - expired, self.ring_slots):
                 positions[slots] = self.info.empty_position
         return self._logits[0, 0]
 
-    def _write_host(self, presents: list[np.ndarray], start: int, S: int) -> None:  # noqa: N803
-        for slots, taken in ring_slices(start, S, self.capacity):
+    def _ring_slices(self, start: int, count: int) -> list[tuple[slice, slice]]:
+        """The ring slots of positions start .. start + count - 1, as `ring_slices` pairs. A pinned prefix keeps
+        slots [0, pinned) (it was written before it was pinned); later positions roll over the other slots."""
+        p = self.pinned
+        return [(slice(slots.start + p, slots.stop + p), taken)
+                for slots, taken in ring_slices(start - p, count, self.ring_slots - p)]
+
+    def _write_host(self, presents: list[np.ndarray], pieces: list[tuple[slice, slice]]) -> None:
+        for slots, taken in pieces:
             for cache, new in zip(self.cache, presents, strict=True):
                 cache[:, :, slots] = new[:, :, taken]
 
@@ -520,15 +544,52 @@ class PolicyRuntime:
         self._current = 1 - self._current
 
     # ----------------------------------------------------------------------------------- policy
-    def reset(self, prompt: dict[str, Any] | None = None) -> None:
-        """Forget the context. `prompt` = {"observations": {key: (T, ...)}, "actions": (T, A)}: a
-        demonstration preloaded into the cache, as Gato prompts with an episode of the task."""
+    def reset(self, prompt: dict[str, Any] | None = None, instruction: str | None = None) -> None:
+        """Forget the context and start an episode, optionally conditioned as Gato conditions on a task:
+
+        - `prompt` = {"observations": {key: (T, ...)}, "actions": (T, A)}: a demonstration preloaded into the cache;
+        - `instruction`: text (e.g. "lift the red cube"), read with the file's instruction model into text tokens
+          (InstructionError for words outside its vocabulary, or a file without one).
+
+        A file trained with prompts (`info.conditioning`) keeps the last `prompt_steps` timesteps of the
+        demonstration, and pins the prefix: it stays in the cache for the whole episode while the episode's own
+        tokens roll, as training showed it. Other files take the whole demonstration, which rolls out of the
+        cache like any tokens."""
+        if prompt is not None and instruction is not None:
+            raise ValueError("condition on a demonstration prompt or an instruction, not both")
+        ids, local, patches, patch_pos = self._prefix(prompt, instruction)
+        conditioning = self.info.conditioning
+        if conditioning is not None and len(ids) > self.capacity - tok.timestep_token_count(self.spec):
+            raise ValueError(f"a prefix of {len(ids)} tokens leaves no room for a timestep in the context of "
+                             f"{self.capacity} tokens")
         self.position = 0
+        self.pinned = 0
         self.past_positions.fill(self.info.empty_position)  # empty slots are masked by position
         self._pending: tuple[int, int] | None = None  # (token, local position) of the last action token
+        chunk = max(1, min(self.capacity, 256))
+        for s in range(0, len(ids), chunk):
+            e = s + chunk
+            self.forward(ids[s:e], local[s:e], None if patches is None else patches[s:e],
+                         None if patch_pos is None else patch_pos[s:e])
+        if conditioning is not None:
+            self.pinned = self.position
+
+    def _prefix(self, prompt: dict[str, Any] | None, instruction: str | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The tokens (ids, local positions, patches, patch positions) that condition an episode; validated before
+        the context is touched, so a refused prompt or instruction leaves the current episode as it was."""
+        empty = np.zeros(0, np.int64)
+        if instruction is not None:
+            ids = self.instructions.encode(instruction)
+            return ids, np.full(len(ids), contract.NO_LOCAL_POSITION, np.int64), None, None
         if prompt is None:
-            return
-        stream = tok.tokenize_episode(self.spec, prompt["observations"], np.asarray(prompt["actions"]),
+            return empty, empty, None, None
+        observations, actions = prompt["observations"], np.asarray(prompt["actions"])
+        conditioning = self.info.conditioning
+        if conditioning is not None and conditioning.prompt_steps:
+            keep = conditioning.prompt_steps  # the episode's end: what the training prompts mostly showed
+            observations, actions = {k: np.asarray(v)[-keep:] for k, v in observations.items()}, actions[-keep:]
+        stream = tok.tokenize_episode(self.spec, observations, actions,
                                       observation_local_positions_only=self.local_only_observations)
         ids, local = stream["tokens"], stream["local_positions"]
         patches = patch_pos = None
@@ -538,11 +599,22 @@ class PolicyRuntime:
             patch_pos = np.zeros((len(ids), 2), np.int64)
             patches[is_patch] = stream["patches"]
             patch_pos[is_patch] = stream["patch_positions"]
-        chunk = max(1, min(self.capacity, 256))
-        for s in range(0, len(ids), chunk):
-            e = s + chunk
-            self.forward(ids[s:e], local[s:e], None if patches is None else patches[s:e],
-                         None if patch_pos is None else patch_pos[s:e])
+        return ids, local, patches, patch_pos
+
+    @property
+    def instructions(self) -> InstructionTokenizer:
+        """The file's instruction tokenizer (InstructionError when it has none)."""
+        if self._instructions is None:
+            self._instructions = instruction_tokenizer(self.info.conditioning)
+        return self._instructions
+
+    def instruction_for(self, task: str) -> str:
+        """The instruction text of one of the file's tasks (InstructionError when the file has none for it)."""
+        texts = {} if self.info.conditioning is None else self.info.conditioning.instructions
+        if task not in texts:
+            raise InstructionError(f"{self.model_path} has no instruction for task {task!r} "
+                                   f"(instructions for: {', '.join(texts) or 'none'})")
+        return texts[task]
 
     def _choose(self, logits: np.ndarray, index: int) -> int:
         first, last, token = self._ranges[index]  # the action's columns and the token id of the first

@@ -7,6 +7,11 @@ count from 0: attention is relative, so this matches the runtime's absolute posi
 Prompt conditioning (Gato section 3.3), optional: a share of the windows begin with a
 demonstration of the same task taken from another episode -- half of those from its end, half from
 anywhere in it -- and the rest of the window is the episode being trained on. No loss on the prompt.
+Instruction conditioning, optional: a share of the windows begin instead with the text tokens of the
+episode's instruction (`gato_ros.instructions`). With `pin_prefix` (files trained so declare
+contract.Conditioning), the prefix sits at positions 0.. and the episode's tokens keep their true offset in
+the episode after it (position P + token index), which is exactly the context the runtime builds when it
+pins the prefix and rolls the episode's tokens; without it, positions simply count through the window.
 
 Several specs (a generalist: Gato serializes each body with its own tokens per timestep): each spec's
 episodes are tokenized with that spec, and `MixedSpecWindows` serves them as one dataset, so a batch
@@ -82,6 +87,17 @@ def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions:
     )
 
 
+def instruction_piece(ids: np.ndarray, task: str) -> TokenizedEpisode:
+    """An instruction's text tokens as a piece a window can start with: no local positions, no loss."""
+    n = len(ids)
+    return TokenizedEpisode(
+        tokens=np.asarray(ids, dtype=np.int64), local_positions=np.full(n, contract.NO_LOCAL_POSITION, np.int64),
+        is_action=np.zeros(n, bool), target_hi=np.zeros(n, np.int64),
+        patches=np.zeros((0, 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.uint8), patch_intervals=np.zeros((0, 4), np.int64),
+        patch_index=np.full(n, -1, np.int64), steps=0, step_tokens=max(n, 1), task=task,
+    )
+
+
 class SequenceDataset(Dataset):
     """Windows of `seq_len` tokens over tokenized episodes; item i starts at one timestep.
 
@@ -89,6 +105,9 @@ class SequenceDataset(Dataset):
     stride_steps:  timesteps between window starts (1: every timestep starts a window)
     prompt_prob:   share of windows with a prompt (0 disables prompting)
     prompt_tokens: tokens of prompt (rounded down to whole timesteps)
+    instruction_prob: share of windows that start with their episode's instruction (needs `instructions`)
+    instructions:  task name -> the text token ids of its instruction
+    pin_prefix:    lay prompted windows out as the runtime's pinned prefix does (see above)
     train:         sample patch positions inside their intervals and draw prompts at random;
                    otherwise interval means and a prompt choice fixed per item
     observation_local_positions_only: the model's GatoConfig field of that name (which tokens get local
@@ -110,6 +129,9 @@ class SequenceDataset(Dataset):
         seed: int = 0,
         observation_local_positions_only: bool = True,
         aux_key: str | None = None,
+        instruction_prob: float = 0.0,
+        instructions: dict[str, np.ndarray] | None = None,
+        pin_prefix: bool = False,
     ) -> None:
         self.spec = dataset.spec
         self.aux_size = dataset.aux[aux_key].size if aux_key else 0
@@ -133,6 +155,12 @@ class SequenceDataset(Dataset):
             self.episodes.append(tokenize(self.spec, observations, actions, task, observation_local_positions_only))
             if aux_key:
                 self.episodes[-1].aux = dataset.aux[aux_key].normalize(dataset.aux_values(i, aux_key))
+        self.instruction_prob = instruction_prob
+        self.pin_prefix = pin_prefix
+        self.instructions = {task: instruction_piece(ids, task) for task, ids in (instructions or {}).items()}
+        lacking = {ep.task for ep in self.episodes} - set(self.instructions)
+        if instruction_prob > 0 and lacking:
+            raise ValueError(f"no instruction for the task(s) {sorted(lacking)} of the episodes")
         self.by_task: dict[str, list[int]] = {}
         for j, ep in enumerate(self.episodes):
             self.by_task.setdefault(ep.task, []).append(j)
@@ -147,8 +175,21 @@ class SequenceDataset(Dataset):
     def _rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch if self.train else 0, i))
 
-    def _prompt(self, j: int, rng: np.random.Generator) -> tuple[TokenizedEpisode, int, int] | None:
-        if self.prompt_prob <= 0 or rng.random() >= self.prompt_prob:
+    def _prefix(self, j: int, rng: np.random.Generator) -> tuple[TokenizedEpisode, int, int] | None:
+        """What conditions window j, if anything: a demonstration prompt, or the instruction of its task."""
+        if self.instruction_prob <= 0:
+            return self._prompt(j, rng)  # the draws of a prompt-only dataset, as before instructions existed
+        u = rng.random()
+        if u < self.prompt_prob:
+            return self._prompt(j, rng, drawn=True)
+        if u < self.prompt_prob + self.instruction_prob:
+            piece = self.instructions[self.episodes[j].task]
+            return piece, 0, len(piece.tokens)
+        return None
+
+    def _prompt(self, j: int, rng: np.random.Generator, drawn: bool = False
+                ) -> tuple[TokenizedEpisode, int, int] | None:
+        if not drawn and (self.prompt_prob <= 0 or rng.random() >= self.prompt_prob):
             return None
         others = [o for o in self.by_task[self.episodes[j].task] if o != j]
         if not others:
@@ -164,13 +205,16 @@ class SequenceDataset(Dataset):
         L = self.seq_len
         # Pieces: (episode, first token, token count, loss on?) laid out back to back.
         pieces: list[tuple[TokenizedEpisode, int, int, bool]] = []
-        prompt = self._prompt(j, rng)
-        if prompt is not None:
-            pieces.append((*prompt, False))
+        prefix = self._prefix(j, rng)
+        if prefix is not None:
+            pieces.append((*prefix, False))
         used = sum(p[2] for p in pieces)
         ep = self.episodes[j]
         first = start_step * ep.step_tokens
         pieces.append((ep, first, min(L + 1 - used, len(ep.tokens) - first), True))
+        positions = np.arange(L, dtype=np.int64)
+        if self.pin_prefix and used:
+            positions[used:] += first  # the episode's tokens at their offset in the episode, after the prefix
 
         n = L + 1  # one extra token so the last input position has a target
         tokens = np.full(n, tok.PAD_TOKEN, dtype=np.int64)
@@ -197,7 +241,7 @@ class SequenceDataset(Dataset):
 
         item = {
             "input_ids": torch.from_numpy(tokens[:L]),
-            "position_ids": torch.arange(L, dtype=torch.int64),
+            "position_ids": torch.from_numpy(positions),
             "local_positions": torch.from_numpy(local[:L]),
             "targets": torch.from_numpy(tokens[1:]),
             "loss_mask": torch.from_numpy(is_action[1:]),

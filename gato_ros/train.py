@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from gato_ros import contract
+from gato_ros import contract, instructions
 from gato_ros import tokenizer as tok
 from gato_ros.data import DatasetError, EpisodeCollection, read_spec_groups
 from gato_ros.model import GatoConfig, GatoModel
@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary mean squared error")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
+    parser.add_argument("--prompt-steps", type=int, default=0, help="Gato prompting as the runtime serves it: prompts "
+                        "of this many timesteps, pinned at the context's start (the episode's tokens keep their offset "
+                        "after it); the file then declares it (gato_ros.conditioning). 0: off")
+    parser.add_argument("--instruction-prob", type=float, default=0.0, help="share of windows that start with their "
+                        "episode's instruction text (its `instruction` metadata), pinned as a prompt is")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
     parser.add_argument("--val-batches", type=int, default=20, help="batches per validation")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between validations and saves")
@@ -114,7 +119,10 @@ def save_checkpoint(out: Path, model: GatoModel, spec: EmbodimentSpec, optimizer
     _atomic(out / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2)))
     _atomic(out / "spec.json", lambda p: p.write_text(spec.to_json()))
     if served is not None:
-        text = json.dumps({"specs": served.specs, "tasks": list(served.tasks)}, indent=2)
+        raw: dict[str, Any] = {"specs": served.specs, "tasks": list(served.tasks)}
+        if served.conditioning is not None:
+            raw["conditioning"] = json.loads(served.conditioning.to_json())
+        text = json.dumps(raw, indent=2)
         _atomic(out / SERVED_FILE, lambda p: p.write_text(text))
     if optimizer is not None:
         opt_tensors, opt_json = _flatten_optimizer(optimizer)
@@ -176,7 +184,10 @@ def load_served(directory: str | Path) -> contract.Served | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        served = contract.Served(specs=dict(raw["specs"]), tasks=tuple(raw["tasks"]))
+        conditioning = raw.get("conditioning")
+        served = contract.Served(specs=dict(raw["specs"]), tasks=tuple(raw["tasks"]),
+                                 conditioning=None if conditioning is None
+                                 else contract.Conditioning.from_json(json.dumps(conditioning)))
         served_specs(served)  # every spec must read back
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from err
@@ -190,10 +201,44 @@ def served_specs(served: contract.Served) -> dict[str, EmbodimentSpec]:
     return {arm: EmbodimentSpec.from_json(json.dumps(raw)) for arm, raw in served.specs.items()}
 
 
-def served_by(groups: list[EpisodeCollection]) -> contract.Served:
-    """What a model trained on `groups` serves: each group's arm with its spec, the tasks of every episode."""
+def served_by(groups: list[EpisodeCollection], conditioning: contract.Conditioning | None = None) -> contract.Served:
+    """What a model trained on `groups` serves: each group's arm with its spec, the tasks of every episode, and
+    how a task is selected when it was trained with prompts or instructions."""
     tasks = dict.fromkeys(t for g in groups for t in g.tasks)
-    return contract.Served(specs={g.arm: json.loads(g.spec.to_json()) for g in groups}, tasks=tuple(tasks))
+    return contract.Served(specs={g.arm: json.loads(g.spec.to_json()) for g in groups}, tasks=tuple(tasks),
+                           conditioning=conditioning)
+
+
+def choose_conditioning(args: argparse.Namespace, groups: list[EpisodeCollection], source: Path | None
+                        ) -> contract.Conditioning | None:
+    """How this run conditions on the task (None: not pinned, as before). Instructions come from the episodes'
+    metadata; the instruction model is trained on them, or kept from the checkpoint this run continues when
+    it reads every text (token ids must not change under a fine-tune)."""
+    if args.prompt_steps <= 0 and args.instruction_prob <= 0:
+        return None
+    if args.instruction_prob <= 0:
+        return contract.Conditioning(prompt_steps=args.prompt_steps)
+    texts: dict[str, str] = {}
+    for group in groups:
+        for task, text in group.instructions.items():
+            if texts.setdefault(task, text) != text:
+                raise SetupError(f"task {task!r} has two instructions across datasets: {texts[task]!r}, {text!r}")
+    lacking = [t for g in groups for t in g.tasks if t not in texts]
+    if lacking:
+        raise SetupError(f"--instruction-prob: episodes of task(s) {sorted(set(lacking))} carry no instruction")
+    recorded = load_served(source) if source is not None else None
+    model = ""
+    if recorded is not None and recorded.conditioning is not None and recorded.conditioning.instruction_model:
+        model = recorded.conditioning.instruction_model
+        try:
+            reader = instructions.InstructionTokenizer.from_base64(model)
+            for text in texts.values():
+                reader.encode(text)
+        except instructions.InstructionError:
+            model = ""
+    if not model:
+        model = instructions.InstructionTokenizer(instructions.train_instruction_model(texts.values())).to_base64()
+    return contract.Conditioning(prompt_steps=max(0, args.prompt_steps), instructions=texts, instruction_model=model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,10 +397,12 @@ def choose_config(args: argparse.Namespace, specs: list[EmbodimentSpec], resumin
         served = load_served(source)
         known = (list(served_specs(served).values()) if served is not None
                  else [EmbodimentSpec.from_json((source / "spec.json").read_text())])
-        for spec in specs:
-            if spec not in known:
+        for spec in specs:  # a fine-tune may add a body (Gato fine-tunes to new embodiments); a resumed run may not
+            if spec not in known and resuming:
                 raise SetupError(f"{source} was trained on other specs than {' '.join(args.data)} ({spec.name!r})")
         config = GatoConfig.from_json((source / "config.json").read_text())
+        if args.init and not resuming and args.context_window is not None:
+            config = replace(config, context_window=args.context_window)  # the attention reach may change
     else:
         config = GatoConfig.from_preset(
             args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
@@ -389,21 +436,48 @@ def with_aux_head(config: GatoConfig, args: argparse.Namespace, groups: list[Epi
 Windows = SequenceDataset | MixedSpecWindows
 
 
+def check_reach(config: GatoConfig, groups: list[EpisodeCollection], conditioning: contract.Conditioning,
+                seq_len: int) -> None:
+    """A pinned prefix conditions the whole episode only while it is within the model's attention reach
+    (config.context_window: a query sees keys fewer than that many positions back). The cache the runtime keeps
+    is a separate number (the training window, `--seq-len`; set at export with --context-tokens)."""
+    longest = max(int(e["length"]) * tok.timestep_token_count(g.spec) for g in groups for e in g.episodes)
+    prefix = max([conditioning.prompt_steps * tok.timestep_token_count(g.spec) for g in groups]
+                 + [len(text.split()) for text in conditioning.instructions.values()])
+    if config.context_window < prefix + longest:
+        raise SetupError(f"a pinned prompt/instruction must stay within the attention reach for a whole episode: "
+                         f"--context-window {config.context_window} < {prefix + longest} tokens (prefix + the longest "
+                         f"episode); pass a larger --context-window (e.g. {2 ** (prefix + longest).bit_length()}) "
+                         f"with --seq-len {seq_len} for the window trained on")
+
+
 def make_datasets(args: argparse.Namespace, groups: list[EpisodeCollection], config: GatoConfig, seq_len: int,
-                  master: bool) -> tuple[Windows, Windows | None, int, int]:
+                  master: bool, conditioning: contract.Conditioning | None = None
+                  ) -> tuple[Windows, Windows | None, int, int]:
     """Training windows and (on rank 0) validation windows over held-out episodes, with their episode counts.
     Each spec's episodes are split and tokenized on their own (so each spec has held-out episodes); one spec
     gives its SequenceDataset itself, several a MixedSpecWindows over them."""
     layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed,
               "aux_key": args.aux_key if config.aux_size else None}
+    prompt_prob, prompt_tokens = args.prompt_prob, args.prompt_tokens
+    if conditioning is not None:
+        reader = (instructions.InstructionTokenizer.from_base64(conditioning.instruction_model)
+                  if conditioning.instruction_model else None)
+        layout.update(pin_prefix=True, instruction_prob=args.instruction_prob,
+                      instructions={t: reader.encode(text) for t, text in conditioning.instructions.items()}
+                      if reader is not None else None)
+        if conditioning.prompt_steps <= 0:
+            prompt_prob = 0.0
     train_sets, val_sets, n_train, n_val = [], [], 0, 0
     for data in groups:
+        if conditioning is not None and conditioning.prompt_steps > 0:
+            prompt_tokens = conditioning.prompt_steps * tok.timestep_token_count(data.spec)
         train_eps, val_eps = split_episodes(len(data), args.val_fraction, args.seed)
-        train_sets.append(SequenceDataset(data, seq_len, train_eps, args.stride_steps, args.prompt_prob,
-                                          args.prompt_tokens, train=True, **layout))
+        train_sets.append(SequenceDataset(data, seq_len, train_eps, args.stride_steps, prompt_prob,
+                                          prompt_tokens, train=True, **layout))
         val_stride = max(1, seq_len // tok.timestep_token_count(data.spec))
         if val_eps and master:
-            val_sets.append(SequenceDataset(data, seq_len, val_eps, val_stride, args.prompt_prob, args.prompt_tokens,
+            val_sets.append(SequenceDataset(data, seq_len, val_eps, val_stride, prompt_prob, prompt_tokens,
                                             train=False, **layout))
         n_train, n_val = n_train + len(train_eps), n_val + len(val_eps)
 
@@ -438,7 +512,11 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
     config = with_aux_head(choose_config(args, [g.spec for g in groups], resuming), args, groups)
     seq_len = args.seq_len or config.context_window
     torch.manual_seed(args.seed)
-    train_set, val_set, n_train, n_val = make_datasets(args, groups, config, seq_len, master)
+    source = Path(args.out) if resuming else Path(args.init) if args.init else None
+    conditioning = choose_conditioning(args, groups, source)
+    if conditioning is not None:
+        check_reach(config, groups, conditioning, seq_len)
+    train_set, val_set, n_train, n_val = make_datasets(args, groups, config, seq_len, master, conditioning)
     per_rank = args.batch_size // world
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
                                  drop_last=False)
@@ -452,7 +530,7 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
             raise SetupError(f"{args.init}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     run = Run(
         args=args, world=world, device=device, master=master, distributed=distributed, out=Path(args.out),
-        spec=groups[0].spec, served=served_by(groups), seq_len=seq_len, train_set=train_set,
+        spec=groups[0].spec, served=served_by(groups, conditioning), seq_len=seq_len, train_set=train_set,
         val_loader=(DataLoader(val_set, batch_size=per_rank, shuffle=False, num_workers=args.workers)
                     if val_set is not None else None),
         sampler=sampler, per_rank=per_rank, steps_per_epoch=steps_per_epoch, total_steps=total_steps,

@@ -68,7 +68,9 @@ def run_dagger_episode(seed: int, beta: float):
 
     policy = _worker["policy"]
     rng = np.random.default_rng([seed, 2])
-    policy.reset()
+    # A policy trained with instructions drives as it is asked to: told the task being labelled.
+    texts = policy.info.conditioning.instructions if policy.info.conditioning is not None else {}
+    policy.reset(instruction=texts.get(_worker["env"].config.task))
 
     def driver(obs: dict[str, np.ndarray], label: np.ndarray) -> np.ndarray:
         command = policy.step(policy_observation(policy.spec, obs))  # every step: its context holds the episode
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from gato_ros.data import EpisodeWriter
     from sim.arms import embodiment_spec, make_env
     from sim.spec import env_overrides
+    from sim.tasks import TASKS
 
     cameras = tuple(args.cameras) if args.cameras else None
     spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             if episode.success or args.keep_failures or args.policy:
                 metadata = {
                     "task": args.task,
+                    "instruction": TASKS[args.task].instruction,  # the text that asks for this task (Gato's text)
                     "arm": args.arm,
                     "seed": job.seed,
                     "success": episode.success,

@@ -55,7 +55,8 @@ def test_colcon_build_installs_the_ros_layout(tmp_path: Path) -> None:
 
 # Import name → rosdep key, where they differ (ROS packages import under their own name).
 ROSDEP_KEYS = {"numpy": "python3-numpy", "cv2": "python3-opencv", "onnxruntime": "python3-onnxruntime-pip",
-               "yaml": "python3-yaml"}
+               "yaml": "python3-yaml",
+               "sentencepiece": "python3-sentencepiece"}
 def _imports(path: Path) -> tuple[set[str], set[str]]:
     """(third-party top-level modules, gato_ros modules) that `path` imports, lazily or not."""
     third, ours = set(), set()
