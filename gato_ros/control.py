@@ -685,22 +685,24 @@ class ContextLoader:
         self._thread: threading.Thread | None = None
         self.state = "idle"
 
-    def start(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> bool:
-        """Begin preparing the context of `make_prompt()`; False while a preparation is still running."""
+    def start(self, make_prompt: Callable[[], dict[str, Any] | None], note: str, instruction: str | None = None
+              ) -> bool:
+        """Begin preparing the context of `make_prompt()`, or of the text `instruction` (with a `make_prompt` that
+        returns None); False while a preparation is still running."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return False
             self.state = "preparing"
-            self._thread = threading.Thread(target=self._prepare, args=(make_prompt, note), daemon=True)
+            self._thread = threading.Thread(target=self._prepare, args=(make_prompt, note, instruction), daemon=True)
             self._thread.start()
         return True
 
-    def _prepare(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> None:
+    def _prepare(self, make_prompt: Callable[[], dict[str, Any] | None], note: str, instruction: str | None) -> None:
         try:
             prompt = make_prompt()
             runtime = self._spare or self._make_runtime()
             self._spare = None
-            runtime.reset(prompt=prompt)
+            runtime.reset(prompt=prompt, instruction=instruction)
         except Exception as err:  # reported through `state` (diagnostics); the running context is untouched
             with self._lock:
                 self.state = f"failed: {type(err).__name__}: {err}"

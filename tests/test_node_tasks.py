@@ -1,8 +1,10 @@
-"""Task selection at the node (issue 13): the `task` parameter, the launch argument that sets it, and prompts
-recorded with another arm's spec, over real rclpy + Fast DDS with a real exported ONNX model.
+"""Task selection at the node (issue 13): the `task` parameter, the launch argument that sets it, text instructions
+on `~/instruction`, and prompts recorded with another arm's spec, over real rclpy + Fast DDS with a real exported
+ONNX model.
 
 The model is test_node's micro model (its spec, `test_node.SPEC`), exported as a file that serves two tasks, so the
-node here is the node those tests drive, with a `gato_ros.tasks` list to choose from.
+node here is the node those tests drive, with a `gato_ros.tasks` list to choose from; `instructed_model` is the same
+file with an instruction model (`gato_ros.conditioning`) trained on those tasks' instructions (sim/tasks.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rclpy.parameter import Parameter
+from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from gato_ros import contract
@@ -59,6 +62,21 @@ def tasks_model(tmp_path_factory) -> str:
     return str(export(micro_model(), SPEC, out, check=False, served=served)["fp32"])
 
 
+@pytest.fixture(scope="module")
+def instructed_model(tmp_path_factory) -> str:
+    """The micro model as a file trained with instructions: the tasks' texts, pinned in the context."""
+    from gato_ros.export import export
+    from gato_ros.instructions import InstructionTokenizer, train_instruction_model
+    from sim.tasks import get_task
+
+    texts = {t: get_task(t).instruction for t in TASKS}
+    words = InstructionTokenizer(train_instruction_model(texts.values())).to_base64()
+    conditioning = contract.Conditioning(prompt_steps=2, instructions=texts, instruction_model=words)
+    out = tmp_path_factory.mktemp("model") / "instructed.onnx"
+    served = contract.served_metadata({"panda": SPEC.to_json()}, TASKS, conditioning)
+    return str(export(micro_model(), SPEC, out, check=False, attention="plain", served=served)["fp32"])
+
+
 def diagnostic_values(robot: Robot) -> dict[str, str]:
     return {kv.key: kv.value for kv in robot.diagnostics[-1].status[0].values} if robot.diagnostics else {}
 
@@ -89,6 +107,90 @@ def test_a_served_task_configures_runs_and_is_reported(tasks_model, task, served
         r.wait_running()
         assert r.node.task == served
         assert r.wait_for(lambda: diagnostic_values(r).get("task") == served, 3.0), diagnostic_values(r)
+    finally:
+        r.close()
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+def send_instruction(robot: Robot, text: str) -> float:
+    """Publish `text` on the node's ~/instruction once it listens; the time it was sent."""
+    pub = robot.peer.create_publisher(String, "gato_policy/instruction", 10)
+    assert robot.wait_for(lambda: pub.get_subscription_count() > 0, 5.0), "the node listens on ~/instruction"
+    t = time.monotonic()
+    pub.publish(String(data=text))
+    return t
+
+
+def test_activation_pins_the_tasks_instruction(instructed_model):
+    """A file with an instruction model: each episode starts with the task's instruction pinned in the context."""
+    from sim.tasks import get_task
+
+    r = Robot(instructed_model, task="lift_red")
+    try:
+        r.wait_running()
+        runtime, text = r.node.runtime, get_task("lift_red").instruction
+        assert r.node.instruction == text
+        assert runtime.pinned == len(runtime.instructions.encode(text)) > 0, runtime.pinned
+        assert r.wait_for(lambda: diagnostic_values(r).get("instruction") == text, 3.0), diagnostic_values(r)
+    finally:
+        r.close()
+
+
+def test_an_instruction_starts_a_new_episode_with_it_pinned_between_two_ticks(instructed_model):
+    """~/instruction with a text of the vocabulary: the context is reset with that text pinned (a position back at
+    the pinned prefix, as many pinned tokens as its text tokens), the ticks go on without a safe one, and ~/reset
+    starts the next episode with the same instruction."""
+    from sim.tasks import get_task
+
+    r = Robot(instructed_model)  # the first task: stack_red_on_blue
+    try:
+        r.wait_running()
+        per_step = r.node.runtime.obs_tokens + r.node.runtime.spec.action_size
+        assert r.wait_for(lambda: r.node.runtime.position > 20 * per_step, 10.0)
+        text = get_task("lift_red").instruction
+        tokens = len(r.node.runtime.instructions.encode(text))
+        assert tokens != r.node.runtime.pinned, "the new instruction's tokens differ in number from the task's"
+        before = r.node.runtime.position
+        t = send_instruction(r, text)
+        assert r.wait_for(lambda: r.node.instruction == text, 5.0), (r.node.instruction, r.node.instruction_error)
+        runtime = r.node.runtime
+        assert runtime.pinned == tokens and runtime.position < before, (runtime.pinned, runtime.position, before)
+        assert r.node.instruction_error == ""
+        time.sleep(5 * PERIOD)
+        ticks = r.ticks_since(t)
+        assert len(ticks) >= 4 and not any(rec["safe"] for rec in ticks), "the commands never stopped"
+        resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/reset", Trigger.Request())
+        assert resp.success and text in resp.message, resp.message
+        assert r.wait_for(lambda: r.node._loader.state == "idle" and r.node.runtime is not runtime, 5.0)
+        assert r.node.runtime.pinned == tokens and r.node.instruction == text, "~/reset keeps the instruction"
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("instructed, text, cause", [
+    (True, "stack the purple cube on the blue cube", "'purple' not in the policy's vocabulary"),
+    (False, "lift the red cube", "no instruction model"),
+])
+def test_an_instruction_the_file_cannot_take_is_reported_and_changes_nothing(tasks_model, instructed_model,
+                                                                             instructed, text, cause):
+    """A word outside the vocabulary, or a file without an instruction model: the diagnostics' `instruction_error`
+    says why, and the running episode goes on as it was (the same context, its position still growing, the same
+    instruction, no safe tick)."""
+    r = Robot(instructed_model if instructed else tasks_model)
+    try:
+        r.wait_running()
+        runtime, instruction = r.node.runtime, r.node.instruction
+        position = runtime.position
+        t = send_instruction(r, text)
+        assert r.wait_for(lambda: cause in diagnostic_values(r).get("instruction_error", ""), 5.0), \
+            (r.node.instruction_error, diagnostic_values(r))
+        time.sleep(3 * PERIOD)
+        assert r.node.runtime is runtime and runtime.position > position, "the context was never reset"
+        assert r.node.instruction == instruction and r.node._loader.state == "idle"
+        ticks = r.ticks_since(t)
+        assert ticks and not any(rec["safe"] for rec in ticks), "the commands go on"
     finally:
         r.close()
 
