@@ -651,11 +651,11 @@ class PolicyNode(LifecycleNode):
         elif not error:  # configured, not ticking: the next activation starts with it
             with self._tick_lock:
                 self.prompt, self.instruction = None, text
-        self.instruction_error = error
-        if error:
+        if error and error != self.instruction_error:  # once: a publisher repeating a bad text floods no log
             self.get_logger().error(error)
-        else:
+        elif not error:
             self.get_logger().info(f"instruction {text!r}: a new episode starts with it")
+        self.instruction_error = error
 
     def _refuse_instruction(self, text: str) -> str:
         """Why `text` cannot condition an episode of this node's model, or "" when it can."""

@@ -25,7 +25,7 @@ from gato_ros.launch_params import parameter_overrides
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_node import PERIOD, SPEC, Robot, call  # noqa: E402
+from test_node import PERIOD, SPEC, Robot, call, write_demo  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="exporting the test model needs torch")
 torch.set_num_threads(1)
@@ -165,6 +165,29 @@ def test_an_instruction_starts_a_new_episode_with_it_pinned_between_two_ticks(in
         assert resp.success and text in resp.message, resp.message
         assert r.wait_for(lambda: r.node._loader.state == "idle" and r.node.runtime is not runtime, 5.0)
         assert r.node.runtime.pinned == tokens and r.node.instruction == text, "~/reset keeps the instruction"
+    finally:
+        r.close()
+
+
+def test_a_prompt_replaces_the_instruction_and_clearing_it_restores_the_tasks(instructed_model, tmp_path):
+    """~/load_prompt conditions the next episode on the demonstration instead (its last prompt_steps pinned), and with
+    prompt_path emptied, on the task's instruction again: one or the other, never both."""
+    write_demo(tmp_path / "demo", 10)
+    r = Robot(instructed_model)
+    try:
+        r.wait_running()
+        runtime, text = r.node.runtime, r.node.instruction
+        per_step = runtime.obs_tokens + runtime.spec.action_size
+        assert r.node.set_parameters([Parameter("prompt_path", value=str(tmp_path / "demo"))])[0].successful
+        assert call(r.peer, Trigger, f"{r.ns}/gato_policy/load_prompt", Trigger.Request()).success
+        assert r.wait_for(lambda: r.node.prompt is not None, 5.0), r.node._loader.state
+        assert r.node.instruction is None and r.node.runtime.pinned == 2 * per_step, r.node.runtime.pinned
+        assert r.node.set_parameters([Parameter("prompt_path", value="")])[0].successful
+        resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/load_prompt", Trigger.Request())
+        assert resp.success and text in resp.message, resp.message
+        assert r.wait_for(lambda: r.node.instruction == text, 5.0), r.node._loader.state
+        assert r.node.prompt is None and r.node.runtime.pinned == len(runtime.instructions.encode(text))
+        r.wait_running(timeout=3.0)
     finally:
         r.close()
 
