@@ -169,6 +169,28 @@ def test_an_instruction_starts_a_new_episode_with_it_pinned_between_two_ticks(in
         r.close()
 
 
+def test_an_instruction_before_activation_conditions_the_first_episode(instructed_model):
+    """Unconfigured, an instruction is refused (no model to read it with); configured and inactive, it is kept for
+    the activation, whose first episode starts with it pinned."""
+    from sim.tasks import get_task
+
+    text = get_task("lift_red").instruction
+    r = Robot(instructed_model, start=False)
+    try:
+        send_instruction(r, text)
+        assert r.wait_for(lambda: "not configured" in r.node.instruction_error, 5.0), r.node.instruction_error
+        r.node.trigger_configure()
+        assert r.node.instruction == get_task("stack_red_on_blue").instruction, "the task's, until told otherwise"
+        send_instruction(r, text)
+        assert r.wait_for(lambda: r.node.instruction == text, 5.0), r.node.instruction_error
+        assert r.node.instruction_error == "" and not r.ticks, "inactive: nothing sent"
+        r.node.trigger_activate()
+        r.wait_running()
+        assert r.node.runtime.pinned == len(r.node.runtime.instructions.encode(text))
+    finally:
+        r.close()
+
+
 def test_a_prompt_replaces_the_instruction_and_clearing_it_restores_the_tasks(instructed_model, tmp_path):
     """~/load_prompt conditions the next episode on the demonstration instead (its last prompt_steps pinned), and with
     prompt_path emptied, on the task's instruction again: one or the other, never both."""
