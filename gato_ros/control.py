@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -673,6 +673,15 @@ def load_prompt(path: str, runtime: Any, episode: int = 0, steps: int = 0) -> di
     return open_prompt(path, runtime, episode, steps)()
 
 
+class PreparedContext(NamedTuple):
+    """A new episode's context, ready to take over: the runtime reset with it, and what it was reset with."""
+
+    runtime: Any
+    prompt: dict[str, Any] | None
+    note: str
+    instruction: str | None = None
+
+
 class ContextLoader:
     """Prepares a new policy context on a thread of its own (the prompt read from disk and prefilled into a
     spare runtime), so ~/reset and ~/load_prompt never hold the control tick; the tick swaps it in with `take`."""
@@ -681,7 +690,7 @@ class ContextLoader:
         self._make_runtime = make_runtime
         self._lock = threading.Lock()
         self._spare: Any = None
-        self._ready: tuple[Any, dict[str, Any], str] | None = None
+        self._ready: PreparedContext | None = None
         self._thread: threading.Thread | None = None
         self.state = "idle"
 
@@ -708,10 +717,10 @@ class ContextLoader:
                 self.state = f"failed: {type(err).__name__}: {err}"
             return
         with self._lock:
-            self._ready, self.state = (runtime, prompt, note), "ready"
+            self._ready, self.state = PreparedContext(runtime, prompt, note, instruction), "ready"
 
-    def take(self, current: Any = None) -> tuple[Any, dict[str, Any], str] | None:
-        """The prepared (runtime, prompt, note), once; `current` (the runtime it replaces) becomes the spare."""
+    def take(self, current: Any = None) -> PreparedContext | None:
+        """The prepared context, once; `current` (the runtime it replaces) becomes the spare."""
         with self._lock:
             ready, self._ready = self._ready, None
             if ready is not None:

@@ -44,6 +44,7 @@ from std_srvs.srv import Trigger
 
 from gato_ros import commands, control, hold_table, ros_io, ros_process
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
+from gato_ros.instructions import InstructionError
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
 NODE_NAME = "gato_policy"
@@ -181,7 +182,6 @@ class PolicyNode(LifecycleNode):
         self.instruction: str | None = None
         self.task_instruction: str | None = None  # the task's instruction in a file with an instruction model
         self.instruction_error = ""  # why the last ~/instruction was refused ("" once one is taken)
-        self._next_instruction: str | None = None  # of the context the loader is preparing
         self.last_error = ""
         self._tick_lock = threading.Lock()  # one tick, transition or context swap at a time
         self._active = False
@@ -442,7 +442,7 @@ class PolicyNode(LifecycleNode):
             if self._loader is not None:
                 self._loader.close()
             self.runtime = self.loop = self.prompt = self._loader = None
-            self.instruction = self.task_instruction = self._next_instruction = None
+            self.instruction = self.task_instruction = None
             self.task = ""
 
     # --- control loop ---
@@ -468,17 +468,9 @@ class PolicyNode(LifecycleNode):
         ready = self._loader.take(self.runtime) if self._loader is not None else None
         if ready is None:
             return
-        runtime, prompt, note = ready
-        self.runtime, self.loop.runtime = runtime, runtime
-        self.prompt, self.instruction = prompt, self._next_instruction
-        self.get_logger().info(note)
-
-    def _prepare_context(self, make_prompt: Any, note: str, instruction: str | None = None) -> bool:
-        """Start preparing a new episode's context off the control thread (False while one is being prepared)."""
-        started = self._loader.start(make_prompt, note, instruction)
-        if started:
-            self._next_instruction = instruction
-        return started
+        self.runtime, self.loop.runtime = ready.runtime, ready.runtime
+        self.prompt, self.instruction = ready.prompt, ready.instruction
+        self.get_logger().info(ready.note)
 
     def _publish(self, result: TickResult, stamp_ns: int) -> None:
         loop, outputs = self.loop, self._outputs
@@ -600,7 +592,7 @@ class PolicyNode(LifecycleNode):
             return response
         prompt, instruction = self.prompt, self.instruction
         what = "the demonstration prompt" if instruction is None else f"the instruction {instruction!r}"
-        started = self._prepare_context(lambda: prompt, f"context reset with {what}", instruction)
+        started = self._loader.start(lambda: prompt, f"context reset with {what}", instruction)
         response.success = started
         response.message = (f"resetting with {what} off the control thread; it takes over between two ticks"
                             if started else f"busy: {self._loader.state}")
@@ -620,7 +612,7 @@ class PolicyNode(LifecycleNode):
             return response
         if not path:  # back to the task's instruction
             text = self.task_instruction
-            started = self._prepare_context(lambda: None, f"prompt cleared: the instruction {text!r} is live", text)
+            started = self._loader.start(lambda: None, f"prompt cleared: the instruction {text!r} is live", text)
             response.success = started
             response.message = (f"prompt cleared (prompt_path is empty): a new episode with the task's instruction "
                                 f"{text!r} takes over between two ticks" if started else f"busy: {self._loader.state}")
@@ -631,7 +623,7 @@ class PolicyNode(LifecycleNode):
             # e.g. a dataset recorded with another arm's spec: never prefilled into this arm's context
             response.success, response.message = False, f"cannot load prompt {path!r} for arm {self.runtime.arm}: {err}"
             return response
-        started = self._prepare_context(read, f"prompt from {path} is live")
+        started = self._loader.start(read, f"prompt from {path} is live")
         response.success = started
         response.message = (f"loading the prompt from {path} off the control thread; it takes over between two "
                             f"ticks (diagnostics key 'context')" if started else f"busy: {self._loader.state}")
@@ -646,7 +638,7 @@ class PolicyNode(LifecycleNode):
         text = msg.data
         error = self._refuse_instruction(text)
         if not error and self._active:
-            started = self._prepare_context(lambda: None, f"instruction {text!r} is live", text)
+            started = self._loader.start(lambda: None, f"instruction {text!r} is live", text)
             error = "" if started else f"instruction {text!r} ignored: busy preparing a context ({self._loader.state})"
         elif not error:  # configured, not ticking: the next activation starts with it
             with self._tick_lock:
@@ -659,8 +651,6 @@ class PolicyNode(LifecycleNode):
 
     def _refuse_instruction(self, text: str) -> str:
         """Why `text` cannot condition an episode of this node's model, or "" when it can."""
-        from gato_ros.instructions import InstructionError
-
         if self.runtime is None:
             return f"instruction {text!r} ignored: the node is not configured ({self.last_error or self.state_label})"
         try:
