@@ -14,6 +14,8 @@ they keep a fixed seeded initialization and do not change any output of such a p
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from gato_ros import contract
 from gato_ros.contract import GatoConfig
-from gato_ros.model import GatoModel
+from gato_ros.model import GatoModel, ValueEmbedding
 from gato_ros.spec import EmbodimentSpec
 from gato_ros.train import save_checkpoint
 
@@ -65,6 +68,46 @@ def _token_table(inits: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([inits["model.tokens.weight.discrete"], text, inits["model.tokens.weight.actions"]])
 
 
+def _unfuse_qkv(found: dict[str, np.ndarray], config: GatoConfig) -> None:
+    """The fused graph's qkv product (attention_graph._attention) carries 1/sqrt(head_dim) folded into q and, for
+    narrow models, extra rotate-half columns after v: keep q, k, v and undo the scale."""
+    d, scale = config.n_embd, math.sqrt(config.n_embd // config.n_head)
+    for i in range(config.n_layer):
+        for name in (f"blocks.{i}.attn.qkv.weight", f"blocks.{i}.attn.qkv.bias"):
+            if name in found:
+                value = np.array(found[name][: 3 * d], dtype=np.float32)
+                value[:d] *= scale
+                found[name] = value
+
+
+def _split_merged_table(found: dict[str, np.ndarray], head: np.ndarray, meta: dict[str, str], config: GatoConfig,
+                        path: str | Path) -> None:
+    """A file whose input table holds each continuous id's value embedding (attention_graph.merged_input_table) and
+    whose head is `logit_table` over the ids of `gato_ros.logit_ids` (the tied token table's rows there): the token
+    table gets its own rows back from the head, and the value embedding's one linear layer is the least-squares fit
+    of the merged rows on its features, which is exact (those rows were made by that layer)."""
+    table = found["tokens.weight"].copy()
+    lo, hi = contract.CONTINUOUS_OFFSET, contract.CONTINUOUS_OFFSET + contract.NUM_BINS
+    merged = table[lo:hi].astype(np.float64)
+    ranges = json.loads(meta.get(contract.META_LOGIT_IDS, "null")) or []
+    ids = np.concatenate([np.arange(a, b) for a, b in ranges]) if ranges else np.zeros(0, np.int64)
+    if len(ids) != len(head) or not np.isin(np.arange(lo, hi), ids).all():
+        raise RecoveryError(f"{path}: logit_table does not cover the continuous ids; cannot split the merged table")
+    table[ids] = head
+    values = ValueEmbedding(config)
+    values.proj = torch.nn.Identity()  # its output is then the features the linear layer mixes
+    with torch.no_grad():
+        features = values(torch.arange(lo, hi)).double().numpy()
+    design = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, merged, rcond=None)
+    error = np.abs(design @ solution - merged).max()
+    if error > 1e-3 * max(1.0, np.abs(merged).max()):
+        raise RecoveryError(f"{path}: the merged table's continuous rows are not a value embedding (fit error {error})")
+    found["values.proj.weight"] = solution[:-1].T.astype(np.float32)
+    found["values.proj.bias"] = solution[-1].astype(np.float32)
+    found["tokens.weight"] = table
+
+
 def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], GatoConfig, EmbodimentSpec]:
     proto = onnx.load(str(path))
     meta = _metadata(proto)
@@ -73,12 +116,17 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], Gat
     config, spec = GatoConfig.from_json(meta["gato_ros.config"]), EmbodimentSpec.from_json(meta["gato_ros.spec"])
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     found: dict[str, np.ndarray] = {k.removeprefix("model."): v for k, v in inits.items() if k.startswith("model.")
-                                    and not k.startswith("model.tokens.weight")}
+                                    and not k.startswith("model.tokens.weight")
+                                    and not k.endswith((".T_int8", ".T_scale"))}  # int8 storage: read per MatMul
     found["tokens.weight"] = _token_table(inits)
     for node in proto.graph.node:
         match = _LINEAR_NODE.match(node.name)
         if match and node.op_type in ("MatMul", "MatMulInteger"):
             found[match["module"].replace("/", ".") + ".weight"] = _dequantized_linear(node, inits)
+    if any(node.op_type == "MultiHeadAttention" for node in proto.graph.node):
+        _unfuse_qkv(found, config)
+    if config.value_embedding and "values.proj.weight" not in found and "logit_table" in inits:
+        _split_merged_table(found, inits["logit_table"], meta, config, path)
     torch.manual_seed(0)
     state = GatoModel(config).state_dict()
     missing = [k for k in state if k not in found and not (spec.image_keys == () and k.startswith(

@@ -7,6 +7,8 @@ fp32 and int8 files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -91,7 +93,37 @@ def test_int8_of_int8_representable_weights_decides_as_fp32(recovered) -> None:
     assert fused["int8"].stat().st_size < 0.5 * fused["fp32"].stat().st_size
 
 
+def test_a_fused_int8_file_recovers_to_the_weights_it_was_exported_from(tmp_path, recovered) -> None:
+    """The fused graph folds 1/sqrt(head_dim) into q, appends rotate-half columns and merges the value embedding
+    into its input table; recovery undoes each (the source's weights are int8-representable: exact up to rounding)."""
+    _, again, _, _, fused = recovered
+    model, _, _ = load_checkpoint(recover_checkpoint(fused["int8"], tmp_path / "from_fused"))
+    theirs = again.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, theirs[name], atol=1e-5), name
+
+
 def test_recovery_refuses_a_file_it_cannot_map(tmp_path, recovered) -> None:
-    _, _, _, _, fused = recovered
+    _, _, source, _, _ = recovered
+    proto = onnx.load(str(source["int8-dynamic"]))
+    for node in proto.graph.node:  # a graph whose layers are not named as the exporter names them
+        node.name = node.name.replace("qkv", "mixer")
+    onnx.save(proto, str(tmp_path / "renamed.onnx"))
     with pytest.raises(RecoveryError, match="cannot find|matches no|has shape"):
-        recover_checkpoint(fused["int8"], tmp_path / "from_fused")
+        recover_checkpoint(tmp_path / "renamed.onnx", tmp_path / "from_renamed")
+
+
+def test_the_shipped_policy_is_recovered_exactly(tmp_path) -> None:
+    """models/stack_int8.onnx (fused attention: q pre-scaled, rotate-half columns; the value embedding merged into
+    its input table) recovers to a checkpoint whose own export chooses the shipped file's tokens at every step of the
+    recorded reference episodes: the starting point of a fine-tune (the generalist's recipe) is the shipped policy."""
+    from gato_ros.runtime import teacher_forced_tokens
+
+    models = Path(__file__).parents[1] / "models"
+    checkpoint = recover_checkpoint(models / "stack_int8.onnx", tmp_path / "recovered")
+    model, _, spec = load_checkpoint(checkpoint)
+    path = export(model, spec, tmp_path / "recovered.onnx", ("fp32",), check=False)["fp32"]
+    reference = dict(np.load(models / "stack_fp32_reference.npz"))
+    shipped, _ = teacher_forced_tokens(PolicyRuntime(models / "stack_int8.onnx", provider="cpu", threads=1), reference)
+    again, _ = teacher_forced_tokens(PolicyRuntime(path, provider="cpu", threads=1), reference)
+    assert shipped.shape[0] > 100 and np.array_equal(shipped, again)
