@@ -77,6 +77,13 @@ def instructed_model(tmp_path_factory) -> str:
     return str(export(micro_model(), SPEC, out, check=False, attention="plain", served=served)["fp32"])
 
 
+def wait_steady(robot: Robot, ticks: int = 5) -> None:
+    """Until the last `ticks` tick records ran the model: past the start-up, when an input may not have come yet."""
+    robot.wait_running()
+    assert robot.wait_for(lambda: len(robot.ticks) >= ticks and not any(rec["safe"] for _, rec in robot.ticks[-ticks:]),
+                          10.0), robot.node.message
+
+
 def diagnostic_values(robot: Robot) -> dict[str, str]:
     return {kv.key: kv.value for kv in robot.diagnostics[-1].status[0].values} if robot.diagnostics else {}
 
@@ -146,7 +153,7 @@ def test_an_instruction_starts_a_new_episode_with_it_pinned_between_two_ticks(in
 
     r = Robot(instructed_model)  # the first task: stack_red_on_blue
     try:
-        r.wait_running()
+        wait_steady(r)
         per_step = r.node.runtime.obs_tokens + r.node.runtime.spec.action_size
         assert r.wait_for(lambda: r.node.runtime.position > 20 * per_step, 10.0)
         text = get_task("lift_red").instruction
@@ -225,7 +232,7 @@ def test_an_instruction_the_file_cannot_take_is_reported_and_changes_nothing(tas
     instruction, no safe tick)."""
     r = Robot(instructed_model if instructed else tasks_model)
     try:
-        r.wait_running()
+        wait_steady(r)
         runtime, instruction = r.node.runtime, r.node.instruction
         position = runtime.position
         t = send_instruction(r, text)
@@ -260,7 +267,7 @@ def test_load_prompt_recorded_with_another_spec_is_refused_and_the_context_kept(
     write_other_arm_demo(tmp_path / "other")
     r = Robot(tasks_model)
     try:
-        r.wait_running()
+        wait_steady(r)
         runtime = r.node.runtime
         assert r.node.set_parameters([Parameter("prompt_path", value=str(tmp_path / "other"))])[0].successful
         position = runtime.position
