@@ -104,7 +104,8 @@ PARAMETERS: dict[str, Param] = {
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
     "control_rate_hz": Param(0.0, "control rate; 0 = the model's", low=0.0, high=1000.0),
-    "output_mode": Param("effort", "effort | position | velocity | trajectory; must suit the model's actions"),
+    "output_mode": Param("", "effort | position | velocity | trajectory; must suit the model's actions; "
+                               "'' = the model's own (effort for torques, position, velocity)"),
     "joint_name_map": Param(Parameter.Type.STRING_ARRAY, "model joint → robot joint, as 'panda_joint1=fr3_joint1'"),
     "joint_names": Param(Parameter.Type.STRING_ARRAY, "arm controller joint order (robot names); unset = model's"),
     "gripper_action": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
@@ -230,8 +231,12 @@ class PolicyNode(LifecycleNode):
 
     # --- parameters ---
 
-    def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout) -> LoopSettings:
+    def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout, mode: str) -> LoopSettings:
         n_arm = len(layout.arm_names)
+        # Only a torque hold uses gains (velocity holds send zeros, position holds the pose at the fault): the
+        # defaults are the sim Panda's 7x7 and are not asked of another arm driven in another mode.
+        stiffness, damping = ((values["hold_stiffness"], values["hold_damping"]) if mode == "effort"
+                              else ([0.0], [0.0]))
         table = hold_table.load_table(str(values["hold_gain_table"]))
         if table is not None and not values["hold_gain_table"] and not table.serves(layout.arm_names):
             table = None  # the shipped table is the sim Panda's: another arm holds with hold_stiffness/hold_damping
@@ -240,7 +245,7 @@ class PolicyNode(LifecycleNode):
         return LoopSettings(
             limits=control.tightened_limits(layout, values["torque_limits"] or None),
             safe=control.SafeActionSettings(
-                values["safe_action"], control.hold_gains(values["hold_stiffness"], values["hold_damping"], n_arm),
+                values["safe_action"], control.hold_gains(stiffness, damping, n_arm),
                 table),
             stale_timeout_s=float(values["stale_timeout_s"]),
             max_stamp_offset_s=float(values["max_stamp_offset_s"]),
@@ -257,7 +262,7 @@ class PolicyNode(LifecycleNode):
         values = {n: self._param(n) for n in PARAMETERS if PARAMETERS[n].when == LIVE}
         values.update({p.name: p.value for p in params if p.name in values})
         try:
-            settings = self._loop_settings(values, self.loop.layout)
+            settings = self._loop_settings(values, self.loop.layout, self.loop.mode)
             commands.check_safe_action(settings.safe.kind, self.loop.mode)
         except (ValueError, OSError, KeyError) as err:  # a bad value, or a gain table that does not load
             return SetParametersResult(successful=False, reason=str(err))
@@ -282,11 +287,12 @@ class PolicyNode(LifecycleNode):
         layout = control.build_layout(runtime.spec, control.parse_joint_name_map(self._param("joint_name_map") or ()),
                                       self._param("joint_names") or (), self._param("gripper_action"))
         values = {n: self._param(n) for n in PARAMETERS}
-        settings = self._loop_settings(values, layout)
+        mode = self._param("output_mode") or commands.MODES_FOR_ACTIONS[commands.model_action_mode(runtime.spec)][0]
+        settings = self._loop_settings(values, layout, mode)
         image_keys = [o.name for o in runtime.spec.observations if o.kind == "image"]
         image_topics = control.parse_image_topics(self._param("image_topics") or (), image_keys,
                                                   self._param("image_topic"))
-        loop = ControlLoop(runtime, layout, self._param("output_mode"), settings.limits, settings.stale_timeout_s,
+        loop = ControlLoop(runtime, layout, mode, settings.limits, settings.stale_timeout_s,
                            settings.max_stamp_offset_s, settings.safe, self._param("max_image_bytes"), image_topics)
         rate = float(self._param("control_rate_hz")) or float(runtime.spec.control_rate_hz)
         if not np.isfinite(rate) or rate <= 0:

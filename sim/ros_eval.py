@@ -391,10 +391,7 @@ class ArmParameters:
 
 def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
     """From the file's spec for `arm`: the output mode its actions are (the first controller mode that takes
-    them), the gripper joint the watchdog finds in the node's commands (the layout the node builds), and, for a
-    mode without a torque hold, one hold gain: the node's defaults are the sim Panda's 7×7 torque gains, which do
-    not fit another arm, and only an effort hold uses them (a velocity hold sends zeros, a position hold the pose
-    at the fault: gato_ros.commands.safe_arm_command)."""
+    them), and the gripper joint the watchdog finds in the node's commands (the layout the node builds)."""
     from gato_ros.commands import ARM_COMMAND_TOPICS, MODES_FOR_ACTIONS, model_action_mode
     from gato_ros.control import build_layout
     from sim.spec import model_spec
@@ -403,8 +400,6 @@ def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
     mode = MODES_FOR_ACTIONS[model_action_mode(spec)][0]
     gripper = build_layout(spec).gripper_name or ""
     node = [f"arm:={arm}", f"output_mode:={mode}"]
-    if mode != "effort":
-        node += ["hold_stiffness:=[0.0]", "hold_damping:=[0.0]"]
     return ArmParameters(node=node, watchdog=[f"output_mode:={mode}", f"gripper_joint:={gripper}"],
                          command_topic="/" + ARM_COMMAND_TOPICS[mode])
 
@@ -415,7 +410,8 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
                     task: str | None = None) -> str:
     """`sim_bridge` simulating `arm` (its cameras from the model's spec; waiting for a reset, pausing between
     episodes), `policy_node` serving `arm` on sim time, and `policy_watchdog`, which relays the node's stamped
-    commands to the controller topics, as on a robot. Returns the arm controller topic."""
+    commands to the controller topics, as on a robot; the node serves `task` (a file with an instruction model
+    starts every episode with that task's instruction). Returns the arm controller topic."""
     from sim.env import DEFAULT_ARM, StackingConfig
     from sim.tasks import DEFAULT_TASK
 
@@ -432,7 +428,7 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
         "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-        "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}",
+        "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}", "-p", f"task:={task}",
         *[a for param in served.node for a in ("-p", param)]])
     if watchdog:
         procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
