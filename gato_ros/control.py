@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -673,6 +673,15 @@ def load_prompt(path: str, runtime: Any, episode: int = 0, steps: int = 0) -> di
     return open_prompt(path, runtime, episode, steps)()
 
 
+class PreparedContext(NamedTuple):
+    """A new episode's context, ready to take over: the runtime reset with it, and what it was reset with."""
+
+    runtime: Any
+    prompt: dict[str, Any] | None
+    note: str
+    instruction: str | None = None
+
+
 class ContextLoader:
     """Prepares a new policy context on a thread of its own (the prompt read from disk and prefilled into a
     spare runtime), so ~/reset and ~/load_prompt never hold the control tick; the tick swaps it in with `take`."""
@@ -681,35 +690,37 @@ class ContextLoader:
         self._make_runtime = make_runtime
         self._lock = threading.Lock()
         self._spare: Any = None
-        self._ready: tuple[Any, dict[str, Any], str] | None = None
+        self._ready: PreparedContext | None = None
         self._thread: threading.Thread | None = None
         self.state = "idle"
 
-    def start(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> bool:
-        """Begin preparing the context of `make_prompt()`; False while a preparation is still running."""
+    def start(self, make_prompt: Callable[[], dict[str, Any] | None], note: str, instruction: str | None = None
+              ) -> bool:
+        """Begin preparing the context of `make_prompt()`, or of the text `instruction` (with a `make_prompt` that
+        returns None); False while a preparation is still running."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return False
             self.state = "preparing"
-            self._thread = threading.Thread(target=self._prepare, args=(make_prompt, note), daemon=True)
+            self._thread = threading.Thread(target=self._prepare, args=(make_prompt, note, instruction), daemon=True)
             self._thread.start()
         return True
 
-    def _prepare(self, make_prompt: Callable[[], dict[str, Any] | None], note: str) -> None:
+    def _prepare(self, make_prompt: Callable[[], dict[str, Any] | None], note: str, instruction: str | None) -> None:
         try:
             prompt = make_prompt()
             runtime = self._spare or self._make_runtime()
             self._spare = None
-            runtime.reset(prompt=prompt)
+            runtime.reset(prompt=prompt, instruction=instruction)
         except Exception as err:  # reported through `state` (diagnostics); the running context is untouched
             with self._lock:
                 self.state = f"failed: {type(err).__name__}: {err}"
             return
         with self._lock:
-            self._ready, self.state = (runtime, prompt, note), "ready"
+            self._ready, self.state = PreparedContext(runtime, prompt, note, instruction), "ready"
 
-    def take(self, current: Any = None) -> tuple[Any, dict[str, Any], str] | None:
-        """The prepared (runtime, prompt, note), once; `current` (the runtime it replaces) becomes the spare."""
+    def take(self, current: Any = None) -> PreparedContext | None:
+        """The prepared context, once; `current` (the runtime it replaces) becomes the spare."""
         with self._lock:
             ready, self._ready = self._ready, None
             if ready is not None:

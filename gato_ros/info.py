@@ -1,8 +1,9 @@
 """`gato-ros info MODEL [--json]`: what a policy file serves, read from its metadata as the runtime reads it.
 
 Arms (each with its spec), tasks (`gato_ros.contract.read_served`; a file written before issue 13 serves the
-Panda and `stack_red_on_blue`), the cache window and trained capacities, the variant and the model's
-configuration. With `--json`, `arms` and `tasks` are lists of the names that `--arm` and `--task` accept.
+Panda and `stack_red_on_blue`), how a task is selected in a file trained with prompts or instructions, the cache
+window and trained capacities, the variant and the model's configuration. With `--json`, `arms` and `tasks` are
+lists of the names that `--arm` and `--task` accept.
 numpy + onnxruntime only, like the runtime.
 """
 
@@ -52,6 +53,10 @@ def describe(path: str | Path) -> dict:
         "variant": info.variant,
         "cache_layout": info.cache_layout,
         "config": info.config.to_dict(),
+        "conditioning": None if served.conditioning is None else {
+            "prompt_steps": served.conditioning.prompt_steps,
+            "instructions": served.conditioning.instructions,
+        },
     }
 
 
@@ -79,6 +84,13 @@ def format_text(d: dict) -> str:
         f"  model: {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads, feed-forward {c['n_ff']}; "
         f"cache layout {d['cache_layout']}",
     ]
+    conditioning = d["conditioning"]
+    if conditioning is not None:
+        prompt = (f"a demonstration prompt of {conditioning['prompt_steps']} timestep(s)"
+                  if conditioning["prompt_steps"] else "no demonstration prompts")
+        lines.append(f"  conditioning (pinned for the whole episode): {prompt}; "
+                     f"{len(conditioning['instructions'])} instruction(s)")
+        lines += [f"    {task}: {text!r}" for task, text in conditioning["instructions"].items()]
     for arm, raw in d["specs"].items():
         spec = EmbodimentSpec.from_json(json.dumps(raw))
         lines += _spec_lines(arm, spec, d["tokens_per_timestep"][arm], arm == d["default_arm"])

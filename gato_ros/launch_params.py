@@ -16,6 +16,7 @@ LAUNCH_PARAMETERS: dict[str, tuple[str, type]] = {
     "autostart": ("autostart", bool),
     "output_mode": ("output_mode", str),
     "arm": ("arm", str),
+    "task": ("task", str),
 }
 
 

@@ -10,6 +10,9 @@ gato_ros/commands.py) for the watchdog, which relays it to the controllers while
 JSON record on `~/tick` (std_msgs/String) for the recorder. With `direct_output:=true` the node also
 publishes to the controller topics itself (the arm on the output mode's topic, the gripper on its
 own): for running without the watchdog. All ML lives in the runtime; this module never imports torch.
+
+A file of several tasks is served for one, `task`; `~/instruction` (std_msgs/String) starts a new episode
+conditioned on a text instruction, in a file with an instruction model (docs/interfaces.md, "Node").
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from std_srvs.srv import Trigger
 
 from gato_ros import commands, control, hold_table, ros_io, ros_process
 from gato_ros.control import ERROR, OK, WARN, ControlLoop, TickResult
+from gato_ros.instructions import InstructionError
 from gato_ros.ticks import TICK_TOPIC, tick_json
 
 NODE_NAME = "gato_policy"
@@ -64,6 +68,15 @@ def default_model_path() -> str:
     return str(candidates[0])
 
 
+def choose_task(tasks: tuple[str, ...], task: str, path: str) -> str:
+    """`task`, or the file's first task when empty; a ValueError naming the file's tasks for one it does not serve."""
+    if not task:
+        return tasks[0]
+    if task not in tasks:
+        raise ValueError(f"{path} serves task(s) {', '.join(tasks)}, not task {task!r}")
+    return task
+
+
 # ----------------------------------------------------------------------------- parameters
 
 STARTUP, CONFIGURE, LIVE = "read only", "applied at configure", "applied live"
@@ -84,11 +97,15 @@ PARAMETERS: dict[str, Param] = {
     # Read only: a file of several arms is served for this one; the wrong body's spec must never be swapped in live.
     "arm": Param("", "which of the model's arms to serve (gato-ros info lists them); empty = its default arm",
                  STARTUP),
+    # Read only, like the arm: the task the node was started for is the task every episode is conditioned on.
+    "task": Param("", "which of the model's tasks to perform (gato-ros info lists them); empty = its first task; a "
+                  "model with an instruction model starts each episode with this task's instruction", STARTUP),
     "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),
     "control_rate_hz": Param(0.0, "control rate; 0 = the model's", low=0.0, high=1000.0),
-    "output_mode": Param("effort", "effort | position | velocity | trajectory; must suit the model's actions"),
+    "output_mode": Param("", "effort | position | velocity | trajectory; must suit the model's actions; "
+                               "'' = the model's own (effort for torques, position, velocity)"),
     "joint_name_map": Param(Parameter.Type.STRING_ARRAY, "model joint → robot joint, as 'panda_joint1=fr3_joint1'"),
     "joint_names": Param(Parameter.Type.STRING_ARRAY, "arm controller joint order (robot names); unset = model's"),
     "gripper_action": Param("", "the model action that is the gripper; empty = its discrete action, 'none' = none"),
@@ -158,8 +175,14 @@ class PolicyNode(LifecycleNode):
         self.runtime: Any = None
         self.loop: ControlLoop | None = None
         self.model_path = ""
+        self.task = ""  # the task served, one of the file's (`task` parameter)
         self.period_s = 0.0
         self.prompt: dict[str, Any] | None = None
+        # What conditions the episode besides the prompt (one of the two, or neither): instruction text pinned in
+        # the context; the task's own (`task_instruction`) unless ~/instruction gave another.
+        self.instruction: str | None = None
+        self.task_instruction: str | None = None  # the task's instruction in a file with an instruction model
+        self.instruction_error = ""  # why the last ~/instruction was refused ("" once one is taken)
         self.last_error = ""
         self._tick_lock = threading.Lock()  # one tick, transition or context swap at a time
         self._active = False
@@ -175,6 +198,7 @@ class PolicyNode(LifecycleNode):
         self._diag_timer = self.create_timer(1.0, self._publish_diagnostics)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/load_prompt", self._on_load_prompt)
+        self.create_subscription(String, "~/instruction", self._on_instruction, QoSProfile(depth=10))
 
     def _declare(self, name: str, spec: Param) -> None:
         try:
@@ -207,8 +231,12 @@ class PolicyNode(LifecycleNode):
 
     # --- parameters ---
 
-    def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout) -> LoopSettings:
+    def _loop_settings(self, values: dict[str, Any], layout: control.JointLayout, mode: str) -> LoopSettings:
         n_arm = len(layout.arm_names)
+        # Only a torque hold uses gains (velocity holds send zeros, position holds the pose at the fault): the
+        # defaults are the sim Panda's 7x7 and are not asked of another arm driven in another mode.
+        stiffness, damping = ((values["hold_stiffness"], values["hold_damping"]) if mode == "effort"
+                              else ([0.0], [0.0]))
         table = hold_table.load_table(str(values["hold_gain_table"]))
         if table is not None and not values["hold_gain_table"] and not table.serves(layout.arm_names):
             table = None  # the shipped table is the sim Panda's: another arm holds with hold_stiffness/hold_damping
@@ -217,7 +245,7 @@ class PolicyNode(LifecycleNode):
         return LoopSettings(
             limits=control.tightened_limits(layout, values["torque_limits"] or None),
             safe=control.SafeActionSettings(
-                values["safe_action"], control.hold_gains(values["hold_stiffness"], values["hold_damping"], n_arm),
+                values["safe_action"], control.hold_gains(stiffness, damping, n_arm),
                 table),
             stale_timeout_s=float(values["stale_timeout_s"]),
             max_stamp_offset_s=float(values["max_stamp_offset_s"]),
@@ -234,7 +262,7 @@ class PolicyNode(LifecycleNode):
         values = {n: self._param(n) for n in PARAMETERS if PARAMETERS[n].when == LIVE}
         values.update({p.name: p.value for p in params if p.name in values})
         try:
-            settings = self._loop_settings(values, self.loop.layout)
+            settings = self._loop_settings(values, self.loop.layout, self.loop.mode)
             commands.check_safe_action(settings.safe.kind, self.loop.mode)
         except (ValueError, OSError, KeyError) as err:  # a bad value, or a gain table that does not load
             return SetParametersResult(successful=False, reason=str(err))
@@ -259,11 +287,12 @@ class PolicyNode(LifecycleNode):
         layout = control.build_layout(runtime.spec, control.parse_joint_name_map(self._param("joint_name_map") or ()),
                                       self._param("joint_names") or (), self._param("gripper_action"))
         values = {n: self._param(n) for n in PARAMETERS}
-        settings = self._loop_settings(values, layout)
+        mode = self._param("output_mode") or commands.MODES_FOR_ACTIONS[commands.model_action_mode(runtime.spec)][0]
+        settings = self._loop_settings(values, layout, mode)
         image_keys = [o.name for o in runtime.spec.observations if o.kind == "image"]
         image_topics = control.parse_image_topics(self._param("image_topics") or (), image_keys,
                                                   self._param("image_topic"))
-        loop = ControlLoop(runtime, layout, self._param("output_mode"), settings.limits, settings.stale_timeout_s,
+        loop = ControlLoop(runtime, layout, mode, settings.limits, settings.stale_timeout_s,
                            settings.max_stamp_offset_s, settings.safe, self._param("max_image_bytes"), image_topics)
         rate = float(self._param("control_rate_hz")) or float(runtime.spec.control_rate_hz)
         if not np.isfinite(rate) or rate <= 0:
@@ -282,6 +311,8 @@ class PolicyNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             runtime, loop, rate = self._build_loop()
+            task = choose_task(runtime.info.tasks, self._param("task"), self.model_path)
+            task_instruction = self._task_instruction(runtime, task)
             prompt = None
             if self._param("prompt_path"):
                 prompt = control.load_prompt(self._param("prompt_path"), runtime, self._param("prompt_episode"),
@@ -290,7 +321,11 @@ class PolicyNode(LifecycleNode):
             self.last_error = f"configure failed: {type(err).__name__}: {err}"
             self.get_logger().error(self.last_error)
             return TransitionCallbackReturn.FAILURE
-        self.runtime, self.loop, self.period_s, self.prompt = runtime, loop, 1.0 / rate, prompt
+        self.runtime, self.loop, self.period_s, self.prompt, self.task = runtime, loop, 1.0 / rate, prompt, task
+        # A demonstration named by prompt_path wins; else a file with an instruction model hears the task's.
+        self.task_instruction = task_instruction
+        self.instruction = None if prompt is not None else task_instruction
+        self.instruction_error = ""
         self._loader = control.ContextLoader(lambda: type(runtime)(self.model_path, warmup=False,
                                                                    **self._runtime_kwargs()))
         self._create_outputs(loop)
@@ -303,10 +338,30 @@ class PolicyNode(LifecycleNode):
         self.state_label = "inactive"
         self.get_logger().info(
             f"configured: model {self.model_path} ({getattr(runtime, 'provider', '?')}) for arm "
-            f"{getattr(runtime, 'arm', '?')}, {rate:g} Hz, {loop.mode} "
+            f"{getattr(runtime, 'arm', '?')}, task {task}, {rate:g} Hz, {loop.mode} "
             f"output, arm {list(loop.layout.arm_names)}, gripper {loop.layout.gripper_name}, "
             f"limits {loop.limits.tolist()}, safe action {loop.safe_settings.kind}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _task_instruction(self, runtime: Any, task: str) -> str | None:
+        """The task's instruction when the file has an instruction model (checked against it here, at configure);
+        None for a file without one, or with none for this task (a warning: it runs unconditioned)."""
+        conditioning = runtime.info.conditioning
+        if conditioning is None or not conditioning.instruction_model:
+            return None
+        if task not in conditioning.instructions:
+            self.get_logger().warning(f"{self.model_path} has an instruction model but no instruction for task "
+                                      f"{task!r}: its episodes start unconditioned (send one on ~/instruction)")
+            return None
+        text = runtime.instruction_for(task)
+        runtime.instructions.encode(text)  # InstructionError (configure fails) for a text outside its vocabulary
+        return text
+
+    def _conditioning(self) -> dict[str, Any]:
+        """runtime.reset's arguments for a new episode of the current conditioning."""
+        if self.instruction is not None:
+            return {"instruction": self.instruction}
+        return {"prompt": self.prompt}
 
     def _create_outputs(self, loop: ControlLoop) -> None:
         reliable = QoSProfile(depth=10)
@@ -336,7 +391,7 @@ class PolicyNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._tick_lock:
             try:
-                self.runtime.reset(prompt=self.prompt)  # a fresh activation is a new episode
+                self.runtime.reset(**self._conditioning())  # a fresh activation is a new episode
             except Exception as err:
                 self.last_error = f"activate failed: runtime.reset: {err}"
                 self.get_logger().error(self.last_error)
@@ -393,6 +448,8 @@ class PolicyNode(LifecycleNode):
             if self._loader is not None:
                 self._loader.close()
             self.runtime = self.loop = self.prompt = self._loader = None
+            self.instruction = self.task_instruction = None
+            self.task = ""
 
     # --- control loop ---
 
@@ -413,14 +470,13 @@ class PolicyNode(LifecycleNode):
         self._account(result, stamp_ns * 1e-9)
 
     def _swap_context(self) -> None:
-        """A context prepared off this thread (~/reset or ~/load_prompt with a prompt) takes over between ticks."""
+        """A context prepared off this thread (~/reset, ~/load_prompt or ~/instruction) takes over between ticks."""
         ready = self._loader.take(self.runtime) if self._loader is not None else None
         if ready is None:
             return
-        runtime, prompt, note = ready
-        self.runtime, self.loop.runtime = runtime, runtime
-        self.prompt = prompt
-        self.get_logger().info(note)
+        self.runtime, self.loop.runtime = ready.runtime, ready.runtime
+        self.prompt, self.instruction = ready.prompt, ready.instruction
+        self.get_logger().info(ready.note)
 
     def _publish(self, result: TickResult, stamp_ns: int) -> None:
         loop, outputs = self.loop, self._outputs
@@ -478,6 +534,7 @@ class PolicyNode(LifecycleNode):
         values = {
             "state": self.state_label,
             "model_path": self.model_path or self._param("model_path") or default_model_path(),
+            "task": self.task,
             "provider": str(getattr(self.runtime, "provider", "")),
             "output_mode": self.loop.mode if self.loop is not None else "",
             "safe_action": self.loop.safe_settings.kind if self.loop is not None else "",
@@ -495,6 +552,8 @@ class PolicyNode(LifecycleNode):
             "clock_jumps": str(self.clock_jumps.count),
             "context": self._loader.state if self._loader is not None else "",
             "last_error": self.last_error,
+            "instruction": self.instruction or "",  # pinned in the context of the episode running
+            "instruction_error": self.instruction_error,  # why the last ~/instruction was refused
         }
         if self.loop is not None:
             for name, age in self.loop.input_ages(time.monotonic()).items():
@@ -532,16 +591,17 @@ class PolicyNode(LifecycleNode):
         if self.runtime is None:
             response.success, response.message = False, f"not configured ({self.last_error or self.state_label})"
             return response
-        if self.prompt is None:  # forgetting the context is O(1): done between two ticks
+        if self.prompt is None and self.instruction is None:  # forgetting the context is O(1): between two ticks
             with self._tick_lock:
                 self.runtime.reset()
             response.success, response.message = True, "context reset"
             return response
-        prompt = self.prompt
-        started = self._loader.start(lambda: prompt, "context reset with the demonstration prompt")
+        prompt, instruction = self.prompt, self.instruction
+        what = "the demonstration prompt" if instruction is None else f"the instruction {instruction!r}"
+        started = self._loader.start(lambda: prompt, f"context reset with {what}", instruction)
         response.success = started
-        response.message = ("resetting with the demonstration prompt off the control thread; it takes over "
-                            "between two ticks" if started else f"busy: {self._loader.state}")
+        response.message = (f"resetting with {what} off the control thread; it takes over between two ticks"
+                            if started else f"busy: {self._loader.state}")
         return response
 
     def _on_load_prompt(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -550,22 +610,60 @@ class PolicyNode(LifecycleNode):
         if self.runtime is None:
             response.success, response.message = False, "not configured"
             return response
-        if not path:
-            self.prompt = None
+        if not path and self.task_instruction is None:
+            self.prompt = self.instruction = None
             with self._tick_lock:
                 self.runtime.reset()
             response.success, response.message = True, "prompt cleared (prompt_path is empty)"
             return response
+        if not path:  # back to the task's instruction
+            text = self.task_instruction
+            started = self._loader.start(lambda: None, f"prompt cleared: the instruction {text!r} is live", text)
+            response.success = started
+            response.message = (f"prompt cleared (prompt_path is empty): a new episode with the task's instruction "
+                                f"{text!r} takes over between two ticks" if started else f"busy: {self._loader.state}")
+            return response
         try:  # the dataset's metadata only: a bad path or episode is refused here, at once
             read = control.open_prompt(path, self.runtime, self._param("prompt_episode"), self._param("prompt_steps"))
         except Exception as err:
-            response.success, response.message = False, f"cannot load prompt {path!r}: {err}"
+            # e.g. a dataset recorded with another arm's spec: never prefilled into this arm's context
+            response.success, response.message = False, f"cannot load prompt {path!r} for arm {self.runtime.arm}: {err}"
             return response
         started = self._loader.start(read, f"prompt from {path} is live")
         response.success = started
         response.message = (f"loading the prompt from {path} off the control thread; it takes over between two "
                             f"ticks (diagnostics key 'context')" if started else f"busy: {self._loader.state}")
         return response
+
+    # --- instructions: a new episode conditioned on text, taken over between two ticks ---
+
+    def _on_instruction(self, msg: String) -> None:
+        """`~/instruction`: start a new episode with this instruction pinned in the context. A text the file cannot
+        take (a word outside its vocabulary, no instruction model) is refused: logged once, said in the diagnostics
+        (`instruction_error`), and the running episode and its commands go on as they were."""
+        text = msg.data
+        error = self._refuse_instruction(text)
+        if not error and self._active:
+            started = self._loader.start(lambda: None, f"instruction {text!r} is live", text)
+            error = "" if started else f"instruction {text!r} ignored: busy preparing a context ({self._loader.state})"
+        elif not error:  # configured, not ticking: the next activation starts with it
+            with self._tick_lock:
+                self.prompt, self.instruction = None, text
+        if error and error != self.instruction_error:  # once: a publisher repeating a bad text floods no log
+            self.get_logger().error(error)
+        elif not error:
+            self.get_logger().info(f"instruction {text!r}: a new episode starts with it")
+        self.instruction_error = error
+
+    def _refuse_instruction(self, text: str) -> str:
+        """Why `text` cannot condition an episode of this node's model, or "" when it can."""
+        if self.runtime is None:
+            return f"instruction {text!r} ignored: the node is not configured ({self.last_error or self.state_label})"
+        try:
+            self.runtime.instructions.encode(text)
+        except InstructionError as err:
+            return f"instruction ignored, the episode goes on unchanged: {err}"
+        return ""
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -586,8 +586,10 @@ class PolicyRuntime:
             return empty, empty, None, None
         observations, actions = prompt["observations"], np.asarray(prompt["actions"])
         conditioning = self.info.conditioning
-        if conditioning is not None and conditioning.prompt_steps:
-            keep = conditioning.prompt_steps  # the episode's end: what the training prompts mostly showed
+        if conditioning is not None and not conditioning.prompt_steps:
+            raise ValueError(f"{self.model_path} was trained with instructions only, not demonstration prompts")
+        if conditioning is not None:
+            keep = conditioning.prompt_steps  # its end: the goal it reached, as Gato prompts at evaluation
             observations, actions = {k: np.asarray(v)[-keep:] for k, v in observations.items()}, actions[-keep:]
         stream = tok.tokenize_episode(self.spec, observations, actions,
                                       observation_local_positions_only=self.local_only_observations)

@@ -2,6 +2,7 @@
 
     ros2 launch gato_ros policy.launch.py                      # a real arm: configure + activate yourself
     ros2 launch gato_ros policy.launch.py model:=/path/to/policy.onnx namespace:=left_arm
+    ros2 launch gato_ros policy.launch.py model:=/path/to/generalist_int8.onnx task:=lift_red   # one of its tasks
     ros2 launch gato_ros policy.launch.py use_sim:=true        # the simulated arm; autostart on
 
 The policy node is a lifecycle node (`gato_policy`); `policy_watchdog` relays its stamped commands to the
@@ -29,6 +30,7 @@ def _nodes(context: LaunchContext) -> list:
         "autostart": LaunchConfiguration("autostart").perform(context),
         "output_mode": LaunchConfiguration("output_mode").perform(context),
         "arm": LaunchConfiguration("arm").perform(context),
+        "task": LaunchConfiguration("task").perform(context),
         "use_sim": LaunchConfiguration("use_sim").perform(context),
     }
     overrides = parameter_overrides(given)
@@ -54,6 +56,8 @@ def generate_launch_description() -> LaunchDescription:
                               description="effort | position | velocity | trajectory; empty = the params file's"),
         DeclareLaunchArgument("arm", default_value="",
                               description="which of the model's arms to serve (gato-ros info); empty = its default"),
+        DeclareLaunchArgument("task", default_value="",
+                              description="which of the model's tasks to perform (gato-ros info); empty = its first"),
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "policy.yaml"),
                               description="parameters of the policy node and the watchdog (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the nodes and their topics"),

@@ -10,11 +10,15 @@ from sim.env import ARM_NAMES, DEFAULT_ARM, StackingEnv, check_arm
 from sim.expert import ScriptedExpert
 from sim.spec import stacking_spec
 from sim.tasks import DEFAULT_TASK
+from sim.xarm import GRIPPER_OPEN as XARM_GRIPPER_OPEN
 from sim.xarm import XArmExpert, XArmStackingEnv, xarm_spec
 
-__all__ = ["ARM_NAMES", "DEFAULT_ARM", "embodiment_spec", "make_env", "make_expert"]
+__all__ = ["ARM_NAMES", "DEFAULT_ARM", "GRIPPER_REST", "embodiment_spec", "make_env", "make_expert"]
 
 ENVS: dict[str, type[StackingEnv]] = {"panda": StackingEnv, "xarm6": XArmStackingEnv}
+# What each arm's gripper controller holds before its first command (the sim bridge's start, and its optional
+# command timeout): the Panda's takes a finger force (0 N: none), the xArm6's a finger target (open).
+GRIPPER_REST: dict[str, float] = {"panda": 0.0, "xarm6": XARM_GRIPPER_OPEN}
 
 
 def make_env(arm: str = DEFAULT_ARM, **options: object) -> StackingEnv:

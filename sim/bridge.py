@@ -3,16 +3,29 @@
 It looks to the policy exactly like the real arm's contract (DESIGN.md "The arm's contract"):
 publishes joint_states, one sensor_msgs/Image (rgb8) + sensor_msgs/CameraInfo per camera and
 gato/observations/<key> for the other observation keys, all relative so a namespace moves them, and takes
-commands the way ros2_control controllers do (gato_ros.commands), in the `command_mode` chosen:
+commands the way ros2_control controllers do (gato_ros.commands), in the `command_mode` chosen.
 
-    effort      arm torques (7, N·m) on effort_controller/commands (std_msgs/Float64MultiArray)
-    position    arm positions (7, rad) on position_controller/commands, a joint PD at 1 kHz (sim.controllers)
-    velocity    arm velocities (7, rad/s) on velocity_controller/commands, joint damping at 1 kHz
+`arm` picks the simulated arm (sim/arms.py: `panda` or `xarm6`; "" = the default arm of the model at
+`model_path`, else the Panda, as the node's `arm` reads ""). Its spec (sim.arms.embodiment_spec, or the
+spec the model at `model_path` serves for that arm) names everything on the wire: the joint_states names and
+order, the arm controller's joints (the spec's arm actions, gato_ros.control.build_layout, as the node reads
+them), the gripper's joint and the observation keys. Nothing here is an arm's constant.
+
+The Panda (torque-commanded, as Franka's interface) takes every mode; the arm controller's joints are its 7:
+
+    effort      arm torques (N·m) on effort_controller/commands (std_msgs/Float64MultiArray)
+    position    arm positions (rad) on position_controller/commands, a joint PD at 1 kHz (sim.controllers)
+    velocity    arm velocities (rad/s) on velocity_controller/commands, joint damping at 1 kHz
     trajectory  a one-point trajectory_msgs/JointTrajectory on joint_trajectory_controller/joint_trajectory:
                 the reference runs to the point in its time_from_start, then holds it; `trajectory_cmd_timeout_s`
                 (> 0) holds the position where the arm is when no trajectory came for that long, as
                 joint_trajectory_controller's cmd_timeout does
     gripper     the finger force (1 value, N, positive opens) on gripper_controller/commands, in every mode
+
+The xArm6 is velocity-commanded, as a real xArm through ros2_control's forward velocity controller: `velocity`
+only (its spec's action mode), six joint velocities (rad/s, joint1..joint6) on velocity_controller/commands that
+its own servo loop holds (sim/xarm.py), and the gripper a finger target (1 value, m: 0.04 open, 0 closed) on
+gripper_controller/commands. `command_mode` "" (the default) is the arm's own mode (the Panda's is effort).
 
 Cameras: the named cameras of sim/cameras.py listed in `cameras` (or those of the model at `model_path`,
 whose spec also sets `image_size`) publish `<camera>/image_raw` and `<camera>/camera_info`; with
@@ -24,12 +37,14 @@ per episode (robustness runs, sim/cameras.py). ~/frames (Trigger) returns the fr
 the previous episode as JSON (deflated, bit-exact: sim.cameras.frames_from_text), for the demo's view
 of what the policy saw and for comparing with in-process rendering.
 
-Like Franka's torque interface the env adds gravity compensation, so a zero torque holds a still arm.
-Like forward_command_controller the bridge applies the last command until a new one arrives, forever:
-nothing on the controller side stops a stale command, so the tests see what a real arm would do. A
-command of the wrong length or with NaN/inf is refused (counted, logged) and the previous one stays, as
-a real controller refuses a message. `command_timeout_s` (> 0, sim time; default 0 = off) is an option
-the real controllers do not have: an arm or gripper command older than that is replaced by zero effort.
+Like Franka's torque interface the Panda's env adds gravity compensation, so a zero torque holds a still arm
+(the xArm6's servo loop holds a zero velocity still). Like forward_command_controller the bridge applies the last
+command until a new one arrives, forever: nothing on the controller side stops a stale command, so the tests see
+what a real arm would do. A command of the wrong length (not one value per arm controller joint) or with NaN/inf
+is refused (counted, logged) and the previous one stays, as a real controller refuses a message.
+`command_timeout_s` (> 0, sim time; default 0 = off) is an option the real controllers do not have: an arm
+command older than that is replaced by zeros (zero effort, or zero velocity), a gripper command by the gripper's
+rest command (sim.arms.GRIPPER_REST: no force for the Panda, open for the xArm6).
 
 The env steps in a thread of its own at `real_time_factor` × real time (0 = as fast as it can) and
 publishes /clock, so nodes with use_sim_time follow it; with `wall_clock_stamps` (and real_time_factor 1)
@@ -78,12 +93,17 @@ from trajectory_msgs.msg import JointTrajectory
 
 from gato_ros import ros_io, ros_process
 from gato_ros.commands import ARM_COMMAND_TOPICS, GRIPPER_COMMAND_TOPIC, OUTPUT_MODES
+from gato_ros.control import build_layout
+from gato_ros.spec import EmbodimentSpec
 from sim import cameras as cams
+from sim.arms import DEFAULT_ARM, GRIPPER_REST, embodiment_spec, make_env
 from sim.controllers import ArmController
-from sim.env import JOINT_NAMES, StackingEnv
+from sim.env import check_arm
+from sim.tasks import DEFAULT_TASK
 
-ARM_JOINTS = JOINT_NAMES[:7]  # the arm controller's joints, in its order; the finger has its own controller
 PARAMETERS: dict[str, Any] = {
+    "arm": "",  # the simulated arm (sim/arms.py): panda | xarm6; "" = the model's default arm, else panda
+    "task": DEFAULT_TASK,  # what counts as success (sim/tasks.py); the scene is the same for every task
     "seed": 0,
     "image_size": 64,  # 0 = no camera (rendering costs ~14-30 ms a frame: README)
     "cameras": Parameter.Type.STRING_ARRAY,  # named cameras (sim/cameras.py); unset = the legacy scene camera
@@ -92,8 +112,8 @@ PARAMETERS: dict[str, Any] = {
     "camera_tilt_deg": 0.0,  # robustness: and turned this much about a seeded random axis
     "light_change": 0.0,  # robustness: the light scaled by 1 ± this per episode
     "real_time_factor": 1.0,  # 0 = as fast as possible
-    "command_mode": "effort",  # effort | position | velocity | trajectory (gato_ros.commands.OUTPUT_MODES)
-    "command_timeout_s": 0.0,  # sim time; > 0: an older command is replaced by zero effort (real controllers: 0)
+    "command_mode": "",  # "" = the arm's own (its spec's action mode); the Panda takes every OUTPUT_MODES one
+    "command_timeout_s": 0.0,  # sim time; > 0: an older command is replaced by zeros / rest (real controllers: 0)
     "trajectory_cmd_timeout_s": 0.0,  # trajectory mode, sim time; > 0: hold here when no trajectory came for that long
     "max_steps": 200,
     "wait_for_reset": False,  # stay still (no steps, no /clock) until the first ~/reset
@@ -116,7 +136,19 @@ class SimBridge(Node):
             self.declare_parameter(name, default)
         prm = {name: self._value(name) for name in PARAMETERS}
         self.prm = prm
-        self.env = StackingEnv(**self._env_options(prm))
+        self.arm_name, spec = self._arm_and_spec(prm)
+        self.env = make_env(self.arm_name, **self._env_options(prm, spec))
+        if tuple(self.env.joint_names) != tuple(spec.joint_names):
+            raise ValueError(f"the {self.arm_name} spec's joints {list(spec.joint_names)} are not the simulated "
+                             f"arm's {list(self.env.joint_names)}")
+        # The wire, from the spec: joint_states names (the env's observation order), the arm controller's joints
+        # and where each sits in joint_states, the gripper's command at rest.
+        layout = build_layout(spec)
+        self.joint_names = tuple(spec.joint_names)
+        self.arm_joints = layout.arm_names
+        self.arm_index = layout.arm_joints
+        self.gripper_rest = GRIPPER_REST[self.arm_name]
+        self.native_mode = spec.action_mode  # what the env's step takes; other modes run sim.controllers' laws
         self.period = 1.0 / self.env.config.control_hz
         # Sim time counts whole nanoseconds: a float sum of periods drifts a few ns off the period grid
         # over a long run, and a /clock stamp 1 ns short of a timer's deadline makes a node on sim time
@@ -124,15 +156,16 @@ class SimBridge(Node):
         self.period_ns = round(1e9 / self.env.config.control_hz)
         self.lock = threading.Lock()  # env and episode state: the step thread vs the services
         self.sim_ns = 0
-        self.mode = str(prm["command_mode"])
-        if self.mode not in OUTPUT_MODES:
-            raise ValueError(f"command_mode must be one of {OUTPUT_MODES}, got {self.mode!r}")
+        self.mode = str(prm["command_mode"]) or self.native_mode
+        modes = self.command_modes()
+        if self.mode not in modes:
+            raise ValueError(f"command_mode must be one of {modes} for the {self.arm_name}, got {self.mode!r}")
         self.arm = ArmController(self.mode)
         self.command_time = -math.inf  # sim time of the last arm command
-        self.gripper = 0.0
+        self.gripper = self.gripper_rest
         self.gripper_time = -math.inf
         self._held = False  # trajectory mode: holding here after trajectory_cmd_timeout_s without a trajectory
-        self._arm_positions = np.zeros(7)  # the latest observation's, for holding here
+        self._arm_positions = np.zeros(len(self.arm_joints))  # the latest observation's, for holding here
         self.rejected = 0
         self.timeouts = 0
         self.seed = int(prm["seed"])  # the next episode's; setting the parameter chooses it
@@ -184,16 +217,37 @@ class SimBridge(Node):
             return None
 
     @staticmethod
-    def _env_options(prm: dict[str, Any]) -> dict[str, Any]:
-        """The StackingEnv options: cameras from the model's spec, else from the parameters."""
+    def _arm_and_spec(prm: dict[str, Any]) -> tuple[str, EmbodimentSpec]:
+        """The arm and its spec: the one the model at `model_path` serves for it (through the runtime's public API;
+        a file that does not serve the arm is refused, naming the arms it does), else the arm's own in the
+        stacking scene."""
+        arm = str(prm["arm"])
         if prm["model_path"]:
-            from sim.spec import env_overrides, model_spec
+            from gato_ros.runtime import open_session, read_model_info
 
-            images = env_overrides(model_spec(prm["model_path"]))
+            session, _ = open_session(prm["model_path"], "cpu", threads=1)
+            info = read_model_info(session, prm["model_path"], arm or None)
+            return check_arm(info.arm), info.spec
+        arm = check_arm(arm or DEFAULT_ARM)
+        return arm, embodiment_spec(arm)
+
+    @staticmethod
+    def _env_options(prm: dict[str, Any], spec: EmbodimentSpec) -> dict[str, Any]:
+        """The env options: cameras from the model's spec, else from the parameters."""
+        if prm["model_path"]:
+            from sim.spec import env_overrides
+
+            images = env_overrides(spec)
         else:
             images = {"image_size": prm["image_size"] or None, "cameras": tuple(prm["cameras"] or ()) or None}
-        return {**images, "max_steps": prm["max_steps"], "camera_shift_m": float(prm["camera_shift_m"]),
-                "camera_tilt_deg": float(prm["camera_tilt_deg"]), "light_change": float(prm["light_change"])}
+        return {**images, "task": str(prm["task"]), "max_steps": prm["max_steps"],
+                "camera_shift_m": float(prm["camera_shift_m"]), "camera_tilt_deg": float(prm["camera_tilt_deg"]),
+                "light_change": float(prm["light_change"])}
+
+    def command_modes(self) -> tuple[str, ...]:
+        """The arm controller modes this arm takes: a torque-commanded env runs every mode's law at 1 kHz over its
+        torques (sim.controllers); any other env takes its own command only."""
+        return OUTPUT_MODES if self.native_mode == "effort" else (self.native_mode,)
 
     def start(self) -> None:
         self._thread.start()
@@ -227,13 +281,14 @@ class SimBridge(Node):
         self.get_logger().warning(f"command refused ({reason}): the previous command stays", throttle_duration_sec=1.0)
 
     def _on_command(self, msg: Float64MultiArray) -> None:
-        """effort / position / velocity: 7 values in the arm controller's joint order."""
+        """effort / position / velocity: one value per arm controller joint, in its order."""
         cmd = np.asarray(msg.data, dtype=np.float64)
+        n = len(self.arm_joints)
         with self.lock:
             self._count_command()
-            if cmd.shape != (len(ARM_JOINTS),) or not np.all(np.isfinite(cmd)):
-                return self._refuse(f"{cmd.size} values, expected {len(ARM_JOINTS)}"
-                                    if cmd.shape != (len(ARM_JOINTS),) else "NaN or inf")
+            if cmd.shape != (n,) or not np.all(np.isfinite(cmd)):
+                return self._refuse(f"{cmd.size} values, expected {n} for {list(self.arm_joints)}"
+                                    if cmd.shape != (n,) else "NaN or inf")
             self.arm.command(cmd)
             self.command_time = self.sim_time
 
@@ -242,19 +297,20 @@ class SimBridge(Node):
         with self.lock:
             self._count_command()
             names = list(msg.joint_names)
-            if len(msg.points) != 1 or sorted(names) != sorted(ARM_JOINTS):
-                return self._refuse(f"{len(msg.points)} points for joints {names}, expected 1 for {list(ARM_JOINTS)}")
+            if len(msg.points) != 1 or sorted(names) != sorted(self.arm_joints):
+                return self._refuse(f"{len(msg.points)} points for joints {names}, expected 1 for "
+                                    f"{list(self.arm_joints)}")
             point = msg.points[0]
             positions = np.asarray(point.positions, dtype=np.float64)
             if positions.shape != (len(names),) or not np.all(np.isfinite(positions)):
                 return self._refuse("positions of the wrong length, NaN or inf")
-            ordered = positions[[names.index(n) for n in ARM_JOINTS]]
+            ordered = positions[[names.index(n) for n in self.arm_joints]]
             duration = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
             self.arm.command(ordered, t=self.sim_time, duration_s=duration)
             self.command_time, self._held = self.sim_time, False
 
     def _on_gripper_command(self, msg: Float64MultiArray) -> None:
-        """The finger force (N, positive opens), one value."""
+        """One value: the Panda's finger force (N, positive opens), the xArm6's finger target (m)."""
         with self.lock:
             self.episode["gripper_commands"] += 1
             force = np.asarray(msg.data, dtype=np.float64)
@@ -287,9 +343,9 @@ class SimBridge(Node):
         self.trajectory = {"seed": self.seed, "observations": {}}
         self.frames = {"seed": self.seed, "frames": {key: [] for key in self.camera_pubs}}
         self.seed += 1
-        self.arm.reset(obs["joint_positions"][:7])  # a controller starts by holding where the arm is
+        self.arm.reset(np.asarray(obs["joint_positions"])[self.arm_index])  # a controller starts holding here
         self.command_time = self.gripper_time = -math.inf
-        self.gripper, self._held = 0.0, False
+        self.gripper, self._held = self.gripper_rest, False
         self.episode_pub.publish(String(data=json.dumps({"event": "start", "seed": self.episode["seed"]})))
         self._publish(obs)
         rtf = float(self.prm["real_time_factor"])
@@ -323,7 +379,8 @@ class SimBridge(Node):
     def _on_status(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self.lock:
             response.success = bool(self.episode["success"])
-            response.message = json.dumps({**self.episode, "command_mode": self.mode,
+            response.message = json.dumps({**self.episode, "arm": self.arm_name, "task": self.env.task.name,
+                                           "command_mode": self.mode,
                                            "rejected_commands": self.rejected,
                                            "command_timeouts": self.timeouts, "sim_time": self.sim_time,
                                            "latency_ms": [round(x, 3) for x in self.latency_ms]})
@@ -374,19 +431,20 @@ class SimBridge(Node):
         t0 = self.sim_time
         timeout = float(self.prm["command_timeout_s"])
         arm_timed_out = timeout > 0 and t0 - self.command_time > timeout
-        gripper = 0.0 if timeout > 0 and t0 - self.gripper_time > timeout else self.gripper
+        gripper = self.gripper_rest if timeout > 0 and t0 - self.gripper_time > timeout else self.gripper
         self.timeouts += arm_timed_out
         hold_after = float(self.prm["trajectory_cmd_timeout_s"])
         if self.mode == "trajectory" and hold_after > 0 and t0 - self.command_time > hold_after and not self._held:
             self.arm.hold_here(t0, self._arm_positions)
             self._held = True  # once per silence: the next trajectory ends it
-        if arm_timed_out or self.mode == "effort":
-            arm = np.zeros(7) if arm_timed_out else self.arm.target
+        if arm_timed_out or self.mode == self.native_mode:  # the env takes the command (or zeros) itself
+            arm = np.zeros(len(self.arm_joints)) if arm_timed_out else self.arm.target
             obs, _, terminated, truncated, info = self.env.step(np.concatenate([arm, [gripper]]))
-        else:
+        else:  # a torque-commanded env under another mode's law, run at every physics sub-step
             law = self.arm.torque
             obs, _, terminated, truncated, info = self.env.step(
-                np.concatenate([np.zeros(7), [gripper]]), arm_torque=lambda dt, q, qd: law(t0 + dt, q, qd))
+                np.concatenate([np.zeros(len(self.arm_joints)), [gripper]]),
+                arm_torque=lambda dt, q, qd: law(t0 + dt, q, qd))
         return obs, terminated, truncated, info
 
     def _announce_end(self) -> None:
@@ -417,8 +475,8 @@ class SimBridge(Node):
         stamp = (self.get_clock().now() if self.prm["wall_clock_stamps"] else Time(nanoseconds=self.sim_ns)).to_msg()
         vectors = {key: np.asarray(value, np.float64).reshape(-1).tolist()  # once: published and recorded
                    for key, value in obs.items() if key not in self.camera_pubs}
-        self._arm_positions = np.asarray(vectors["joint_positions"][:7])
-        js = JointState(name=list(JOINT_NAMES), position=vectors["joint_positions"],
+        self._arm_positions = np.asarray(vectors["joint_positions"])[self.arm_index]
+        js = JointState(name=list(self.joint_names), position=vectors["joint_positions"],
                         velocity=vectors["joint_velocities"])
         js.header.stamp = stamp
         self.joint_pub.publish(js)
@@ -489,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    ros_io.add_ros_arguments(parser, "gato-ros sim --ros-args -p seed:=3 -p real_time_factor:=2.0")
+    ros_io.add_ros_arguments(parser, "gato-ros sim --ros-args -p arm:=xarm6 -p seed:=3 -p real_time_factor:=2.0")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ class ArmController:
 
     def hold_here(self, t: float, q: np.ndarray) -> None:
         q = np.asarray(q, dtype=np.float64).copy()
-        self.target = q if self.mode in ("position", "trajectory") else np.zeros(7)
+        self.target = q if self.mode in ("position", "trajectory") else np.zeros_like(q)
         self.start, self.t_start, self.t_end = q, t, t
 
     def command(self, values: np.ndarray, t: float = 0.0, q: np.ndarray | None = None,
@@ -71,7 +71,7 @@ class ArmController:
     def reference(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """Trajectory mode: the reference position and velocity at sim time `t`."""
         if t >= self.t_end or self.t_end <= self.t_start:
-            return self.target, np.zeros(7)
+            return self.target, np.zeros_like(self.target)
         span = self.t_end - self.t_start
         s = max(0.0, (t - self.t_start) / span)
         return self.start + s * (self.target - self.start), (self.target - self.start) / span

@@ -346,13 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gato_ros.runtime import ModelLoadError
-    from sim.env import DEFAULT_ARM
-    from sim.tasks import DEFAULT_TASK
 
     seeds = [args.seed + i for i in range(args.episodes)]
-    if args.over_ros and (args.task, args.arm) != (DEFAULT_TASK, DEFAULT_ARM):
-        raise SystemExit(f"gato-ros eval --over-ros: the sim bridge simulates {DEFAULT_ARM} / {DEFAULT_TASK} only "
-                         "for now; evaluate other tasks and arms in-process")
     try:
         if args.policy not in BASELINES:
             check_policy_serves(args.policy, args.task, args.arm)
@@ -368,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
 
         ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
                                     video=args.video, perturbation=perturbation_options(args),
-                                    real_time_factor=args.real_time_factor)
+                                    real_time_factor=args.real_time_factor, arm=args.arm, task=args.task)
         results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds, condition)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 
-from sim.env import ARM_JOINTS, FINGER_JOINTS, StackingEnv, yaw_of
+from sim.env import DEFAULT_ARM, StackingEnv, yaw_of
+from sim.tasks import DEFAULT_TASK
 
 VIEW = {"target": (0.45, 0.0, 0.2), "distance": 1.45, "yaw": 55.0, "pitch": -28.0}  # three-quarter, front right
 
@@ -38,9 +39,14 @@ def render_view(env: StackingEnv, size: int = 256) -> np.ndarray:
     return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
 
 
-def replay_frames(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, size: int = 256) -> list[np.ndarray]:
-    """One frame per recorded step: joints (T, 8) and task states (T, 17) as the bridge published them."""
-    env = StackingEnv()
+def replay_frames(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, size: int = 256,
+                  arm: str = DEFAULT_ARM, task: str = DEFAULT_TASK) -> list[np.ndarray]:
+    """One frame per recorded step of `arm` in `task`'s scene: joints (T, the arm's joints then its finger) and
+    task states (T, 17) as the bridge published them."""
+    from sim.arms import make_env
+
+    env = make_env(arm, task=task)
+    arm_joints = env.observed_joints[:-1]  # the observed joints are the arm's, then one finger
     try:
         env.reset(seed=seed)  # the seed's scene: the blue cube's yaw and the starting red yaw
         cid = env.client
@@ -49,10 +55,10 @@ def replay_frames(seed: int, joint_positions: np.ndarray, task_states: np.ndarra
         blue_orn = p.getBasePositionAndOrientation(blue, physicsClientId=cid)[1]
         frames = []
         for q, task in zip(joint_positions, task_states, strict=True):
-            for j, value in zip(ARM_JOINTS, q[:7], strict=True):
+            for j, value in zip(arm_joints, q[:-1], strict=True):
                 p.resetJointState(env.robot, j, float(value), physicsClientId=cid)
-            for j in FINGER_JOINTS:  # coupled fingers: both at the observed finger joint
-                p.resetJointState(env.robot, j, float(q[7]), physicsClientId=cid)
+            for j in env.finger_links:  # coupled fingers: both at the observed finger joint
+                p.resetJointState(env.robot, j, float(q[-1]), physicsClientId=cid)
             red_yaw = _nearest_yaw(math.atan2(task[15], task[16]), red_yaw)
             p.resetBasePositionAndOrientation(red, task[3:6].tolist(), p.getQuaternionFromEuler([0, 0, red_yaw]), cid)
             p.resetBasePositionAndOrientation(blue, task[6:9].tolist(), blue_orn, cid)
@@ -107,13 +113,15 @@ def _upscale_nearest(frame: np.ndarray, size: int) -> np.ndarray:
 
 def replay_to_files(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, video: Path | str | None = None,
                     gif: Path | str | None = None, fps: float = 20.0, size: int = 256,
-                    policy_frames: np.ndarray | None = None) -> list[np.ndarray]:
-    """Render the recorded episode to an MP4 (`video`, `size` px tall) and/or a GIF; returns the frames. With
+                    policy_frames: np.ndarray | None = None, arm: str = DEFAULT_ARM,
+                    task: str = DEFAULT_TASK) -> list[np.ndarray]:
+    """Render the recorded episode of `arm` in `task`'s scene to an MP4 (`video`, `size` px tall) and/or a GIF;
+    returns the frames. With
     `policy_frames` (one camera frame per recorded step: what a seeing policy saw) each frame shows it beside
     the scene."""
     if len(joint_positions) == 0:
         raise ValueError("nothing was recorded: no frames to replay")
-    frames = replay_frames(seed, joint_positions, task_states, size)
+    frames = replay_frames(seed, joint_positions, task_states, size, arm, task)
     if policy_frames is not None:
         frames = beside(frames, policy_frames)
     for path, write in ((video, lambda f, pth: write_video(f, pth, fps)), (gif, lambda f, pth: write_gif(f, pth, fps))):

@@ -1,9 +1,15 @@
 """`gato-ros eval --over-ros`: the sim bridge and the policy node as separate processes over ROS 2.
 
 The policy sees exactly what a real arm gives it: `sim_bridge` publishes /joint_states and the
-observation topics and takes /effort_controller/commands; `policy_node` (the lifecycle node that
-runs on a robot) ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge), and
-`policy_watchdog` relays its stamped commands to the controller topics, as on a robot.
+observation topics and takes the arm's controller topic (/effort_controller/commands for the Panda,
+/velocity_controller/commands for the xArm6); `policy_node` (the lifecycle node that runs on a robot)
+ticks at the control rate on sim time (`use_sim_time`, /clock from the bridge), and `policy_watchdog`
+relays its stamped commands to the controller topics, as on a robot.
+
+`arm` picks the body: the bridge simulates it (`arm`, and `task` for what counts as success), the node
+serves the file's spec for it (`arm`) in the output mode its actions are (the spec's action mode), and the
+watchdog relays that mode with the spec's gripper joint (`arm_parameters`). A file that does not serve the
+arm is refused by the node and the bridge, naming the arms it does.
 An in-process rclpy supervisor runs the episodes:
 
     for each seed: set the bridge's seed → reset the node's context (~/reset) → reset the bridge
@@ -45,7 +51,6 @@ import numpy as np
 from sim.results import EpisodeResult
 
 BRIDGE, NODE = "sim_bridge", "gato_policy"
-COMMAND_TOPIC = "/effort_controller/commands"
 
 
 @dataclass
@@ -174,8 +179,8 @@ class Supervisor:
                 self.watchdog_diagnostics = {kv.key: kv.value for kv in status.values}
 
     def recording(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Joint positions (steps + 1, 8) and task states (steps + 1, 17) of episode `seed`, as the bridge
-        recorded them (the topics are best-effort: a subscriber here could miss a message)."""
+        """Joint positions (steps + 1, the arm's joints and finger) and task states (steps + 1, 17) of episode
+        `seed`, as the bridge recorded them (the topics are best-effort: a subscriber here could miss a message)."""
         record = json.loads(self.trigger(self.bridge_trajectory).message)
         episode = next((e for e in (record["current"], record["previous"]) if e and e["seed"] == seed), None)
         if episode is None:
@@ -312,17 +317,22 @@ def evaluate_over_ros(
     record: Path | str | None = None,
     watchdog: bool = True,
     perturbation: dict[str, float] | None = None,
+    arm: str | None = None,
+    task: str | None = None,
 ) -> RosRun:
     """Run one episode per seed through `sim_bridge` + `policy_node` (+ `policy_watchdog` relaying its commands,
     as on a robot; `watchdog=False`: the node publishes to the controller itself); film the first one (`video`,
     `gif`: for a seeing policy, what it saw beside the scene); with `record` a `gato-ros record` process beside
     them writes the run into that bag directory. `perturbation` ({camera_shift_m, camera_tilt_deg, light_change})
-    perturbs the bridge's cameras per episode, as `StackingEnv` does in-process."""
+    perturbs the bridge's cameras per episode, as `StackingEnv` does in-process. `arm` (default the Panda) is the
+    simulated arm and the one the node serves; `task` (default the stacking task) what counts as success."""
     if policy_path == "expert":
         raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
-    from sim.env import StackingConfig
+    from sim.env import DEFAULT_ARM, StackingConfig
+    from sim.tasks import DEFAULT_TASK
 
     ros_environment()
+    arm, task = arm or DEFAULT_ARM, task or DEFAULT_TASK
     policy_path = str(Path(policy_path).resolve())
     max_steps = int(max_steps or StackingConfig().max_steps)
     period = 1.0 / StackingConfig().control_hz
@@ -337,10 +347,10 @@ def evaluate_over_ros(
     recorded = None
     frames: dict[str, np.ndarray] = {}
     try:
-        start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor, watchdog,
-                        perturbation)
+        topic = start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor,
+                                watchdog, perturbation, arm, task)
         supervisor = Supervisor()
-        wait_until_connected(supervisor, procs, None if record is None else Path(record))
+        wait_until_connected(supervisor, procs, None if record is None else Path(record), topic)
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
         from tqdm import tqdm
 
@@ -362,44 +372,79 @@ def evaluate_over_ros(
 
         # A seeing policy's film shows its first camera's frames (upscaled) beside the scene.
         replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period,
-                        policy_frames=next(iter(frames.values()), None))
+                        policy_frames=next(iter(frames.values()), None), arm=arm, task=task)
     return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
                   watchdog_diagnostics=watchdog_diagnostics,
                   domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},
                   recording=recorded, frames=frames)
 
 
+@dataclass(frozen=True)
+class ArmParameters:
+    """What the node and the watchdog are told for the arm a file serves (`name:=value` each), and the arm
+    controller topic their commands reach."""
+
+    node: list[str]
+    watchdog: list[str]
+    command_topic: str
+
+
+def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
+    """From the file's spec for `arm`: the output mode its actions are (the first controller mode that takes
+    them), and the gripper joint the watchdog finds in the node's commands (the layout the node builds)."""
+    from gato_ros.commands import ARM_COMMAND_TOPICS, MODES_FOR_ACTIONS, model_action_mode
+    from gato_ros.control import build_layout
+    from sim.spec import model_spec
+
+    spec = model_spec(policy_path, arm)
+    mode = MODES_FOR_ACTIONS[model_action_mode(spec)][0]
+    gripper = build_layout(spec).gripper_name or ""
+    node = [f"arm:={arm}", f"output_mode:={mode}"]
+    return ArmParameters(node=node, watchdog=[f"output_mode:={mode}", f"gripper_joint:={gripper}"],
+                         command_topic="/" + ARM_COMMAND_TOPICS[mode])
+
+
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
                     real_time_factor: float, watchdog: bool = True,
-                    perturbation: dict[str, float] | None = None) -> None:
-    """`sim_bridge` (its cameras from the model's spec; waiting for a reset, pausing between episodes),
-    `policy_node` on sim time, and `policy_watchdog`, which relays the node's stamped commands to the controller
-    topics, as on a robot."""
-    from sim.env import StackingConfig
+                    perturbation: dict[str, float] | None = None, arm: str | None = None,
+                    task: str | None = None) -> str:
+    """`sim_bridge` simulating `arm` (its cameras from the model's spec; waiting for a reset, pausing between
+    episodes), `policy_node` serving `arm` on sim time, and `policy_watchdog`, which relays the node's stamped
+    commands to the controller topics, as on a robot; the node serves `task` (a file with an instruction model
+    starts every episode with that task's instruction). Returns the arm controller topic."""
+    from sim.env import DEFAULT_ARM, StackingConfig
+    from sim.tasks import DEFAULT_TASK
 
+    arm, task = arm or DEFAULT_ARM, task or DEFAULT_TASK
     unknown = set(perturbation or {}) - set(PERTURBATION_OPTIONS)
     if unknown:
         raise ValueError(f"unknown perturbation option(s) {sorted(unknown)}; known: {PERTURBATION_OPTIONS}")
+    served = arm_parameters(policy_path, arm)  # a file that does not serve the arm: refused here, with the reason
     perturb = [a for name, value in (perturbation or {}).items() for a in ("-p", f"{name}:={float(value)!r}")]
     procs.start("bridge", _console_script("sim_bridge", "sim.bridge") + [
-        "--ros-args", "-p", f"seed:={first_seed}", "-p", f"model_path:={policy_path}",
-        "-p", f"real_time_factor:={float(real_time_factor)}", "-p", f"max_steps:={max_steps}",
-        "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", *perturb, "--log-level", "warn"])
+        "--ros-args", "-p", f"arm:={arm}", "-p", f"task:={task}", "-p", f"seed:={first_seed}",
+        "-p", f"model_path:={policy_path}", "-p", f"real_time_factor:={float(real_time_factor)}",
+        "-p", f"max_steps:={max_steps}", "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", *perturb,
+        "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",
-        "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}"])
+        "-p", "use_sim_time:=true", "-p", f"direct_output:={str(not watchdog).lower()}", "-p", f"task:={task}",
+        *[a for param in served.node for a in ("-p", param)]])
     if watchdog:
         procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
-            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}"])
+            "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}",
+            *[a for param in served.watchdog for a in ("-p", param)]])
+    return served.command_topic
 
 
-def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None) -> None:
-    """The bridge's services up, the node active, each side discovered by the other, and the recorder (with
-    `record`, a bag directory) subscribed."""
+def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None,
+                         command_topic: str = "/effort_controller/commands") -> None:
+    """The bridge's services up, the node active, each side discovered by the other (the commands on
+    `command_topic`), and the recorder (with `record`, a bag directory) subscribed."""
     _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
           "the bridge's services and the policy node to become active", procs)
     node = supervisor.node
-    _wait(lambda: node.count_publishers(COMMAND_TOPIC) >= 1 and node.count_subscribers("/joint_states") >= 1,
+    _wait(lambda: node.count_publishers(command_topic) >= 1 and node.count_subscribers("/joint_states") >= 1,
           30.0, "the node and the bridge to discover each other", procs)
     if record is not None:
         _start_recorder(procs, record, node)

@@ -73,9 +73,10 @@ def env_overrides(spec: EmbodimentSpec) -> dict:
     return {"image_size": int(images[0].shape[0]), "cameras": cameras or None}
 
 
-def model_spec(policy_path: str) -> EmbodimentSpec:
-    """The spec an exported ONNX policy carries in its metadata (through the runtime's public API)."""
+def model_spec(policy_path: str, arm: str | None = None) -> EmbodimentSpec:
+    """The spec an exported ONNX policy carries in its metadata for `arm` (None: the file's default arm), through
+    the runtime's public API: an arm the file does not serve is its ModelLoadError naming the arms it does."""
     from gato_ros.runtime import open_session, read_model_info
 
     session, _ = open_session(policy_path, "cpu", threads=1)
-    return read_model_info(session, policy_path).spec
+    return read_model_info(session, policy_path, arm).spec

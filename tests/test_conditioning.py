@@ -56,7 +56,8 @@ def data(tmp_path_factory) -> Path:
 def policy(data: Path) -> Path:
     out = data.parent.parent / "run"
     assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--context-window",
-                 str(REACH), "--seq-len", str(WINDOW), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--val-fraction", "0.2",
+                 str(REACH), "--seq-len", str(WINDOW), "--steps", "2", "--batch-size", "4", "--eval-every", "2",
+                 "--val-fraction", "0.2",
                  "--prompt-prob", "0.25", "--prompt-steps", str(PROMPT_STEPS), "--instruction-prob", "0.25",
                  "--no-progress"]) == 0
     path = out.parent / "conditioned.onnx"
@@ -76,13 +77,16 @@ def test_instruction_model_reads_the_instruction_set_and_refuses_other_words() -
         reader.encode("   ")
 
 
-def test_checkpoint_and_file_declare_the_conditioning(policy: Path) -> None:
+def test_checkpoint_and_file_declare_the_conditioning(policy: Path, capsys) -> None:
     served = load_served(policy.parent / "run")
     assert served is not None and served.conditioning is not None
     assert served.conditioning.prompt_steps == PROMPT_STEPS
     assert served.conditioning.instructions == {t: TASKS[t].instruction for t in TASK_NAMES}
     meta = {p.key: p.value for p in onnx.load(str(policy), load_external_data=False).metadata_props}
     assert contract.Conditioning.from_json(meta[contract.META_CONDITIONING]) == served.conditioning
+    assert main(["info", str(policy), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["conditioning"]
+    assert shown == {"prompt_steps": PROMPT_STEPS, "instructions": served.conditioning.instructions}
 
 
 def test_fused_export_of_a_pinned_checkpoint_is_refused(policy: Path) -> None:
@@ -212,9 +216,10 @@ def test_the_pinned_instruction_is_attended_after_the_window_has_rolled(policy: 
 
 
 def test_training_refuses_a_reach_shorter_than_an_episode(data: Path, tmp_path: Path, capsys) -> None:
-    assert 2 == main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--context-window",
-              str(WINDOW), "--steps", "1", "--batch-size", "4", "--prompt-prob", "0.25", "--prompt-steps", "1",
-              "--no-progress"])
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--context-window", str(WINDOW), "--steps", "1", "--batch-size", "4", "--prompt-prob", "0.25",
+                 "--prompt-steps", "1", "--no-progress"])
+    assert code == 2
     assert "attention reach" in capsys.readouterr().err
 
 

@@ -378,7 +378,7 @@ def test_a_prompt_is_cut_to_the_context_and_prepared_off_the_calling_thread(runt
     assert loader.take() is None
     assert loader.start(lambda: prompt, "live")
     loader.wait(30.0)
-    fresh, taken_prompt, note = loader.take(current=runtime)
+    fresh, taken_prompt, note, _ = loader.take(current=runtime)
     assert note == "live" and taken_prompt is prompt and fresh.position > 0, "the prompt is in the new context"
     assert made and made[0] != threading.current_thread().name
     assert loader.start(lambda: None, "again")

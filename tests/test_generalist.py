@@ -157,15 +157,17 @@ def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(expo
         unknown.trigger_configure()
         assert unknown.runtime is None and unknown.loop is None, "no runtime, so no command, for an unknown arm"
         assert "not arm 'ur5'" in unknown.last_error and "panda, xarm6" in unknown.last_error
-        # The default hold gains are the Panda's 7x7: the xArm6's six joints need their own.
-        xarm_gains = {"hold_stiffness": [20.0], "hold_damping": [2.0]}
-        # The xArm6 is velocity-commanded: the default effort output is refused rather than sent to it.
-        effort = node(arm="xarm6", **xarm_gains)
+        # The xArm6 is velocity-commanded: an effort output is refused rather than sent to it.
+        effort = node(arm="xarm6", output_mode="effort", hold_stiffness=[20.0], hold_damping=[2.0])
         effort.trigger_configure()
         assert effort.loop is None and "velocity" in effort.last_error, effort.last_error
-        xarm = node(arm="xarm6", output_mode="velocity", **xarm_gains)
+        # By default the node drives the arm in its model's own mode; the torque hold's gains (the Panda's 7x7 by
+        # default) are not asked of it: a velocity hold sends zeros.
+        xarm = node(arm="xarm6")
         assert xarm.trigger_configure() == TransitionCallbackReturn.SUCCESS, xarm.last_error
+        assert xarm.loop.mode == "velocity"
         assert xarm.runtime.spec == XARM and list(xarm.loop.layout.arm_names) == list(XARM.joint_names[:6])
+        xarm_gains = {"hold_stiffness": [20.0], "hold_damping": [2.0]}
         assert not xarm.set_parameters([Parameter("arm", value="panda")])[0].successful  # read only
         # A prompt is a demonstration of the served arm: a Panda episode is refused for the xArm6.
         prompted = node(arm="xarm6", output_mode="velocity", prompt_path=str(datasets[0]), **xarm_gains)
