@@ -172,6 +172,17 @@ def resolve_condition(policy: str, requested: str | None, task: str) -> str:
     return condition
 
 
+def over_ros_condition(policy: str, requested: str | None, task: str) -> str:
+    """The condition of an over-ROS run: the node's own (a file with an instruction for `task` starts every episode
+    with it, docs/interfaces.md; others start unconditioned); a ValueError for any other `requested`."""
+    conditioning = read_conditioning(policy)
+    node = "instruction" if conditioning is not None and task in conditioning.instructions else "none"
+    if requested not in (None, node):
+        raise ValueError(f"over ROS the policy node conditions {policy} on {node!r} for {task!r}; evaluate "
+                         f"--condition {requested} in-process (without --over-ros)")
+    return node
+
+
 class EpisodeConditioning:
     """What starts each episode of a run: `reset_arguments(seed)` are the policy's reset() arguments for the
     episode of `seed` under `condition` (demonstrations of `sim.prompts`, rolled in an env rendering `spec`'s
@@ -351,12 +362,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.policy not in BASELINES:
             check_policy_serves(args.policy, args.task, args.arm)
-        requested = args.condition or ("none" if args.over_ros else None)  # over ROS: no conditioning by default
-        condition = resolve_condition(args.policy, requested, args.task)
+        resolve = over_ros_condition if args.over_ros and args.policy not in BASELINES else resolve_condition
+        condition = resolve(args.policy, args.condition, args.task)
     except (ValueError, ModelLoadError) as e:
         raise SystemExit(f"gato-ros eval: {e}") from e
-    if args.over_ros and condition != "none":
-        raise SystemExit(f"gato-ros eval --over-ros: --condition {condition} is evaluated in-process only")
     start = time.perf_counter()
     if args.over_ros:
         from sim.ros_eval import evaluate_over_ros

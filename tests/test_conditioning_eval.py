@@ -19,7 +19,7 @@ from gato_ros import tokenizer as tok
 from gato_ros.cli import main
 from gato_ros.data import EpisodeWriter
 from sim.arms import embodiment_spec, make_env
-from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, resolve_condition
+from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, over_ros_condition, resolve_condition
 from sim.prompts import PROMPT_SEED_OFFSET, DemonstrationError, DemonstrationSource
 from sim.tasks import LIFT_HEIGHT, TASKS
 
@@ -144,6 +144,16 @@ def test_default_condition_is_prompt_only_for_a_file_that_declares_conditioning(
     assert resolve_condition(str(SHIPPED), None, "stack_red_on_blue") == "none"
     assert resolve_condition(str(conditioned_model), None, "lift_red") == "prompt"
     assert resolve_condition("random", None, "lift_red") == "none"
+
+
+def test_over_ros_the_condition_is_the_nodes_own(conditioned_model: Path, tmp_path: Path) -> None:
+    """The node starts every episode of a file with an instruction model with the task's instruction: an over-ROS
+    eval says so, and refuses to call it anything else before any process starts."""
+    assert over_ros_condition(str(conditioned_model), None, "lift_red") == "instruction"
+    assert over_ros_condition(str(SHIPPED), None, "stack_red_on_blue") == "none"
+    with pytest.raises(SystemExit, match="in-process"):
+        main(["eval", "--over-ros", "--policy", str(conditioned_model), "--task", "lift_red", "--condition", "prompt",
+              "--episodes", "1", "--json", str(tmp_path / "eval.json")])
 
 
 @pytest.mark.parametrize("which", ["shipped", "prompt-only"])
