@@ -329,7 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--condition", default=None, choices=CONDITIONS,
                         help="how each episode starts: none, prompt (a successful expert demonstration of --task), "
                         "wrong-prompt (the paired task's), instruction (the task's text); default: prompt for a file "
-                        "with conditioning metadata, else none")
+                        "with conditioning metadata, else none; --over-ros: the node's own (instruction for a file "
+                        "with an instruction model, else none)")
     parser.add_argument("--prompt-cache", type=Path, default=None,
                         help="folder keeping the demonstrations rolled for prompts, to reuse across runs")
     parser.add_argument("--task", default=DEFAULT_TASK, choices=task_names(), help="the task whose success counts")
