@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.evaluate import normalized_score, release_worker, resolve_condition, wilson_interval
+from sim.evaluate import difference_interval, normalized_score, release_worker, resolve_condition, wilson_interval
 
 CONDITION_CELLS = ("prompt", "wrong-prompt", "none", "instruction")
 BASELINE_CELLS = ("expert", "random")
@@ -105,6 +105,16 @@ def format_score(score: float | None) -> str:
     return "–" if score is None else f"{score:.0f}"
 
 
+def prompt_gap(cells: dict[str, dict]) -> str:
+    """Right minus wrong task's prompt, in percentage points with its 95 % interval: the conditioning's effect."""
+    if not {"prompt", "wrong-prompt"} <= cells.keys():
+        return "–"
+    right, wrong = cells["prompt"], cells["wrong-prompt"]
+    k1, n1, k2, n2 = right["successes"], right["episodes"], wrong["successes"], wrong["episodes"]
+    lo, hi = difference_interval(k1, n1, k2, n2)
+    return f"{100 * (k1 / n1 - k2 / n2):+.0f} ({100 * lo:+.0f} to {100 * hi:+.0f})"
+
+
 def markdown(table: dict) -> str:
     lines = [f"Policy `{table['policy']}` (sha256 {table['policy_sha256']}), {table['episodes']} episodes per cell on "
              f"seeds {table['seed']}–{table['seed'] + table['episodes'] - 1}"
@@ -117,10 +127,13 @@ def markdown(table: dict) -> str:
                   "|---|" + "---|" * len(CELLS)]
         lines += [f"| {task} | " + " | ".join(format_cell(cells.get(c)) for c in CELLS) + " |"
                   for task, cells in tasks.items()]
-        lines += ["", f"Normalized score ({arm}):", "", "| task | " + " | ".join(HEADINGS[c] for c in CONDITION_CELLS)
-                  + " |", "|---|" + "---|" * len(CONDITION_CELLS)]
+        lines += ["", f"Normalized score ({arm}), and right minus wrong prompt (success, percentage points, 95 % "
+                  "Newcombe interval):", "",
+                  "| task | " + " | ".join(HEADINGS[c] for c in CONDITION_CELLS) + " | right − wrong prompt |",
+                  "|---|" + "---|" * (len(CONDITION_CELLS) + 1)]
         lines += [f"| {task} | " + " | ".join(format_score(table["normalized_score"][arm][task].get(c))
-                                               for c in CONDITION_CELLS) + " |" for task in tasks]
+                                               for c in CONDITION_CELLS) + f" | {prompt_gap(cells)} |"
+                  for task, cells in tasks.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """95 % interval of the difference of two success rates, k1/n1 − k2/n2 (Newcombe 1998, method 10: from the two
+    Wilson intervals). Independent samples: on the same seeds it is conservative, never too narrow."""
+    p1, p2 = k1 / max(n1, 1), k2 / max(n2, 1)
+    (lo1, hi1), (lo2, hi2) = wilson_interval(k1, n1), wilson_interval(k2, n2)
+    return (p1 - p2 - math.hypot(p1 - lo1, hi2 - p2), p1 - p2 + math.hypot(hi1 - p1, p2 - lo2))
+
+
 def normalized_score(success_rate: float, random_rate: float, expert_rate: float) -> float | None:
     """JAT-style normalized score of a success rate: 0 = the random policy's, 100 = the scripted expert's, all three
     measured on the same seeds. None where the expert does no better than random (the scale is undefined)."""

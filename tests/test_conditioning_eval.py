@@ -19,7 +19,14 @@ from gato_ros import tokenizer as tok
 from gato_ros.cli import main
 from gato_ros.data import EpisodeWriter
 from sim.arms import embodiment_spec, make_env
-from sim.evaluate import EpisodeConditioning, RandomPolicy, normalized_score, over_ros_condition, resolve_condition
+from sim.evaluate import (
+    EpisodeConditioning,
+    RandomPolicy,
+    difference_interval,
+    normalized_score,
+    over_ros_condition,
+    resolve_condition,
+)
 from sim.prompts import PROMPT_SEED_OFFSET, DemonstrationError, DemonstrationSource
 from sim.tasks import LIFT_HEIGHT, TASKS
 
@@ -120,6 +127,12 @@ def test_normalized_score_is_zero_at_random_and_hundred_at_the_expert() -> None:
     assert normalized_score(0.5, random_rate=0.3, expert_rate=0.3) is None  # no scale: the expert is no better
 
 
+def test_difference_interval_is_newcombes() -> None:
+    """The right-minus-wrong-prompt interval: Newcombe (1998), Stat. Med. 17:873, table II, method 10."""
+    assert difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert difference_interval(5, 56, 0, 29) == pytest.approx((-0.0381, 0.1926), abs=1e-4)
+
+
 @pytest.mark.parametrize("arm", ["panda", "xarm6"])
 def test_random_policy_spans_the_limits_and_repeats_per_seed(arm: str) -> None:
     spec = embodiment_spec(arm)
@@ -196,6 +209,7 @@ def test_conditioning_table_fills_every_cell_and_resumes(conditioned_model: Path
     assert (told["condition"], told["instruction"]) == ("instruction", TASKS["lift_red"].instruction)
     markdown = (out / "conditioning.md").read_text()
     assert "| lift_red |" in markdown and "| lift_blue |" in markdown and "not run" not in markdown
+    assert markdown.count(" to ") == 2  # the right-minus-wrong prompt interval of each task
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "conditioning_table: panda" not in again.stdout  # every cell was done
     assert json.loads((out / "conditioning.json").read_text()) == table
