@@ -6,6 +6,7 @@ scripts/conditioning_table.py fills every cell of its table and resumes where it
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,28 +35,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "stack_int8.onnx"
 CUBE_HALF = 0.02
 RED_Z, BLUE_Z = 5, 8  # task_state: hand xyz, red xyz, blue xyz, ...
-
-
 TASK_NAMES = ("lift_red", "lift_blue")
-PANDA = embodiment_spec("panda")
-WINDOW = 4 * tok.timestep_token_count(PANDA)  # the runtime's cache: a 2-step prompt and two steps of the episode
+ARMS = ("panda", "xarm6")
+WINDOW = 4 * tok.timestep_token_count(embodiment_spec("panda"))  # the cache: a 2-step prompt and 2 episode steps
 
 
 @pytest.fixture(scope="module")
 def conditioned_model(tmp_path_factory) -> Path:
-    """A Panda file of lift_red and lift_blue trained (2 steps, on random episodes) and exported the way a generalist
-    is: prompted and instructed windows, pinned, so the file carries gato_ros.conditioning and an instruction model."""
+    """A file of both arms and lift_red / lift_blue, trained (2 steps, on random episodes) and exported the way a
+    generalist is: prompted and instructed windows, pinned, so it carries gato_ros.conditioning and an instruction
+    model."""
     root = tmp_path_factory.mktemp("conditioned")
     rng = np.random.default_rng(5)
-    with EpisodeWriter(root / "data", PANDA) as writer:
-        for e in range(6):
-            task, steps = TASK_NAMES[e % 2], 8
-            obs = {o.name: rng.normal(size=(steps, *o.shape)).astype(np.float32) for o in PANDA.observations}
-            actions = np.stack([rng.choice(a.values, steps) if a.kind == "discrete"
-                                else rng.uniform(-a.limit, a.limit, steps) for a in PANDA.actions], 1)
-            writer.add_episode(obs, actions, {"seed": e, "arm": "panda", "task": task,
-                                              "instruction": TASKS[task].instruction})
-    assert main(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--preset", "tiny",
+    for arm in ARMS:
+        spec = embodiment_spec(arm)
+        with EpisodeWriter(root / arm, spec) as writer:
+            for e in range(6):
+                task, steps = TASK_NAMES[e % 2], 8
+                obs = {o.name: rng.normal(size=(steps, *o.shape)).astype(np.float32) for o in spec.observations}
+                actions = np.stack([rng.choice(a.values, steps) if a.kind == "discrete"
+                                    else rng.uniform(-a.limit, a.limit, steps) for a in spec.actions], 1)
+                writer.add_episode(obs, actions, {"seed": e, "arm": arm, "task": task,
+                                                  "instruction": TASKS[task].instruction})
+    assert main(["train", "--data", *(str(root / arm) for arm in ARMS), "--out", str(root / "run"), "--preset", "tiny",
                  "--context-window", "1024", "--seq-len", str(WINDOW), "--steps", "2", "--batch-size", "4",
                  "--eval-every", "2", "--val-fraction", "0.2", "--prompt-prob", "0.25", "--prompt-steps", "2",
                  "--instruction-prob", "0.25", "--no-progress"]) == 0
@@ -193,23 +195,28 @@ def test_eval_records_the_condition_and_each_episodes_prompt(conditioned_model: 
 def test_conditioning_table_fills_every_cell_and_resumes(conditioned_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "table"
     command = [sys.executable, str(ROOT / "scripts" / "conditioning_table.py"), "--policy", str(conditioned_model),
-               "--episodes", "2", "--max-steps", "3", "--out", str(out)]
+               "--arms", "panda,xarm6", "--tasks", "lift_red,lift_blue", "--episodes", "2", "--max-steps", "3",
+               "--out", str(out)]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads((out / "conditioning.json").read_text())
     cells = {"prompt", "wrong-prompt", "none", "instruction", "expert", "random"}
-    assert set(table["cells"]) == {"panda"} and set(table["cells"]["panda"]) == {"lift_red", "lift_blue"}
-    for task, done in table["cells"]["panda"].items():
-        assert set(done) == cells, task
-        assert all(entry["episodes"] == 2 for entry in done.values())
-        assert set(table["normalized_score"]["panda"][task]) == {"prompt", "wrong-prompt", "none", "instruction"}
-    wrong = json.loads((out / "cells" / "panda" / "lift_blue" / "wrong-prompt.json").read_text())
-    assert (wrong["condition"], wrong["prompt_task"], wrong["task"]) == ("wrong-prompt", "lift_red", "lift_blue")
+    assert set(table["cells"]) == set(ARMS)
+    for arm in ARMS:
+        assert set(table["cells"][arm]) == set(TASK_NAMES)
+        for task, done in table["cells"][arm].items():
+            assert set(done) == cells, (arm, task)
+            assert all(entry["episodes"] == 2 for entry in done.values())
+            assert set(table["normalized_score"][arm][task]) == {"prompt", "wrong-prompt", "none", "instruction"}
+    wrong = json.loads((out / "cells" / "xarm6" / "lift_blue" / "wrong-prompt.json").read_text())
+    assert (wrong["condition"], wrong["prompt_task"], wrong["task"], wrong["arm"]) == ("wrong-prompt", "lift_red",
+                                                                                      "lift_blue", "xarm6")
     told = json.loads((out / "cells" / "panda" / "lift_red" / "instruction.json").read_text())
     assert (told["condition"], told["instruction"]) == ("instruction", TASKS["lift_red"].instruction)
     markdown = (out / "conditioning.md").read_text()
     assert "| lift_red |" in markdown and "| lift_blue |" in markdown and "not run" not in markdown
-    assert markdown.count(" to ") == 2  # the right-minus-wrong prompt interval of each task
+    assert markdown.count(" to ") == 4  # the right-minus-wrong prompt interval of each arm and task
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0 and "conditioning_table: panda" not in again.stdout  # every cell was done
+    assert again.returncode == 0
+    assert not re.search(r"^conditioning_table: \S+ \S+ \S+: \d+/\d+", again.stdout, re.M), "a finished cell ran again"
     assert json.loads((out / "conditioning.json").read_text()) == table
