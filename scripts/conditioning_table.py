@@ -9,9 +9,11 @@ For every (arm, task) the file serves (or those of --arms / --tasks) it runs `ga
 and with --policy expert and --policy random, all on seeds --seed, --seed + 1, ... Each finished cell is written
 at once (`cells/<arm>/<task>/<cell>.json`, the eval's own JSON plus the command that reruns it), and so are the
 tables (`conditioning.json`, `conditioning.md`): a run that is stopped resumes where it was, skipping every
-cell already written with the same settings. The Markdown gives success k/n with its 95 % Wilson interval and the
-JAT-style normalized score of each condition (0 = random policy, 100 = scripted expert; `sim.evaluate`).
-Demonstrations are rolled once per (arm, task, seed) and kept under `prompts/`.
+cell already written with the same settings (the same seeds and episode length, and for the policy's own cells the
+same file content). The Markdown gives success k/n with its 95 % Wilson interval, the JAT-style normalized score of
+each condition (0 = random policy, 100 = scripted expert; `sim.evaluate`) and the right prompt's success minus the
+wrong task's prompt's, with its 95 % interval: the conditioning's effect. Demonstrations are rolled once per (arm,
+task, seed) and kept under `prompts/` (delete it after changing the expert or the env).
 """
 
 from __future__ import annotations
