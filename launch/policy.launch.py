@@ -70,8 +70,10 @@ def generate_launch_description() -> LaunchDescription:
             namespace=LaunchConfiguration("namespace"),
             output="screen",
             condition=IfCondition(LaunchConfiguration("use_sim")),  # it publishes /clock: it runs on wall time
-            # A seeing model's spec chooses the cameras the bridge renders ("" = the bridge's own parameters).
-            parameters=[{"model_path": LaunchConfiguration("model")}],
+            # A seeing model's spec chooses the cameras the bridge renders ("" = the bridge's own parameters); the
+            # bridge simulates the arm the node serves and judges the task it performs ("" = the model's default).
+            parameters=[{"model_path": LaunchConfiguration("model"), "arm": LaunchConfiguration("arm"),
+                         "task": LaunchConfiguration("task")}],
         ),
         OpaqueFunction(function=_nodes),
     ])

@@ -103,7 +103,7 @@ from sim.tasks import DEFAULT_TASK
 
 PARAMETERS: dict[str, Any] = {
     "arm": "",  # the simulated arm (sim/arms.py): panda | xarm6; "" = the model's default arm, else panda
-    "task": DEFAULT_TASK,  # what counts as success (sim/tasks.py); the scene is the same for every task
+    "task": DEFAULT_TASK,  # what counts as success (sim/tasks.py; '' = the model's first, as the node reads '')
     "seed": 0,
     "image_size": 64,  # 0 = no camera (rendering costs ~14-30 ms a frame: README)
     "cameras": Parameter.Type.STRING_ARRAY,  # named cameras (sim/cameras.py); unset = the legacy scene camera
@@ -240,7 +240,12 @@ class SimBridge(Node):
             images = env_overrides(spec)
         else:
             images = {"image_size": prm["image_size"] or None, "cameras": tuple(prm["cameras"] or ()) or None}
-        return {**images, "task": str(prm["task"]), "max_steps": prm["max_steps"],
+        task = str(prm["task"])
+        if not task and prm["model_path"]:  # as the node reads task '': the model's first task
+            from gato_ros.info import describe
+
+            task = describe(prm["model_path"])["tasks"][0]
+        return {**images, "task": task or DEFAULT_TASK, "max_steps": prm["max_steps"],
                 "camera_shift_m": float(prm["camera_shift_m"]), "camera_tilt_deg": float(prm["camera_tilt_deg"]),
                 "light_change": float(prm["light_change"])}
 

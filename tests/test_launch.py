@@ -57,6 +57,9 @@ def test_launch_file_starts_a_lifecycle_policy_node_its_watchdog_and_the_sim():
     assert ast.unparse(started["policy_node"][1]["parameters"]) == ast.unparse(
         started["policy_watchdog"][1]["parameters"]), "the watchdog reads the same parameters"
     assert "condition" in started["sim_bridge"][1], "the sim starts only with use_sim"
+    bridge = ast.unparse(started["sim_bridge"][1]["parameters"])
+    for name in ("arm", "task"):  # the sim simulates the arm the node serves and judges its task
+        assert f"'{name}': LaunchConfiguration('{name}')" in bridge, bridge
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("policy_node") == "gato_ros.node:main"
     assert scripts.get("sim_bridge") == "sim.bridge:main"
