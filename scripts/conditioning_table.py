@@ -4,7 +4,7 @@ condition, beside the scripted expert and the random policy on the same held-out
     nice -n 10 .venv/bin/python scripts/conditioning_table.py --policy models/generalist_int8.onnx \\
         --episodes 50 --workers 2 --out runs/conditioning
 
-For every (arm, task) the file serves (or those of --arms / --tasks) it runs `gato-ros eval` in-process with
+For every (arm, task) the file serves (or those of --arms × --tasks, or --pairs) it runs `gato-ros eval` in-process with
 --condition prompt, wrong-prompt, none and instruction (the last only where the file has an instruction model),
 and with --policy expert and --policy random, all on seeds --seed, --seed + 1, ... Each finished cell is written
 at once (`cells/<arm>/<task>/<cell>.json`, the eval's own JSON plus the command that reruns it), and so are the
@@ -153,15 +153,22 @@ def served(policy: Path) -> tuple[list[str], list[str]]:
     return d["arms"], d["tasks"]
 
 
-def plan(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(arms, tasks) to run: those asked for, refusing any the file does not serve; every one it serves by default."""
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (arm, task) pairs to run: --pairs, else every --arms × --tasks (each default: all the file serves);
+    refusing an arm or a task the file does not serve."""
     arms, tasks = served(args.policy)
-    want_arms = [a for a in args.arms.split(",") if a] or arms
-    want_tasks = [t for t in args.tasks.split(",") if t] or tasks
-    unknown = [a for a in want_arms if a not in arms] + [t for t in want_tasks if t not in tasks]
+    if args.pairs:
+        pairs = [tuple(pair.split(":", 1)) for pair in args.pairs.split(",") if pair]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"conditioning_table: --pairs is a comma list of ARM:TASK, not {args.pairs!r}")
+    else:
+        want_arms = [a for a in args.arms.split(",") if a] or arms
+        want_tasks = [t for t in args.tasks.split(",") if t] or tasks
+        pairs = [(arm, task) for arm in want_arms for task in want_tasks]
+    unknown = sorted({a for a, _ in pairs if a not in arms} | {t for _, t in pairs if t not in tasks})
     if unknown:
         raise SystemExit(f"conditioning_table: {args.policy} serves arms {arms} and tasks {tasks}, not {unknown}")
-    return want_arms, want_tasks
+    return pairs
 
 
 def unavailable(policy: Path, task: str) -> dict[str, str]:
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, required=True, help="PATH.onnx")
     parser.add_argument("--arms", default="", help="comma list (default: every arm the file serves)")
     parser.add_argument("--tasks", default="", help="comma list (default: every task the file serves)")
+    parser.add_argument("--pairs", default="", help="comma list of ARM:TASK, in place of --arms × --tasks (a file's "
+                        "metadata lists its arms and tasks, not which arm was trained on which task)")
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=100_000, help="held-out seeds: seed, seed + 1, ...")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the env's)")
@@ -187,30 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/conditioning"))
     args = parser.parse_args(argv)
-    arms, tasks = plan(args)
+    pairs = plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
     digest = file_digest(args.policy)
     table: dict = {"policy": str(args.policy), "policy_sha256": digest, "episodes": args.episodes, "seed": args.seed,
                    "max_steps": args.max_steps, "cells": {}, "not_run": {}, "normalized_score": {}}
-    for arm in arms:
-        for task in tasks:
-            done: dict[str, dict] = table["cells"].setdefault(arm, {}).setdefault(task, {})
-            not_run = unavailable(args.policy, task)
-            if not_run:
-                table["not_run"].setdefault(arm, {})[task] = not_run
-            for cell in (c for c in CELLS if c not in not_run):
-                path = args.out / "cells" / arm / task / f"{cell}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                settings = cell_settings(args, digest, cell)
-                summary = load_cell(path, settings)
-                if summary is None:
-                    start = time.perf_counter()
-                    summary = run_cell(args, arm, task, cell, path, settings)
-                    print(f"conditioning_table: {arm} {task} {cell}: {summary['successes']}/{summary['episodes']} "
-                          f"({time.perf_counter() - start:.0f} s)", flush=True)
-                done[cell] = cell_entry(summary)
-                table["normalized_score"].setdefault(arm, {})[task] = scores(done)
-                write_tables(args.out, table)
+    for arm, task in pairs:
+        done: dict[str, dict] = table["cells"].setdefault(arm, {}).setdefault(task, {})
+        not_run = unavailable(args.policy, task)
+        if not_run:
+            table["not_run"].setdefault(arm, {})[task] = not_run
+        for cell in (c for c in CELLS if c not in not_run):
+            path = args.out / "cells" / arm / task / f"{cell}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            settings = cell_settings(args, digest, cell)
+            summary = load_cell(path, settings)
+            if summary is None:
+                start = time.perf_counter()
+                summary = run_cell(args, arm, task, cell, path, settings)
+                print(f"conditioning_table: {arm} {task} {cell}: {summary['successes']}/{summary['episodes']} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            done[cell] = cell_entry(summary)
+            table["normalized_score"].setdefault(arm, {})[task] = scores(done)
+            write_tables(args.out, table)
     print(f"conditioning_table: wrote {args.out / 'conditioning.md'} and {args.out / 'conditioning.json'}")
     return 0
 
