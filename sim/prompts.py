@@ -25,7 +25,7 @@ import numpy as np
 
 from gato_ros.spec import EmbodimentSpec
 
-PROMPT_SEED_OFFSET = 10**6  # demonstration seeds: the eval seed plus this (held apart from eval and training seeds)
+PROMPT_SEED_OFFSET = 10**6  # demonstration seeds: the eval seed plus this (far from the eval seeds 100 000 ...)
 MAX_DEMONSTRATION_TRIES = 20  # seeds tried after the first before giving up (the experts succeed >= 95 %)
 CONDITIONS = ("none", "prompt", "wrong-prompt", "instruction")
 # Tasks the scene alone cannot tell apart, in pairs: the wrong prompt of one is the other's demonstration.
