@@ -7,14 +7,15 @@
 # (its weights recovered from models/stack_int8.onnx) on all of them with prompts and instructions -> DAgger
 # rounds, the policy told the task by its instruction -> export (plain attention: the runtime pins the prefix).
 # The held-out task (place_blue_at_marker) is left out for the few-shot study.
-# Usage: scripts/train_generalist.sh [WORKDIR] [STEPS_1] [STEPS_2] [STEPS_3]
-#        (defaults: runs/generalist, 2500, 4000, 2000; about 40 min of training on 2 quiet CPU cores)
+# Usage: scripts/train_generalist.sh [WORKDIR] [STEPS_1] [STEPS_2] [STEPS_3] [STEPS_4]
+#        (defaults: runs/generalist, 2500, 4000, 2000, 6000; about an hour of training on 2 quiet CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/generalist}
 STEPS_1=${2:-2500}
 STEPS_2=${3:-4000}
 STEPS_3=${4:-2000}
+STEPS_4=${5:-6000}
 G=.venv/bin/gato-ros
 PY=.venv/bin/python
 export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
@@ -49,18 +50,21 @@ stage() {  # stage NAME INIT LR SEED STEPS
         "${resume[@]}"
     $G export --checkpoint "$W/$1" --out "$W/$1.onnx" --variants fp32,int8 "${EXPORT[@]}"
 }
-dagger() {  # dagger POLICY ROUND: 40 episodes per (arm, task), the policy told the task by its instruction
+dagger() {  # dagger POLICY ROUND BETA: 40 episodes per (arm, task), the policy told the task by its instruction
+    local seed=$((7000 + $2 * 100))
     for pair in $PAIRS; do
-        arm=${pair%%:*} task=${pair##*:}
+        arm=${pair%%:*} task=${pair##*:} seed=$((seed + 1))
         out="$W/data/dagger-$2-$arm-$task"
         [ -f "$out/dataset.json" ] || $G collect --episodes 40 --task "$task" --arm "$arm" --workers 2 \
-            --seed $((7000 + $2 * 100 + ${#task})) --policy "$1" --beta 0.2 --out "$out"
+            --seed "$seed" --policy "$1" --beta "$3" --out "$out"
     done
 }
 stage ft1 "$W/init" 5e-4 1 "$STEPS_1"
-dagger "$W/ft1.int8.onnx" 1
+dagger "$W/ft1.int8.onnx" 1 0.2
 stage ft2 "$W/ft1" 3e-4 2 "$STEPS_2"
-dagger "$W/ft2.int8.onnx" 2
+dagger "$W/ft2.int8.onnx" 2 0.2
 stage ft3 "$W/ft2" 2e-4 3 "$STEPS_3"
-cp "$W/ft3.int8.onnx" "$W/generalist_int8.onnx"
+dagger "$W/ft3.int8.onnx" 3 0.1
+stage ft4 "$W/ft3" 3e-4 4 "$STEPS_4"
+cp "$W/ft4.int8.onnx" "$W/generalist_int8.onnx"
 echo "generalist: $W/generalist_int8.onnx"
