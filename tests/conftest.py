@@ -17,8 +17,9 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1,
 @pytest.fixture(scope="module", autouse=True)
 def frozen_heap() -> Iterator[None]:
     """One pytest process runs every module; by the ROS modules its heap holds the models and datasets of the
-    training tests, and a full pass of the cyclic collector over it (0.3 s measured) holds the GIL, which stalls
-    the 20 Hz feeder threads and in-process nodes that the timing tests watch. A robot process does not carry that
+    training tests, and a full pass of the cyclic collector over it holds the GIL (up to 0.14 s in a partial run;
+    a fresh-clone CI run saw 0.3 s stalls), which stalls the 20 Hz feeder threads and in-process nodes that the
+    timing tests watch. A robot process does not carry that
     heap (the node freezes its own at configure), so each module freezes what the modules before it left."""
     gc.collect()
     gc.freeze()
