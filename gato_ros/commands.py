@@ -176,6 +176,11 @@ def model_action_mode(spec: Any) -> str:
     return mode
 
 
+def default_output_mode(spec: Any) -> str:
+    """The controller mode a model's actions drive as they are: the first of MODES_FOR_ACTIONS for its action mode."""
+    return MODES_FOR_ACTIONS[model_action_mode(spec)][0]
+
+
 def check_output_mode(output_mode: str, action_mode: str) -> None:
     """Refuse an output mode that the model's actions cannot drive, with the reason in the message."""
     if output_mode not in OUTPUT_MODES:

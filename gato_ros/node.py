@@ -287,7 +287,7 @@ class PolicyNode(LifecycleNode):
         layout = control.build_layout(runtime.spec, control.parse_joint_name_map(self._param("joint_name_map") or ()),
                                       self._param("joint_names") or (), self._param("gripper_action"))
         values = {n: self._param(n) for n in PARAMETERS}
-        mode = self._param("output_mode") or commands.MODES_FOR_ACTIONS[commands.model_action_mode(runtime.spec)][0]
+        mode = self._param("output_mode") or commands.default_output_mode(runtime.spec)
         settings = self._loop_settings(values, layout, mode)
         image_keys = [o.name for o in runtime.spec.observations if o.kind == "image"]
         image_topics = control.parse_image_topics(self._param("image_topics") or (), image_keys,

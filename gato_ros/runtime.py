@@ -126,8 +126,7 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
     `arm`: which of the file's arms to serve (its spec is `spec`); None: the default arm."""
     meta = session.get_modelmeta().custom_metadata_map
     config, _, context, trained_capacities = read_metadata(meta, path)
-    arm, arms, spec, has_images = choose_arm(meta, arm, path)
-    served = contract.read_served(meta)  # readable: choose_arm checked it
+    arm, served, spec, has_images = choose_arm(meta, arm, path)
     key = check_signature(session, config, has_images, path)
     heads, head_dim = key.shape[1], key.shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
@@ -146,7 +145,7 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
         config=config,
         spec=spec,
         arm=arm,
-        arms=arms,
+        arms=served.arms,
         context_tokens=context,
         variant=meta.get(contract.META_VARIANT, "fp32"),
         empty_position=int(meta.get(contract.META_EMPTY_POSITION, contract.EMPTY_POSITION)),
@@ -189,8 +188,9 @@ def read_metadata(meta: dict[str, str], path: str) -> tuple[GatoConfig, Embodime
     return config, spec, context, trained_capacities
 
 
-def choose_arm(meta: dict[str, str], arm: str | None, path: str) -> tuple[str, tuple[str, ...], EmbodimentSpec, bool]:
-    """(arm, every arm, that arm's spec, whether any served spec has images) from the file's `gato_ros.specs`
+def choose_arm(meta: dict[str, str], arm: str | None, path: str
+               ) -> tuple[str, contract.Served, EmbodimentSpec, bool]:
+    """(arm, what the file serves, that arm's spec, whether any served spec has images) from `gato_ros.specs`
     (a file without it serves contract.LEGACY_ARM with `gato_ros.spec`). An arm the file does not serve is a
     ModelLoadError naming the arms it does: never a command computed for another body."""
     try:
@@ -202,7 +202,7 @@ def choose_arm(meta: dict[str, str], arm: str | None, path: str) -> tuple[str, t
     arm = served.default_arm if arm is None else arm
     if arm not in specs:
         raise ModelLoadError(f"{path} serves arm(s) {', '.join(served.arms)}, not arm {arm!r}")
-    return arm, served.arms, specs[arm], any(s.image_keys for s in specs.values())
+    return arm, served, specs[arm], any(s.image_keys for s in specs.values())
 
 
 def check_signature(session: ort.InferenceSession, config: GatoConfig, images: bool, path: str) -> Any:
@@ -594,14 +594,20 @@ class PolicyRuntime:
         stream = tok.tokenize_episode(self.spec, observations, actions,
                                       observation_local_positions_only=self.local_only_observations)
         ids, local = stream["tokens"], stream["local_positions"]
-        patches = patch_pos = None
-        if self.info.has_images:
-            is_patch = ids == tok.PATCH_TOKEN
-            patches = np.zeros((len(ids), 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
-            patch_pos = np.zeros((len(ids), 2), np.int64)
-            patches[is_patch] = stream["patches"]
-            patch_pos[is_patch] = stream["patch_positions"]
-        return ids, local, patches, patch_pos
+        return ids, local, *self._patch_inputs(ids, stream["patches"], stream["patch_positions"])
+
+    def _patch_inputs(self, ids: np.ndarray, patches: np.ndarray, positions: np.ndarray
+                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-token patches and patch positions for a graph that takes images (the patch tokens' own, zeros
+        elsewhere); (None, None) for one that does not."""
+        if not self.info.has_images:
+            return None, None
+        is_patch = ids == tok.PATCH_TOKEN
+        per_token = np.zeros((len(ids), 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
+        per_token_pos = np.zeros((len(ids), 2), np.int64)
+        per_token[is_patch] = patches
+        per_token_pos[is_patch] = positions
+        return per_token, per_token_pos
 
     @property
     def instructions(self) -> InstructionTokenizer:
@@ -638,13 +644,7 @@ class PolicyRuntime:
         ts = tok.tokenize_observation(self.spec, observation,  # validates: ObservationError
                                       observation_local_positions_only=self.local_only_observations)
         ids, local = ts.tokens, ts.local_positions
-        patches = patch_pos = None
-        if self.info.has_images:
-            patches = np.zeros((len(ids), 3, tok.PATCH_SIZE, tok.PATCH_SIZE), np.float32)
-            patch_pos = np.zeros((len(ids), 2), np.int64)
-            is_patch = ids == tok.PATCH_TOKEN
-            patches[is_patch] = ts.patches
-            patch_pos[is_patch] = ts.patch_positions
+        patches, patch_pos = self._patch_inputs(ids, ts.patches, ts.patch_positions)
         if self._pending is not None:
             token, lp = self._pending
             ids = np.concatenate([[token], ids])

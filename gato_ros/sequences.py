@@ -177,20 +177,17 @@ class SequenceDataset(Dataset):
 
     def _prefix(self, j: int, rng: np.random.Generator) -> tuple[TokenizedEpisode, int, int] | None:
         """What conditions window j, if anything: a demonstration prompt, or the instruction of its task."""
-        if self.instruction_prob <= 0:
-            return self._prompt(j, rng)  # the draws of a prompt-only dataset, as before instructions existed
+        if self.prompt_prob <= 0 and self.instruction_prob <= 0:
+            return None
         u = rng.random()
         if u < self.prompt_prob:
-            return self._prompt(j, rng, drawn=True)
+            return self._prompt(j, rng)
         if u < self.prompt_prob + self.instruction_prob:
             piece = self.instructions[self.episodes[j].task]
             return piece, 0, len(piece.tokens)
         return None
 
-    def _prompt(self, j: int, rng: np.random.Generator, drawn: bool = False
-                ) -> tuple[TokenizedEpisode, int, int] | None:
-        if not drawn and (self.prompt_prob <= 0 or rng.random() >= self.prompt_prob):
-            return None
+    def _prompt(self, j: int, rng: np.random.Generator) -> tuple[TokenizedEpisode, int, int] | None:
         others = [o for o in self.by_task[self.episodes[j].task] if o != j]
         if not others:
             return None

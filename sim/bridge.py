@@ -136,8 +136,8 @@ class SimBridge(Node):
             self.declare_parameter(name, default)
         prm = {name: self._value(name) for name in PARAMETERS}
         self.prm = prm
-        self.arm_name, spec = self._arm_and_spec(prm)
-        self.env = make_env(self.arm_name, **self._env_options(prm, spec))
+        self.arm_name, spec, model_task = self._served(prm)
+        self.env = make_env(self.arm_name, **self._env_options(prm, spec, model_task))
         if tuple(self.env.joint_names) != tuple(spec.joint_names):
             raise ValueError(f"the {self.arm_name} spec's joints {list(spec.joint_names)} are not the simulated "
                              f"arm's {list(self.env.joint_names)}")
@@ -217,35 +217,31 @@ class SimBridge(Node):
             return None
 
     @staticmethod
-    def _arm_and_spec(prm: dict[str, Any]) -> tuple[str, EmbodimentSpec]:
-        """The arm and its spec: the one the model at `model_path` serves for it (through the runtime's public API;
-        a file that does not serve the arm is refused, naming the arms it does), else the arm's own in the
-        stacking scene."""
+    def _served(prm: dict[str, Any]) -> tuple[str, EmbodimentSpec, str]:
+        """The arm, its spec and the model's first task: the spec the model at `model_path` serves for the arm
+        (through the runtime's public API; a file that does not serve the arm is refused, naming the arms it does),
+        else the arm's own in the stacking scene and no task."""
         arm = str(prm["arm"])
         if prm["model_path"]:
             from gato_ros.runtime import open_session, read_model_info
 
             session, _ = open_session(prm["model_path"], "cpu", threads=1)
             info = read_model_info(session, prm["model_path"], arm or None)
-            return check_arm(info.arm), info.spec
+            return check_arm(info.arm), info.spec, info.tasks[0]
         arm = check_arm(arm or DEFAULT_ARM)
-        return arm, embodiment_spec(arm)
+        return arm, embodiment_spec(arm), ""
 
     @staticmethod
-    def _env_options(prm: dict[str, Any], spec: EmbodimentSpec) -> dict[str, Any]:
-        """The env options: cameras from the model's spec, else from the parameters."""
+    def _env_options(prm: dict[str, Any], spec: EmbodimentSpec, model_task: str) -> dict[str, Any]:
+        """The env options: cameras from the model's spec, else from the parameters; the task, '' meaning the
+        model's first (as the node reads task ''), else the default."""
         if prm["model_path"]:
             from sim.spec import env_overrides
 
             images = env_overrides(spec)
         else:
             images = {"image_size": prm["image_size"] or None, "cameras": tuple(prm["cameras"] or ()) or None}
-        task = str(prm["task"])
-        if not task and prm["model_path"]:  # as the node reads task '': the model's first task
-            from gato_ros.info import describe
-
-            task = describe(prm["model_path"])["tasks"][0]
-        return {**images, "task": task or DEFAULT_TASK, "max_steps": prm["max_steps"],
+        return {**images, "task": str(prm["task"]) or model_task or DEFAULT_TASK, "max_steps": prm["max_steps"],
                 "camera_shift_m": float(prm["camera_shift_m"]), "camera_tilt_deg": float(prm["camera_tilt_deg"]),
                 "light_change": float(prm["light_change"])}
 

@@ -392,12 +392,12 @@ class ArmParameters:
 def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
     """From the file's spec for `arm`: the output mode its actions are (the first controller mode that takes
     them), and the gripper joint the watchdog finds in the node's commands (the layout the node builds)."""
-    from gato_ros.commands import ARM_COMMAND_TOPICS, MODES_FOR_ACTIONS, model_action_mode
+    from gato_ros.commands import ARM_COMMAND_TOPICS, default_output_mode
     from gato_ros.control import build_layout
     from sim.spec import model_spec
 
     spec = model_spec(policy_path, arm)
-    mode = MODES_FOR_ACTIONS[model_action_mode(spec)][0]
+    mode = default_output_mode(spec)
     gripper = build_layout(spec).gripper_name or ""
     node = [f"arm:={arm}", f"output_mode:={mode}"]
     return ArmParameters(node=node, watchdog=[f"output_mode:={mode}", f"gripper_joint:={gripper}"],
