@@ -269,6 +269,10 @@ class GatoConfig:
     # what the transformer learns to extract; the serving graph never contains it.
     aux_size: int = 0
     aux_weight: float = 1.0  # its mean squared error's weight beside the action loss
+    # Positions [0, pinned_span) hold a pinned prefix (a prompt or an instruction): every later query sees those
+    # keys, however far back, while the episode's own tokens (from position pinned_span on) are seen within
+    # context_window. So a conditioned policy keeps a short reach and its prefix alike. 0: no such region.
+    pinned_span: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -277,6 +281,8 @@ class GatoConfig:
             raise ValueError("head dimension must be even for rotary embeddings")
         if not 0 < self.context_window < self.rope_period:
             raise ValueError(f"context_window {self.context_window} must be in (0, rope_period={self.rope_period})")
+        if not 0 <= self.pinned_span < self.rope_period:
+            raise ValueError(f"pinned_span {self.pinned_span} must be in [0, rope_period={self.rope_period})")
 
     @property
     def head_dim(self) -> int:

@@ -560,6 +560,9 @@ def export(model: GatoModel, spec: EmbodimentSpec, out: str | Path, variants: tu
     those are the other capacities the model was trained to be served with (`gato_ros.trained_capacities`); the
     runtime refuses any capacity that is neither."""
     out = Path(out)
+    if model.config.pinned_span and fused_graph_applies(spec, full_vocab_head, attention):
+        raise ValueError("a model with a pinned span is exported with attention='plain' (--attention plain): the "
+                         "fused graph masks by reach alone")
     context = int(context or model.config.context_window)
     trained_capacities = tuple(sorted({int(c) for c in trained_capacities} - {model.config.context_window}))
     if context != model.config.context_window and context not in trained_capacities:

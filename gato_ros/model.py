@@ -2,11 +2,12 @@
 
 Contract (docs/interfaces.md "Model"): `forward` takes explicit per-layer past keys/values with the
 absolute positions of the cached keys, and returns the logits plus the NEW tokens' keys/values only.
-A query at position q sees a key at position k iff 0 <= q - k < context_window, in training and at
-run time alike. Position enters only through rotary embeddings of `position_ids mod rope_period`
-whose frequencies are integer multiples of 2*pi/rope_period, so the rotation is exactly periodic:
-a run of any length keeps exact relative attention and the angles never lose precision. Keys are
-cached already rotated, so a rolling cache evicts the oldest slot with no recompute.
+A query at position q sees a key at position k iff 0 <= q - k < context_window, or 0 <= k < pinned_span
+(a pinned prefix: a prompt or an instruction) and k <= q, in training and at run time alike. Position
+enters only through rotary embeddings of `position_ids mod rope_period` whose frequencies are integer
+multiples of 2*pi/rope_period, so the rotation is exactly periodic: a run of any length keeps exact relative
+attention and the angles never lose precision. Keys are cached already rotated, so a rolling cache evicts the
+oldest slot with no recompute.
 
 Everything in `forward` is ONNX-exportable: no data-dependent Python control flow, no complex numbers,
 masks from comparisons, plain matmul-softmax attention.
@@ -287,7 +288,11 @@ class GatoModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.rope_k, self.config.rope_period)
         key_positions = position_ids if past_positions is None else torch.cat([past_positions, position_ids], dim=1)
         delta = position_ids.unsqueeze(-1) - key_positions.unsqueeze(1)  # [B, S, C+S]
-        allowed = ((delta >= 0) & (delta < self.config.context_window)).unsqueeze(1)  # [B, 1, S, C+S]
+        allowed = (delta >= 0) & (delta < self.config.context_window)  # [B, S, C+S]
+        if self.config.pinned_span:  # a pinned prefix stays in sight (empty slots have negative positions)
+            pinned = (key_positions >= 0) & (key_positions < self.config.pinned_span)
+            allowed = allowed | ((delta >= 0) & pinned.unsqueeze(1))
+        allowed = allowed.unsqueeze(1)  # [B, 1, S, C+S]
         presents: list[KeyValue] = []
         for i, block in enumerate(self.blocks):
             past = None if past_key_values is None else past_key_values[i]

@@ -510,9 +510,10 @@ class PolicyRuntime:
         for slots, taken in pieces:
             positions[slots] = feeds[contract.POSITION_IDS][0, taken]
         self.position = start + S
-        if self.pinned and self.position > self.info.config.context_window >= start:
+        reach = self.info.config.context_window
+        if self.pinned and not self.info.config.pinned_span and self.position > reach >= start:
             log.warning("%s: the episode has passed the model's attention reach of %d tokens: the pinned prompt or "
-                        "instruction is no longer seen", self.model_path, self.info.config.context_window)
+                        "instruction is no longer seen", self.model_path, reach)
         if self.in_place:  # the ring holds more slots than the capacity: hide what falls out of the newest C
             expired = max(0, start - self.capacity)
             for slots, _ in ring_slices(expired, self.position - self.capacity - expired, self.ring_slots):
@@ -553,8 +554,8 @@ class PolicyRuntime:
 
         A file trained with prompts (`info.conditioning`) keeps the last `prompt_steps` timesteps of the
         demonstration, and pins the prefix: it stays in the cache for the whole episode while the episode's own
-        tokens roll, as training showed it. Other files take the whole demonstration, which rolls out of the
-        cache like any tokens."""
+        tokens roll, as training showed it (a file with a pinned span starts the episode at that position, prefix
+        or not). Other files take the whole demonstration, which rolls out of the cache like any tokens."""
         if prompt is not None and instruction is not None:
             raise ValueError("condition on a demonstration prompt or an instruction, not both")
         ids, local, patches, patch_pos = self._prefix(prompt, instruction)
@@ -562,6 +563,10 @@ class PolicyRuntime:
         if conditioning is not None and len(ids) > self.capacity - tok.timestep_token_count(self.spec):
             raise ValueError(f"a prefix of {len(ids)} tokens leaves no room for a timestep in the context of "
                              f"{self.capacity} tokens")
+        span = self.info.config.pinned_span
+        if span and len(ids) > span:
+            raise ValueError(f"a prefix of {len(ids)} tokens overflows the {span} positions {self.model_path} "
+                             f"reserves for one")
         self.position = 0
         self.pinned = 0
         self.past_positions.fill(self.info.empty_position)  # empty slots are masked by position
@@ -573,6 +578,7 @@ class PolicyRuntime:
                          None if patch_pos is None else patch_pos[s:e])
         if conditioning is not None:
             self.pinned = self.position
+        self.position = max(self.position, span)  # a pinned span: the episode starts after it, as in training
 
     def _prefix(self, prompt: dict[str, Any] | None, instruction: str | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:

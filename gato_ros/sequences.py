@@ -12,6 +12,8 @@ episode's instruction (`gato_ros.instructions`). With `pin_prefix` (files traine
 contract.Conditioning), the prefix sits at positions 0.. and the episode's tokens keep their true offset in
 the episode after it (position P + token index), which is exactly the context the runtime builds when it
 pins the prefix and rolls the episode's tokens; without it, positions simply count through the window.
+A model with a pinned span (GatoConfig.pinned_span) reserves positions 0..span-1 for the prefix and sees them
+from every later token: its episode tokens start at position span + their offset, prefix or not.
 
 Several specs (a generalist: Gato serializes each body with its own tokens per timestep): each spec's
 episodes are tokenized with that spec, and `MixedSpecWindows` serves them as one dataset, so a batch
@@ -108,6 +110,8 @@ class SequenceDataset(Dataset):
     instruction_prob: share of windows that start with their episode's instruction (needs `instructions`)
     instructions:  task name -> the text token ids of its instruction
     pin_prefix:    lay prompted windows out as the runtime's pinned prefix does (see above)
+    pinned_span:   the model's GatoConfig field of that name: every window's episode tokens then start at
+                   position pinned_span + their offset in the episode, any prefix at 0..
     train:         sample patch positions inside their intervals and draw prompts at random;
                    otherwise interval means and a prompt choice fixed per item
     observation_local_positions_only: the model's GatoConfig field of that name (which tokens get local
@@ -132,6 +136,7 @@ class SequenceDataset(Dataset):
         instruction_prob: float = 0.0,
         instructions: dict[str, np.ndarray] | None = None,
         pin_prefix: bool = False,
+        pinned_span: int = 0,
     ) -> None:
         self.spec = dataset.spec
         self.aux_size = dataset.aux[aux_key].size if aux_key else 0
@@ -157,6 +162,7 @@ class SequenceDataset(Dataset):
                 self.episodes[-1].aux = dataset.aux[aux_key].normalize(dataset.aux_values(i, aux_key))
         self.instruction_prob = instruction_prob
         self.pin_prefix = pin_prefix
+        self.pinned_span = pinned_span
         self.instructions = {task: instruction_piece(ids, task) for task, ids in (instructions or {}).items()}
         lacking = {ep.task for ep in self.episodes} - set(self.instructions)
         if instruction_prob > 0 and lacking:
@@ -210,7 +216,11 @@ class SequenceDataset(Dataset):
         first = start_step * ep.step_tokens
         pieces.append((ep, first, min(L + 1 - used, len(ep.tokens) - first), True))
         positions = np.arange(L, dtype=np.int64)
-        if self.pin_prefix and used:
+        if self.pinned_span:  # the episode from position pinned_span on, whatever the prefix (as the runtime does)
+            if used > self.pinned_span:
+                raise ValueError(f"a prefix of {used} tokens overflows the model's pinned span of {self.pinned_span}")
+            positions[used:] = self.pinned_span + first + np.arange(L - used)
+        elif self.pin_prefix and used:
             positions[used:] += first  # the episode's tokens at their offset in the episode, after the prefix
 
         n = L + 1  # one extra token so the last input position has a target

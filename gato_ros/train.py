@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-steps", type=int, default=0, help="Gato prompting as the runtime serves it: prompts "
                         "of this many timesteps, pinned at the context's start (the episode's tokens keep their offset "
                         "after it); the file then declares it (gato_ros.conditioning). 0: off")
+    parser.add_argument("--pinned-span", type=int, default=None, help="reserve this many positions at the context's "
+                        "start for the pinned prompt/instruction, seen from every later token whatever "
+                        "--context-window (which then stays the episode's own reach); 0: the prefix must lie within "
+                        "the reach")
     parser.add_argument("--instruction-prob", type=float, default=0.0, help="share of windows that start with their "
                         "episode's instruction text (its `instruction` metadata), pinned as a prompt is")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
@@ -403,10 +407,12 @@ def choose_config(args: argparse.Namespace, specs: list[EmbodimentSpec], resumin
         config = GatoConfig.from_json((source / "config.json").read_text())
         if args.init and not resuming and args.context_window is not None:
             config = replace(config, context_window=args.context_window)  # the attention reach may change
+        if args.init and not resuming and args.pinned_span is not None:
+            config = replace(config, pinned_span=args.pinned_span)
     else:
         config = GatoConfig.from_preset(
             args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
-            value_embedding=False if args.no_value_embedding else None,
+            value_embedding=False if args.no_value_embedding else None, pinned_span=args.pinned_span,
         )
     for spec in specs:
         if tok.timestep_token_count(spec) > config.max_local_positions:
@@ -440,10 +446,18 @@ def check_reach(config: GatoConfig, groups: list[EpisodeCollection], conditionin
                 seq_len: int) -> None:
     """A pinned prefix conditions the whole episode only while it is within the model's attention reach
     (config.context_window: a query sees keys fewer than that many positions back). The cache the runtime keeps
-    is a separate number (the training window, `--seq-len`; set at export with --context-tokens)."""
+    is a separate number (the training window, `--seq-len`; set at export with --context-tokens). A model with
+    a pinned span sees its prefix from anywhere: the prefix need only fit the span."""
     longest = max(int(e["length"]) * tok.timestep_token_count(g.spec) for g in groups for e in g.episodes)
+    reader = (instructions.InstructionTokenizer.from_base64(conditioning.instruction_model)
+              if conditioning.instruction_model else None)
     prefix = max([conditioning.prompt_steps * tok.timestep_token_count(g.spec) for g in groups]
-                 + [len(text.split()) for text in conditioning.instructions.values()])
+                 + [len(reader.encode(text)) for text in conditioning.instructions.values() if reader is not None])
+    if config.pinned_span:
+        if prefix > config.pinned_span:
+            raise SetupError(f"the longest prompt/instruction has {prefix} tokens, more than --pinned-span "
+                             f"{config.pinned_span}")
+        return
     if config.context_window < prefix + longest:
         raise SetupError(f"a pinned prompt/instruction must stay within the attention reach for a whole episode: "
                          f"--context-window {config.context_window} < {prefix + longest} tokens (prefix + the longest "
@@ -458,7 +472,7 @@ def make_datasets(args: argparse.Namespace, groups: list[EpisodeCollection], con
     Each spec's episodes are split and tokenized on their own (so each spec has held-out episodes); one spec
     gives its SequenceDataset itself, several a MixedSpecWindows over them."""
     layout = {"observation_local_positions_only": config.observation_local_positions_only, "seed": args.seed,
-              "aux_key": args.aux_key if config.aux_size else None}
+              "aux_key": args.aux_key if config.aux_size else None, "pinned_span": config.pinned_span}
     prompt_prob, prompt_tokens = args.prompt_prob, args.prompt_tokens
     if conditioning is not None:
         reader = (instructions.InstructionTokenizer.from_base64(conditioning.instruction_model)

@@ -237,3 +237,94 @@ def test_a_file_without_conditioning_keeps_rolling_prompts() -> None:
     runtime.reset(prompt=demo)
     assert runtime.pinned == 0 and runtime.position == steps * tok.timestep_token_count(spec)
     assert json.loads(json.dumps(runtime.info.tasks)) == list(runtime.info.tasks)
+
+
+# ---------------------------------------------------------------- a short reach with a pinned span
+SPAN = 48  # positions 0..47 hold the prefix; the episode's own tokens are seen one timestep back
+SPANNED_CACHE = SPAN + 2 * STEP
+
+
+@pytest.fixture(scope="module")
+def spanned(data: Path) -> Path:
+    out = data.parent.parent / "spanned"
+    assert main(["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--context-window", str(STEP),
+                 "--pinned-span", str(SPAN), "--seq-len", str(WINDOW), "--steps", "2", "--batch-size", "4",
+                 "--eval-every", "2", "--val-fraction", "0.2", "--prompt-prob", "0.25", "--prompt-steps",
+                 str(PROMPT_STEPS), "--instruction-prob", "0.5", "--no-progress"]) == 0
+    path = out.parent / "spanned.onnx"
+    assert main(["export", "--checkpoint", str(out), "--out", str(path), "--variants", "fp32", "--attention", "plain",
+                 "--context-tokens", str(SPANNED_CACHE), "--trained-capacities", str(SPANNED_CACHE)]) == 0
+    return path
+
+
+def test_a_pinned_span_starts_the_episode_after_it_as_training_does(spanned: Path, data: Path) -> None:
+    runtime = PolicyRuntime(spanned, provider="cpu", threads=1)
+    assert runtime.info.config.pinned_span == SPAN and runtime.info.config.context_window == STEP
+    stored = read_dataset(data)
+    episode = stored.episode(0)
+    text = runtime.instruction_for(stored.episodes[0]["task"])
+    runtime.reset(instruction=text)
+    assert runtime.pinned == len(runtime.instructions.encode(text)) and runtime.position == SPAN
+    steps = 5
+    fed = stream_of(runtime, episode, steps)
+    reader = InstructionTokenizer.from_base64(runtime.info.conditioning.instruction_model)
+    windows = SequenceDataset(stored, WINDOW, instruction_prob=1.0, pin_prefix=True, pinned_span=SPAN,
+                              instructions={t: reader.encode(TASKS[t].instruction) for t in TASK_NAMES})
+    i = windows.index.index((0, steps - 2))
+    item = windows[i]
+    positions, ids = item["position_ids"].numpy(), item["input_ids"].numpy()
+    n = runtime.pinned
+    assert list(positions[:n]) == list(range(n)) and positions[n] == SPAN + (steps - 2) * STEP
+    held = set(visible(runtime).tolist())
+    for p, t in zip(positions, ids, strict=True):
+        if p < runtime.position and (p < n or p >= runtime.position - STEP):
+            assert p in held and (ids[p] if p < n else fed[int(p)]) == t, p
+    runtime.reset()  # no prefix: the episode still starts at the span, nothing is pinned
+    assert runtime.pinned == 0 and runtime.position == SPAN
+
+
+def test_a_pinned_span_sees_its_prefix_and_only_the_reach_of_the_episode(spanned: Path, data: Path) -> None:
+    """Deep into an episode the next tick's logits depend on the pinned instruction and on the last timestep's
+    tokens, and on nothing older (bit-identical when an older token is hidden: a masked key weighs exactly 0)."""
+    runtime = PolicyRuntime(spanned, provider="cpu", threads=1)
+    episode = read_dataset(data).episode(1)
+    runtime.reset(instruction=runtime.instruction_for(TASK_NAMES[1]))
+    stream_of(runtime, episode, 6)
+    saved = ([c.copy() for c in runtime.cache], runtime.past_positions.copy(), runtime.position, runtime._pending)
+    obs = {k: v[6] for k, v in episode[0].items()}
+
+    def next_logits(hide: np.ndarray | None = None) -> np.ndarray:
+        for c, s in zip(runtime.cache, saved[0], strict=True):
+            c[...] = s
+        runtime.past_positions[...] = saved[1]
+        runtime.position, runtime._pending = saved[2], saved[3]
+        if hide is not None:
+            runtime.past_positions[0, np.isin(saved[1][0], hide)] = runtime.info.empty_position
+        runtime.step_tokens(obs)
+        return runtime._logits.copy()
+
+    seen = next_logits()
+    end = saved[2]
+    assert np.array_equal(seen, next_logits()), "deterministic"
+    assert not np.array_equal(seen, next_logits(np.arange(runtime.pinned))), "the pinned instruction is attended"
+    assert not np.array_equal(seen, next_logits(np.array([end - 1]))), "the last tokens are attended"
+    older = np.arange(SPAN, end - STEP)
+    assert np.isin(older, saved[1][0]).any(), "the cache holds tokens beyond the reach"
+    assert np.array_equal(seen, next_logits(older)), "tokens beyond the reach are not attended"
+
+
+def test_a_prefix_longer_than_the_pinned_span_is_refused(data: Path, tmp_path: Path, capsys) -> None:
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--context-window", str(STEP), "--pinned-span", str(STEP - 1), "--seq-len", str(WINDOW),
+                 "--steps", "1", "--batch-size", "4", "--prompt-prob", "0.25", "--prompt-steps", "1", "--no-progress"])
+    assert code == 2
+    assert "--pinned-span" in capsys.readouterr().err
+
+
+def test_fused_export_of_a_pinned_span_model_is_refused(spanned: Path) -> None:
+    from gato_ros.export import export
+    from gato_ros.train import load_checkpoint
+
+    model, _, spec = load_checkpoint(spanned.parent / "spanned")
+    with pytest.raises(ValueError, match="attention='plain'"):
+        export(model, spec, spanned.parent / "fused.onnx", attention="fused", check=False)

@@ -29,6 +29,7 @@ from sim.evaluate import (
     normalized_score,
     over_ros_condition,
     resolve_condition,
+    wilson_interval,
 )
 from sim.prompts import PROMPT_SEED_OFFSET, DemonstrationError, DemonstrationSource
 from sim.tasks import LIFT_HEIGHT, TASKS
@@ -135,6 +136,17 @@ def test_difference_interval_is_newcombes() -> None:
     """The right-minus-wrong-prompt interval: Newcombe (1998), Stat. Med. 17:873, table II, method 10."""
     assert difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
     assert difference_interval(5, 56, 0, 29) == pytest.approx((-0.0381, 0.1926), abs=1e-4)
+
+
+def test_wilson_interval_holds_the_rate_at_both_ends() -> None:
+    """All successes or none: the interval ends at 100 % or 0 % exactly (the eval's plot draws rate - lo and
+    hi - rate as error bars, which must not be negative; rounding made 6/6 end at 0.9999999999999999)."""
+    for n in range(1, 121):
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0, n
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert lo <= k / n <= hi
+    assert wilson_interval(37, 50) == pytest.approx((0.6045, 0.8413), abs=1e-4)
 
 
 @pytest.mark.parametrize("arm", ["panda", "xarm6"])
