@@ -3,7 +3,8 @@
 Contract (docs/interfaces.md "Model"): `forward` takes explicit per-layer past keys/values with the
 absolute positions of the cached keys, and returns the logits plus the NEW tokens' keys/values only.
 A query at position q sees a key at position k iff 0 <= q - k < context_window, or 0 <= k < pinned_span
-(a pinned prefix: a prompt or an instruction) and k <= q, in training and at run time alike. Position
+(a pinned prefix: a prompt or an instruction) and k <= q, in training and at run time alike; a pinned key is
+scored without rotary positions, so the prefix reads the same from anywhere in an episode. Position
 enters only through rotary embeddings of `position_ids mod rope_period` whose frequencies are integer
 multiples of 2*pi/rope_period, so the rotation is exactly periodic: a run of any length keeps exact relative
 attention and the angles never lose precision. Keys are cached already rotated, so a rolling cache evicts the
@@ -162,20 +163,30 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         allowed: torch.Tensor,
         past: KeyValue | None,
+        pinned: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KeyValue]:
+        """`pinned` [B, C+S] bool marks the keys of a pinned prefix (GatoConfig.pinned_span): cached unrotated
+        (cos/sin of angle 0 at their positions) and scored against the unrotated query, so a query weighs the
+        prefix the same however far into the episode it is; every other key is scored with rotary positions."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        plain_q = q
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         present = (k, v)
         if past is not None:
             k = torch.cat([past[0].to(k.dtype), k], dim=2)
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        if pinned is not None:  # one product gives q_rot.k for rotary keys and q.k for pinned ones
+            on = pinned[:, None, :, None].to(k.dtype)
+            q = torch.cat([q, plain_q], dim=-1)
+            k = torch.cat([k * (1 - on), k * on], dim=-1)
+        scale = 1.0 / math.sqrt(self.head_dim)
         if self.fused and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             # Same math, fused kernel (several times faster in training); exports take the plain path.
             p = self.dropout.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=scale)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            att = (q @ k.transpose(-2, -1)) * scale
             att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)
             att = self.dropout(torch.softmax(att, dim=-1))
             y = att @ v
@@ -202,8 +213,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, allowed, past):  # type: ignore[no-untyped-def]
-        a, present = self.attn(self.ln1(x), cos, sin, allowed, past)
+    def forward(self, x, cos, sin, allowed, past, pinned=None):  # type: ignore[no-untyped-def]
+        a, present = self.attn(self.ln1(x), cos, sin, allowed, past, pinned)
         x = x + a
         return x + self.mlp(self.ln2(x)), present
 
@@ -285,18 +296,22 @@ class GatoModel(nn.Module):
     ) -> tuple[torch.Tensor, list[KeyValue]]:
         """Final-normed hidden states [B, S, D] and the new tokens' (rotated key, value) per layer."""
         x = self.drop(self.embed(input_ids, local_positions, patches, patch_positions))
-        cos, sin = rope_cos_sin(position_ids, self.rope_k, self.config.rope_period)
+        span = self.config.pinned_span
+        # A pinned prefix's tokens are rotated by angle 0: their keys are cached as they are (see Attention).
+        rotary_positions = torch.where(position_ids < span, 0, position_ids) if span else position_ids
+        cos, sin = rope_cos_sin(rotary_positions, self.rope_k, self.config.rope_period)
         key_positions = position_ids if past_positions is None else torch.cat([past_positions, position_ids], dim=1)
         delta = position_ids.unsqueeze(-1) - key_positions.unsqueeze(1)  # [B, S, C+S]
         allowed = (delta >= 0) & (delta < self.config.context_window)  # [B, S, C+S]
-        if self.config.pinned_span:  # a pinned prefix stays in sight (empty slots have negative positions)
-            pinned = (key_positions >= 0) & (key_positions < self.config.pinned_span)
+        pinned = None
+        if span:  # a pinned prefix stays in sight (empty slots have negative positions)
+            pinned = (key_positions >= 0) & (key_positions < span)
             allowed = allowed | ((delta >= 0) & pinned.unsqueeze(1))
         allowed = allowed.unsqueeze(1)  # [B, 1, S, C+S]
         presents: list[KeyValue] = []
         for i, block in enumerate(self.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = block(x, cos, sin, allowed, past)
+            x, present = block(x, cos, sin, allowed, past, pinned)
             presents.append(present)
         return self.ln_f(x), presents
 

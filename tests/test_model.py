@@ -334,3 +334,56 @@ def test_local_positions_reach_observation_tokens_only() -> None:
         if only_observations:  # no local encoding at all, not the one of slot 0: the value embedding alone
             with torch.no_grad():
                 assert (e[n_obs:] - model.values(token)[0, n_obs:]).abs().max() < 1e-6
+
+
+SPAN = 8  # a pinned prefix of up to 8 tokens at positions 0..7
+
+
+def pinned_forward(model: GatoModel, prefix: dict[str, torch.Tensor], stream: dict[str, torch.Tensor], chunk: int,
+                   offset: int, plain: bool = False) -> torch.Tensor:
+    """The prefix at positions 0.., then `stream` at SPAN + offset.. through a ring of prefix + WINDOW slots that
+    never overwrites the prefix, as the runtime pins it; the stream's logits."""
+    for block in model.blocks:
+        block.attn.fused = not plain
+    n = prefix["input_ids"].shape[1]
+    cache, past_positions = model.empty_cache(batch=1, capacity=n + WINDOW + chunk)
+    with torch.no_grad():
+        _, presents = model(position_ids=torch.arange(n).unsqueeze(0), **prefix)
+    for (k, v), (pk, pv) in zip(cache, presents, strict=True):
+        k[:, :, :n], v[:, :, :n] = pk, pv
+    past_positions[:, :n] = torch.arange(n)
+    outputs = []
+    for start in range(0, stream["input_ids"].shape[1], chunk):
+        sl = slice(start, min(start + chunk, stream["input_ids"].shape[1]))
+        positions = torch.arange(sl.start, sl.stop).unsqueeze(0) + SPAN + offset
+        with torch.no_grad():
+            logits, presents = model(position_ids=positions, past_key_values=cache, past_positions=past_positions,
+                                     **{k: v[:, sl] for k, v in stream.items()})
+        outputs.append(logits)
+        slots = n + torch.argsort(past_positions[0, n:])[: sl.stop - sl.start]
+        for (k, v), (pk, pv) in zip(cache, presents, strict=True):
+            k[:, :, slots], v[:, :, slots] = pk, pv
+        past_positions[:, slots] = positions
+    return torch.cat(outputs, dim=1)
+
+
+def test_a_pinned_prefix_reads_the_same_from_anywhere_in_the_episode() -> None:
+    """With a pinned span the prefix is attended without rotary positions: the episode's logits are the same at
+    any offset in the episode (the episode's own tokens are relative), in the fused and the exported plain path,
+    and they depend on the prefix."""
+    model = small_model(pinned_span=SPAN)
+    prefix = {k: v[:, :5] for k, v in random_stream(5, seed=3).items()}
+    stream = random_stream(4 * WINDOW)
+    base = pinned_forward(model, prefix, stream, 7, offset=0)
+    for offset in (WINDOW * 3 + 1, 5000, 65536 * 3 - 7):
+        assert (base - pinned_forward(model, prefix, stream, 7, offset)).abs().max().item() <= 1e-4, offset
+    assert (base - pinned_forward(model, prefix, stream, 7, 5000, plain=True)).abs().max().item() <= 1e-4
+    other = {k: v[:, :5] for k, v in random_stream(5, seed=4).items()}
+    assert (base - pinned_forward(model, other, stream, 7, offset=0)).abs().max().item() > 1e-3
+    # One forward pass over prefix + stream (training's layout) gives the same logits as the pinned ring.
+    n, m = 5, stream["input_ids"].shape[1]
+    joined = {k: torch.cat([prefix[k], stream[k]], dim=1) for k in stream}
+    positions = torch.cat([torch.arange(n), SPAN + 5000 + torch.arange(m)]).unsqueeze(0)
+    with torch.no_grad():
+        full, _ = model(position_ids=positions, **joined)
+    assert (full[:, n:] - base).abs().max().item() <= 1e-4
