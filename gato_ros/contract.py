@@ -273,6 +273,10 @@ class GatoConfig:
     # keys, however far back, while the episode's own tokens (from position pinned_span on) are seen within
     # context_window. So a conditioned policy keeps a short reach and its prefix alike. 0: no such region.
     pinned_span: int = 0
+    # A query sees only the tokens of its own timestep (keys at most its local position back), besides a pinned
+    # prefix: the policy acts on the current observation and cannot copy the previous timestep's actions, a
+    # shortcut that teacher forcing rewards and closed loop punishes. Needs a local position on every token.
+    step_local_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -281,6 +285,9 @@ class GatoConfig:
             raise ValueError("head dimension must be even for rotary embeddings")
         if not 0 < self.context_window < self.rope_period:
             raise ValueError(f"context_window {self.context_window} must be in (0, rope_period={self.rope_period})")
+        if self.step_local_attention and self.observation_local_positions_only:
+            raise ValueError("step_local_attention needs a local position on every token "
+                             "(observation_local_positions_only=False)")
         if not 0 <= self.pinned_span < self.rope_period:
             raise ValueError(f"pinned_span {self.pinned_span} must be in [0, rope_period={self.rope_period})")
 

@@ -4,7 +4,8 @@ Contract (docs/interfaces.md "Model"): `forward` takes explicit per-layer past k
 absolute positions of the cached keys, and returns the logits plus the NEW tokens' keys/values only.
 A query at position q sees a key at position k iff 0 <= q - k < context_window, or 0 <= k < pinned_span
 (a pinned prefix: a prompt or an instruction) and k <= q, in training and at run time alike; a pinned key is
-scored without rotary positions, so the prefix reads the same from anywhere in an episode. Position
+scored without rotary positions, so the prefix reads the same from anywhere in an episode. With
+step_local_attention a query also sees no further back than its local position (its own timestep). Position
 enters only through rotary embeddings of `position_ids mod rope_period` whose frequencies are integer
 multiples of 2*pi/rope_period, so the rotation is exactly periodic: a run of any length keeps exact relative
 attention and the angles never lose precision. Keys are cached already rotated, so a rolling cache evicts the
@@ -303,6 +304,8 @@ class GatoModel(nn.Module):
         key_positions = position_ids if past_positions is None else torch.cat([past_positions, position_ids], dim=1)
         delta = position_ids.unsqueeze(-1) - key_positions.unsqueeze(1)  # [B, S, C+S]
         allowed = (delta >= 0) & (delta < self.config.context_window)  # [B, S, C+S]
+        if self.config.step_local_attention:  # back to its timestep's first token, no further
+            allowed = allowed & (delta <= local_positions.unsqueeze(-1))
         pinned = None
         if span:  # a pinned prefix stays in sight (empty slots have negative positions)
             pinned = (key_positions >= 0) & (key_positions < span)

@@ -87,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "start for the pinned prompt/instruction, seen from every later token whatever "
                         "--context-window (which then stays the episode's own reach); 0: the prefix must lie within "
                         "the reach")
+    parser.add_argument("--step-local-attention", action="store_true", help="each query sees only its own "
+                        "timestep (and a pinned prefix): the policy cannot copy the previous timestep's actions")
     parser.add_argument("--instruction-prob", type=float, default=0.0, help="share of windows that start with their "
                         "episode's instruction text (its `instruction` metadata), pinned as a prompt is")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of episodes")
@@ -409,10 +411,14 @@ def choose_config(args: argparse.Namespace, specs: list[EmbodimentSpec], resumin
             config = replace(config, context_window=args.context_window)  # the attention reach may change
         if args.init and not resuming and args.pinned_span is not None:
             config = replace(config, pinned_span=args.pinned_span)
+        if args.init and not resuming and args.step_local_attention:
+            config = replace(config, step_local_attention=True)
     else:
         config = GatoConfig.from_preset(
             args.preset, context_window=args.context_window, label_sigma=args.label_sigma,
             value_embedding=False if args.no_value_embedding else None, pinned_span=args.pinned_span,
+            step_local_attention=True if args.step_local_attention else None,
+            observation_local_positions_only=False if args.step_local_attention else None,
         )
     for spec in specs:
         if tok.timestep_token_count(spec) > config.max_local_positions:

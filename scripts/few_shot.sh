@@ -27,6 +27,7 @@ for n in 10 50 200; do
                 $G train --data "$W/demos-$n" --init "$INIT" --out "$run" --lr 5e-4 "${COMMON[@]}"
             else  # the generalist's architecture: tiny, one-timestep reach, the same pinned span
                 $G train --data "$W/demos-$n" --out "$run" --preset tiny --context-window 42 --pinned-span 48 \
+                    --step-local-attention \
                     --lr 1e-3 "${COMMON[@]}"
             fi
             $G export --checkpoint "$run" --out "$run.onnx" --variants fp32,int8 --attention plain \

@@ -44,7 +44,7 @@ done
 #    episode ends), half with the task's instruction, a quarter with nothing. The runtime's cache holds the
 #    pinned prefix and the reach: 96 tokens.
 data() { for pair in $PAIRS; do arm=${pair%%:*} task=${pair##*:}; ls -d "$W"/data/*-"$arm-$task"; done | tr '\n' ' '; }
-TRAIN=(--seq-len 168 --context-window 42 --pinned-span 48 --prompt-prob 0.25 --prompt-steps 1
+TRAIN=(--seq-len 168 --context-window 42 --pinned-span 48 --step-local-attention --prompt-prob 0.25 --prompt-steps 1
        --instruction-prob 0.5 --stride-steps 2 --batch-size 32 --warmup 100 --eval-every 500 --val-batches 5
        --threads 2 --no-progress)
 EXPORT=(--attention plain --context-tokens 96 --trained-capacities 96)

@@ -211,7 +211,8 @@ def test_every_specs_timestep_must_fit_the_models_local_positions() -> None:
 
     wide = replace(XARM, name="xarm6_wide", observations=(ObservationSpec("joint_positions", (600,)),))
     args = argparse.Namespace(init=None, out="unused", preset="tiny", context_window=WINDOW, label_sigma=None,
-                              no_value_embedding=False, pinned_span=None)
+                              no_value_embedding=False, pinned_span=None,
+                              step_local_attention=False)
     assert choose_config(args, [PANDA, XARM], resuming=False).max_local_positions == 512
     with pytest.raises(SetupError, match="xarm6_wide.*608 tokens.*512 local positions"):
         choose_config(args, [PANDA, wide], resuming=False)

@@ -387,3 +387,22 @@ def test_a_pinned_prefix_reads_the_same_from_anywhere_in_the_episode() -> None:
     with torch.no_grad():
         full, _ = model(position_ids=positions, **joined)
     assert (full[:, n:] - base).abs().max().item() <= 1e-4
+
+
+def test_step_local_attention_sees_its_own_timestep_and_the_pinned_prefix_only() -> None:
+    """A query's logits depend on the tokens of its timestep and of the pinned prefix, not on earlier timesteps (the
+    previous actions cannot be copied); the rolling cache gives what one forward pass gives."""
+    model = small_model(pinned_span=SPAN, step_local_attention=True, observation_local_positions_only=False)
+    prefix = {k: v[:, :5] for k, v in random_stream(5, seed=3).items()}
+    stream = random_stream(4 * 7)
+    base = pinned_forward(model, prefix, stream, 7, offset=0)
+    changed = {k: v.clone() for k, v in stream.items()}
+    changed["input_ids"][:, 7:14] = torch.flip(changed["input_ids"][:, 7:14], dims=[1])  # timestep 1 only
+    after = pinned_forward(model, prefix, changed, 7, offset=0)
+    assert (base[:, 14:] - after[:, 14:]).abs().max().item() == 0.0, "later timesteps do not see timestep 1"
+    assert (base[:, 7:14] - after[:, 7:14]).abs().max().item() > 1e-3
+    other = {k: v[:, :5] for k, v in random_stream(5, seed=4).items()}
+    assert (base[:, 14:] - pinned_forward(model, other, stream, 7, offset=0)[:, 14:]).abs().max().item() > 1e-3
+    assert (base - pinned_forward(model, prefix, stream, 3, offset=0, plain=True)).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="local position on every token"):
+        GatoConfig(step_local_attention=True)
