@@ -11,12 +11,12 @@
 # its instruction -> export (plain attention: the runtime pins the prefix).
 # The held-out task (place_blue_at_marker) is left out for the few-shot study.
 # Usage: scripts/train_generalist.sh [WORKDIR] [ROUNDS] [STEPS] [EPISODES]
-#        (defaults: runs/generalist, 4 DAgger rounds, 3000 steps per fine-tune (the first 4000), 100 episodes
-#        per pair and round (the first round 40); ~1.5 h on 2 quiet CPU cores)
+#        (defaults: runs/generalist, 2 DAgger rounds, 3000 steps per fine-tune (the first 4000), 100 episodes
+#        per pair and round (the first round 40); ~50 min on 2 quiet CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/generalist}
-ROUNDS=${2:-4}
+ROUNDS=${2:-2}
 STEPS=${3:-3000}
 EPISODES=${4:-100}
 G=.venv/bin/gato-ros
