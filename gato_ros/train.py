@@ -448,6 +448,14 @@ def with_aux_head(config: GatoConfig, args: argparse.Namespace, groups: list[Epi
 Windows = SequenceDataset | MixedSpecWindows
 
 
+def instruction_ids(conditioning: contract.Conditioning) -> dict[str, np.ndarray]:
+    """Each task's instruction as the text token ids the file's instruction model reads it to ({}: no model)."""
+    if not conditioning.instruction_model:
+        return {}
+    reader = instructions.instruction_tokenizer(conditioning)
+    return {task: reader.encode(text) for task, text in conditioning.instructions.items()}
+
+
 def check_reach(config: GatoConfig, groups: list[EpisodeCollection], conditioning: contract.Conditioning,
                 seq_len: int) -> None:
     """A pinned prefix conditions the whole episode only while it is within the model's attention reach
@@ -455,10 +463,8 @@ def check_reach(config: GatoConfig, groups: list[EpisodeCollection], conditionin
     is a separate number (the training window, `--seq-len`; set at export with --context-tokens). A model with
     a pinned span sees its prefix from anywhere: the prefix need only fit the span."""
     longest = max(int(e["length"]) * tok.timestep_token_count(g.spec) for g in groups for e in g.episodes)
-    reader = (instructions.InstructionTokenizer.from_base64(conditioning.instruction_model)
-              if conditioning.instruction_model else None)
     prefix = max([conditioning.prompt_steps * tok.timestep_token_count(g.spec) for g in groups]
-                 + [len(reader.encode(text)) for text in conditioning.instructions.values() if reader is not None])
+                 + [len(ids) for ids in instruction_ids(conditioning).values()])
     if config.pinned_span:
         if prefix > config.pinned_span:
             raise SetupError(f"the longest prompt/instruction has {prefix} tokens, more than --pinned-span "
@@ -481,11 +487,8 @@ def make_datasets(args: argparse.Namespace, groups: list[EpisodeCollection], con
               "aux_key": args.aux_key if config.aux_size else None, "pinned_span": config.pinned_span}
     prompt_prob, prompt_tokens = args.prompt_prob, args.prompt_tokens
     if conditioning is not None:
-        reader = (instructions.InstructionTokenizer.from_base64(conditioning.instruction_model)
-                  if conditioning.instruction_model else None)
         layout.update(pin_prefix=True, instruction_prob=args.instruction_prob,
-                      instructions={t: reader.encode(text) for t, text in conditioning.instructions.items()}
-                      if reader is not None else None)
+                      instructions=instruction_ids(conditioning) or None)
         if conditioning.prompt_steps <= 0:
             prompt_prob = 0.0
     train_sets, val_sets, n_train, n_val = [], [], 0, 0

@@ -267,9 +267,8 @@ def test_a_pinned_span_starts_the_episode_after_it_as_training_does(spanned: Pat
     assert runtime.pinned == len(runtime.instructions.encode(text)) and runtime.position == SPAN
     steps = 5
     fed = stream_of(runtime, episode, steps)
-    reader = InstructionTokenizer.from_base64(runtime.info.conditioning.instruction_model)
     windows = SequenceDataset(stored, WINDOW, instruction_prob=1.0, pin_prefix=True, pinned_span=SPAN,
-                              instructions={t: reader.encode(TASKS[t].instruction) for t in TASK_NAMES})
+                              instructions={t: runtime.instructions.encode(TASKS[t].instruction) for t in TASK_NAMES})
     i = windows.index.index((0, steps - 2))
     item = windows[i]
     positions, ids = item["position_ids"].numpy(), item["input_ids"].numpy()
