@@ -9,10 +9,15 @@ Rerunning with the same `--work` resumes: a stage whose output is complete is sk
 
     python scripts/train_seeing_policy.py --work runs/see --workers 2 --budget-minutes 600
 
+`--seed-data` starts from datasets collected elsewhere (a slow box can collect for an hour, a leased
+GPU machine then only trains and runs DAgger); `--prime-policy` drives more episodes while behaviour
+cloning trains, so the simulator workers are not idle then (a privileged-state policy may drive: the
+stored observations stay camera + joints, the expert labels every state).
 `--sim-python` runs the simulator stages (collect, eval) with another interpreter: PyBullet wheels
 exist for fewer Python versions than torch's CUDA builds, so a GPU box may need two.
-Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-{w1,w4}.int8.onnx (a 1-timestep and
-a 4-timestep window trained from scratch on the final data with the same steps), WORK/summary.json.
+Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-w1.int8.onnx and WORK/bc.int8.onnx (the
+window ablation: behaviour cloning with a 1-timestep and the 4-timestep window, side by side on the same
+data with the same steps and seed), WORK/summary.json.
 DAgger rounds are pipelined: while one round's policy drives, the trainer fine-tunes on the data so far.
 """
 
@@ -116,7 +121,13 @@ def main() -> int:
     parser.add_argument("--budget-minutes", type=float, default=9.0)
     parser.add_argument("--sim-python", default=sys.executable)
     parser.add_argument("--train-python", default=sys.executable)
-    parser.add_argument("--expert-episodes", type=int, default=600)
+    parser.add_argument("--seed-data", nargs="*", default=[], help="datasets collected before (same camera options)")
+    parser.add_argument("--expert-episodes", type=int, default=600, help="expert demos collected first (0: none)")
+    parser.add_argument("--prime-policy", default=None, help="a policy that drives episodes (expert-labelled) "
+                        "while behaviour cloning trains")
+    parser.add_argument("--prime-episodes", type=int, default=0)
+    parser.add_argument("--ablation", choices=("bc", "none"), default="bc", help="bc: a 1-timestep window trained "
+                        "beside behaviour cloning, same data, steps and seed")
     parser.add_argument("--dagger-episodes", type=int, default=150)
     parser.add_argument("--bc-minutes", type=float, default=1.5)
     parser.add_argument("--round-minutes", type=float, default=1.0, help="training time per DAgger round")
@@ -124,7 +135,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--loader-workers", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the ablation and the exports")
+    parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the last fine-tune and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
                         "(0: none; scripts/aux_pilot.sh found no gain at 1 500 CPU steps)")
@@ -134,17 +145,34 @@ def main() -> int:
     recipe = Recipe(args)
     per_minute = args.steps_per_minute
 
-    data = [recipe.collect("expert", args.expert_episodes, seed=500)[0]]
-    model = recipe.train("bc", data, steps=int(per_minute * args.bc_minutes), minutes=args.bc_minutes)
+    data = [Path(d) for d in args.seed_data]
+    if args.expert_episodes > 0:
+        data.append(recipe.collect("expert", args.expert_episodes, seed=500)[0])
+    sim_workers = max(1, args.workers - args.loader_workers * (2 if args.ablation == "bc" else 1) - 1)
+    priming = None
+    if args.prime_policy and args.prime_episodes > 0:
+        primed, priming = recipe.collect("primed", args.prime_episodes, seed=550, policy=Path(args.prime_policy),
+                                         beta=0.0, workers=sim_workers, background=True)
+    bc_steps = int(per_minute * args.bc_minutes)
+    ablation = (recipe.train("ablation-w1", data, steps=bc_steps, minutes=args.bc_minutes, window_steps=1,
+                             background=True) if args.ablation == "bc" else None)
+    model = recipe.train("bc", data, steps=bc_steps, minutes=args.bc_minutes)
     per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
     recipe.summary["steps_per_minute"] = per_minute
+    if ablation is not None and ablation.wait() == 0:
+        recipe.export(recipe.work / "ablation-w1", recipe.work / "ablation-w1.onnx", "int8")
+    if priming is not None:
+        if priming.wait() != 0:
+            raise SystemExit(f"{primed}: collection failed")
+        data.append(primed)
     # DAgger, pipelined: while round r's policy drives (simulator workers), the trainer fine-tunes on the data
     # so far, so the next round's policy is one fine-tune newer and neither the CPUs nor the GPU wait.
     rounds = 0
     betas = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]
     round_seconds = 90.0
     sim_workers = max(1, args.workers - args.loader_workers - 1)
-    policy = recipe.export(model, recipe.work / "round0.onnx", "fp32")
+    # The int8 file drives every round: the shipped file is int8, and DAgger labels the states it visits.
+    policy = recipe.export(model, recipe.work / "bc.onnx", "fp32,int8").with_suffix(".int8.onnx")
     while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes:
         t0 = time.time()
         dagger, collecting = recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=policy,
@@ -155,27 +183,21 @@ def main() -> int:
             raise SystemExit(f"{dagger}: collection failed")
         data.append(dagger)
         rounds += 1
-        policy = recipe.export(model, recipe.work / f"round{rounds}.onnx", "fp32")
+        policy = recipe.export(model, recipe.work / f"round{rounds}.onnx", "int8").with_suffix(".int8.onnx")
         round_seconds = max(round_seconds, time.time() - t0)
 
-    # Last, side by side: a fine-tune on everything (the last round's data included), and the 1- against the
-    # 4-timestep window trained from scratch on the same data with the same steps.
-    minutes = max(0.3, (recipe.left() - 45 - args.eval_seconds) / 60)
-    steps = int(per_minute * minutes / 3)  # three trainers share the machine
-    ablation = {w: recipe.train(f"ablation-w{w}", data, steps=steps, minutes=minutes, window_steps=w, seed=7,
-                                background=True) for w in (1, WINDOW_STEPS)}
-    model = recipe.train("ft-final", data, steps=steps, minutes=minutes, init=model, lr=2e-4, seed=99)
+    # Last, a fine-tune on everything, the last round's data included.
+    minutes = max(0.3, (recipe.left() - 30 - args.eval_seconds) / 60)
+    model = recipe.train("ft-final", data, steps=int(per_minute * minutes), minutes=minutes, init=model, lr=2e-4,
+                         seed=99)
     recipe.export(model, recipe.work / "see.onnx", "fp32,int8")
-    for w, process in ablation.items():
-        if process.wait() == 0:
-            recipe.export(recipe.work / f"ablation-w{w}", recipe.work / f"ablation-w{w}.onnx", "int8")
     if args.eval_seconds and recipe.left() > 30:
         recipe.run("eval see.int8", args.sim_python,
                    ["eval", "--policy", str(recipe.work / "see.int8.onnx"), "--episodes", "100",
                     "--seed", str(EVAL_SEED),
                     "--workers", str(args.workers), "--json", str(recipe.work / "eval-see-int8.json")],
                    check=False)  # the JSON is written before the plot, which needs matplotlib
-    recipe.summary.update(rounds=rounds, final=str(model), data=[str(d) for d in data], ablation_steps=steps)
+    recipe.summary.update(rounds=rounds, final=str(model), data=[str(d) for d in data], bc_steps=bc_steps)
     for d in data:
         meta = json.loads((d / "dataset.json").read_text())
         episodes = [json.loads(line) for line in (d / "episodes.jsonl").read_text().splitlines()]
