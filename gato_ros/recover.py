@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,8 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], Gat
     if "gato_ros.config" not in meta or "gato_ros.spec" not in meta:
         raise RecoveryError(f"{path}: not a gato_ros export (no gato_ros.config / gato_ros.spec metadata)")
     config, spec = GatoConfig.from_json(meta["gato_ros.config"]), EmbodimentSpec.from_json(meta["gato_ros.spec"])
+    # A training-only auxiliary head is never exported: the recovered model is the one the file serves.
+    config = replace(config, aux_size=0)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     found: dict[str, np.ndarray] = {k.removeprefix("model."): v for k, v in inits.items() if k.startswith("model.")
                                     and not k.startswith("model.tokens.weight")
@@ -136,6 +139,8 @@ def state_dict_from_onnx(path: str | Path) -> tuple[dict[str, torch.Tensor], Gat
     for key, value in found.items():
         if key not in state:
             raise RecoveryError(f"{path}: initializer for {key!r} matches no GatoModel parameter")
+        if key.startswith("patch_embed.norm") and value.shape == (*state[key].shape, 1, 1):
+            value = value.reshape(state[key].shape)  # the fused graph's per-channel affine is [C, 1, 1]
         if tuple(state[key].shape) != value.shape:
             raise RecoveryError(f"{path}: {key} has shape {value.shape}, the config needs {tuple(state[key].shape)}")
         state[key] = torch.from_numpy(np.array(value, dtype=np.float32))  # a writable copy

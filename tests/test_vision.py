@@ -253,3 +253,43 @@ def test_privileged_state_is_an_auxiliary_target_never_an_input(tmp_path):
     runtime = PolicyRuntime(str(path), provider="cpu", threads=1)
     obs, _ = StackingEnv(**env_overrides(spec)).reset(seed=5)
     assert runtime.step({o.name: obs[o.name] for o in spec.observations}).shape == (8,)
+
+
+def test_checkpoint_recovered_from_a_seeing_int8_file_serves_as_the_file(tmp_path):
+    """A seeing policy trained with an auxiliary head, shipped int8 (fused graph): the checkpoint recovered from
+    the file has no aux head (training-only, never exported), and its fp32 export gives the file's logits over
+    real frames, so a fine-tune can start from a shipped file."""
+    from gato_ros.export import export
+    from gato_ros.recover import recover_checkpoint
+    from gato_ros.runtime import PolicyRuntime
+    from gato_ros.train import load_checkpoint
+
+    spec = stacking_spec(64, privileged=False, cameras=("scene",))
+    torch.manual_seed(0)
+    config = GatoConfig(n_layer=2, n_embd=32, n_head=2, n_ff=64, context_window=2 * tok.timestep_token_count(spec),
+                        patch_channels=8, aux_size=17)
+    model = GatoModel(config).eval()
+    with torch.no_grad():  # distinct values everywhere, as after training (the exporter merges equal tensors)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    shipped = export(model, spec, tmp_path / "shipped" / "see.onnx", ("int8",))["int8"]
+    again, _, _ = load_checkpoint(recover_checkpoint(shipped, tmp_path / "recovered"))
+    assert again.aux_head is None and again.config.aux_size == 0
+    served = export(again, spec, tmp_path / "again" / "see.onnx")["fp32"]
+    class RecordingRuntime(PolicyRuntime):
+        calls: list[np.ndarray] = []
+
+        def forward(self, *args, **kwargs):
+            logits = super().forward(*args, **kwargs)
+            self.calls = [*self.calls, np.array(logits, copy=True)]
+            return logits
+
+    env = StackingEnv(image_size=64, cameras=("scene",))
+    obs, _ = env.reset(seed=5)
+    runtimes = [RecordingRuntime(str(p), provider="cpu", threads=1) for p in (shipped, served)]
+    for _ in range(4):  # through a 2-timestep window: the ring evicts
+        observation = {o.name: obs[o.name] for o in spec.observations}
+        assert np.array_equal(*(r.step_tokens(observation) for r in runtimes))
+        obs, *_ = env.step(np.zeros(8))
+    got, expected = (np.stack(r.calls) for r in runtimes)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-3
