@@ -6,6 +6,9 @@ that also says how close the hand came to the red cube.
         --keep joint_positions joint_velocities camera_scene
     # closed loop, in-process: success and closest approach of the hand to the red cube per seed
     .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10
+    # does the policy read the image? action loss on each episode's first window with its own frames, with
+    # another episode's frames (other cube positions), and with black frames
+    .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
     # offline: action loss on the held-out episodes (the split `gato-ros train` made), all windows and
     # the first window of each episode, where only the cube's position says where to go
     .venv/bin/python scripts/seeing_pilot.py offline checkpoints/pilot data/sw64 --val-fraction 0.1
@@ -103,6 +106,61 @@ def offline(checkpoint: str, data: str, val_fraction: float, seed: int) -> dict:
     return result
 
 
+def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 0) -> dict:
+    """Each episode's first window (where only the image says where the cubes are) scored three ways: its own
+    frames, the frames of the next episode's first window (same token layout, other cube positions), and black
+    frames. A policy that reads the image loses clearly more with the wrong frames than with its own."""
+    import torch
+
+    from gato_ros.sequences import SequenceDataset
+    from gato_ros.train import load_checkpoint
+
+    torch.set_num_threads(1)
+    model, config, spec = load_checkpoint(checkpoint)
+    dataset = read_dataset(data, spec)
+    chosen = list(range(first_episode, min(first_episode + episodes, len(dataset))))
+    aux_key = "task_state" if model.aux_head is not None and "task_state" in dataset.aux else None
+    windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
+                              observation_local_positions_only=config.observation_local_positions_only,
+                              aux_key=aux_key)
+    first = [windows[i] for i, (_, start) in enumerate(windows.index) if start == 0]
+    keys = ("input_ids", "position_ids", "local_positions", "targets", "loss_mask", "target_hi", "patches",
+            "patch_positions")
+    losses: dict[str, list[float]] = {"own frames": [], "another episode's frames": [], "black frames": []}
+    with torch.no_grad():
+        for i, item in enumerate(first):
+            other = first[(i + 1) % len(first)]
+            batch = {k: item[k][None] for k in keys}
+            losses["own frames"].append(float(model.action_loss(**batch)))
+            losses["another episode's frames"].append(float(model.action_loss(**{**batch,
+                                                                                 "patches": other["patches"][None]})))
+            losses["black frames"].append(float(model.action_loss(**{**batch,
+                                                                     "patches": torch.zeros_like(batch["patches"])})))
+    result = {name: float(np.mean(v)) for name, v in losses.items()}
+    if aux_key:  # the training-only head's estimate of the red cube's position (task_state[3:6]) from the frames
+        scale = np.asarray(dataset.aux[aux_key].scale)[3:6]
+        errors, spread = [], []
+        with torch.no_grad():
+            for item in first:
+                hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
+                                         patches=item["patches"][None], patch_positions=item["patch_positions"][None])
+                mask = item["aux_mask"][None]
+                predicted = model.aux_head(hidden[mask]).numpy()[:, 3:6]
+                target = item["aux_targets"][None][mask].numpy()[:, 3:6]
+                errors += list(np.linalg.norm((predicted - target) * scale, axis=1))
+                spread += list(target * scale)
+        baseline = np.linalg.norm(np.asarray(spread) - np.mean(spread, axis=0), axis=1)
+        result["red_cube_cm"] = 100 * float(np.median(errors))
+        result["red_cube_cm_guessing_the_mean"] = 100 * float(np.median(baseline))
+    worse = float(np.mean(np.array(losses["another episode's frames"]) > np.array(losses["own frames"])))
+    print(f"image-probe {checkpoint} on the first windows of {len(first)} episodes of {data}: action loss "
+          + ", ".join(f"{k} {result[k]:.3f}" for k in losses)
+          + f"; another episode's frames score worse than its own in {100 * worse:.0f} % of windows"
+          + (f"; aux head's red cube position error median {result['red_cube_cm']:.1f} cm (guessing the mean: "
+             f"{result['red_cube_cm_guessing_the_mean']:.1f} cm)" if aux_key else ""))
+    return {**result, "worse_share": worse, "windows": len(first)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +173,11 @@ def main() -> None:
     p_reach.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
     p_reach.add_argument("--episodes", type=int, default=10)
     p_reach.add_argument("--json", type=Path, default=None)
+    p_probe = sub.add_parser("image-probe", help="first-window action loss with own, another episode's, black frames")
+    p_probe.add_argument("checkpoint")
+    p_probe.add_argument("data")
+    p_probe.add_argument("--episodes", type=int, default=60)
+    p_probe.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
     p_offline = sub.add_parser("offline", help="held-out action loss, all windows and each episode's first")
     p_offline.add_argument("checkpoint")
     p_offline.add_argument("data")
@@ -123,6 +186,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "subset":
         subset(args.source, args.out, args.keep)
+    elif args.command == "image-probe":
+        image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "offline":
         offline(args.checkpoint, args.data, args.val_fraction, args.seed)
     else:

@@ -15,7 +15,8 @@ cloning trains, so the simulator workers are not idle then (a privileged-state p
 stored observations stay camera + joints, the expert labels every state).
 `--sim-python` runs the simulator stages (collect, eval) with another interpreter: PyBullet wheels
 exist for fewer Python versions than torch's CUDA builds, so a GPU box may need two.
-Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/ablation-w1.int8.onnx and WORK/bc.int8.onnx (the
+Outputs: WORK/see.onnx (fp32), WORK/see.int8.onnx, WORK/latest.int8.onnx (the newest int8 file, also when the
+run is cut short), WORK/ablation-w1.int8.onnx and WORK/bc.int8.onnx (the
 window ablation: behaviour cloning with a 1-timestep and the 4-timestep window, side by side on the same
 data with the same steps and seed), WORK/summary.json.
 DAgger rounds are pipelined: while one round's policy drives, the trainer fine-tunes on the data so far.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +46,7 @@ class Recipe:
         self.deadline = time.time() + 60 * args.budget_minutes
         self.log = (self.work / "recipe.jsonl").open("a")
         self.summary: dict = {"stages": []}
+        self.startup_seconds = 0.0  # the longest a training stage took beyond its clock (data loading), measured
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -95,7 +98,10 @@ class Recipe:
         if background:
             print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
             return subprocess.Popen([self.args.train_python, "-m", "gato_ros.cli", *argv])
-        self.run(name, self.args.train_python, argv, done=out / "model.safetensors")
+        seconds = self.run(name, self.args.train_python, argv, done=out / "model.safetensors")
+        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+        if seconds and lines:  # loading the data (decompressing every frame) before the first step, and saving
+            self.startup_seconds = max(self.startup_seconds, seconds - json.loads(lines[-1])["time"])
         return out
 
     def measured_steps_per_minute(self, checkpoint: Path, fallback: float) -> float:
@@ -111,6 +117,8 @@ class Recipe:
         self.run(f"export {out.name}", self.args.train_python,
                  ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--variants", variants],
                  done=out.with_suffix(".int8.onnx") if "int8" in variants else out)
+        if "int8" in variants and out.with_suffix(".int8.onnx").exists():  # a run cut short still leaves its newest
+            shutil.copyfile(out.with_suffix(".int8.onnx"), self.work / "latest.int8.onnx")
         return out
 
 
@@ -122,6 +130,8 @@ def main() -> int:
     parser.add_argument("--sim-python", default=sys.executable)
     parser.add_argument("--train-python", default=sys.executable)
     parser.add_argument("--seed-data", nargs="*", default=[], help="datasets collected before (same camera options)")
+    parser.add_argument("--init", default=None, help="continue from this checkpoint (a run cut short, or a file "
+                        "recovered with scripts/recover_checkpoint.py): no behaviour cloning, DAgger rounds from it")
     parser.add_argument("--expert-episodes", type=int, default=600, help="expert demos collected first (0: none)")
     parser.add_argument("--prime-policy", default=None, help="a policy that drives episodes (expert-labelled) "
                         "while behaviour cloning trains")
@@ -129,6 +139,8 @@ def main() -> int:
     parser.add_argument("--ablation", choices=("bc", "none"), default="bc", help="bc: a 1-timestep window trained "
                         "beside behaviour cloning, same data, steps and seed")
     parser.add_argument("--dagger-episodes", type=int, default=150)
+    parser.add_argument("--round-seed", type=int, default=600, help="round r collects with seed round-seed + r "
+                        "(a continued run takes other seeds than the run it continues)")
     parser.add_argument("--bc-minutes", type=float, default=1.5)
     parser.add_argument("--round-minutes", type=float, default=1.0, help="training time per DAgger round")
     parser.add_argument("--steps-per-minute", type=float, default=2000, help="expected optimizer steps per minute")
@@ -153,11 +165,14 @@ def main() -> int:
     if args.prime_policy and args.prime_episodes > 0:
         primed, priming = recipe.collect("primed", args.prime_episodes, seed=550, policy=Path(args.prime_policy),
                                          beta=0.0, workers=sim_workers, background=True)
-    bc_steps = int(per_minute * args.bc_minutes)
+    bc_steps = 0 if args.init else int(per_minute * args.bc_minutes)
     ablation = (recipe.train("ablation-w1", data, steps=bc_steps, minutes=args.bc_minutes, window_steps=1,
-                             background=True) if args.ablation == "bc" else None)
-    model = recipe.train("bc", data, steps=bc_steps, minutes=args.bc_minutes)
-    per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
+                             background=True) if args.ablation == "bc" and not args.init else None)
+    if args.init:
+        model = Path(args.init)
+    else:
+        model = recipe.train("bc", data, steps=bc_steps, minutes=args.bc_minutes)
+        per_minute = 0.9 * recipe.measured_steps_per_minute(model, per_minute)
     recipe.summary["steps_per_minute"] = per_minute
     if ablation is not None and ablation.wait() == 0:
         recipe.export(recipe.work / "ablation-w1", recipe.work / "ablation-w1.onnx", "int8")
@@ -172,11 +187,12 @@ def main() -> int:
     round_seconds = 90.0
     sim_workers = max(1, args.workers - args.loader_workers - 1)
     # The int8 file drives every round: the shipped file is int8, and DAgger labels the states it visits.
-    policy = recipe.export(model, recipe.work / "bc.onnx", "fp32,int8").with_suffix(".int8.onnx")
-    while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes:
+    policy = recipe.export(model, recipe.work / ("start.onnx" if args.init else "bc.onnx"), "fp32,int8").with_suffix(
+        ".int8.onnx")
+    while rounds < args.max_rounds and recipe.left() > round_seconds + 60 * args.final_minutes + recipe.startup_seconds:
         t0 = time.time()
-        dagger, collecting = recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=600 + rounds, policy=policy,
-                                            beta=betas[rounds], workers=sim_workers, background=True)
+        dagger, collecting = recipe.collect(f"dagger{rounds}", args.dagger_episodes, seed=args.round_seed + rounds,
+                                            policy=policy, beta=betas[rounds], workers=sim_workers, background=True)
         model = recipe.train(f"ft{rounds}", data, steps=int(per_minute * args.round_minutes),
                              minutes=args.round_minutes, init=model, lr=5e-4, seed=rounds + 1)
         if collecting is not None and collecting.wait() != 0:
@@ -187,7 +203,7 @@ def main() -> int:
         round_seconds = max(round_seconds, time.time() - t0)
 
     # Last, a fine-tune on everything, the last round's data included.
-    minutes = max(0.3, (recipe.left() - 30 - args.eval_seconds) / 60)
+    minutes = max(0.3, (recipe.left() - 30 - args.eval_seconds - recipe.startup_seconds) / 60)
     model = recipe.train("ft-final", data, steps=int(per_minute * minutes), minutes=minutes, init=model, lr=2e-4,
                          seed=99)
     recipe.export(model, recipe.work / "see.onnx", "fp32,int8")

@@ -1,0 +1,46 @@
+#!/bin/bash
+# The seeing policy's recipe on a leased GPU machine (16 cores, one GPU, its own Python with torch, no PyBullet):
+# the simulator stages run from a carried site folder (scripts/build_sim_site.sh), the data collected before on
+# another box travels as --seed-data, and what a short lease can bring back is packed into $OUT (at most 8 files of
+# 16 MiB): the newest int8 file even when the clock cut the run short, the behaviour-cloning pair of the window
+# ablation, the logs and the last checkpoint's weights, then the DAgger datasets, newest first, while they fit.
+#
+#   SITE=.sim312/site.tar.xz SEED_DATA="runs/see2/statepol runs/see2/expert384" BUDGET=8.9 \
+#       OUT=/tmp/out bash scripts/device_seeing_run.sh
+export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-7} OMP_NUM_THREADS=1
+T0=$(date +%s)
+WORK=${WORK:-runs/see3}
+mkdir -p /tmp/sim-site "$OUT" && tar -xJf "${SITE:-.sim312/site.tar.xz}" -C /tmp/sim-site || exit 3
+export PYTHONPATH=/tmp/sim-site:$PWD
+python3 -c "import pybullet, gymnasium, sim.env, gato_ros.runtime, torch; print('torch', torch.__version__, torch.cuda.is_available())" || exit 4
+CORES=${WORKERS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it answers OMP_NUM_THREADS
+echo "$CORES cores"; nvidia-smi -L
+BUDGET=${BUDGET:-8.9}
+# shellcheck disable=SC2086  # SEED_DATA is a list of folders
+timeout "$(python3 -c "print(int(60 * $BUDGET + 25))")" python3 scripts/train_seeing_policy.py --work "$WORK" \
+  --workers "$CORES" --loader-workers 4 --budget-minutes "$BUDGET" --seed-data $SEED_DATA --expert-episodes 0 \
+  --prime-policy models/stack_int8.onnx --prime-episodes "${PRIME:-300}" --bc-minutes "${BC:-2.5}" \
+  --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 --final-minutes 1.0 \
+  --aux-weight 0.5 --eval-seconds 60 > "$OUT/log.txt" 2>&1
+echo "recipe rc=$? after $(( $(date +%s) - T0 )) s"
+cd "$WORK" || exit 5
+cp latest.int8.onnx see.int8.onnx bc.int8.onnx ablation-w1.int8.onnx "$OUT/" 2>/dev/null
+last=$(ls -td ft-final ft[0-9]* bc 2>/dev/null | head -1)
+tar -czf "$OUT/ckpt.tgz" "$last"/*.json "$last"/model.safetensors ./*.json recipe.jsonl ./*/log.jsonl \
+  ./*/episodes.jsonl ./*/dataset.json 2>/dev/null
+python3 - <<'PY'
+import glob, os, subprocess
+out = os.environ["OUT"]
+used = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+for d in sorted(glob.glob("dagger*") + glob.glob("primed"), key=os.path.getmtime, reverse=True):
+    if len(os.listdir(out)) >= 8:
+        break
+    tar = os.path.join(out, d + ".tar")
+    subprocess.run(["tar", "-cf", tar, d], check=False)
+    if os.path.getsize(tar) > 16 * 2**20 or used + os.path.getsize(tar) > 62 * 2**20:
+        os.remove(tar)
+        continue
+    used += os.path.getsize(tar)
+print("packed", sorted(os.listdir(out)), f"{used / 2**20:.1f} MiB")
+PY
+echo "total $(( $(date +%s) - T0 )) s"
