@@ -412,6 +412,9 @@ def choose_config(args: argparse.Namespace, specs: list[EmbodimentSpec], resumin
         if args.init and not resuming and args.pinned_span is not None:
             config = replace(config, pinned_span=args.pinned_span)
         if args.init and not resuming and args.step_local_attention:
+            if config.observation_local_positions_only:
+                raise SetupError(f"{source}: --step-local-attention needs a local position on every token, and this "
+                                 "checkpoint gives observation tokens only; train from a preset with the flag instead")
             config = replace(config, step_local_attention=True)
     else:
         config = GatoConfig.from_preset(

@@ -320,6 +320,15 @@ def test_a_prefix_longer_than_the_pinned_span_is_refused(data: Path, tmp_path: P
     assert "--pinned-span" in capsys.readouterr().err
 
 
+def test_step_local_fine_tune_of_a_checkpoint_without_action_local_positions_is_refused(
+        policy: Path, data: Path, tmp_path: Path, capsys) -> None:
+    checkpoint = policy.parent / "run"  # trained from the preset: local positions on observation tokens only
+    code = main(["train", "--data", str(data), "--init", str(checkpoint), "--out", str(tmp_path / "run"),
+                 "--step-local-attention", "--steps", "1", "--batch-size", "4", "--no-progress"])
+    assert code == 2
+    assert "--step-local-attention" in capsys.readouterr().err
+
+
 def test_fused_export_of_a_pinned_span_model_is_refused(spanned: Path) -> None:
     from gato_ros.export import export
     from gato_ros.train import load_checkpoint
