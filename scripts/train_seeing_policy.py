@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the last fine-tune and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
-                        "(0: none; scripts/aux_pilot.sh found no gain at 1 500 CPU steps)")
+                        "(0: none; the GPU runs used 0.5; its error is scripts/seeing_pilot.py image-probe's measure)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
                         "of the int8 file at the end (0: none)")
     args = parser.parse_args()
@@ -160,14 +160,15 @@ def main() -> int:
     data = [Path(d) for d in args.seed_data]
     if args.expert_episodes > 0:
         data.append(recipe.collect("expert", args.expert_episodes, seed=500)[0])
-    sim_workers = max(1, args.workers - args.loader_workers * (2 if args.ablation == "bc" else 1) - 1)
+    ablating = args.ablation == "bc" and not args.init  # a continued run has no behaviour cloning to compare
+    sim_workers = max(1, args.workers - args.loader_workers * (2 if ablating else 1) - 1)
     priming = None
     if args.prime_policy and args.prime_episodes > 0:
         primed, priming = recipe.collect("primed", args.prime_episodes, seed=550, policy=Path(args.prime_policy),
                                          beta=0.0, workers=sim_workers, background=True)
     bc_steps = 0 if args.init else int(per_minute * args.bc_minutes)
     ablation = (recipe.train("ablation-w1", data, steps=bc_steps, minutes=args.bc_minutes, window_steps=1,
-                             background=True) if args.ablation == "bc" and not args.init else None)
+                             background=True) if ablating else None)
     if args.init:
         model = Path(args.init)
     else:
