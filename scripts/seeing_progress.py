@@ -7,7 +7,8 @@ windows its optimizer saw (steps × batch, summed over the stages that led to it
         --point "first GPU run (recipe of 99e6140)" runs/see-h200/eval-see-int8.json 645 242816 \
         --point "BC, 1-timestep window" runs/see3/eval-ablation-w1-int8.json 834 528384 \
         --point "BC, 4-timestep window" runs/see3/eval-bc-int8.json 834 534528 \
-        --point "BC + 1 DAgger round" runs/see4/eval-see4-int8.json 984 745728
+        --point "BC + 1 DAgger round" runs/see4/eval-see4-int8.json 984 745728 \
+        --point "+ CPU aux pilot (weight 5, 1 600 steps of 32)" runs/auxpilot/eval-aux5-long-int8.json 984 796928
 
 (the README's runs: windows = steps × batch of every training stage behind the file). A dashed line marks the
 90 % bar.
