@@ -12,6 +12,7 @@ import torch
 from gato_ros import tokenizer as tok
 from gato_ros.data import read_dataset
 from gato_ros.model import GatoConfig, GatoModel
+from gato_ros.runtime import PolicyRuntime
 from sim import collect
 from sim.env import StackingEnv
 from sim.expert import ScriptedExpert, run_episode
@@ -19,6 +20,18 @@ from sim.spec import env_overrides, stacking_spec
 
 CAMERAS = ("scene", "wrist")
 
+
+
+class RecordingRuntime(PolicyRuntime):
+    """The runtime, keeping every call's logits: the observation prefill and each decode (warm-up included:
+    reset `calls` after construction)."""
+
+    calls: list[np.ndarray] = []
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        self.calls = [*self.calls, np.array(logits, copy=True)]
+        return logits
 
 def test_cameras_are_named_observation_keys():
     env = StackingEnv(image_size=64, cameras=CAMERAS)
@@ -105,7 +118,6 @@ def test_int8_export_of_an_image_model_agrees_with_fp32(tmp_path):
     Conv/GroupNorm/Gemm sit in the graph beside the blocks) and, teacher-forced on fp32's tokens, picks
     the same action tokens."""
     from gato_ros.export import export
-    from gato_ros.runtime import PolicyRuntime
 
     spec = stacking_spec(64, privileged=False, cameras=CAMERAS)
     torch.manual_seed(0)
@@ -165,15 +177,6 @@ def test_fused_serving_graph_with_images_matches_the_plain_graph(tmp_path):
 
     from gato_ros import contract
     from gato_ros.export import export
-    from gato_ros.runtime import PolicyRuntime
-
-    class RecordingRuntime(PolicyRuntime):
-        calls: list[np.ndarray] = []
-
-        def forward(self, *args, **kwargs):  # every call's logits: the observation prefill and each decode
-            logits = super().forward(*args, **kwargs)
-            self.calls = [*self.calls, np.array(logits, copy=True)]
-            return logits
 
     spec = stacking_spec(64, privileged=False, cameras=("scene",))
     torch.manual_seed(0)
@@ -207,7 +210,6 @@ def test_privileged_state_is_an_auxiliary_target_never_an_input(tmp_path):
 
     from gato_ros.cli import main as cli_main
     from gato_ros.export import export
-    from gato_ros.runtime import PolicyRuntime
     from gato_ros.sequences import SequenceDataset
     from gato_ros.train import load_checkpoint
 
@@ -261,7 +263,6 @@ def test_checkpoint_recovered_from_a_seeing_int8_file_serves_as_the_file(tmp_pat
     real frames, so a fine-tune can start from a shipped file."""
     from gato_ros.export import export
     from gato_ros.recover import recover_checkpoint
-    from gato_ros.runtime import PolicyRuntime
     from gato_ros.train import load_checkpoint
 
     spec = stacking_spec(64, privileged=False, cameras=("scene",))
@@ -276,17 +277,11 @@ def test_checkpoint_recovered_from_a_seeing_int8_file_serves_as_the_file(tmp_pat
     again, _, _ = load_checkpoint(recover_checkpoint(shipped, tmp_path / "recovered"))
     assert again.aux_head is None and again.config.aux_size == 0
     served = export(again, spec, tmp_path / "again" / "see.onnx")["fp32"]
-    class RecordingRuntime(PolicyRuntime):
-        calls: list[np.ndarray] = []
-
-        def forward(self, *args, **kwargs):
-            logits = super().forward(*args, **kwargs)
-            self.calls = [*self.calls, np.array(logits, copy=True)]
-            return logits
-
     env = StackingEnv(image_size=64, cameras=("scene",))
     obs, _ = env.reset(seed=5)
     runtimes = [RecordingRuntime(str(p), provider="cpu", threads=1) for p in (shipped, served)]
+    for r in runtimes:
+        r.calls = []
     for _ in range(4):  # through a 2-timestep window: the ring evicts
         observation = {o.name: obs[o.name] for o in spec.observations}
         assert np.array_equal(*(r.step_tokens(observation) for r in runtimes))
