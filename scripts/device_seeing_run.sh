@@ -20,8 +20,8 @@ BUDGET=${BUDGET:-8.9}
 timeout "$(python3 -c "print(int(60 * $BUDGET + 25))")" python3 scripts/train_seeing_policy.py --work "$WORK" \
   --workers "$CORES" --loader-workers 4 --budget-minutes "$BUDGET" --seed-data $SEED_DATA --expert-episodes 0 \
   --prime-policy models/stack_int8.onnx --prime-episodes "${PRIME:-300}" --bc-minutes "${BC:-2.5}" \
-  --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 --final-minutes 1.0 \
-  --aux-weight 0.5 --eval-seconds 60 > "$OUT/log.txt" 2>&1
+  --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 \
+  --final-minutes 1.0 --aux-weight 0.5 --eval-seconds 60 > "$OUT/log.txt" 2>&1
 echo "recipe rc=$? after $(( $(date +%s) - T0 )) s"
 cd "$WORK" || exit 5
 cp latest.int8.onnx see.int8.onnx bc.int8.onnx ablation-w1.int8.onnx "$OUT/" 2>/dev/null

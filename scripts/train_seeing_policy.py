@@ -38,6 +38,13 @@ WINDOW_STEPS = 4
 EVAL_SEED = 100_000  # held out: collection seeds derive from --seed below 100 000's streams
 
 
+def last_log_record(checkpoint: Path) -> dict | None:
+    """The final line of a training stage's log.jsonl (step, wall time since its first step, losses)."""
+    path = checkpoint / "log.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 class Recipe:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -99,18 +106,17 @@ class Recipe:
             print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
             return subprocess.Popen([self.args.train_python, "-m", "gato_ros.cli", *argv])
         seconds = self.run(name, self.args.train_python, argv, done=out / "model.safetensors")
-        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        if seconds and lines:  # loading the data (decompressing every frame) before the first step, and saving
-            self.startup_seconds = max(self.startup_seconds, seconds - json.loads(lines[-1])["time"])
+        last = last_log_record(out)
+        if seconds and last:  # loading the data (decompressing every frame) before the first step, and saving
+            self.startup_seconds = max(self.startup_seconds, seconds - last["time"])
         return out
 
     def measured_steps_per_minute(self, checkpoint: Path, fallback: float) -> float:
         """The rate the last training stage reached (its log's final line), so later stages end their
         cosine schedule inside their time."""
-        lines = (checkpoint / "log.jsonl").read_text().splitlines() if (checkpoint / "log.jsonl").exists() else []
-        if not lines:
+        last = last_log_record(checkpoint)
+        if not last:
             return fallback
-        last = json.loads(lines[-1])
         return 60 * last["step"] / max(last["time"], 1.0) if last["step"] > 50 else fallback
 
     def export(self, checkpoint: Path, out: Path, variants: str) -> Path:
