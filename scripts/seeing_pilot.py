@@ -4,6 +4,8 @@ that also says how close the hand came to the red cube.
     # the same episodes without the wrist camera (without any camera: keep the joints only)
     .venv/bin/python scripts/seeing_pilot.py subset data/sw64 data/s64 \
         --keep joint_positions joint_velocities camera_scene
+    # the first shards of a dataset, byte for byte (aux targets kept): a copy that fits a transfer limit
+    .venv/bin/python scripts/seeing_pilot.py head runs/see2/expert runs/see2/expert384 --shards 6
     # closed loop, in-process: success and closest approach of the hand to the red cube per seed
     .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10
     # does the policy read the image? action loss on each episode's first window with its own frames, with
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +48,23 @@ def subset(source: str, out: str, keep: list[str]) -> None:
             free = {k: v for k, v in meta.items() if k not in ("episode", "shard", "start", "length")}
             writer.add_episode({k: obs[k] for k in keep}, actions, free)
     print(f"subset: {len(dataset)} episodes with {keep} written to {out}")
+
+
+def head(source: str, out: str, shards: int) -> None:
+    """Copy the first `shards` shards of a finished dataset with their episodes' index lines: the shards are
+    copied as files, so frames, actions and aux targets are the source's own."""
+    src, dst = Path(source), Path(out)
+    summary = json.loads((src / "dataset.json").read_text())
+    kept_shards = summary["shards"][:shards]
+    episodes = [json.loads(line) for line in (src / "episodes.jsonl").read_text().splitlines()]
+    kept = [e for e in episodes if e["shard"] in kept_shards]
+    dst.mkdir(parents=True)
+    for name in [*kept_shards, "spec.json"]:
+        shutil.copy2(src / name, dst / name)
+    (dst / "episodes.jsonl").write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+    summary.update(num_episodes=len(kept), num_steps=sum(int(e["length"]) for e in kept), shards=kept_shards)
+    (dst / "dataset.json").write_text(json.dumps(summary, indent=2))
+    print(f"head: {len(kept)} episodes ({summary['num_steps']} steps) of {source} written to {out}")
 
 
 def reach(policy_path: str, seeds: list[int]) -> dict:
@@ -168,6 +188,10 @@ def main() -> None:
     p_subset.add_argument("source")
     p_subset.add_argument("out")
     p_subset.add_argument("--keep", nargs="+", required=True, help="observation keys to keep")
+    p_head = sub.add_parser("head", help="the first shards of a dataset, copied as they are")
+    p_head.add_argument("source")
+    p_head.add_argument("out")
+    p_head.add_argument("--shards", type=int, required=True)
     p_reach = sub.add_parser("reach", help="closed-loop success and closest approach to the red cube")
     p_reach.add_argument("policy", help="PATH.onnx")
     p_reach.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
@@ -186,6 +210,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "subset":
         subset(args.source, args.out, args.keep)
+    elif args.command == "head":
+        head(args.source, args.out, args.shards)
     elif args.command == "image-probe":
         image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "offline":
