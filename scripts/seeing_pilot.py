@@ -36,17 +36,19 @@ REACH_M = 0.03
 
 
 def subset(source: str, out: str, keep: list[str]) -> None:
-    """Write the episodes of `source` with only the observation keys in `keep` (same actions, metadata)."""
+    """Write the episodes of `source` with only the observation keys in `keep` (same actions, metadata and
+    auxiliary targets)."""
     dataset = read_dataset(source)
     missing = set(keep) - {o.name for o in dataset.spec.observations}
     if missing:
         raise SystemExit(f"{source}: no observation key(s) {sorted(missing)}")
     observations = tuple(o for o in dataset.spec.observations if o.name in keep)
     spec = replace(dataset.spec, name=f"{dataset.spec.name}[{','.join(keep)}]", observations=observations)
-    with EpisodeWriter(out, spec) as writer:
-        for meta, (obs, actions) in zip(dataset.episodes, dataset, strict=True):
+    with EpisodeWriter(out, spec, aux=dataset.aux) as writer:  # aux targets (training only) kept as they are
+        for index, (meta, (obs, actions)) in enumerate(zip(dataset.episodes, dataset, strict=True)):
             free = {k: v for k, v in meta.items() if k not in ("episode", "shard", "start", "length")}
-            writer.add_episode({k: obs[k] for k in keep}, actions, free)
+            aux = {key: dataset.aux_values(index, key) for key in dataset.aux}
+            writer.add_episode({k: obs[k] for k in keep}, actions, free, aux)
     print(f"subset: {len(dataset)} episodes with {keep} written to {out}")
 
 
@@ -137,7 +139,9 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
 
     torch.set_num_threads(1)
     model, config, spec = load_checkpoint(checkpoint)
-    dataset = read_dataset(data, spec)
+    dataset = read_dataset(data)
+    if replace(dataset.spec, name=spec.name) != spec:  # a `subset` copy names the same layout differently
+        raise SystemExit(f"{data}: spec {dataset.spec.name!r} has other keys than the checkpoint's {spec.name!r}")
     chosen = list(range(first_episode, min(first_episode + episodes, len(dataset))))
     aux_key = "task_state" if model.aux_head is not None and "task_state" in dataset.aux else None
     windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
