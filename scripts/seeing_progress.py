@@ -8,7 +8,9 @@ windows its optimizer saw (steps × batch, summed over the stages that led to it
         --point "BC, 1-timestep window" runs/see3/eval-ablation-w1-int8.json 834 528384 \
         --point "BC, 4-timestep window" runs/see3/eval-bc-int8.json 834 534528 \
         --point "BC + 1 DAgger round" runs/see4/eval-see4-int8.json 984 745728 \
-        --point "+ CPU aux pilot (weight 5, 1 600 steps of 32)" runs/auxpilot/eval-aux5-long-int8.json 984 796928
+        --point "+ CPU aux pilot (weight 5, 1 600 steps of 32)" runs/auxpilot/eval-aux5-long-int8.json 984 796928 \
+        --point "+ 2 600 CPU steps, scene camera" runs/see6/eval-scene-int8.json 1550 880128 \
+        --point "+ 2 600 CPU steps, scene + wrist cameras" runs/see6/eval-both-int8.json 1550 880128
 
 (the README's runs: windows = steps × batch of every training stage behind the file). A dashed line marks the
 90 % bar.
@@ -58,7 +60,7 @@ def main() -> None:
     axes[0].set_ylabel("success, seeds 100000-100099 (%)")
     axes[0].set_ylim(-2, 100)  # the bar is 90 %: the scale keeps it in view
     axes[0].legend(fontsize=8)
-    fig.suptitle("Seeing policy (scene camera 64 px + joints): success against data and compute")
+    fig.suptitle("Seeing policy (cameras at 64 px + joints): success against data and compute")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
