@@ -7,6 +7,9 @@
 #
 #   SITE=.sim312/site.tar.xz SEED_DATA="runs/see2/statepol runs/see2/expert384" BUDGET=8.9 \
 #       OUT=/tmp/out bash scripts/device_seeing_run.sh
+#
+# Both cameras (CAMERAS="scene wrist") make ~9x the data per episode, too much to carry: collect there instead,
+# e.g. SEED_DATA= EXPERT=600 CAMERAS="scene wrist".
 export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-7} OMP_NUM_THREADS=1
 T0=$(date +%s)
 WORK=${WORK:-runs/see3}
@@ -16,9 +19,10 @@ python3 -c "import pybullet, gymnasium, sim.env, gato_ros.runtime, torch; print(
 CORES=${WORKERS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it answers OMP_NUM_THREADS
 echo "$CORES cores"; nvidia-smi -L
 BUDGET=${BUDGET:-8.9}
-# shellcheck disable=SC2086  # SEED_DATA is a list of folders
+# shellcheck disable=SC2086  # SEED_DATA and CAMERAS are lists
 timeout "$(python3 -c "print(int(60 * $BUDGET + 25))")" python3 scripts/train_seeing_policy.py --work "$WORK" \
-  --workers "$CORES" --loader-workers 4 --budget-minutes "$BUDGET" --seed-data $SEED_DATA --expert-episodes 0 \
+  --workers "$CORES" --loader-workers 4 --budget-minutes "$BUDGET" --seed-data $SEED_DATA \
+  --expert-episodes "${EXPERT:-0}" --cameras ${CAMERAS:-scene} \
   --prime-policy models/stack_int8.onnx --prime-episodes "${PRIME:-300}" --bc-minutes "${BC:-2.5}" \
   --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 \
   --final-minutes 1.0 --aux-weight 0.5 --eval-seconds 60 > "$OUT/log.txt" 2>&1

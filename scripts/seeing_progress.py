@@ -10,7 +10,8 @@ windows its optimizer saw (steps × batch, summed over the stages that led to it
         --point "BC + 1 DAgger round" runs/see4/eval-see4-int8.json 984 745728 \
         --point "+ CPU aux pilot (weight 5, 1 600 steps of 32)" runs/auxpilot/eval-aux5-long-int8.json 984 796928 \
         --point "+ 2 600 CPU steps, scene camera" runs/see6/eval-scene-int8.json 1550 880128 \
-        --point "+ 2 600 CPU steps, scene + wrist cameras" runs/see6/eval-both-int8.json 1550 880128
+        --point "+ 2 600 CPU steps, scene + wrist cameras" runs/see6/eval-both-int8.json 1550 880128 \
+        --point "scene + wrist, + 1 DAgger round (700 steps of 32)" runs/see6/eval-both-d1-int8.json 1610 902528
 
 (the README's runs: windows = steps × batch of every training stage behind the file). A dashed line marks the
 90 % bar.

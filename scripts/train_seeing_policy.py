@@ -1,5 +1,6 @@
 """The seeing policy's recipe: expert demos -> behaviour cloning -> DAgger rounds -> int8 export, on a
-clock. Camera `scene` at 64 px + joint positions and velocities; no `task_state` (the expert still acts
+clock. Cameras at 64 px (`--cameras`: the scene camera by default, `scene wrist` for both) + joint positions
+and velocities; no `task_state` (the expert still acts
 on it and labels every state; the demos keep it beside the frames as a training target of an auxiliary head,
 never an input). Every step is a `gato-ros` subcommand; the driver only sequences them,
 times them, and stops starting rounds when the budget runs short, so one command fits a fixed lease of
@@ -32,10 +33,23 @@ import sys
 import time
 from pathlib import Path
 
-CAMERA = ["--image-size", "64", "--cameras", "scene", "--no-task-state", "--aux-keys", "task_state"]
-TOKENS_PER_STEP = 41  # 16 patches + 8 joint positions + 8 velocities + separator + 8 actions
 WINDOW_STEPS = 4
 EVAL_SEED = 100_000  # held out: collection seeds derive from --seed below 100 000's streams
+
+
+def tokens_per_step(cameras: list[str]) -> int:
+    """16 patches per 64 px camera + 8 joint positions + 8 velocities + separator + 8 actions."""
+    return 16 * len(cameras) + 25
+
+
+def check_cameras(datasets: list[Path], cameras: list[str]) -> None:
+    """Seed data recorded with other cameras would train a second spec beside the first: refuse it."""
+    expected = {f"camera_{c}" for c in cameras}
+    for d in datasets:
+        observations = json.loads((d / "spec.json").read_text())["observations"]
+        found = {o["name"] for o in observations if o["kind"] == "image"}
+        if found != expected:
+            raise SystemExit(f"{d}: cameras {sorted(found)}, the recipe's are {sorted(expected)} (--cameras)")
 
 
 def last_log_record(checkpoint: Path) -> dict | None:
@@ -54,6 +68,7 @@ class Recipe:
         self.log = (self.work / "recipe.jsonl").open("a")
         self.summary: dict = {"stages": []}
         self.startup_seconds = 0.0  # the longest a training stage took beyond its clock (data loading), measured
+        self.tokens_per_step = tokens_per_step(args.cameras)
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -78,7 +93,8 @@ class Recipe:
         """Episodes into WORK/name; in the background, the caller waits on the returned process."""
         out = self.work / name
         argv = ["collect", "--episodes", str(episodes), "--workers", str(workers or self.args.workers),
-                "--seed", str(seed), *CAMERA, "--out", str(out)]
+                "--seed", str(seed), "--image-size", "64", "--cameras", *self.args.cameras, "--no-task-state",
+                "--aux-keys", "task_state", "--out", str(out)]
         if policy is not None:
             argv += ["--policy", str(policy), "--beta", str(beta)]
         if background and not (out / "dataset.json").exists():
@@ -90,8 +106,9 @@ class Recipe:
     def train(self, name: str, data: list[Path], steps: int, minutes: float, init: Path | None = None,
               window_steps: int = WINDOW_STEPS, lr: float = 1e-3, seed: int = 0, background: bool = False):
         out = self.work / name
+        step = self.tokens_per_step
         argv = ["train", "--data", *map(str, data), "--out", str(out), "--preset", "tiny",
-                "--context-window", str(TOKENS_PER_STEP * window_steps), "--seq-len", str(TOKENS_PER_STEP * 8),
+                "--context-window", str(step * window_steps), "--seq-len", str(step * 8),
                 "--stride-steps", "2", "--steps", str(steps), "--batch-size", str(self.args.batch_size),
                 "--lr", str(lr), "--warmup", str(max(20, steps // 20)), "--eval-every", str(max(100, steps // 4)),
                 "--max-minutes", f"{minutes:.2f}", "--workers", str(self.args.loader_workers), "--seed", str(seed),
@@ -135,7 +152,9 @@ def main() -> int:
     parser.add_argument("--budget-minutes", type=float, default=9.0)
     parser.add_argument("--sim-python", default=sys.executable)
     parser.add_argument("--train-python", default=sys.executable)
-    parser.add_argument("--seed-data", nargs="*", default=[], help="datasets collected before (same camera options)")
+    parser.add_argument("--cameras", nargs="+", choices=("scene", "wrist"), default=["scene"],
+                        help="cameras at 64 px (the wrist view brought the arm twice as close in a CPU comparison)")
+    parser.add_argument("--seed-data", nargs="*", default=[], help="datasets collected before (same cameras)")
     parser.add_argument("--init", default=None, help="continue from this checkpoint (a run cut short, or a file "
                         "recovered with scripts/recover_checkpoint.py): no behaviour cloning, DAgger rounds from it")
     parser.add_argument("--expert-episodes", type=int, default=600, help="expert demos collected first (0: none)")
@@ -164,6 +183,7 @@ def main() -> int:
     per_minute = args.steps_per_minute
 
     data = [Path(d) for d in args.seed_data]
+    check_cameras(data, args.cameras)
     if args.expert_episodes > 0:
         data.append(recipe.collect("expert", args.expert_episodes, seed=500)[0])
     ablating = args.ablation == "bc" and not args.init  # a continued run has no behaviour cloning to compare
