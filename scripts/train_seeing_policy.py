@@ -1,10 +1,9 @@
 """The seeing policy's recipe: expert demos -> behaviour cloning -> DAgger rounds -> int8 export, on a
 clock. Cameras at 64 px (`--cameras`: the scene camera by default, `scene wrist` for both) + joint positions
-and velocities; no `task_state` (the expert still acts
-on it and labels every state; the demos keep it beside the frames as a training target of an auxiliary head,
-never an input). Every step is a `gato-ros` subcommand; the driver only sequences them,
-times them, and stops starting rounds when the budget runs short, so one command fits a fixed lease of
-a machine (it was sized for 16 cores + one GPU: `--workers 15 --budget-minutes 9`).
+and velocities; no `task_state` (the expert still acts on it and labels every state; the demos keep it beside
+the frames as a training target of an auxiliary head, never an input). Every step is a `gato-ros` subcommand;
+the driver only sequences them, times them, and stops starting rounds when the budget runs short, so one
+command fits a fixed lease of a machine (it was sized for 16 cores + one GPU: `--workers 15 --budget-minutes 9`).
 
 Rerunning with the same `--work` resumes: a stage whose output is complete is skipped.
 
@@ -43,7 +42,7 @@ def tokens_per_step(cameras: list[str]) -> int:
 
 
 def check_cameras(datasets: list[Path], cameras: list[str]) -> None:
-    """Seed data recorded with other cameras would train a second spec beside the first: refuse it."""
+    """Seed data (or a checkpoint) recorded with other cameras would train a second spec beside the first."""
     expected = {f"camera_{c}" for c in cameras}
     for d in datasets:
         observations = json.loads((d / "spec.json").read_text())["observations"]
@@ -183,7 +182,7 @@ def main() -> int:
     per_minute = args.steps_per_minute
 
     data = [Path(d) for d in args.seed_data]
-    check_cameras(data, args.cameras)
+    check_cameras(data + ([Path(args.init)] if args.init else []), args.cameras)  # a checkpoint has spec.json too
     if args.expert_episodes > 0:
         data.append(recipe.collect("expert", args.expert_episodes, seed=500)[0])
     ablating = args.ablation == "bc" and not args.init  # a continued run has no behaviour cloning to compare
