@@ -21,7 +21,6 @@ from sim.spec import env_overrides, stacking_spec
 CAMERAS = ("scene", "wrist")
 
 
-
 class RecordingRuntime(PolicyRuntime):
     """The runtime, keeping every call's logits: the observation prefill and each decode (warm-up included:
     reset `calls` after construction)."""
@@ -32,6 +31,7 @@ class RecordingRuntime(PolicyRuntime):
         logits = super().forward(*args, **kwargs)
         self.calls = [*self.calls, np.array(logits, copy=True)]
         return logits
+
 
 def test_cameras_are_named_observation_keys():
     env = StackingEnv(image_size=64, cameras=CAMERAS)
