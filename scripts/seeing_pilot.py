@@ -11,6 +11,8 @@ that also says how close the hand came to the red cube.
     # does the policy read the image? action loss on each episode's first window with its own frames, with
     # another episode's frames (other cube positions), and with black frames
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
+    # the aux head's error per part of task_state over every timestep, by the hand's distance to the red cube
+    .venv/bin/python scripts/seeing_pilot.py aux-error runs/see6/both runs/see6/probe --episodes 20
     # offline: action loss on the held-out episodes (the split `gato-ros train` made), all windows and
     # the first window of each episode, where only the cube's position says where to go
     .venv/bin/python scripts/seeing_pilot.py offline checkpoints/pilot data/sw64 --val-fraction 0.1
@@ -185,6 +187,62 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
     return {**result, "worse_share": worse, "windows": len(first)}
 
 
+AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6, 9), "red - hand": slice(9, 12),
+             "blue - red": slice(12, 15)}
+DISTANCE_BINS_M = (0.0, 0.05, 0.10, 0.20, np.inf)
+
+
+def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0) -> dict:
+    """The training-only aux head's estimate of task_state at every timestep of the episodes (each window's own
+    timesteps), against the truth: median error (cm) per part, overall and by the hand's distance to the red cube.
+    The hand's position follows from the joints alone, so its error is the head's own floor."""
+    import torch
+
+    from gato_ros.sequences import SequenceDataset
+    from gato_ros.train import load_checkpoint
+
+    torch.set_num_threads(1)
+    model, config, spec = load_checkpoint(checkpoint)
+    if model.aux_head is None:
+        raise SystemExit(f"{checkpoint}: no aux head (trained without --aux-key)")
+    dataset = read_dataset(data)
+    if replace(dataset.spec, name=spec.name) != spec or "task_state" not in dataset.aux:
+        raise SystemExit(f"{data}: not the checkpoint's layout, or no task_state aux targets")
+    chosen = list(range(first_episode, min(first_episode + episodes, len(dataset))))
+    windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
+                              observation_local_positions_only=config.observation_local_positions_only,
+                              aux_key="task_state")
+    scale = np.asarray(dataset.aux["task_state"].scale)
+    predicted, truth = [], []
+    with torch.no_grad():
+        for i in range(len(windows)):
+            item = windows[i]
+            hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
+                                     patches=item["patches"][None], patch_positions=item["patch_positions"][None])
+            mask = item["aux_mask"][None]
+            predicted.append(model.aux_head(hidden[mask]).numpy() * scale)
+            truth.append(item["aux_targets"][None][mask].numpy() * scale)
+    estimate, target = np.concatenate(predicted), np.concatenate(truth)
+    distance = np.linalg.norm(target[:, AUX_PARTS["red - hand"]], axis=1)
+    bins = list(zip(DISTANCE_BINS_M[:-1], DISTANCE_BINS_M[1:], strict=True))
+    result: dict = {"timesteps": len(target), "parts": {}}
+    for name, part in AUX_PARTS.items():
+        error_cm = 100 * np.linalg.norm(estimate[:, part] - target[:, part], axis=1)
+        by_distance = [float(np.median(error_cm[(distance >= lo) & (distance < hi)]))
+                       if ((distance >= lo) & (distance < hi)).any() else None for lo, hi in bins]
+        result["parts"][name] = {"median_cm": float(np.median(error_cm)), "by_distance_cm": by_distance}
+    labels = [f"{100 * lo:.0f}-{100 * hi:.0f} cm" if np.isfinite(hi) else f"> {100 * lo:.0f} cm" for lo, hi in bins]
+    counts = [int(((distance >= lo) & (distance < hi)).sum()) for lo, hi in bins]
+    result["distance_bins"], result["bin_timesteps"] = labels, counts
+    print(f"aux-error {checkpoint} on {len(target)} timesteps (windows overlap) of {len(chosen)} episodes of {data}: "
+          "median error in cm, all timesteps, then by hand-red distance " + ", ".join(
+              f"{label} (n={n})" for label, n in zip(labels, counts, strict=True)))
+    for name, row in result["parts"].items():
+        cells = " ".join("  -  " if v is None else f"{v:5.2f}" for v in row["by_distance_cm"])
+        print(f"  {name:11s} {row['median_cm']:5.2f} | {cells}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +264,11 @@ def main() -> None:
     p_probe.add_argument("data")
     p_probe.add_argument("--episodes", type=int, default=60)
     p_probe.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
+    p_aux = sub.add_parser("aux-error", help="the aux head's task_state error per part, by hand-red distance")
+    p_aux.add_argument("checkpoint")
+    p_aux.add_argument("data")
+    p_aux.add_argument("--episodes", type=int, default=20)
+    p_aux.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
     p_offline = sub.add_parser("offline", help="held-out action loss, all windows and each episode's first")
     p_offline.add_argument("checkpoint")
     p_offline.add_argument("data")
@@ -218,6 +281,8 @@ def main() -> None:
         head(args.source, args.out, args.shards)
     elif args.command == "image-probe":
         image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
+    elif args.command == "aux-error":
+        aux_error(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "offline":
         offline(args.checkpoint, args.data, args.val_fraction, args.seed)
     else:
