@@ -13,6 +13,9 @@
 # Usage: scripts/train_generalist.sh [WORKDIR] [ROUNDS] [STEPS] [EPISODES]
 #        (defaults: runs/generalist, 2 DAgger rounds, 3000 steps per fine-tune (the first 4000), 100 episodes
 #        per pair and round (the first round 40); ~50 min on 2 quiet CPU cores)
+# Environment: PAIRS (arm:task ...; default the six below), BETA (the expert's share of DAgger steps, 0.1),
+#        FIRST_EPISODES (per pair in round 1, 40), INSTRUCTION_PROB (share of windows with the instruction, 0.5;
+#        a quarter have a prompt, the rest nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/generalist}
@@ -23,7 +26,10 @@ G=.venv/bin/gato-ros
 PY=.venv/bin/python
 export ROS_AUTOMATIC_DISCOVERY_RANGE=${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}
 mkdir -p "$W/data"
-PAIRS="panda:stack_red_on_blue panda:stack_blue_on_red panda:lift_red panda:lift_blue xarm6:lift_red xarm6:lift_blue"
+PAIRS=${PAIRS:-"panda:stack_red_on_blue panda:stack_blue_on_red panda:lift_red panda:lift_blue xarm6:lift_red xarm6:lift_blue"}
+BETA=${BETA:-0.1}
+FIRST_EPISODES=${FIRST_EPISODES:-40}
+INSTRUCTION_PROB=${INSTRUCTION_PROB:-0.5}
 
 # 1. Expert demonstrations, 200 per (arm, task) (400 for stack_blue_on_red, the task the start knows least),
 #    half noise-injected (clean labels); successes only.
@@ -45,7 +51,7 @@ done
 #    pinned prefix and the reach: 96 tokens.
 data() { for pair in $PAIRS; do arm=${pair%%:*} task=${pair##*:}; ls -d "$W"/data/*-"$arm-$task"; done | tr '\n' ' '; }
 TRAIN=(--seq-len 168 --context-window 42 --pinned-span 48 --step-local-attention --prompt-prob 0.25 --prompt-steps 1
-       --instruction-prob 0.5 --stride-steps 2 --batch-size 32 --warmup 100 --eval-every 500 --val-batches 5
+       --instruction-prob "$INSTRUCTION_PROB" --stride-steps 2 --batch-size 32 --warmup 100 --eval-every 500 --val-batches 5
        --threads 2 --no-progress)
 EXPORT=(--attention plain --context-tokens 96 --trained-capacities 96)
 stage() {  # stage NAME INIT LR SEED STEPS
@@ -58,7 +64,7 @@ stage() {  # stage NAME INIT LR SEED STEPS
 }
 dagger() {  # dagger POLICY ROUND BETA: EPISODES per (arm, task) (40 in round 1), the policy told the task by its
     local seed=$((7000 + $2 * 100)) episodes=$EPISODES  # instruction
-    [ "$2" = 1 ] && episodes=40
+    [ "$2" = 1 ] && episodes=$FIRST_EPISODES
     for pair in $PAIRS; do
         arm=${pair%%:*} task=${pair##*:} seed=$((seed + 1))
         out="$W/data/dagger-$2-$arm-$task"
@@ -69,7 +75,7 @@ dagger() {  # dagger POLICY ROUND BETA: EPISODES per (arm, task) (40 in round 1)
 stage ft1 "$W/init" 5e-4 1 $((STEPS + STEPS / 3))
 prev=ft1
 for r in $(seq 1 "$ROUNDS"); do
-    dagger "$W/$prev.int8.onnx" "$r" 0.1
+    dagger "$W/$prev.int8.onnx" "$r" "$BETA"
     stage "ft$((r + 1))" "$W/$prev" 3e-4 $((r + 1)) "$STEPS"
     prev=ft$((r + 1))
 done
