@@ -37,14 +37,14 @@ def misplace_cubes(task_state: np.ndarray, red_error: np.ndarray, blue_error: np
     return moved
 
 
-def run_episode(job: tuple[str, float, str, int]) -> bool:
-    from gato_ros.runtime import PolicyRuntime
-    from sim.env import StackingEnv
-    from sim.spec import env_overrides, policy_observation
+def run_episode(job: tuple[float, str, int]) -> bool:
+    """One episode in this process's eval worker (`sim.evaluate`: the env and the runtime `gato-ros eval` uses,
+    built once per worker)."""
+    from sim.evaluate import _worker
+    from sim.spec import policy_observation
 
-    policy_path, sigma_m, mode, seed = job
-    policy = PolicyRuntime(policy_path, provider="cpu", threads=1)
-    env = StackingEnv(**env_overrides(policy.spec))
+    sigma_m, mode, seed = job
+    env, policy = _worker["env"], _worker["policy"]
     rng = np.random.default_rng([ERROR_STREAM, seed])
     obs, info = env.reset(seed=seed)
     policy.reset()
@@ -55,12 +55,11 @@ def run_episode(job: tuple[str, float, str, int]) -> bool:
         seen = {**obs, "task_state": misplace_cubes(obs["task_state"], red_error, blue_error)}
         obs, _, terminated, truncated, info = env.step(policy.step(policy_observation(policy.spec, seen)))
         done = terminated or truncated
-    env.close()
     return bool(info["success"])
 
 
 def main() -> None:
-    from sim.evaluate import wilson_interval
+    from sim.evaluate import _init_worker, wilson_interval
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="models/stack_int8.onnx", help="a state policy (it reads task_state)")
@@ -73,12 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     seeds = range(args.seed, args.seed + args.episodes)
     rows = []
-    with Pool(args.workers) as pool:
+    with Pool(args.workers, _init_worker, (args.policy, "cpu", None)) as pool:
         for mode in args.modes:
             for sigma_mm in args.sigma_mm:
                 if sigma_mm == 0 and mode != args.modes[0]:
                     continue  # σ 0 is the same run whichever way the error is drawn
-                outcomes = pool.map(run_episode, [(args.policy, sigma_mm / 1000, mode, s) for s in seeds])
+                outcomes = pool.map(run_episode, [(sigma_mm / 1000, mode, s) for s in seeds])
                 k, n = sum(outcomes), len(outcomes)
                 lo, hi = wilson_interval(k, n)
                 rows.append({"mode": mode, "sigma_mm": sigma_mm, "successes": k, "episodes": n,

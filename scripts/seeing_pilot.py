@@ -130,6 +130,27 @@ def offline(checkpoint: str, data: str, val_fraction: float, seed: int) -> dict:
     return result
 
 
+AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6, 9), "red - hand": slice(9, 12),
+             "blue - red": slice(12, 15)}
+DISTANCE_BINS_M = (0.0, 0.05, 0.10, 0.20, np.inf)
+
+
+def aux_estimates(model, items, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a GatoModel
+    """The aux head's task_state estimate and the truth (both in env units) at every aux-masked timestep of the
+    window items (SequenceDataset items with aux targets)."""
+    import torch
+
+    estimate, truth = [], []
+    with torch.no_grad():
+        for item in items:
+            hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
+                                     patches=item["patches"][None], patch_positions=item["patch_positions"][None])
+            mask = item["aux_mask"][None]
+            estimate.append(model.aux_head(hidden[mask]).numpy() * scale)
+            truth.append(item["aux_targets"][None][mask].numpy() * scale)
+    return np.concatenate(estimate), np.concatenate(truth)
+
+
 def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 0) -> dict:
     """Each episode's first window (where only the image says where the cubes are) scored three ways: its own
     frames, the frames of the next episode's first window (same token layout, other cube positions), and black
@@ -164,18 +185,10 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
                                                                      "patches": torch.zeros_like(batch["patches"])})))
     result = {name: float(np.mean(v)) for name, v in losses.items()}
     if aux_key:  # the training-only head's estimate of the red cube's position (task_state[3:6]) from the frames
-        scale = np.asarray(dataset.aux[aux_key].scale)[3:6]
-        errors, spread = [], []
-        with torch.no_grad():
-            for item in first:
-                hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
-                                         patches=item["patches"][None], patch_positions=item["patch_positions"][None])
-                mask = item["aux_mask"][None]
-                predicted = model.aux_head(hidden[mask]).numpy()[:, 3:6]
-                target = item["aux_targets"][None][mask].numpy()[:, 3:6]
-                errors += list(np.linalg.norm((predicted - target) * scale, axis=1))
-                spread += list(target * scale)
-        baseline = np.linalg.norm(np.asarray(spread) - np.mean(spread, axis=0), axis=1)
+        estimate, target = aux_estimates(model, first, np.asarray(dataset.aux[aux_key].scale))
+        red = AUX_PARTS["red cube"]
+        errors = np.linalg.norm(estimate[:, red] - target[:, red], axis=1)
+        baseline = np.linalg.norm(target[:, red] - target[:, red].mean(axis=0), axis=1)
         result["red_cube_cm"] = 100 * float(np.median(errors))
         result["red_cube_cm_guessing_the_mean"] = 100 * float(np.median(baseline))
     worse = float(np.mean(np.array(losses["another episode's frames"]) > np.array(losses["own frames"])))
@@ -185,11 +198,6 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
           + (f"; aux head's red cube position error median {result['red_cube_cm']:.1f} cm (guessing the mean: "
              f"{result['red_cube_cm_guessing_the_mean']:.1f} cm)" if aux_key else ""))
     return {**result, "worse_share": worse, "windows": len(first)}
-
-
-AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6, 9), "red - hand": slice(9, 12),
-             "blue - red": slice(12, 15)}
-DISTANCE_BINS_M = (0.0, 0.05, 0.10, 0.20, np.inf)
 
 
 def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0) -> dict:
@@ -212,27 +220,18 @@ def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0)
     windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
                               observation_local_positions_only=config.observation_local_positions_only,
                               aux_key="task_state")
-    scale = np.asarray(dataset.aux["task_state"].scale)
-    predicted, truth = [], []
-    with torch.no_grad():
-        for i in range(len(windows)):
-            item = windows[i]
-            hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
-                                     patches=item["patches"][None], patch_positions=item["patch_positions"][None])
-            mask = item["aux_mask"][None]
-            predicted.append(model.aux_head(hidden[mask]).numpy() * scale)
-            truth.append(item["aux_targets"][None][mask].numpy() * scale)
-    estimate, target = np.concatenate(predicted), np.concatenate(truth)
+    estimate, target = aux_estimates(model, (windows[i] for i in range(len(windows))),
+                                     np.asarray(dataset.aux["task_state"].scale))
     distance = np.linalg.norm(target[:, AUX_PARTS["red - hand"]], axis=1)
     bins = list(zip(DISTANCE_BINS_M[:-1], DISTANCE_BINS_M[1:], strict=True))
+    in_bin = [(distance >= lo) & (distance < hi) for lo, hi in bins]
     result: dict = {"timesteps": len(target), "parts": {}}
     for name, part in AUX_PARTS.items():
         error_cm = 100 * np.linalg.norm(estimate[:, part] - target[:, part], axis=1)
-        by_distance = [float(np.median(error_cm[(distance >= lo) & (distance < hi)]))
-                       if ((distance >= lo) & (distance < hi)).any() else None for lo, hi in bins]
+        by_distance = [float(np.median(error_cm[mask])) if mask.any() else None for mask in in_bin]
         result["parts"][name] = {"median_cm": float(np.median(error_cm)), "by_distance_cm": by_distance}
     labels = [f"{100 * lo:.0f}-{100 * hi:.0f} cm" if np.isfinite(hi) else f"> {100 * lo:.0f} cm" for lo, hi in bins]
-    counts = [int(((distance >= lo) & (distance < hi)).sum()) for lo, hi in bins]
+    counts = [int(mask.sum()) for mask in in_bin]
     result["distance_bins"], result["bin_timesteps"] = labels, counts
     print(f"aux-error {checkpoint} on {len(target)} timesteps (windows overlap) of {len(chosen)} episodes of {data}: "
           "median error in cm, all timesteps, then by hand-red distance " + ", ".join(

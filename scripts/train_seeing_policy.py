@@ -43,10 +43,12 @@ def tokens_per_step(cameras: list[str]) -> int:
 
 def check_cameras(datasets: list[Path], cameras: list[str]) -> None:
     """Seed data (or a checkpoint) recorded with other cameras would train a second spec beside the first."""
+    from gato_ros.spec import EmbodimentSpec
+
     expected = {f"camera_{c}" for c in cameras}
     for d in datasets:
-        observations = json.loads((d / "spec.json").read_text())["observations"]
-        found = {o["name"] for o in observations if o["kind"] == "image"}
+        spec = EmbodimentSpec.from_json((d / "spec.json").read_text())
+        found = {o.name for o in spec.observations if o.kind == "image"}
         if found != expected:
             raise SystemExit(f"{d}: cameras {sorted(found)}, the recipe's are {sorted(expected)} (--cameras)")
 
