@@ -15,7 +15,9 @@
 #        per pair and round (the first round 40); ~50 min on 2 quiet CPU cores)
 # Environment: PAIRS (arm:task ...; default the six below), BETA (the expert's share of DAgger steps, 0.1),
 #        FIRST_EPISODES (per pair in round 1, 40), INSTRUCTION_PROB (share of windows with the instruction, 0.5;
-#        a quarter have a prompt, the rest nothing)
+#        a quarter have a prompt, the rest nothing), TRAIN_PAIRS (the pairs whose episodes in WORKDIR/data every
+#        fine-tune trains on; default PAIRS, which are the pairs demonstrated and collected: with PAIRS a subset,
+#        the rounds collect only where the policy is weakest while it keeps training on the others' episodes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/generalist}
@@ -30,6 +32,7 @@ PAIRS=${PAIRS:-"panda:stack_red_on_blue panda:stack_blue_on_red panda:lift_red p
 BETA=${BETA:-0.1}
 FIRST_EPISODES=${FIRST_EPISODES:-40}
 INSTRUCTION_PROB=${INSTRUCTION_PROB:-0.5}
+TRAIN_PAIRS=${TRAIN_PAIRS:-$PAIRS}
 
 # 1. Expert demonstrations, 200 per (arm, task) (400 for stack_blue_on_red, the task the start knows least),
 #    half noise-injected (clean labels); successes only.
@@ -40,8 +43,10 @@ for pair in $PAIRS; do
     [ -f "$out/dataset.json" ] || $G collect --episodes 200 --task "$task" --arm "$arm" --workers 2 \
         --seed $((seed * 1000)) --out "$out"
 done
-[ -f "$W/data/bc2-panda-stack_blue_on_red/dataset.json" ] || $G collect --episodes 200 --task stack_blue_on_red \
-    --arm panda --workers 2 --seed 611000 --out "$W/data/bc2-panda-stack_blue_on_red"
+case " $PAIRS " in *" panda:stack_blue_on_red "*)
+    [ -f "$W/data/bc2-panda-stack_blue_on_red/dataset.json" ] || $G collect --episodes 200 \
+        --task stack_blue_on_red --arm panda --workers 2 --seed 611000 --out "$W/data/bc2-panda-stack_blue_on_red";;
+esac
 
 # 2. Start from the shipped stacking policy's weights (the xArm6's spec is new to it: a fine-tune may add a body).
 [ -f "$W/init/model.safetensors" ] || $PY scripts/recover_checkpoint.py models/stack_int8.onnx "$W/init"
@@ -49,7 +54,7 @@ done
 # 3. Train on 168-token windows: a quarter start with a one-timestep demonstration of the same task (half from
 #    episode ends), half with the task's instruction, a quarter with nothing. The runtime's cache holds the
 #    pinned prefix and the reach: 96 tokens.
-data() { for pair in $PAIRS; do arm=${pair%%:*} task=${pair##*:}; ls -d "$W"/data/*-"$arm-$task"; done | tr '\n' ' '; }
+data() { for pair in $TRAIN_PAIRS; do arm=${pair%%:*} task=${pair##*:}; ls -d "$W"/data/*-"$arm-$task"; done | tr '\n' ' '; }
 TRAIN=(--seq-len 168 --context-window 42 --pinned-span 48 --step-local-attention --prompt-prob 0.25 --prompt-steps 1
        --instruction-prob "$INSTRUCTION_PROB" --stride-steps 2 --batch-size 32 --warmup 100 --eval-every 500 --val-batches 5
        --threads 2 --no-progress)
