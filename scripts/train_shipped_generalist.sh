@@ -24,6 +24,13 @@ STACKS="panda:stack_red_on_blue panda:stack_blue_on_red"
 link() {  # link SOURCE_DIR WORKDIR NAME: SOURCE_DIR as WORKDIR/data/NAME
     mkdir -p "$2/data" && [ -e "$2/data/$3" ] || ln -s "$(readlink -f "$1")" "$2/data/$3"
 }
+link_episodes() {  # link_episodes RUN WORKDIR DIR...: each DIR by its name, a run's own dagger-N-* as RUNdaggerN-*
+    local run=$1 workdir=$2 d name && shift 2
+    for d in "$@"; do
+        name=$(basename "$d") && case $name in dagger-*) name=$run${name/dagger-/dagger};; esac
+        link "$d" "$workdir" "$name"
+    done
+}
 start_from() {  # start_from CHECKPOINT WORKDIR
     mkdir -p "$2" && [ -e "$2/init" ] || ln -s "$(readlink -f "$1")" "$2/init"
 }
@@ -65,30 +72,21 @@ collect_round runs/quad/ft2.int8.onnx 2 0.2 runs/quad panda:stack_red_on_blue 72
 # 4. Six pairs from the four-task file.
 start_from runs/quad/ft2 runs/six
 demos runs/six "$ALL"
-for d in runs/quad/data/*; do
-    name=$(basename "$d") && case $name in dagger-*) name=quad${name/dagger-/dagger};; esac
-    link "$d" runs/six "$name"
-done
+link_episodes quad runs/six runs/quad/data/*
 for pair in xarm6:lift_red xarm6:lift_blue; do for r in 1 2; do
     link "runs/gen3/data/dagger-$r-${pair/:/-}" runs/six "gen3dagger$r-${pair/:/-}"; done; done
 PAIRS=$ALL BETA=0.2 FIRST_EPISODES=100 INSTRUCTION_PROB=0.75 $T runs/six 2 2000 100
 
 # 5. The xArm6's rounds: collect on it only; train on its episodes and the Panda's of runs/six's rounds.
 start_from runs/six/ft3 runs/six-x
-for d in runs/six/data/*xarm6* runs/six/data/dagger-*-panda-*; do
-    name=$(basename "$d") && case $name in dagger-*) name=six${name/dagger-/dagger};; esac
-    link "$d" runs/six-x "$name"
-done
+link_episodes six runs/six-x runs/six/data/*xarm6* runs/six/data/dagger-*-panda-*
 PAIRS="xarm6:lift_red xarm6:lift_blue" TRAIN_PAIRS=$ALL BETA=0.2 FIRST_EPISODES=150 INSTRUCTION_PROB=0.75 \
     $T runs/six-x 2 3000 150
 
 # 6. A fine-tune on every episode of runs/six and runs/six-x (the Panda had lost ground in 5), then a round on all six.
 start_from runs/six-x/ft3 runs/six-all
-for d in runs/six/data/*; do
-    name=$(basename "$d") && case $name in dagger-*) name=six${name/dagger-/dagger};; esac
-    link "$d" runs/six-all "$name"
-done
-for d in runs/six-x/data/dagger-*; do name=$(basename "$d") && link "$d" runs/six-all "sixx${name/dagger-/dagger}"; done
+link_episodes six runs/six-all runs/six/data/*
+link_episodes sixx runs/six-all runs/six-x/data/dagger-*
 BETA=0.2 FIRST_EPISODES=100 INSTRUCTION_PROB=0.75 $T runs/six-all 1 1500 100
 cp runs/six-all/generalist_int8.onnx models/generalist_int8.onnx
 echo "shipped: models/generalist_int8.onnx"
