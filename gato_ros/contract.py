@@ -97,6 +97,10 @@ LEGACY_TASK = "stack_red_on_blue"
 # prompt or the instruction's text tokens) at positions 0.. for the whole episode and rolls only the episode's
 # tokens, which keep their true positions: training lays prompted windows out the same way.
 META_CONDITIONING = "gato_ros.conditioning"
+# Which tasks each arm was trained on: JSON object arm -> [task, ...] (absent: every arm was trained on every task,
+# as in files written before it). A file serves an (arm, task) pair only if it was trained on it: an untrained
+# pair would compute commands no demonstration ever taught, for a real arm.
+META_TRAINED_PAIRS = "gato_ros.trained_pairs"
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,27 @@ class Served:
     specs: dict[str, dict]
     tasks: tuple[str, ...]
     conditioning: Conditioning | None = None  # a file trained with prompts / instructions (META_CONDITIONING)
+    pairs: dict[str, tuple[str, ...]] | None = None  # arm -> the tasks trained on it (META_TRAINED_PAIRS); None: all
+
+    def __post_init__(self) -> None:
+        if self.pairs is None:
+            return
+        if set(self.pairs) != set(self.specs):
+            raise ValueError(f"trained pairs name arms {sorted(self.pairs)}, the file serves {sorted(self.specs)}")
+        for arm, tasks in self.pairs.items():
+            if not tasks or set(tasks) - set(self.tasks):
+                raise ValueError(f"trained pairs give arm {arm!r} tasks {list(tasks)}, not among the served "
+                                 f"{list(self.tasks)}")
 
     @property
     def arms(self) -> tuple[str, ...]:
         return tuple(self.specs)
+
+    def tasks_for(self, arm: str) -> tuple[str, ...]:
+        """The tasks `arm` was trained on, in the file's task order (every task for a file without the record)."""
+        if self.pairs is None:
+            return self.tasks
+        return tuple(t for t in self.tasks if t in self.pairs[arm])
 
     @property
     def default_arm(self) -> str:
@@ -143,10 +164,11 @@ class Served:
 
 
 def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...],
-                    conditioning: Conditioning | None = None) -> dict[str, str]:
+                    conditioning: Conditioning | None = None,
+                    pairs: dict[str, tuple[str, ...]] | None = None) -> dict[str, str]:
     """The metadata_props that say what a file serves: `specs` maps arm name -> spec JSON text (the first arm
     is the default, whose spec also goes under META_SPEC), `tasks` the task names, `conditioning` how a task is
-    selected in a file trained with prompts or instructions."""
+    selected in a file trained with prompts or instructions, `pairs` the tasks each arm was trained on."""
     if not specs or not tasks:
         raise ValueError("a model file serves at least one arm and one task")
     if len(set(tasks)) != len(tasks):
@@ -155,9 +177,12 @@ def served_metadata(specs: dict[str, str], tasks: list[str] | tuple[str, ...],
     if conditioning is not None and set(conditioning.instructions) - set(tasks):
         raise ValueError(f"instructions for tasks the file does not serve: "
                          f"{sorted(set(conditioning.instructions) - set(tasks))}")
+    Served(specs=objects, tasks=tuple(tasks), pairs=pairs)  # the pairs must name these arms and tasks
     props = {META_SPECS: json.dumps(objects), META_TASKS: json.dumps(list(tasks)), META_SPEC: specs[next(iter(specs))]}
     if conditioning is not None:
         props[META_CONDITIONING] = conditioning.to_json()
+    if pairs is not None:
+        props[META_TRAINED_PAIRS] = json.dumps({arm: list(t) for arm, t in pairs.items()})
     return props
 
 
@@ -174,7 +199,13 @@ def read_served(meta: dict[str, str]) -> Served:
     if default_spec not in specs.values():
         raise ValueError(f"{META_SPEC} is not one of the specs in {META_SPECS}")
     conditioning = Conditioning.from_json(meta[META_CONDITIONING]) if META_CONDITIONING in meta else None
-    return Served(specs=specs, tasks=tuple(tasks), conditioning=conditioning)
+    pairs = None
+    if META_TRAINED_PAIRS in meta:
+        raw = json.loads(meta[META_TRAINED_PAIRS])
+        if not isinstance(raw, dict) or not all(isinstance(t, list) for t in raw.values()):
+            raise ValueError(f"{META_TRAINED_PAIRS} must be a JSON object of arm name -> [task, ...]")
+        pairs = {arm: tuple(t) for arm, t in raw.items()}
+    return Served(specs=specs, tasks=tuple(tasks), conditioning=conditioning, pairs=pairs)
 
 # ----------------------------------------------------------------------------------------------
 # ONNX tensor names

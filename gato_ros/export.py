@@ -630,10 +630,14 @@ def served_for_export(args: argparse.Namespace, spec: EmbodimentSpec) -> dict[st
         if next(iter(specs.values())) != spec:
             raise SystemExit(f"gato-ros export: {args.checkpoint}: spec.json is not the default arm's spec in "
                              "served.json")
+        pairs = recorded.pairs
         if args.arm is not None:
             specs = {args.arm: spec}
+            pairs = None if pairs is None else {args.arm: next(iter(pairs.values()))}
+        if tasks:  # the tasks named here replace the record of what each arm was trained on
+            pairs = None
         return contract.served_metadata({arm: s.to_json() for arm, s in specs.items()}, tasks or recorded.tasks,
-                                        recorded.conditioning)
+                                        recorded.conditioning, pairs)
     if tasks or args.arm is not None:
         if not tasks:
             raise SystemExit("gato-ros export: --arm needs --tasks (the tasks the model was trained on)")

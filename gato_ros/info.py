@@ -44,6 +44,7 @@ def describe(path: str | Path) -> dict:
         "arms": list(served.arms),
         "default_arm": served.default_arm,
         "tasks": list(served.tasks),
+        "trained_tasks": {arm: list(served.tasks_for(arm)) for arm in served.arms},
         "specs": served.specs,
         "tokens_per_timestep": {arm: tok.timestep_token_count(s) for arm, s in specs.items()},
         "action_modes": {arm: s.action_mode for arm, s in specs.items()},
@@ -60,7 +61,7 @@ def describe(path: str | Path) -> dict:
     }
 
 
-def _spec_lines(arm: str, spec: EmbodimentSpec, tokens: int, default: bool) -> list[str]:
+def _spec_lines(arm: str, spec: EmbodimentSpec, tokens: int, default: bool, tasks: list[str]) -> list[str]:
     observations = ", ".join(f"{o.name} {tuple(o.shape)} {o.kind}" for o in spec.observations)
     actions = ", ".join(
         f"{a.name} ({'|'.join(f'{v:g}' for v in a.values)})" if a.kind == "discrete" else f"{a.name} (±{a.limit:g})"
@@ -69,6 +70,7 @@ def _spec_lines(arm: str, spec: EmbodimentSpec, tokens: int, default: bool) -> l
     return [
         f"  arm {arm}{' (default)' if default else ''}: spec {spec.name}, {spec.control_rate_hz:g} Hz, "
         f"{spec.action_mode} actions, {tokens} tokens per timestep",
+        f"    trained tasks: {', '.join(tasks)}",
         f"    observations: {observations}",
         f"    actions: {actions}",
     ]
@@ -93,7 +95,7 @@ def format_text(d: dict) -> str:
         lines += [f"    {task}: {text!r}" for task, text in conditioning["instructions"].items()]
     for arm, raw in d["specs"].items():
         spec = EmbodimentSpec.from_json(json.dumps(raw))
-        lines += _spec_lines(arm, spec, d["tokens_per_timestep"][arm], arm == d["default_arm"])
+        lines += _spec_lines(arm, spec, d["tokens_per_timestep"][arm], arm == d["default_arm"], d["trained_tasks"][arm])
     return "\n".join(lines)
 
 

@@ -68,12 +68,14 @@ def default_model_path() -> str:
     return str(candidates[0])
 
 
-def choose_task(tasks: tuple[str, ...], task: str, path: str) -> str:
-    """`task`, or the file's first task when empty; a ValueError naming the file's tasks for one it does not serve."""
+def choose_task(tasks: tuple[str, ...], task: str, path: str, arm: str = "") -> str:
+    """`task`, or the first of `tasks` (those the file was trained on for the arm) when empty; a ValueError naming
+    them for one it was not trained on."""
     if not task:
         return tasks[0]
     if task not in tasks:
-        raise ValueError(f"{path} serves task(s) {', '.join(tasks)}, not task {task!r}")
+        raise ValueError(f"{path} serves task(s) {', '.join(tasks)}{f' on arm {arm}' if arm else ''}, "
+                         f"not task {task!r}")
     return task
 
 
@@ -311,7 +313,7 @@ class PolicyNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             runtime, loop, rate = self._build_loop()
-            task = choose_task(runtime.info.tasks, self._param("task"), self.model_path)
+            task = choose_task(runtime.info.tasks, self._param("task"), self.model_path, runtime.info.arm)
             task_instruction = self._task_instruction(runtime, task)
             prompt = None
             if self._param("prompt_path"):
@@ -663,6 +665,11 @@ class PolicyNode(LifecycleNode):
             self.runtime.instructions.encode(text)
         except InstructionError as err:
             return f"instruction ignored, the episode goes on unchanged: {err}"
+        info = self.runtime.info
+        untrained = [task for task, t in info.conditioning.instructions.items() if t == text and task not in info.tasks]
+        if untrained:
+            return (f"instruction ignored, the episode goes on unchanged: it is task {untrained[0]!r}'s, which this "
+                    f"file was not trained on for arm {info.arm} (trained: {', '.join(info.tasks)})")
         return ""
 
 

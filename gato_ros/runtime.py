@@ -110,7 +110,7 @@ class ModelInfo:
     logit_ids: np.ndarray | None  # token id of each logits column; None: column i is token i (full vocabulary)
     trained_capacities: tuple[int, ...]  # cache capacities besides config.context_window the model was trained for
     cache_layout: str  # contract.CACHE_LAYOUT_*: who writes the new keys/values into the ring
-    tasks: tuple[str, ...] = (contract.LEGACY_TASK,)  # the tasks the file was trained on
+    tasks: tuple[str, ...] = (contract.LEGACY_TASK,)  # the tasks the file was trained on for this arm
     conditioning: contract.Conditioning | None = None  # prompts/instructions pinned in the cache (see reset)
 
     def accepts_capacity(self, capacity: int) -> bool:
@@ -158,7 +158,7 @@ def read_model_info(session: ort.InferenceSession, path: str, arm: str | None = 
         logit_ids=read_logit_ids(meta, spec, session.get_outputs()[0].shape[-1], path),
         trained_capacities=trained_capacities,
         cache_layout=layout,
-        tasks=served.tasks,
+        tasks=served.tasks_for(arm),
         conditioning=served.conditioning,
     )
     if not info.accepts_capacity(context):

@@ -128,6 +128,8 @@ def save_checkpoint(out: Path, model: GatoModel, spec: EmbodimentSpec, optimizer
         raw: dict[str, Any] = {"specs": served.specs, "tasks": list(served.tasks)}
         if served.conditioning is not None:
             raw["conditioning"] = json.loads(served.conditioning.to_json())
+        if served.pairs is not None:
+            raw["pairs"] = {arm: list(tasks) for arm, tasks in served.pairs.items()}
         text = json.dumps(raw, indent=2)
         _atomic(out / SERVED_FILE, lambda p: p.write_text(text))
     if optimizer is not None:
@@ -190,10 +192,11 @@ def load_served(directory: str | Path) -> contract.Served | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        conditioning = raw.get("conditioning")
+        conditioning, pairs = raw.get("conditioning"), raw.get("pairs")
         served = contract.Served(specs=dict(raw["specs"]), tasks=tuple(raw["tasks"]),
                                  conditioning=None if conditioning is None
-                                 else contract.Conditioning.from_json(json.dumps(conditioning)))
+                                 else contract.Conditioning.from_json(json.dumps(conditioning)),
+                                 pairs=None if pairs is None else {arm: tuple(t) for arm, t in pairs.items()})
         served_specs(served)  # every spec must read back
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from err
@@ -208,11 +211,12 @@ def served_specs(served: contract.Served) -> dict[str, EmbodimentSpec]:
 
 
 def served_by(groups: list[EpisodeCollection], conditioning: contract.Conditioning | None = None) -> contract.Served:
-    """What a model trained on `groups` serves: each group's arm with its spec, the tasks of every episode, and
-    how a task is selected when it was trained with prompts or instructions."""
+    """What a model trained on `groups` serves: each group's arm with its spec, the tasks of every episode, the
+    tasks of each arm's own episodes (the pairs it was trained on), and how a task is selected when it was trained
+    with prompts or instructions."""
     tasks = dict.fromkeys(t for g in groups for t in g.tasks)
     return contract.Served(specs={g.arm: json.loads(g.spec.to_json()) for g in groups}, tasks=tuple(tasks),
-                           conditioning=conditioning)
+                           conditioning=conditioning, pairs={g.arm: tuple(g.tasks) for g in groups})
 
 
 def choose_conditioning(args: argparse.Namespace, groups: list[EpisodeCollection], source: Path | None

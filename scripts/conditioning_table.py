@@ -146,17 +146,17 @@ def write_tables(out: Path, table: dict) -> None:
         os.replace(tmp, out / name)
 
 
-def served(policy: Path) -> tuple[list[str], list[str]]:
+def served(policy: Path) -> tuple[list[str], list[str], dict[str, list[str]]]:
     from gato_ros.info import describe
 
     d = describe(policy)
-    return d["arms"], d["tasks"]
+    return d["arms"], d["tasks"], d["trained_tasks"]
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The (arm, task) pairs to run: --pairs, else every --arms × --tasks (each default: all the file serves);
-    refusing an arm or a task the file does not serve."""
-    arms, tasks = served(args.policy)
+    """The (arm, task) pairs to run: --pairs, else every --arms × --tasks (each default: all the file serves) that
+    the file was trained on; refusing an arm or a task the file does not serve."""
+    arms, tasks, trained = served(args.policy)
     if args.pairs:
         pairs = [tuple(pair.split(":", 1)) for pair in args.pairs.split(",") if pair]
         if any(len(pair) != 2 for pair in pairs):
@@ -164,7 +164,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
     else:
         want_arms = [a for a in args.arms.split(",") if a] or arms
         want_tasks = [t for t in args.tasks.split(",") if t] or tasks
-        pairs = [(arm, task) for arm in want_arms for task in want_tasks]
+        pairs = [(arm, task) for arm in want_arms for task in want_tasks if task in trained.get(arm, [task])]
     unknown = sorted({a for a, _ in pairs if a not in arms} | {t for _, t in pairs if t not in tasks})
     if unknown:
         raise SystemExit(f"conditioning_table: {args.policy} serves arms {arms} and tasks {tasks}, not {unknown}")

@@ -9,7 +9,8 @@
 #       OUT=/tmp/out bash scripts/device_seeing_run.sh
 #
 # Both cameras (CAMERAS="scene wrist") make ~9x the data per episode, too much to carry: collect there instead,
-# e.g. SEED_DATA= EXPERT=600 CAMERAS="scene wrist".
+# e.g. SEED_DATA= EXPERT=600 CAMERAS="scene wrist". INIT=CHECKPOINT continues a run trained elsewhere (no behaviour
+# cloning: DAgger rounds from it); AUX is the aux target's weight (the CPU runs used 5).
 export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-7} OMP_NUM_THREADS=1
 T0=$(date +%s)
 WORK=${WORK:-runs/see3}
@@ -22,10 +23,10 @@ BUDGET=${BUDGET:-8.9}
 # shellcheck disable=SC2086  # SEED_DATA and CAMERAS are lists
 timeout "$(python3 -c "print(int(60 * $BUDGET + 25))")" python3 scripts/train_seeing_policy.py --work "$WORK" \
   --workers "$CORES" --loader-workers 4 --budget-minutes "$BUDGET" --seed-data $SEED_DATA \
-  --expert-episodes "${EXPERT:-0}" --cameras ${CAMERAS:-scene} \
+  --expert-episodes "${EXPERT:-0}" --cameras ${CAMERAS:-scene} ${INIT:+--init "$INIT"} \
   --prime-policy models/stack_int8.onnx --prime-episodes "${PRIME:-300}" --bc-minutes "${BC:-2.5}" \
   --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 \
-  --final-minutes 1.0 --aux-weight 0.5 --eval-seconds 60 > "$OUT/log.txt" 2>&1
+  --final-minutes 1.0 --aux-weight "${AUX:-0.5}" --eval-seconds 60 > "$OUT/log.txt" 2>&1
 echo "recipe rc=$? after $(( $(date +%s) - T0 )) s"
 cd "$WORK" || exit 5
 cp latest.int8.onnx see.int8.onnx bc.int8.onnx ablation-w1.int8.onnx "$OUT/" 2>/dev/null

@@ -144,6 +144,9 @@ def check_policy_serves(policy: str, task: str, arm: str) -> None:
     if arm not in served["arms"] or task not in served["tasks"]:
         raise ValueError(f"{policy} serves arm(s) {', '.join(served['arms'])} and task(s) "
                          f"{', '.join(served['tasks'])}, not --arm {arm} --task {task}")
+    trained = served["trained_tasks"][arm]
+    if task not in trained:
+        raise ValueError(f"{policy} was trained on arm {arm} for task(s) {', '.join(trained)} only, not --task {task}")
 
 
 def read_conditioning(policy: str):  # noqa: ANN201 - gato_ros.contract.Conditioning | None

@@ -88,6 +88,7 @@ def test_two_specs_train_one_checkpoint_that_records_both_arms_and_every_task(ch
     assert list(served.specs) == ["panda", "xarm6"]
     assert [EmbodimentSpec.from_json(json.dumps(s)) for s in served.specs.values()] == [PANDA, XARM]
     assert served.tasks == ("stack_red_on_blue", "lift_red", "place_red_at_marker")
+    assert served.pairs == {"panda": ("stack_red_on_blue", "lift_red"), "xarm6": ("lift_red", "place_red_at_marker")}
     _, config, spec = load_checkpoint(checkpoint)
     assert spec == PANDA  # spec.json: the default arm's, for readers that know only it
     assert config.max_local_positions >= tok.timestep_token_count(PANDA)
@@ -101,8 +102,11 @@ def test_every_exported_variant_serves_both_arms(exported, capsys) -> None:
         assert d["arms"] == ["panda", "xarm6"] and d["default_arm"] == "panda"
         assert d["tasks"] == ["stack_red_on_blue", "lift_red", "place_red_at_marker"]
         assert d["action_modes"] == {"panda": "effort", "xarm6": "velocity"}
+        assert d["trained_tasks"] == {"panda": ["stack_red_on_blue", "lift_red"],
+                                      "xarm6": ["lift_red", "place_red_at_marker"]}
         assert main(["info", str(path)]) == 0
-        assert "arms: panda, xarm6" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "arms: panda, xarm6" in text and "trained tasks: lift_red, place_red_at_marker" in text
 
 
 @pytest.mark.parametrize("variant", ["generalist.onnx", "generalist.int8.onnx"])
@@ -111,7 +115,7 @@ def test_the_runtime_serves_the_arm_it_is_asked_for(exported, variant) -> None:
 
     path = str(exported.with_name(variant))
     xarm = PolicyRuntime(path, provider="cpu", threads=1, arm="xarm6")
-    assert xarm.arm == "xarm6" and xarm.spec == XARM
+    assert xarm.arm == "xarm6" and xarm.spec == XARM and xarm.info.tasks == ("lift_red", "place_red_at_marker")
     velocities = [xarm.step(xarm.zero_observation()) for _ in range(3)]
     for command in velocities:  # 6 joint velocities within the xArm6's ±3.14 rad/s, then a finger target
         assert command.shape == (7,) and np.all(np.abs(command[:6]) <= 3.14) and command[6] in (0.04, 0.0)
@@ -133,6 +137,9 @@ def test_eval_runs_the_xarm6_in_process(exported, tmp_path) -> None:
     assert summary["arm"] == "xarm6" and summary["episodes"] == 1 and summary["per_episode"][0]["steps"] == 3
     with pytest.raises(SystemExit, match="not --arm xarm6 --task lift_blue"):
         main(["eval", "--policy", str(exported), "--arm", "xarm6", "--task", "lift_blue", "--episodes", "1"])
+    # A task the file serves, but trained on the Panda only: no xArm6 command was ever taught for it.
+    with pytest.raises(SystemExit, match="trained on arm xarm6 for task\\(s\\) lift_red, place_red_at_marker only"):
+        main(["eval", "--policy", str(exported), "--arm", "xarm6", "--task", "stack_red_on_blue", "--episodes", "1"])
 
 
 def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(exported, datasets) -> None:
@@ -163,9 +170,12 @@ def test_the_node_serves_the_arm_parameter_and_refuses_another_at_configure(expo
         assert effort.loop is None and "velocity" in effort.last_error, effort.last_error
         # By default the node drives the arm in its model's own mode; the torque hold's gains (the Panda's 7x7 by
         # default) are not asked of it: a velocity hold sends zeros.
+        untrained = node(arm="xarm6", task="stack_red_on_blue")  # served, but trained on the Panda only
+        untrained.trigger_configure()
+        assert untrained.runtime is None and "lift_red, place_red_at_marker on arm xarm6" in untrained.last_error
         xarm = node(arm="xarm6")
         assert xarm.trigger_configure() == TransitionCallbackReturn.SUCCESS, xarm.last_error
-        assert xarm.loop.mode == "velocity"
+        assert xarm.loop.mode == "velocity" and xarm.task == "lift_red", "its own first trained task by default"
         assert xarm.runtime.spec == XARM and list(xarm.loop.layout.arm_names) == list(XARM.joint_names[:6])
         xarm_gains = {"hold_stiffness": [20.0], "hold_damping": [2.0]}
         assert not xarm.set_parameters([Parameter("arm", value="panda")])[0].successful  # read only

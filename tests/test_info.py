@@ -82,6 +82,11 @@ def test_served_metadata_is_checked_when_written():
         contract.served_metadata({"panda": stacking_spec().to_json()}, ["lift_red", "lift_red"])
     with pytest.raises(ValueError, match="at least one"):
         contract.served_metadata({}, ["lift_red"])
+    panda = {"panda": stacking_spec().to_json()}
+    with pytest.raises(ValueError, match="tasks \\['lift_blue'\\], not among the served"):
+        contract.served_metadata(panda, ["lift_red"], pairs={"panda": ("lift_blue",)})
+    with pytest.raises(ValueError, match="name arms \\['xarm6'\\], the file serves \\['panda'\\]"):
+        contract.served_metadata(panda, ["lift_red"], pairs={"xarm6": ("lift_red",)})
 
 
 def test_export_writes_the_arm_and_tasks_into_every_variant(tmp_path, capsys):

@@ -83,6 +83,23 @@ def instructed_model(tmp_path_factory) -> str:
     return str(export(micro_model(), SPEC, out, check=False, attention="plain", served=served)["fp32"])
 
 
+@pytest.fixture(scope="module")
+def partly_trained_model(tmp_path_factory) -> str:
+    """The instructed file as two arms' file: this arm trained on stacking only, another arm on lifting. The file
+    holds the lifting instruction, and this arm must not act on it."""
+    from gato_ros.export import export
+    from gato_ros.instructions import InstructionTokenizer, train_instruction_model
+    from sim.tasks import get_task
+
+    texts = {t: get_task(t).instruction for t in TASKS}
+    words = InstructionTokenizer(train_instruction_model(texts.values())).to_base64()
+    conditioning = contract.Conditioning(prompt_steps=2, instructions=texts, instruction_model=words)
+    out = tmp_path_factory.mktemp("model") / "partly.onnx"
+    served = contract.served_metadata({"panda": SPEC.to_json(), "other": OTHER_ARM.to_json()}, TASKS, conditioning,
+                                      pairs={"panda": (TASKS[0],), "other": (TASKS[1],)})
+    return str(export(micro_model(), SPEC, out, check=False, attention="plain", served=served)["fp32"])
+
+
 def wait_steady(robot: Robot, ticks: int = 5) -> None:
     """Until the last `ticks` tick records ran the model: past the start-up, when an input may not have come yet."""
     robot.wait_running()
@@ -227,16 +244,16 @@ def test_a_prompt_replaces_the_instruction_and_clearing_it_restores_the_tasks(in
         r.close()
 
 
-@pytest.mark.parametrize("instructed, text, cause", [
-    (True, "stack the purple cube on the blue cube", "'purple' not in the policy's vocabulary"),
-    (False, "lift the red cube", "no instruction model"),
+@pytest.mark.parametrize("model, text, cause", [
+    ("instructed_model", "stack the purple cube on the blue cube", "'purple' not in the policy's vocabulary"),
+    ("tasks_model", "lift the red cube", "no instruction model"),
+    ("partly_trained_model", "lift the red cube", "'lift_red''s, which this file was not trained on for arm panda"),
 ])
-def test_an_instruction_the_file_cannot_take_is_reported_and_changes_nothing(tasks_model, instructed_model,
-                                                                             instructed, text, cause):
-    """A word outside the vocabulary, or a file without an instruction model: the diagnostics' `instruction_error`
-    says why, and the running episode goes on as it was (the same context, its position still growing, the same
-    instruction, no safe tick)."""
-    r = Robot(instructed_model if instructed else tasks_model)
+def test_an_instruction_the_file_cannot_take_is_reported_and_changes_nothing(request, model, text, cause):
+    """A word outside the vocabulary, a file without an instruction model, or the instruction of a task the file
+    was not trained on for this arm: the diagnostics' `instruction_error` says why, and the running episode goes on
+    as it was (the same context, its position still growing, the same instruction, no safe tick)."""
+    r = Robot(request.getfixturevalue(model))
     try:
         wait_steady(r)
         runtime, instruction = r.node.runtime, r.node.instruction

@@ -37,6 +37,15 @@ def test_info_lists_both_arms_and_every_task_of_the_card(capsys) -> None:
     assert set(info["tasks"]) == {case["task"] for case in card()["ci_cases"]}
     assert info["action_modes"] == {"panda": "effort", "xarm6": "velocity"}
     assert info["tokens_per_timestep"]["panda"] != info["tokens_per_timestep"]["xarm6"]
+    trained = {arm: sorted(case["task"] for case in card()["ci_cases"] if case["arm"] == arm) for arm in info["arms"]}
+    assert {arm: sorted(tasks) for arm, tasks in info["trained_tasks"].items()} == trained
+
+
+def test_a_task_the_xarm6_was_not_trained_on_is_refused() -> None:
+    from gato_ros.cli import main
+
+    with pytest.raises(SystemExit, match="trained on arm xarm6 for task\\(s\\) lift_red, lift_blue only"):
+        main(["eval", "--policy", str(SHIPPED), "--arm", "xarm6", "--task", "stack_red_on_blue", "--episodes", "1"])
 
 
 def case_id(case: dict) -> str:
