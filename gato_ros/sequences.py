@@ -64,7 +64,8 @@ def patches_from_pixels(pixels: np.ndarray) -> np.ndarray:
 def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions: np.ndarray,
              task: str = "", observation_local_positions_only: bool = True) -> TokenizedEpisode:
     stream = tok.tokenize_episode(spec, observations, actions,
-                                  observation_local_positions_only=observation_local_positions_only)
+                                  observation_local_positions_only=observation_local_positions_only,
+                                  pixel_patches=True)
     steps = actions.shape[0]
     step_tokens = tok.timestep_token_count(spec)
     his = np.array([tok.action_token_range(spec, i)[1] for i in range(spec.action_size)], dtype=np.int64)
@@ -80,7 +81,7 @@ def tokenize(spec: EmbodimentSpec, observations: dict[str, np.ndarray], actions:
         local_positions=stream["local_positions"],
         is_action=stream["loss_mask"],
         target_hi=target_hi,
-        patches=pixels_from_patches(stream["patches"]),
+        patches=stream["patches"],
         patch_intervals=np.tile(per_step, (steps, 1)),
         patch_index=patch_index,
         steps=steps,

@@ -264,27 +264,103 @@ def tokenize_episode(
     actions: np.ndarray,
     rng: np.random.Generator | None = None,
     observation_local_positions_only: bool = True,
+    pixel_patches: bool = False,
 ) -> dict[str, np.ndarray]:
-    """A whole episode → the flat token stream the model trains on.
+    """A whole episode → the flat token stream the model trains on: for every timestep, what
+    `tokenize_observation` and `tokenize_action` give the runtime, computed for all timesteps at once (a
+    per-timestep loop cost more than a training step on an image episode; tests/test_tokenizer.py holds both
+    equal token for token).
 
-    Returns tokens, local_positions, loss_mask (True on action tokens), patches, patch_positions.
+    Returns tokens, local_positions, loss_mask (True on action tokens), patches, patch_positions. Patches are
+    float32 as `image_to_patches` scales them, or with `pixel_patches` the uint8 pixels they hold (what training
+    batches carry: the model scales them on its device). With `rng`, patch positions are drawn inside their
+    intervals, patch by patch in stream order.
     """
+    actions = np.asarray(actions, dtype=np.float64)
     steps = actions.shape[0]
-    action_local = timestep_local_positions(spec, observation_local_positions_only)[observation_token_count(spec) :]
-    tokens, local, mask, patches, ppos = [], [], [], [], []
-    for t in range(steps):
-        ts = tokenize_observation(spec, {k: v[t] for k, v in observations.items()}, rng,
-                                  observation_local_positions_only)
-        act = tokenize_action(spec, actions[t])
-        tokens += [ts.tokens, act]
-        local += [ts.local_positions, action_local]
-        mask += [np.zeros(len(ts.tokens), bool), np.ones(len(act), bool)]
-        patches.append(ts.patches)
-        ppos.append(ts.patch_positions)
+    validate_episode(spec, observations, steps)
+    blocks: list[np.ndarray] = []  # (steps, k) token blocks, in a timestep's order
+    patches: list[np.ndarray] = []
+    intervals: list[np.ndarray] = []
+    for o in spec.image_keys:
+        frames = np.asarray(observations[o.name])
+        patches.append(images_to_pixel_patches(frames) if pixel_patches else images_to_patches(frames))
+        intervals.append(patch_intervals(o.shape[0], o.shape[1]))
+        blocks.append(np.full((steps, patches[-1].shape[1]), PATCH_TOKEN, dtype=np.int64))
+    for o in spec.tensor_keys:
+        value = np.asarray(observations[o.name]).reshape(steps, -1)
+        if o.kind == "discrete":
+            blocks.append(tokenize_discrete(value).reshape(steps, -1))
+        else:
+            blocks.append(tokenize_continuous(normalize_rows(o, value)))
+    blocks.append(np.full((steps, 1), SEPARATOR_TOKEN, dtype=np.int64))
+    blocks.append(tokenize_actions(spec, actions))
+    per_step = timestep_token_count(spec)
+    in_step = np.arange(per_step)
+    dtype = np.uint8 if pixel_patches else np.float32
     return {
-        "tokens": np.concatenate(tokens),
-        "local_positions": np.concatenate(local),
-        "loss_mask": np.concatenate(mask),
-        "patches": np.concatenate(patches),
-        "patch_positions": np.concatenate(ppos),
+        "tokens": np.concatenate(blocks, axis=1).reshape(-1),
+        "local_positions": np.tile(timestep_local_positions(spec, observation_local_positions_only), steps),
+        "loss_mask": np.tile(in_step >= observation_token_count(spec), steps),
+        "patches": (np.concatenate(patches, axis=1).reshape(-1, 3, PATCH_SIZE, PATCH_SIZE) if patches
+                    else np.zeros((0, 3, PATCH_SIZE, PATCH_SIZE), dtype)),
+        "patch_positions": (patch_positions(np.tile(np.concatenate(intervals), (steps, 1)), rng) if intervals
+                            else np.zeros((0, 2), np.int64)),
     }
+
+
+def validate_episode(spec: EmbodimentSpec, observations: dict[str, np.ndarray], steps: int) -> None:
+    """`validate_observation` for every timestep of an episode at once (ObservationError naming the key)."""
+    per_step = {k: np.asarray(v)[0] if np.ndim(v) and len(v) else np.asarray(v) for k, v in observations.items()}
+    if steps:
+        validate_observation(spec, per_step)  # keys, per-timestep shapes and dtypes, as the runtime checks them
+    for o in spec.observations:
+        value = np.asarray(observations[o.name])
+        if value.shape != (steps, *o.shape):
+            raise ObservationError(f"observation {o.name!r} has shape {value.shape}, the episode needs "
+                                   f"{(steps, *o.shape)}")
+        if o.kind != "image" and not np.all(np.isfinite(value)):
+            raise ObservationError(f"observation {o.name!r} holds NaN or inf")
+
+
+def images_to_patches(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 → (T, N, 3, 16, 16) float32: `image_to_patches` of every frame."""
+    x = (frames.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
+    return _cut_patches(x)
+
+
+def images_to_pixel_patches(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 → (T, N, 3, 16, 16) uint8: the pixels of each patch, unscaled."""
+    return _cut_patches(np.asarray(frames, dtype=np.uint8))
+
+
+def _cut_patches(x: np.ndarray) -> np.ndarray:
+    t, h, w = x.shape[0], x.shape[1] // PATCH_SIZE, x.shape[2] // PATCH_SIZE
+    x = x.reshape(t, h, PATCH_SIZE, w, PATCH_SIZE, 3).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(x.reshape(t, h * w, 3, PATCH_SIZE, PATCH_SIZE))
+
+
+def normalize_rows(obs_spec: ObservationSpec, values: np.ndarray) -> np.ndarray:
+    """`normalize` of each row of (T, size) values."""
+    x = np.asarray(values, dtype=np.float64)
+    if obs_spec.offset is not None:
+        x = x - np.asarray(obs_spec.offset, dtype=np.float64)
+    if obs_spec.scale is not None:
+        x = x / np.asarray(obs_spec.scale, dtype=np.float64)
+    return x
+
+
+def tokenize_actions(spec: EmbodimentSpec, actions: np.ndarray) -> np.ndarray:
+    """(T, A) commands → (T, A) tokens: `tokenize_action` of every row."""
+    actions = np.asarray(actions, dtype=np.float64)
+    if actions.ndim != 2 or actions.shape[1] != spec.action_size:
+        raise ValueError(f"actions have shape {actions.shape}, spec says (T, {spec.action_size})")
+    if not np.all(np.isfinite(actions)):
+        raise ValueError("action holds NaN or inf")
+    out = np.empty(actions.shape, dtype=np.int64)
+    for i, a in enumerate(spec.actions):
+        if a.kind == "discrete":
+            out[:, i] = np.argmin(np.abs(np.asarray(a.values)[None, :] - actions[:, i : i + 1]), axis=1)
+        else:
+            out[:, i] = tokenize_continuous(np.clip(actions[:, i], -a.limit, a.limit))
+    return out

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from gato_ros import contract
 from gato_ros import tokenizer as tk
 from gato_ros.spec import ActionSpec, EmbodimentSpec, ObservationSpec
 
@@ -142,6 +143,47 @@ def test_episode_stream_marks_action_tokens_for_the_loss() -> None:
     assert (local[:, n_obs - 1 :] == tk.NO_LOCAL_POSITION).all()
     legacy = tk.tokenize_episode(SPEC, obs, actions, observation_local_positions_only=False)["local_positions"]
     assert (legacy.reshape(steps, per_step) == np.arange(per_step)).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6))
+def test_an_episode_is_the_runtimes_timesteps_token_for_token(seed: int, steps: int) -> None:
+    """Training tokenizes a whole episode at once; the runtime, one observation and one action at a time. Both
+    must give the same stream, or the policy would be served other tokens than it was trained on."""
+    rng = np.random.default_rng(seed)
+    obs = {k: np.stack([observation(rng)[k] for _ in range(steps)]) for k in observation(rng)}
+    obs["joint_positions"] *= 10.0 ** rng.integers(-3, 4, size=(steps, 3))  # past the mu-law range too
+    actions = rng.normal(scale=40.0, size=(steps, 3))
+    actions[0, 2] = 0.0  # halfway between the gripper's two values: the first wins, as in tokenize_action
+    stream = tk.tokenize_episode(SPEC, obs, actions)
+    for flag in (True, False):
+        expected_tokens, expected_local = [], []
+        for t in range(steps):
+            ts = tk.tokenize_observation(SPEC, {k: v[t] for k, v in obs.items()}, observation_local_positions_only=flag)
+            expected_tokens += [ts.tokens, tk.tokenize_action(SPEC, actions[t])]
+            expected_local += [ts.local_positions, tk.timestep_local_positions(SPEC, flag)[len(ts.tokens):]]
+        local = tk.tokenize_episode(SPEC, obs, actions, observation_local_positions_only=flag)["local_positions"]
+        assert np.array_equal(stream["tokens"], np.concatenate(expected_tokens))
+        assert np.array_equal(local, np.concatenate(expected_local))
+    frames = [tk.tokenize_observation(SPEC, {k: v[t] for k, v in obs.items()}) for t in range(steps)]
+    assert np.array_equal(stream["patches"], np.concatenate([f.patches for f in frames]))
+    assert np.array_equal(stream["patch_positions"], np.concatenate([f.patch_positions for f in frames]))
+    pixels = tk.tokenize_episode(SPEC, obs, actions, pixel_patches=True)["patches"]
+    scaled = (pixels.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
+    assert pixels.dtype == np.uint8 and np.array_equal(scaled, stream["patches"])  # the same patches, unscaled
+
+
+def test_a_bad_timestep_anywhere_in_an_episode_is_refused() -> None:
+    rng = np.random.default_rng(2)
+    obs = {k: np.stack([observation(rng)[k] for _ in range(3)]) for k in observation(rng)}
+    obs["joint_positions"][2, 1] = np.nan
+    with pytest.raises(tk.ObservationError, match="'joint_positions' holds NaN"):
+        tk.tokenize_episode(SPEC, obs, np.zeros((3, 3)))
+    obs["joint_positions"] = np.zeros((2, 3))
+    with pytest.raises(tk.ObservationError, match="the episode needs \\(3, 3\\)"):
+        tk.tokenize_episode(SPEC, obs, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        tk.tokenize_actions(SPEC, np.array([[0.0, np.inf, 0.0]]))
 
 
 @settings(max_examples=200, deadline=None)
