@@ -11,7 +11,9 @@ windows its optimizer saw (steps × batch, summed over the stages that led to it
         --point "+ CPU aux pilot (weight 5, 1 600 steps of 32)" runs/auxpilot/eval-aux5-long-int8.json 984 796928 \
         --point "+ 2 600 CPU steps, scene camera" runs/see6/eval-scene-int8.json 1550 880128 \
         --point "+ 2 600 CPU steps, scene + wrist cameras" runs/see6/eval-both-int8.json 1550 880128 \
-        --point "scene + wrist, + 1 DAgger round (700 steps of 32)" runs/see6/eval-both-d1-int8.json 1610 902528
+        --point "scene + wrist, + 1 DAgger round (700 steps of 32)" runs/see6/eval-both-d1-int8.json 1610 902528 \
+        --point "scene + wrist, + 2 DAgger rounds on an H200 (1 169 steps of 256)" runs/see8/eval-see-int8.json \
+            2008 1179392
 
 (the README's runs: windows = steps × batch of every training stage behind the file). A dashed line marks the
 90 % bar.
