@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", type=Path, required=True, help="PATH.onnx")
     parser.add_argument("--arms", default="", help="comma list (default: every arm the file serves)")
     parser.add_argument("--tasks", default="", help="comma list (default: every task the file serves)")
-    parser.add_argument("--pairs", default="", help="comma list of ARM:TASK, in place of --arms × --tasks (a file's "
-                        "metadata lists its arms and tasks, not which arm was trained on which task)")
+    parser.add_argument("--pairs", default="", help="comma list of ARM:TASK, in place of --arms × --tasks (whose "
+                        "default runs the pairs the file was trained on)")
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=100_000, help="held-out seeds: seed, seed + 1, ...")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the env's)")

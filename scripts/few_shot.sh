@@ -37,18 +37,4 @@ for n in 10 50 200; do
             --seed 100000 --workers 2 --condition none --json "$run.eval.json"
     done
 done
-.venv/bin/python - "$W" <<'PY'
-import json, sys
-from pathlib import Path
-from sim.evaluate import wilson_interval
-w = Path(sys.argv[1])
-print("| demonstrations | fine-tuned generalist | from scratch |\n|---|---|---|")
-for n in (10, 50, 200):
-    cells = []
-    for start in ("generalist", "scratch"):
-        r = json.loads((w / f"{start}-{n}.eval.json").read_text())
-        k, m = r["successes"], r["episodes"]
-        lo, hi = wilson_interval(k, m)
-        cells.append(f"{k}/{m} ({100 * lo:.0f}–{100 * hi:.0f} %)")
-    print(f"| {n} | {cells[0]} | {cells[1]} |")
-PY
+.venv/bin/python scripts/few_shot_plot.py "$W" --task $TASK
