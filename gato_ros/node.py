@@ -100,8 +100,9 @@ PARAMETERS: dict[str, Param] = {
     "arm": Param("", "which of the model's arms to serve (gato-ros info lists them); empty = its default arm",
                  STARTUP),
     # Read only, like the arm: the task the node was started for is the task every episode is conditioned on.
-    "task": Param("", "which of the model's tasks to perform (gato-ros info lists them); empty = its first task; a "
-                  "model with an instruction model starts each episode with this task's instruction", STARTUP),
+    "task": Param("", "which of the tasks the model was trained on for `arm` to perform (gato-ros info lists "
+                  "them); empty = the first; a model with an instruction model starts each episode with this task's "
+                  "instruction", STARTUP),
     "provider": Param("auto", "ONNX Runtime provider: auto | cpu | cuda | tensorrt"),
     "threads": Param(0, "ONNX Runtime intra-op threads; 0 = its default", low=0, high=256),
     "context_tokens": Param(0, "KV cache size in tokens; 0 = the model's", low=0, high=1 << 20),

@@ -57,7 +57,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("arm", default_value="",
                               description="which of the model's arms to serve (gato-ros info); empty = its default"),
         DeclareLaunchArgument("task", default_value="",
-                              description="which of the model's tasks to perform (gato-ros info); empty = its first"),
+                              description="which of the tasks the model was trained on for the arm to perform "
+                                          "(gato-ros info); empty = the first"),
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "policy.yaml"),
                               description="parameters of the policy node and the watchdog (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the nodes and their topics"),
