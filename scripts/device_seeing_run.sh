@@ -3,7 +3,8 @@
 # the simulator stages run from a carried site folder (scripts/build_sim_site.sh), the data collected before on
 # another box travels as --seed-data, and what a short lease can bring back is packed into $OUT (at most 8 files of
 # 16 MiB): the newest int8 file even when the clock cut the run short, the behaviour-cloning pair of the window
-# ablation, the logs and the last checkpoint's weights, then the DAgger datasets, newest first, while they fit.
+# ablation, the logs and the last checkpoint's weights, then each round's int8 file and the DAgger datasets, newest
+# first, while they fit.
 #
 #   SITE=.sim312/site.tar.xz SEED_DATA="runs/see2/statepol runs/see2/expert384" BUDGET=8.9 \
 #       OUT=/tmp/out bash scripts/device_seeing_run.sh
@@ -37,7 +38,11 @@ python3 - <<'PY'
 import glob, os, subprocess
 out = os.environ["OUT"]
 used = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-for d in sorted(glob.glob("dagger*") + glob.glob("primed"), key=os.path.getmtime, reverse=True):
+# Each round's int8 file (a later fine-tune can drive worse than an earlier one: keep them all), newest first, then
+# the DAgger datasets, newest first, while they fit.
+rounds = sorted(glob.glob("round*.int8.onnx") + glob.glob("start.int8.onnx"), key=os.path.getmtime, reverse=True)
+datasets = sorted(glob.glob("dagger*") + glob.glob("primed"), key=os.path.getmtime, reverse=True)
+for d in rounds + datasets:
     if len(os.listdir(out)) >= 8:
         break
     tar = os.path.join(out, d + ".tar")
