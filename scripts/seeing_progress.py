@@ -15,7 +15,8 @@ windows its optimizer saw (steps × batch, summed over the stages that led to it
         --point "scene + wrist, + 2 DAgger rounds on an H200 (1 169 steps of 256)" runs/see8/eval-see-int8.json \
             2008 1179392 \
         --point "+ 1 CPU DAgger round (900 steps of 32)" runs/see9/eval-ft-int8.json 2128 1208192 \
-        --point "+ 2 CPU DAgger rounds (900 steps of 32 each)" runs/see10/eval-ft-int8.json 2248 1236992
+        --point "+ 2 CPU DAgger rounds (900 steps of 32 each)" runs/see10/eval-ft-int8.json 2248 1236992 \
+        --point "+ 3 CPU DAgger rounds (+800 steps of 32)" runs/see11/eval-ft-int8.json 2348 1262592
 
 (the README's runs: windows = steps × batch of every training stage behind the file). A dashed line marks the
 90 % bar.
