@@ -91,10 +91,7 @@ def image_to_patches(image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 → (N, 3, 16, 16) float32 patches in raster order, pixels in [-1, 1] / 4."""
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] % PATCH_SIZE or image.shape[1] % PATCH_SIZE:
         raise ObservationError(f"image must be (H, W, 3) with H, W multiples of {PATCH_SIZE}, got {image.shape}")
-    h, w = image.shape[0] // PATCH_SIZE, image.shape[1] // PATCH_SIZE
-    x = (image.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
-    x = x.reshape(h, PATCH_SIZE, w, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(x.reshape(h * w, 3, PATCH_SIZE, PATCH_SIZE))
+    return images_to_patches(image[None])[0]
 
 
 def patch_intervals(height: int, width: int) -> np.ndarray:
@@ -122,12 +119,7 @@ def patch_positions(intervals: np.ndarray, rng: np.random.Generator | None = Non
 
 
 def normalize(obs_spec: ObservationSpec, value: np.ndarray) -> np.ndarray:
-    x = np.asarray(value, dtype=np.float64).reshape(-1)
-    if obs_spec.offset is not None:
-        x = x - np.asarray(obs_spec.offset, dtype=np.float64)
-    if obs_spec.scale is not None:
-        x = x / np.asarray(obs_spec.scale, dtype=np.float64)
-    return x
+    return normalize_rows(obs_spec, np.asarray(value, dtype=np.float64).reshape(-1))
 
 
 def validate_observation(spec: EmbodimentSpec, observation: dict[str, np.ndarray]) -> None:
@@ -227,15 +219,7 @@ def tokenize_action(spec: EmbodimentSpec, action: np.ndarray) -> np.ndarray:
     action = np.asarray(action, dtype=np.float64).reshape(-1)
     if action.shape[0] != spec.action_size:
         raise ValueError(f"action has {action.shape[0]} values, spec says {spec.action_size}")
-    if not np.all(np.isfinite(action)):
-        raise ValueError("action holds NaN or inf")
-    out = np.empty(spec.action_size, dtype=np.int64)
-    for i, a in enumerate(spec.actions):
-        if a.kind == "discrete":
-            out[i] = int(np.argmin(np.abs(np.asarray(a.values) - action[i])))
-        else:
-            out[i] = tokenize_continuous(np.clip(action[i], -a.limit, a.limit))[()]
-    return out
+    return tokenize_actions(spec, action[None])[0]
 
 
 def detokenize_action(spec: EmbodimentSpec, tokens: np.ndarray) -> np.ndarray:
@@ -324,7 +308,7 @@ def validate_episode(spec: EmbodimentSpec, observations: dict[str, np.ndarray], 
 
 
 def images_to_patches(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 → (T, N, 3, 16, 16) float32: `image_to_patches` of every frame."""
+    """(T, H, W, 3) uint8 → (T, N, 3, 16, 16) float32 patches in raster order, pixels in [-1, 1] / 4."""
     x = (frames.astype(np.float32) / contract.PIXEL_HALF_RANGE - 1.0) / contract.PATCH_VALUE_DIVISOR
     return _cut_patches(x)
 
@@ -341,7 +325,7 @@ def _cut_patches(x: np.ndarray) -> np.ndarray:
 
 
 def normalize_rows(obs_spec: ObservationSpec, values: np.ndarray) -> np.ndarray:
-    """`normalize` of each row of (T, size) values."""
+    """A spec's offset and scale applied to each row of (T, size) values (or to one flat (size,) value)."""
     x = np.asarray(values, dtype=np.float64)
     if obs_spec.offset is not None:
         x = x - np.asarray(obs_spec.offset, dtype=np.float64)
@@ -351,7 +335,8 @@ def normalize_rows(obs_spec: ObservationSpec, values: np.ndarray) -> np.ndarray:
 
 
 def tokenize_actions(spec: EmbodimentSpec, actions: np.ndarray) -> np.ndarray:
-    """(T, A) commands → (T, A) tokens: `tokenize_action` of every row."""
+    """(T, A) commands → (T, A) tokens. Continuous values are clamped to their limit; a discrete value maps to
+    the index of the nearest listed value (the first of two as near)."""
     actions = np.asarray(actions, dtype=np.float64)
     if actions.ndim != 2 or actions.shape[1] != spec.action_size:
         raise ValueError(f"actions have shape {actions.shape}, spec says (T, {spec.action_size})")
