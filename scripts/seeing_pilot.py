@@ -72,24 +72,18 @@ def head(source: str, out: str, shards: int) -> None:
 
 
 def reach(policy_path: str, seeds: list[int]) -> dict:
-    from gato_ros.runtime import PolicyRuntime
-    from sim.env import StackingEnv
-    from sim.spec import env_overrides, policy_observation
+    from sim import evaluate
 
-    policy = PolicyRuntime(policy_path, provider="cpu", threads=1)
-    env = StackingEnv(**env_overrides(policy.spec))
+    evaluate._init_worker(policy_path, "cpu", None)
     per_episode = []
-    for seed in seeds:
-        obs, info = env.reset(seed=seed)
-        policy.reset()
-        closest, done = np.inf, False
-        while not done:
-            closest = min(closest, float(np.linalg.norm(obs["task_state"][3:6] - obs["task_state"][0:3])))
-            obs, _, terminated, truncated, info = env.step(policy.step(policy_observation(policy.spec, obs)))
-            done = terminated or truncated
-        per_episode.append({"seed": seed, "success": bool(info["success"]), "closest_cm": 100 * closest,
-                            "reached": closest < REACH_M, "steps": int(info["steps"])})
-        print(json.dumps(per_episode[-1]))
+    try:
+        for seed in seeds:
+            result = evaluate.run_episode(seed)
+            per_episode.append({"seed": seed, "success": result.success, "closest_cm": result.closest_to_red_cm,
+                                "reached": result.closest_to_red_cm < 100 * REACH_M, "steps": result.steps})
+            print(json.dumps(per_episode[-1]))
+    finally:
+        evaluate.release_worker()
     closest = [e["closest_cm"] for e in per_episode]
     summary = {"policy": policy_path, "episodes": len(seeds), "successes": sum(e["success"] for e in per_episode),
                "reached": sum(e["reached"] for e in per_episode), "closest_cm_median": float(np.median(closest)),

@@ -40,11 +40,13 @@ from sim.results import EpisodeResult
 _worker: dict = {}
 BASELINES = ("expert", "random")  # --policy names that are not files: they take no conditioning
 RANDOM_STREAM = 3  # the random policy's generator is seeded [RANDOM_STREAM, episode seed]: apart from the env's
+RED_MINUS_HAND = slice(9, 12)  # task_state's red cube - hand vector (sim/env.py)
 
 
 @dataclass
 class ConditionedResult(EpisodeResult):
     prompt_seed: int | None = None  # the env seed of the demonstration that prompted the episode
+    closest_to_red_cm: float = math.inf  # the hand's closest approach to the red cube: did a seeing policy find it
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -271,6 +273,8 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> Conditione
         if frames is not None:  # a seeing policy's film shows its first camera's frame beside the scene
             scene = [env.render(256)]
             frames.extend(beside(scene, obs[image_keys[0]][None]) if image_keys else scene)
+        red_cm = 100 * float(np.linalg.norm(obs["task_state"][RED_MINUS_HAND]))
+        result.closest_to_red_cm = min(result.closest_to_red_cm, red_cm)
         t0 = time.perf_counter()
         action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))
         result.step_ms.append(1e3 * (time.perf_counter() - t0))

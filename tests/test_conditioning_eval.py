@@ -169,6 +169,18 @@ def test_random_policy_spans_the_limits_and_repeats_per_seed(arm: str) -> None:
     assert not np.array_equal(episode(100_001), actions)
 
 
+def test_eval_reports_how_close_the_hand_came_to_the_red_cube(tmp_path: Path) -> None:
+    """Per episode, the hand's closest approach to the red cube: the expert grasps it (within a centimetre or
+    two of its centre), the random policy never gets near it."""
+    closest = {}
+    for policy in ("expert", "random"):
+        out = tmp_path / f"{policy}.json"
+        assert main(["eval", "--policy", policy, "--episodes", "1", "--seed", "100000", "--max-steps", "60",
+                     "--json", str(out)]) == 0
+        closest[policy] = json.loads(out.read_text())["per_episode"][0]["closest_to_red_cm"]
+    assert closest["expert"] < 3.0 < 10.0 < closest["random"], closest
+
+
 def test_default_condition_is_prompt_only_for_a_file_that_declares_conditioning(conditioned_model: Path) -> None:
     assert resolve_condition(str(SHIPPED), None, "stack_red_on_blue") == "none"
     assert resolve_condition(str(conditioned_model), None, "lift_red") == "prompt"

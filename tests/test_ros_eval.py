@@ -288,11 +288,15 @@ def test_seeing_model_over_ros_acts_as_in_process(tmp_path):
     from sim.ros_eval import evaluate_over_ros
 
     seed = 100_000
-    ros_run = evaluate_over_ros(str(SEEING), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False)
+    # At half real time: on 2 cores the bridge's physics and two camera renders, the node and the watchdog do not
+    # all fit one 50 ms period (measured: 143 of 200 steps stale at real time; docs/seeing_over_ros.md).
+    factor = 0.5
+    ros_run = evaluate_over_ros(str(SEEING), [seed], provider="cpu", log_dir=tmp_path / "logs", progress=False,
+                                real_time_factor=factor)
     assert ros_run.exit_codes == {"bridge": 0, "node": 0, "watchdog": 0}
     r = ros_run.results[0]
     load = f"{r} (load average {os.getloadavg()})"
-    assert abs(r.control_rate_hz - 20.0) <= 2.0 and abs(r.wall_rate_hz - 20.0) <= 2.0, load
+    assert abs(r.control_rate_hz - 20.0) <= 2.0 and abs(r.wall_rate_hz - 20.0 * factor) <= 1.0, load
     assert r.rejected_commands == 0 and not r.nan
     assert {k for k, v in ros_run.frames.items() if len(v) == r.steps + 1} == set(ros_run.frames) != set()
     evaluate._init_worker(str(SEEING), "cpu", None)
