@@ -8,6 +8,8 @@ that also says how close the hand came to the red cube.
     .venv/bin/python scripts/seeing_pilot.py head runs/see2/expert runs/see2/expert384 --shards 6
     # closed loop, in-process: success and closest approach of the hand to the red cube per seed
     .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10
+    # the same with every camera frame black: how much of the approach the cameras steer
+    .venv/bin/python scripts/seeing_pilot.py reach runs/pilot/policy.onnx --seeds 100000 --episodes 10 --black-frames
     # does the policy read the image? action loss on each episode's first window with its own frames, with
     # another episode's frames (other cube positions), and with black frames
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
@@ -71,10 +73,25 @@ def head(source: str, out: str, shards: int) -> None:
     print(f"head: {len(kept)} episodes ({summary['num_steps']} steps) of {source} written to {out}")
 
 
-def reach(policy_path: str, seeds: list[int]) -> dict:
+class BlackFrames:
+    """A policy whose every camera frame is replaced by a black one: how much of its behaviour the cameras steer."""
+
+    def __init__(self, policy) -> None:  # noqa: ANN001 - a gato_ros.runtime.PolicyRuntime
+        self.policy, self.spec = policy, policy.spec
+
+    def reset(self, **kwargs) -> None:  # noqa: ANN003
+        self.policy.reset(**kwargs)
+
+    def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.policy.step({k: np.zeros_like(v) if k.startswith("camera_") else v for k, v in obs.items()})
+
+
+def reach(policy_path: str, seeds: list[int], black_frames: bool = False) -> dict:
     from sim import evaluate
 
     evaluate._init_worker(policy_path, "cpu", None)
+    if black_frames:
+        evaluate._worker["policy"] = BlackFrames(evaluate._worker["policy"])
     per_episode = []
     try:
         for seed in seeds:
@@ -252,6 +269,7 @@ def main() -> None:
     p_reach.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
     p_reach.add_argument("--episodes", type=int, default=10)
     p_reach.add_argument("--json", type=Path, default=None)
+    p_reach.add_argument("--black-frames", action="store_true", help="every camera frame black: what the cameras steer")
     p_probe = sub.add_parser("image-probe", help="first-window action loss with own, another episode's, black frames")
     p_probe.add_argument("checkpoint")
     p_probe.add_argument("data")
@@ -279,7 +297,7 @@ def main() -> None:
     elif args.command == "offline":
         offline(args.checkpoint, args.data, args.val_fraction, args.seed)
     else:
-        summary = reach(args.policy, [args.seeds + i for i in range(args.episodes)])
+        summary = reach(args.policy, [args.seeds + i for i in range(args.episodes)], args.black_frames)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(summary, indent=2))
