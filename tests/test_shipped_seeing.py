@@ -4,8 +4,9 @@ model card's seeds it does in-process what it did on the machine that trained it
 
 The card (models/see_int8.json) records seeds, how many of them the file stacked, and the median of the hand's
 closest approach to the red cube over them on the machine that trained it; CI allows a margin on the approach (a
-last-bit float difference on another CPU moves a closed-loop episode) that a file acting on black frames exceeds
-(the card's `ci_note` gives both). Its over-ROS episode is in tests/test_ros_eval.py."""
+last-bit float difference on another CPU moves a closed-loop episode). A file that does not bring the arm to the
+cube fails it; a file acting on black frames does not yet (the card's `ci_note` gives both medians: this file uses
+its cameras too little). Its over-ROS episode is in tests/test_ros_eval.py."""
 
 from __future__ import annotations
 
