@@ -299,7 +299,12 @@ class GatoConfig:
     # must find in its image) from each timestep's separator token: width of that state (0: none). It shapes
     # what the transformer learns to extract; the serving graph never contains it.
     aux_size: int = 0
-    aux_weight: float = 1.0  # its mean squared error's weight beside the action loss
+    aux_weight: float = 1.0  # its squared error's weight beside the action loss
+    # Errors beyond this many normalization scales count linearly, not squared (a Huber loss, scaled to equal the
+    # squared error below it): the states a DAgger round's policy wanders into (the arm flung far from the table,
+    # a cube knocked off) would otherwise dominate the gradient and, through clipping, starve the action loss.
+    # 0: the plain squared error at any size (files written before this field).
+    aux_huber: float = 0.0
     # Positions [0, pinned_span) hold a pinned prefix (a prompt or an instruction): every later query sees those
     # keys, however far back, while the episode's own tokens (from position pinned_span on) are seen within
     # context_window. So a conditioned policy keeps a short reach and its prefix alike. 0: no such region.

@@ -368,15 +368,21 @@ class GatoModel(nn.Module):
         bins), discrete ones hard labels. The loss is the KL divergence to the label distribution
         (cross-entropy minus the label entropy: same gradients, and 0 for a perfect fit).
         With `aux_targets` [B, S, aux_size] and `aux_mask` [B, S] (a model with an aux head), config.aux_weight
-        times the aux head's mean squared error at the masked positions is added.
+        times the aux head's mean squared error at the masked positions is added (linear beyond config.aux_huber).
         """
         hidden, _ = self.hidden(input_ids, position_ids, local_positions, patches=patches,
                                 patch_positions=patch_positions)
         loss = self._action_loss(hidden, targets, loss_mask, target_hi)
         if aux_targets is not None and self.aux_head is not None and aux_mask is not None and bool(aux_mask.any()):
-            predicted = self.aux_head(hidden[aux_mask]).float()
-            loss = loss + self.config.aux_weight * F.mse_loss(predicted, aux_targets[aux_mask].float())
+            loss = loss + self.config.aux_weight * self.aux_error(hidden, aux_targets, aux_mask)
         return loss
+
+    def aux_error(self, hidden: torch.Tensor, aux_targets: torch.Tensor, aux_mask: torch.Tensor) -> torch.Tensor:
+        """The aux head's mean error at the masked positions: squared, linear beyond config.aux_huber (a Huber
+        loss scaled to equal the squared error below it)."""
+        predicted, wanted = self.aux_head(hidden[aux_mask]).float(), aux_targets[aux_mask].float()
+        delta = self.config.aux_huber
+        return 2 * F.huber_loss(predicted, wanted, delta=delta) if delta > 0 else F.mse_loss(predicted, wanted)
 
     def _action_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, target_hi: torch.Tensor
                      ) -> torch.Tensor:

@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-key", default=None, help="train an auxiliary head to predict this auxiliary key of the "
                         "data (collect --aux-keys) from each timestep's separator; training only, never exported")
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary mean squared error")
+    parser.add_argument("--aux-huber", type=float, default=0.1, help="aux errors beyond this many normalization "
+                        "scales count linearly (Huber), so far-off states cannot swamp the action loss; 0: squared")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
     parser.add_argument("--prompt-steps", type=int, default=0, help="Gato prompting as the runtime serves it: prompts "
@@ -449,7 +451,7 @@ def with_aux_head(config: GatoConfig, args: argparse.Namespace, groups: list[Epi
     size = sizes.pop()
     if config.aux_size not in (0, size):
         raise SetupError(f"the model's aux head predicts {config.aux_size} values, {args.aux_key!r} has {size}")
-    return replace(config, aux_size=size, aux_weight=args.aux_weight)
+    return replace(config, aux_size=size, aux_weight=args.aux_weight, aux_huber=args.aux_huber)
 
 
 Windows = SequenceDataset | MixedSpecWindows

@@ -15,6 +15,8 @@ that also says how close the hand came to the red cube.
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
     # the aux head's error per part of task_state over every timestep, by the hand's distance to the red cube
     .venv/bin/python scripts/seeing_pilot.py aux-error runs/see6/both runs/see6/probe --episodes 20
+    # how hard the aux term pulls beside the action loss: gradient norms per batch, squared and Huber aux errors
+    .venv/bin/python scripts/seeing_pilot.py aux-gradient runs/r13/ft3 runs/r13/dagger3 --huber 0 1 0.3 0.1
     # offline: action loss on the held-out episodes (the split `gato-ros train` made), all windows and
     # the first window of each episode, where only the cube's position says where to go
     .venv/bin/python scripts/seeing_pilot.py offline checkpoints/pilot data/sw64 --val-fraction 0.1
@@ -253,6 +255,56 @@ def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0)
     return result
 
 
+def aux_gradient(checkpoint: str, data: str, batches: int, batch_size: int, weight: float,
+                 deltas: list[float]) -> dict:
+    """Gradient norm of the action loss and of `weight` times the aux term (squared error for delta 0, else
+    linear beyond delta: the model's `aux_huber`) over the checkpoint's parameters, on random training-length
+    windows (twice the context, as the seeing recipe trains) of `data`. With gradient clipping, a term whose
+    norm is many times the other's decides the step: on the states a DAgger round visits, the aux term's."""
+    import torch
+
+    from gato_ros.sequences import SequenceDataset
+    from gato_ros.train import load_checkpoint
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, config, spec = load_checkpoint(checkpoint)
+    if model.aux_head is None:
+        raise SystemExit(f"{checkpoint}: no aux head (trained without --aux-key)")
+    dataset = read_dataset(data)
+    if replace(dataset.spec, name=spec.name) != spec or "task_state" not in dataset.aux:
+        raise SystemExit(f"{data}: not the checkpoint's layout, or no task_state aux targets")
+    windows = SequenceDataset(dataset, 2 * config.context_window, stride_steps=2, train=True, seed=0,
+                              observation_local_positions_only=config.observation_local_positions_only,
+                              aux_key="task_state")
+    order = np.random.default_rng(0).permutation(len(windows))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None)))
+
+    model.train()
+    rows = []
+    for b in range(batches):
+        items = [windows[int(i)] for i in order[b * batch_size:(b + 1) * batch_size]]
+        batch = torch.utils.data.default_collate(items)
+        targets, mask = batch.pop("aux_targets"), batch.pop("aux_mask")
+        hidden, _ = model.hidden(batch["input_ids"], batch["position_ids"], batch["local_positions"],
+                                 patches=batch["patches"], patch_positions=batch["patch_positions"])
+        action = model._action_loss(hidden, batch["targets"], batch["loss_mask"], batch["target_hi"])
+        row = {"action_loss": float(action.detach()), "action_grad": norm(action), "aux_grad": {}}
+        for delta in deltas:
+            model.config = replace(config, aux_huber=delta)
+            row["aux_grad"][str(delta)] = norm(weight * model.aux_error(hidden, targets, mask))
+        rows.append(row)
+        print(f"batch {b}: action loss {row['action_loss']:.2f}, gradient norm {row['action_grad']:.2f}; "
+              f"{weight:g} x aux error, gradient norm " + ", ".join(
+                  f"{'squared' if d == 0 else f'huber {d:g}'} {row['aux_grad'][str(d)]:.2f}" for d in deltas))
+    model.config = config
+    return {"checkpoint": checkpoint, "data": data, "weight": weight, "batches": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +332,14 @@ def main() -> None:
     p_aux.add_argument("data")
     p_aux.add_argument("--episodes", type=int, default=20)
     p_aux.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
+    p_grad = sub.add_parser("aux-gradient", help="gradient norms of the action loss and the aux term, per batch")
+    p_grad.add_argument("checkpoint")
+    p_grad.add_argument("data")
+    p_grad.add_argument("--batches", type=int, default=4)
+    p_grad.add_argument("--batch-size", type=int, default=32)
+    p_grad.add_argument("--weight", type=float, default=5.0, help="the aux weight to measure at")
+    p_grad.add_argument("--huber", type=float, nargs="+", default=[0.0, 0.1], help="deltas (0: squared error)")
+    p_grad.add_argument("--json", type=Path, default=None)
     p_offline = sub.add_parser("offline", help="held-out action loss, all windows and each episode's first")
     p_offline.add_argument("checkpoint")
     p_offline.add_argument("data")
@@ -294,6 +354,10 @@ def main() -> None:
         image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "aux-error":
         aux_error(args.checkpoint, args.data, args.episodes, args.first_episode)
+    elif args.command == "aux-gradient":
+        result = aux_gradient(args.checkpoint, args.data, args.batches, args.batch_size, args.weight, args.huber)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
     elif args.command == "offline":
         offline(args.checkpoint, args.data, args.val_fraction, args.seed)
     else:

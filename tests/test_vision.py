@@ -205,7 +205,8 @@ def test_fused_serving_graph_with_images_matches_the_plain_graph(tmp_path):
 def test_privileged_state_is_an_auxiliary_target_never_an_input(tmp_path):
     """`collect --aux-keys task_state` keeps the cube/hand state beside a seeing policy's observations;
     `train --aux-key` fits a head that predicts it (normalized) at each timestep's separator, adding its
-    MSE to the action loss; the exported file serves without it, from camera + joints alone."""
+    squared error to the action loss (linear beyond --aux-huber, so a far-off state cannot swamp the action
+    loss); the exported file serves without it, from camera + joints alone."""
     import onnx
 
     from gato_ros.cli import main as cli_main
@@ -240,15 +241,20 @@ def test_privileged_state_is_an_auxiliary_target_never_an_input(tmp_path):
                      str(2 * step), "--seq-len", str(3 * step), "--steps", "2", "--batch-size", "4", "--threads", "1",
                      "--val-fraction", "0", "--aux-key", "task_state", "--aux-weight", "0.5", "--no-progress"]) == 0
     model, config, _ = load_checkpoint(out)
-    assert (config.aux_size, config.aux_weight) == (17, 0.5)
+    assert (config.aux_size, config.aux_weight, config.aux_huber) == (17, 0.5, 0.1)
     batch = {k: v.unsqueeze(0) for k, v in item.items()}
+    far_off = dict(batch, aux_targets=batch["aux_targets"] + 50.0)  # a state far outside the data: the arm flung away
     with torch.no_grad():
         action_only = model.action_loss(**{k: v for k, v in batch.items() if not k.startswith("aux_")})
-        with_aux = model.action_loss(**batch)
-        mse = ((model.aux_head(model.hidden(batch["input_ids"], batch["position_ids"], batch["local_positions"],
-                                            patches=batch["patches"], patch_positions=batch["patch_positions"])[0]
-                               [batch["aux_mask"]]) - batch["aux_targets"][batch["aux_mask"]]) ** 2).mean()
-    assert float(mse) > 0 and abs(float(with_aux - action_only - 0.5 * mse)) < 1e-5
+        with_aux, with_far_aux = model.action_loss(**batch), model.action_loss(**far_off)
+        predicted = model.aux_head(model.hidden(batch["input_ids"], batch["position_ids"], batch["local_positions"],
+                                                patches=batch["patches"], patch_positions=batch["patch_positions"])[0]
+                                   [batch["aux_mask"]])
+    error = (predicted - batch["aux_targets"][batch["aux_mask"]]).abs()
+    squared_below_linear_above = torch.where(error <= 0.1, error ** 2, 0.2 * error - 0.01).mean()
+    assert float(error.max()) > 0.1 and abs(float(with_aux - action_only - 0.5 * squared_below_linear_above)) < 1e-5
+    # 50 normalization scales off adds ~0.5 * 0.2 * 50 = 5, not the squared error's ~0.5 * 2 500
+    assert 4 < float(with_far_aux - action_only) < 6
 
     path = export(model, spec, tmp_path / "aux.onnx")["fp32"]  # parity-checked against torch
     assert not [t.name for t in onnx.load(str(path)).graph.initializer if "aux" in t.name]
