@@ -213,6 +213,20 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
     return {**result, "worse_share": worse, "windows": len(first)}
 
 
+def with_aux_head(checkpoint: str, data: str):  # noqa: ANN201 - (GatoModel, GatoConfig, EpisodeDataset)
+    """The checkpoint's model and config, and the dataset, refusing a model without an aux head or data of another
+    layout or without task_state aux targets."""
+    from gato_ros.train import load_checkpoint
+
+    model, config, spec = load_checkpoint(checkpoint)
+    if model.aux_head is None:
+        raise SystemExit(f"{checkpoint}: no aux head (trained without --aux-key)")
+    dataset = read_dataset(data)
+    if replace(dataset.spec, name=spec.name) != spec or "task_state" not in dataset.aux:
+        raise SystemExit(f"{data}: not the checkpoint's layout, or no task_state aux targets")
+    return model, config, dataset
+
+
 def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0) -> dict:
     """The training-only aux head's estimate of task_state at every timestep of the episodes (each window's own
     timesteps), against the truth: median error (cm) per part, overall and by the hand's distance to the red cube.
@@ -220,15 +234,9 @@ def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0)
     import torch
 
     from gato_ros.sequences import SequenceDataset
-    from gato_ros.train import load_checkpoint
 
     torch.set_num_threads(1)
-    model, config, spec = load_checkpoint(checkpoint)
-    if model.aux_head is None:
-        raise SystemExit(f"{checkpoint}: no aux head (trained without --aux-key)")
-    dataset = read_dataset(data)
-    if replace(dataset.spec, name=spec.name) != spec or "task_state" not in dataset.aux:
-        raise SystemExit(f"{data}: not the checkpoint's layout, or no task_state aux targets")
+    model, config, dataset = with_aux_head(checkpoint, data)
     chosen = list(range(first_episode, min(first_episode + episodes, len(dataset))))
     windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
                               observation_local_positions_only=config.observation_local_positions_only,
@@ -264,16 +272,10 @@ def aux_gradient(checkpoint: str, data: str, batches: int, batch_size: int, weig
     import torch
 
     from gato_ros.sequences import SequenceDataset
-    from gato_ros.train import load_checkpoint
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model, config, spec = load_checkpoint(checkpoint)
-    if model.aux_head is None:
-        raise SystemExit(f"{checkpoint}: no aux head (trained without --aux-key)")
-    dataset = read_dataset(data)
-    if replace(dataset.spec, name=spec.name) != spec or "task_state" not in dataset.aux:
-        raise SystemExit(f"{data}: not the checkpoint's layout, or no task_state aux targets")
+    model, config, dataset = with_aux_head(checkpoint, data)
     windows = SequenceDataset(dataset, 2 * config.context_window, stride_steps=2, train=True, seed=0,
                               observation_local_positions_only=config.observation_local_positions_only,
                               aux_key="task_state")
