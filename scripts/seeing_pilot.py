@@ -15,6 +15,8 @@ that also says how close the hand came to the red cube.
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
     # the aux head's error per part of task_state over every timestep, by the hand's distance to the red cube
     .venv/bin/python scripts/seeing_pilot.py aux-error runs/see6/both runs/see6/probe --episodes 20
+    # where the hand went in each dataset: share of timesteps far from / near the red cube, the hand's x range
+    .venv/bin/python scripts/seeing_pilot.py hand-spread runs/r12/expert runs/r13/dagger3 runs/r13/dagger4
     # how hard the aux term pulls beside the action loss: gradient norms per batch, squared and Huber aux errors
     .venv/bin/python scripts/seeing_pilot.py aux-gradient runs/r13/ft3 runs/r13/dagger3 --huber 0 1 0.3 0.1
     # offline: action loss on the held-out episodes (the split `gato-ros train` made), all windows and
@@ -213,6 +215,27 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
     return {**result, "worse_share": worse, "windows": len(first)}
 
 
+def hand_spread(roots: list[str]) -> list[dict]:
+    """Where the hand went in each dataset (from its stored task_state aux targets): the share of timesteps with
+    the hand more than 20 cm from the red cube's centre and within 5 cm of it, and the range of the hand's x.
+    A DAgger round whose policy flings the arm away shows a large far share and an x range the demonstrations
+    never reach."""
+    rows = []
+    for root in roots:
+        dataset = read_dataset(root)
+        state = np.concatenate([dataset.aux_values(i, "task_state") for i in range(len(dataset))])
+        distance = np.linalg.norm(state[:, AUX_PARTS["red - hand"]], axis=1)
+        hand_x = state[:, AUX_PARTS["hand"]][:, 0]
+        rows.append({"data": root, "timesteps": len(state), "far_share": float(np.mean(distance > 0.20)),
+                     "near_share": float(np.mean(distance < 0.05)),
+                     "hand_x_m": [float(hand_x.min()), float(hand_x.max())]})
+        row = rows[-1]
+        print(f"hand-spread {root}: {row['timesteps']} timesteps, hand > 20 cm from the red cube in "
+              f"{100 * row['far_share']:.0f} %, within 5 cm in {100 * row['near_share']:.0f} %, hand x "
+              f"{row['hand_x_m'][0]:.2f} to {row['hand_x_m'][1]:.2f} m")
+    return rows
+
+
 def with_aux_head(checkpoint: str, data: str):  # noqa: ANN201 - (GatoModel, GatoConfig, EpisodeDataset)
     """The checkpoint's model and config, and the dataset, refusing a model without an aux head or data of another
     layout or without task_state aux targets."""
@@ -334,6 +357,8 @@ def main() -> None:
     p_aux.add_argument("data")
     p_aux.add_argument("--episodes", type=int, default=20)
     p_aux.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
+    p_spread = sub.add_parser("hand-spread", help="share of timesteps far from and near the red cube, hand x range")
+    p_spread.add_argument("data", nargs="+")
     p_grad = sub.add_parser("aux-gradient", help="gradient norms of the action loss and the aux term, per batch")
     p_grad.add_argument("checkpoint")
     p_grad.add_argument("data")
@@ -356,6 +381,8 @@ def main() -> None:
         image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "aux-error":
         aux_error(args.checkpoint, args.data, args.episodes, args.first_episode)
+    elif args.command == "hand-spread":
+        hand_spread(args.data)
     elif args.command == "aux-gradient":
         result = aux_gradient(args.checkpoint, args.data, args.batches, args.batch_size, args.weight, args.huber)
         if args.json:
