@@ -175,6 +175,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--final-minutes", type=float, default=2.0, help="kept for the last fine-tune and the exports")
     parser.add_argument("--max-rounds", type=int, default=8)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.3, 0.2, 0.1, 0.1, 0.1, 0.05],
+                        help="the expert's share of steps in rounds 0, 1, ... (the last repeats): a file that "
+                        "flings the arm from the table needs more of the expert so its labels stay near the task")
     parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
                         "(0: none; the GPU runs used 0.5; its error is scripts/seeing_pilot.py image-probe's measure)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
@@ -211,7 +214,7 @@ def main() -> int:
     # DAgger, pipelined: while round r's policy drives (simulator workers), the trainer fine-tunes on the data
     # so far, so the next round's policy is one fine-tune newer and neither the CPUs nor the GPU wait.
     rounds = 0
-    betas = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]
+    betas = args.betas + [args.betas[-1]] * max(0, args.max_rounds - len(args.betas))
     round_seconds = 90.0
     sim_workers = max(1, args.workers - args.loader_workers - 1)
     # The int8 file drives every round: the shipped file is int8, and DAgger labels the states it visits.

@@ -3,10 +3,10 @@ joints, no privileged task_state), its window spans several timesteps so the run
 model card's seeds it does in-process what it did on the machine that trained it.
 
 The card (models/see_int8.json) records seeds, how many of them the file stacked, and the median of the hand's
-closest approach to the red cube over them on the machine that trained it; CI allows a margin on the approach (a
+closest approach to the red cube over them on the machine that measured the card; CI allows a margin on the approach (a
 last-bit float difference on another CPU moves a closed-loop episode). A file that does not bring the arm to the
-cube fails it; a file acting on black frames does not yet (the card's `ci_note` gives both medians: this file uses
-its cameras too little). Its over-ROS episode is in tests/test_ros_eval.py."""
+cube fails it, and so does this file acting on black frames (the card's `ci_note` gives both medians). Its over-ROS
+episode is in tests/test_ros_eval.py."""
 
 from __future__ import annotations
 
@@ -52,3 +52,36 @@ def test_brings_the_hand_to_the_red_cube_as_recorded() -> None:
     stacked = sum(e.success for e in episodes)
     assert closest <= card["ci_closest_cm_median"] + card["ci_margin_cm"], (closest, card)
     assert stacked >= card["ci_successes"], (stacked, card)
+
+
+class _BlackFrames:
+    """The shipped runtime with every camera frame replaced by a black one."""
+
+    def __init__(self, policy) -> None:  # noqa: ANN001 - a gato_ros.runtime.PolicyRuntime
+        self.policy, self.spec = policy, policy.spec
+
+    def reset(self, **kwargs) -> None:  # noqa: ANN003
+        self.policy.reset(**kwargs)
+
+    def step(self, obs: dict):  # noqa: ANN201
+        import numpy as np
+
+        return self.policy.step({k: np.zeros_like(v) if k.startswith("camera_") else v for k, v in obs.items()})
+
+
+def test_finds_the_cube_through_its_cameras() -> None:
+    """Without its camera frames the same file does not bring the hand near the cube: the cameras, not the
+    joints alone, steer the approach the test above checks."""
+    import numpy as np
+
+    from sim import evaluate
+
+    card = json.loads(CARD.read_text())
+    evaluate._init_worker(str(SEEING), "cpu", None)
+    evaluate._worker["policy"] = _BlackFrames(evaluate._worker["policy"])
+    try:
+        episodes = [evaluate.run_episode(int(seed)) for seed in card["ci_seeds"][:3]]
+    finally:
+        evaluate.release_worker()
+    closest = float(np.median([e.closest_to_red_cm for e in episodes]))
+    assert closest > card["ci_closest_cm_median"] + card["ci_margin_cm"], (closest, card)
