@@ -1,6 +1,6 @@
 """The shipped seeing policy (models/see_int8.onnx): it reads only what a real arm publishes (camera frames and
 joints, no privileged task_state), its window spans several timesteps so the runtime's ring evicts, and on the
-model card's seeds it does in-process what it did on the machine that trained it.
+model card's seeds it does in-process what it did on the machine that measured the card.
 
 The card (models/see_int8.json) records seeds, how many of them the file stacked, and the median of the hand's
 closest approach to the red cube over them on the machine that measured the card; CI allows a margin on the approach (a
@@ -10,6 +10,7 @@ episode is in tests/test_ros_eval.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -54,21 +55,6 @@ def test_brings_the_hand_to_the_red_cube_as_recorded() -> None:
     assert stacked >= card["ci_successes"], (stacked, card)
 
 
-class _BlackFrames:
-    """The shipped runtime with every camera frame replaced by a black one."""
-
-    def __init__(self, policy) -> None:  # noqa: ANN001 - a gato_ros.runtime.PolicyRuntime
-        self.policy, self.spec = policy, policy.spec
-
-    def reset(self, **kwargs) -> None:  # noqa: ANN003
-        self.policy.reset(**kwargs)
-
-    def step(self, obs: dict):  # noqa: ANN201
-        import numpy as np
-
-        return self.policy.step({k: np.zeros_like(v) if k.startswith("camera_") else v for k, v in obs.items()})
-
-
 def test_finds_the_cube_through_its_cameras() -> None:
     """Without its camera frames the same file does not bring the hand near the cube: the cameras, not the
     joints alone, steer the approach the test above checks."""
@@ -76,9 +62,12 @@ def test_finds_the_cube_through_its_cameras() -> None:
 
     from sim import evaluate
 
+    spec = importlib.util.spec_from_file_location("seeing_pilot", ROOT / "scripts" / "seeing_pilot.py")
+    seeing_pilot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeing_pilot)
     card = json.loads(CARD.read_text())
     evaluate._init_worker(str(SEEING), "cpu", None)
-    evaluate._worker["policy"] = _BlackFrames(evaluate._worker["policy"])
+    evaluate._worker["policy"] = seeing_pilot.BlackFrames(evaluate._worker["policy"])
     try:
         episodes = [evaluate.run_episode(int(seed)) for seed in card["ci_seeds"][:3]]
     finally:
