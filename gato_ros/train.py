@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride-steps", type=int, default=1, help="timesteps between window starts")
     parser.add_argument("--aux-key", default=None, help="train an auxiliary head to predict this auxiliary key of the "
                         "data (collect --aux-keys) from each timestep's separator; training only, never exported")
-    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary mean squared error")
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary error (squared, linear "
+                        "beyond --aux-huber)")
     parser.add_argument("--aux-huber", type=float, default=0.1, help="aux errors beyond this many normalization "
                         "scales count linearly (Huber), so far-off states cannot swamp the action loss; 0: squared")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")

@@ -15,6 +15,8 @@ that also says how close the hand came to the red cube.
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
     # the aux head's error per part of task_state over every timestep, by the hand's distance to the red cube
     .venv/bin/python scripts/seeing_pilot.py aux-error runs/see6/both runs/see6/probe --episodes 20
+    # the same closest-approach summary from `gato-ros eval --json` files
+    .venv/bin/python scripts/seeing_pilot.py eval-approach runs/see12/eval-see.json runs/see12/eval-see-robust.json
     # where the hand went in each dataset: share of timesteps far from / near the red cube, the hand's x range
     .venv/bin/python scripts/seeing_pilot.py hand-spread runs/r12/expert runs/r13/dagger3 runs/r13/dagger4
     # how hard the aux term pulls beside the action loss: gradient norms per batch, squared and Huber aux errors
@@ -90,6 +92,28 @@ class BlackFrames:
         return self.policy.step({k: np.zeros_like(v) if k.startswith("camera_") else v for k, v in obs.items()})
 
 
+def approach(successes: list[bool], closest_cm: list[float]) -> dict:
+    """Successes, episodes that reached the red cube (< REACH_M), came within 10 cm, and the median closest
+    approach."""
+    closest = np.asarray(closest_cm)
+    return {"episodes": len(closest), "successes": int(sum(successes)), "reached": int(np.sum(closest < 100 * REACH_M)),
+            "within_10cm": int(np.sum(closest < 10)), "closest_cm_median": float(np.median(closest))}
+
+
+def eval_approach(paths: list[str]) -> list[dict]:
+    """The same summary from `gato-ros eval --json` files (their per-episode `closest_to_red_cm`)."""
+    rows = []
+    for path in paths:
+        episodes = json.loads(Path(path).read_text())["per_episode"]
+        rows.append({"eval": path, **approach([e["success"] for e in episodes],
+                                              [e["closest_to_red_cm"] for e in episodes])})
+        row = rows[-1]
+        print(f"{path}: stacked {row['successes']}/{row['episodes']}, reached the red cube (< {100 * REACH_M:.0f} cm) "
+              f"in {row['reached']}, within 10 cm in {row['within_10cm']}, median closest approach "
+              f"{row['closest_cm_median']:.1f} cm")
+    return rows
+
+
 def reach(policy_path: str, seeds: list[int], black_frames: bool = False) -> dict:
     from sim import evaluate
 
@@ -105,10 +129,8 @@ def reach(policy_path: str, seeds: list[int], black_frames: bool = False) -> dic
             print(json.dumps(per_episode[-1]))
     finally:
         evaluate.release_worker()
-    closest = [e["closest_cm"] for e in per_episode]
-    summary = {"policy": policy_path, "episodes": len(seeds), "successes": sum(e["success"] for e in per_episode),
-               "reached": sum(e["reached"] for e in per_episode), "closest_cm_median": float(np.median(closest)),
-               "per_episode": per_episode}
+    summary = {"policy": policy_path, **approach([e["success"] for e in per_episode],
+                                                 [e["closest_cm"] for e in per_episode]), "per_episode": per_episode}
     print(f"reach {policy_path}: reached the red cube (< {100 * REACH_M:.0f} cm) in {summary['reached']}/{len(seeds)}, "
           f"stacked {summary['successes']}/{len(seeds)}, median closest approach {summary['closest_cm_median']:.1f} cm")
     return summary
@@ -357,6 +379,8 @@ def main() -> None:
     p_aux.add_argument("data")
     p_aux.add_argument("--episodes", type=int, default=20)
     p_aux.add_argument("--first-episode", type=int, default=0, help="skip the episodes a policy trained on")
+    p_approach = sub.add_parser("eval-approach", help="reached, within 10 cm, median closest approach of eval JSONs")
+    p_approach.add_argument("evals", nargs="+", help="gato-ros eval --json files")
     p_spread = sub.add_parser("hand-spread", help="share of timesteps far from and near the red cube, hand x range")
     p_spread.add_argument("data", nargs="+")
     p_grad = sub.add_parser("aux-gradient", help="gradient norms of the action loss and the aux term, per batch")
@@ -381,6 +405,8 @@ def main() -> None:
         image_probe(args.checkpoint, args.data, args.episodes, args.first_episode)
     elif args.command == "aux-error":
         aux_error(args.checkpoint, args.data, args.episodes, args.first_episode)
+    elif args.command == "eval-approach":
+        eval_approach(args.evals)
     elif args.command == "hand-spread":
         hand_spread(args.data)
     elif args.command == "aux-gradient":

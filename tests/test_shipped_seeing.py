@@ -38,39 +38,24 @@ def test_reads_cameras_and_joints_only_over_several_timesteps(capsys) -> None:
     assert info["window"] >= 4 * info["tokens_per_timestep"]["panda"]
 
 
+def reach(seeds: list[int], black_frames: bool = False) -> dict:
+    """scripts/seeing_pilot.py's closed-loop check of the shipped file: successes and median closest approach."""
+    spec = importlib.util.spec_from_file_location("seeing_pilot", ROOT / "scripts" / "seeing_pilot.py")
+    seeing_pilot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeing_pilot)
+    return seeing_pilot.reach(str(SEEING), [int(seed) for seed in seeds], black_frames=black_frames)
+
+
 def test_brings_the_hand_to_the_red_cube_as_recorded() -> None:
-    import numpy as np
-
-    from sim import evaluate
-
     card = json.loads(CARD.read_text())
-    evaluate._init_worker(str(SEEING), "cpu", None)
-    try:
-        episodes = [evaluate.run_episode(int(seed)) for seed in card["ci_seeds"]]
-    finally:
-        evaluate.release_worker()
-    closest = float(np.median([e.closest_to_red_cm for e in episodes]))
-    stacked = sum(e.success for e in episodes)
-    assert closest <= card["ci_closest_cm_median"] + card["ci_margin_cm"], (closest, card)
-    assert stacked >= card["ci_successes"], (stacked, card)
+    result = reach(card["ci_seeds"])
+    assert result["closest_cm_median"] <= card["ci_closest_cm_median"] + card["ci_margin_cm"], (result, card)
+    assert result["successes"] >= card["ci_successes"], (result, card)
 
 
 def test_finds_the_cube_through_its_cameras() -> None:
     """Without its camera frames the same file does not bring the hand near the cube: the cameras, not the
     joints alone, steer the approach the test above checks."""
-    import numpy as np
-
-    from sim import evaluate
-
-    spec = importlib.util.spec_from_file_location("seeing_pilot", ROOT / "scripts" / "seeing_pilot.py")
-    seeing_pilot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeing_pilot)
     card = json.loads(CARD.read_text())
-    evaluate._init_worker(str(SEEING), "cpu", None)
-    evaluate._worker["policy"] = seeing_pilot.BlackFrames(evaluate._worker["policy"])
-    try:
-        episodes = [evaluate.run_episode(int(seed)) for seed in card["ci_seeds"][:3]]
-    finally:
-        evaluate.release_worker()
-    closest = float(np.median([e.closest_to_red_cm for e in episodes]))
-    assert closest > card["ci_closest_cm_median"] + card["ci_margin_cm"], (closest, card)
+    result = reach(card["ci_seeds"][:3], black_frames=True)
+    assert result["closest_cm_median"] > card["ci_closest_cm_median"] + card["ci_margin_cm"], (result, card)
