@@ -50,7 +50,8 @@ The env steps in a thread of its own at `real_time_factor` × real time (0 = as 
 publishes /clock, so nodes with use_sim_time follow it; with `wall_clock_stamps` (and real_time_factor 1)
 it stamps its messages with the system clock instead, like a real arm's driver, for nodes on the wall
 clock. Services: ~/reset (std_srvs/Trigger) starts an episode with the `seed` parameter (then seed + 1
-for the next one); ~/status (Trigger) reports the episode as JSON in `message` and success in `success`.
+for the next one); ~/status (Trigger) reports the episode as JSON in `message` and success in `success`;
+~/pause (Trigger) stops stepping (and /clock) where the episode is, until the next ~/reset.
 A NaN physics state ends the episode as a failure, logged as an error, and the env resets.
 
 For closed-loop evaluation (`sim.ros_eval`) the bridge behaves like in-process stepping: it
@@ -199,6 +200,7 @@ class SimBridge(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/status", self._on_status)
+        self.create_service(Trigger, "~/pause", self._on_pause)
         self.create_service(Trigger, "~/trajectory", self._on_trajectory)
         self.create_service(Trigger, "~/frames", self._on_frames)
         self.trajectory: dict[str, Any] = {}
@@ -357,6 +359,13 @@ class SimBridge(Node):
         with self.lock:
             self._reset_locked()
             self._started = True
+            response.success, response.message = True, json.dumps(self.episode)
+        return response
+
+    def _on_pause(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Stop stepping (and /clock) where the episode is, until the next ~/reset."""
+        with self.lock:
+            self._started = False
             response.success, response.message = True, json.dumps(self.episode)
         return response
 

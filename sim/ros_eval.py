@@ -161,6 +161,7 @@ class Supervisor:
         client = self.node.create_client
         self.bridge_reset = client(Trigger, f"/{BRIDGE}/reset")
         self.bridge_status = client(Trigger, f"/{BRIDGE}/status")
+        self.bridge_pause = client(Trigger, f"/{BRIDGE}/pause")
         self.bridge_trajectory = client(Trigger, f"/{BRIDGE}/trajectory")
         self.bridge_frames = client(Trigger, f"/{BRIDGE}/frames")
         self.bridge_params = client(SetParameters, f"/{BRIDGE}/set_parameters")
@@ -446,9 +447,22 @@ def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path 
     node = supervisor.node
     _wait(lambda: node.count_publishers(command_topic) >= 1 and node.count_subscribers("/joint_states") >= 1,
           30.0, "the node and the bridge to discover each other", procs)
+    wait_for_the_loop(supervisor, procs)
     if record is not None:
         _start_recorder(procs, record, node)
-    time.sleep(0.5)  # the graph shows both sides; give the bridge's own discovery a moment too
+
+
+def wait_for_the_loop(supervisor: Supervisor, procs: Processes, timeout_s: float = 60.0) -> None:
+    """A command through the whole loop (bridge → node → watchdog → bridge) before the first episode.
+
+    The graph this process sees says nothing of whether each process has matched the others' endpoints:
+    discovery of one link can lag seconds behind on a loaded machine, and an episode started then runs on
+    stale commands. So a throwaway episode (the bridge's next seed) runs until the bridge counts an arm
+    command, and the bridge is paused there; each measured episode then starts with the usual resets."""
+    supervisor.trigger(supervisor.bridge_reset)
+    _wait(lambda: supervisor.status()["commands"] >= 1, timeout_s, "the first command through the loop", procs,
+          poll_s=0.1)
+    supervisor.trigger(supervisor.bridge_pause)
 
 
 def run_episode(supervisor: Supervisor, procs: Processes, seed: int, period: float, timeout_s: float,

@@ -336,3 +336,19 @@ def test_trajectory_records_every_observation_of_the_current_and_previous_episod
         assert current["observations"]["task_state"][0] == first["task_state"].tolist()
     finally:
         sim.close()
+
+
+def test_pause_holds_the_sim_and_its_clock_until_the_next_reset():
+    sim = Harness(real_time_factor=1.0, image_size=0, wait_for_reset=True)
+    try:
+        sim.call("reset")
+        assert sim.wait_for(lambda: sim.status()["steps"] >= 3, 10.0)
+        assert sim.call("pause").success
+        time.sleep(0.1)  # a /clock message already on the wire lands
+        steps, clocks = sim.status()["steps"], len(sim.got["clock"])
+        time.sleep(0.5)  # ten control periods
+        assert (sim.status()["steps"], len(sim.got["clock"])) == (steps, clocks), "paused: no step, no /clock"
+        sim.call("reset")
+        assert sim.wait_for(lambda: sim.status()["steps"] >= 3, 10.0), "a reset steps again"
+    finally:
+        sim.close()
