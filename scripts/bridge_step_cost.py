@@ -7,8 +7,10 @@ period) and the rest of the step (publishing joint_states, the observation vecto
 The bridge node runs in this process and steps from this thread as fast as it can (the step thread is not
 started); a subscriber process on loopback DDS is matched to its topics, so publishing costs what it costs with
 a policy listening. The arm holds its home pose (no command: zeros for the Panda's torques over gravity
-compensation, zero velocity for the xArm6). No camera unless `--image-size`. Prints p50/p99 per part, ms, and the
-share of the 50 ms period, with the machine.
+compensation, zero velocity for the xArm6). No camera unless `--image-size`, or `--model` (the bridge renders that
+model's cameras, measured with every camera in the bridge's process and again with `parallel_cameras`: each camera
+after the first in a process of its own). "physics" includes rendering. Prints p50/p99 per part, ms, and the share of
+the 50 ms period, with the machine.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _subscriber(domain: str, stop: mp.Event) -> None:
     rclpy.shutdown()
 
 
-def measure(arm: str, steps: int, image_size: int) -> dict:
+def measure(arm: str, steps: int, image_size: int, model: str = "", parallel_cameras: bool = False) -> dict:
     import rclpy
     from rclpy.parameter import Parameter
 
@@ -52,7 +54,8 @@ def measure(arm: str, steps: int, image_size: int) -> dict:
 
     context = rclpy.Context()
     rclpy.init(context=context)
-    params = {"arm": arm, "image_size": image_size, "real_time_factor": 0.0, "max_steps": steps + 10}
+    params = {"arm": arm, "image_size": image_size, "real_time_factor": 0.0, "max_steps": steps + 10,
+              "model_path": model, "parallel_cameras": parallel_cameras}
     bridge = SimBridge(context=context, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     physics: list[float] = []
     env_step = bridge.env.step
@@ -86,7 +89,8 @@ def measure(arm: str, steps: int, image_size: int) -> dict:
     def stats(x: np.ndarray) -> dict:
         return {"p50": round(float(np.percentile(x, 50)), 3), "p99": round(float(np.percentile(x, 99)), 3)}
 
-    return {"arm": arm, "steps": steps, "image_size": image_size, "physics_ms": stats(phys),
+    return {"arm": arm, "steps": steps, "image_size": image_size, "model": model,
+            "parallel_cameras": parallel_cameras, "physics_ms": stats(phys),
             "publish_and_record_ms": stats(rest), "step_ms": stats(total),
             "share_of_period_p50": round(float(np.percentile(total, 50)) / period_ms, 4)}
 
@@ -96,6 +100,7 @@ def main() -> None:
     parser.add_argument("--arm", nargs="+", default=["panda", "xarm6"])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--image-size", type=int, default=0)
+    parser.add_argument("--model", default="", help="an ONNX policy: the bridge renders its cameras at its size")
     args = parser.parse_args()
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", "0")
@@ -105,7 +110,8 @@ def main() -> None:
     listener = mp.get_context("spawn").Process(target=_subscriber, args=(os.environ["ROS_DOMAIN_ID"], stop))
     listener.start()
     try:
-        results = [measure(arm, args.steps, args.image_size) for arm in args.arm]
+        results = [measure(arm, args.steps, args.image_size, args.model, parallel)
+                   for arm in args.arm for parallel in ((False, True) if args.model else (False,))]
     finally:
         stop.set()
         listener.join(timeout=10)

@@ -15,6 +15,8 @@ that also says how close the hand came to the red cube.
     .venv/bin/python scripts/seeing_pilot.py image-probe runs/see4 runs/see2/expert --first-episode 384 --episodes 61
     # the aux head's error per part of task_state over every timestep, by the hand's distance to the red cube
     .venv/bin/python scripts/seeing_pilot.py aux-error runs/see6/both runs/see6/probe --episodes 20
+    # what a file that reaches the cube does there: fingers closed near it, touching it, lifting it
+    .venv/bin/python scripts/seeing_pilot.py grasp models/see_int8.onnx --seeds 100000 --episodes 20
     # the same closest-approach summary from `gato-ros eval --json` files
     .venv/bin/python scripts/seeing_pilot.py eval-approach runs/see12/eval-see.json runs/see12/eval-see-robust.json
     # where the hand went in each dataset: share of timesteps far from / near the red cube, the hand's x range
@@ -90,6 +92,69 @@ class BlackFrames:
 
     def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return self.policy.step({k: np.zeros_like(v) if k.startswith("camera_") else v for k, v in obs.items()})
+
+
+class GraspWatch:
+    """A policy wrapper that watches each step of the env it acts in: the hand's distance to the red cube, whether
+    the policy commands the fingers closed (a negative finger force), whether a finger touches the red cube, how
+    high the red cube is and how far it is from above the blue one (horizontally). What a file that reaches the
+    cube does there."""
+
+    def __init__(self, policy, env) -> None:  # noqa: ANN001 - a PolicyRuntime, a StackingEnv
+        self.policy, self.spec, self.env = policy, policy.spec, env
+        self.log: list[tuple[float, bool, bool, float, float]] = []
+
+    def reset(self, **kwargs) -> None:  # noqa: ANN003
+        self.log = []
+        self.policy.reset(**kwargs)
+
+    def step(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        action = self.policy.step(obs)
+        red, blue = self.env.cube_position(0), self.env.cube_position(1)
+        distance = 100 * float(np.linalg.norm(red - self.env.hand_position()))
+        self.log.append((distance, bool(action[-1] < 0), self.env.fingers_touch(0), 100 * float(red[2]),
+                         100 * float(np.linalg.norm(red[:2] - blue[:2]))))
+        return action
+
+
+def grasp(policy_path: str, seeds: list[int]) -> dict:
+    """Per episode: closest approach, steps with the fingers commanded closed within REACH_M of the red cube's
+    centre and beyond it, the distance at the first close, steps a finger touched the red cube, how far it rose."""
+    from sim import evaluate
+
+    evaluate._init_worker(policy_path, "cpu", None)
+    watch = evaluate._worker["policy"] = GraspWatch(evaluate._worker["policy"], evaluate._worker["env"])
+    rows = []
+    try:
+        for seed in seeds:
+            result = evaluate.run_episode(seed)
+            log = np.array(watch.log)
+            near = log[:, 0] < 100 * REACH_M
+            closed = log[:, 1].astype(bool)
+            rows.append({"seed": seed, "success": result.success, "closest_cm": float(log[:, 0].min()),
+                         "closed_near": int(np.sum(closed & near)), "closed_far": int(np.sum(closed & ~near)),
+                         "first_close_cm": float(log[closed, 0][0]) if closed.any() else None,
+                         "touching_steps": int(log[:, 2].sum()), "lift_cm": float(log[:, 3].max() - log[0, 3])})
+            lifted = log[:, 3] - log[0, 3] > 2
+            # Carried: how close the lifted red cube came to above the blue one; released: opened while it was up.
+            rows[-1]["carried_to_blue_cm"] = float(log[lifted, 4].min()) if lifted.any() else None
+            rows[-1]["opened_while_lifted"] = bool(np.any(lifted[1:] & ~closed[1:] & closed[:-1]))
+            print(json.dumps(rows[-1]))
+    finally:
+        evaluate.release_worker()
+    reached = [r for r in rows if r["closest_cm"] < 100 * REACH_M]
+    summary = {"policy": policy_path, "episodes": len(rows), "reached": len(reached),
+               "reached_and_closed_near": sum(r["closed_near"] > 0 for r in reached),
+               "touched": sum(r["touching_steps"] > 0 for r in rows),
+               "lifted_2cm": sum(r["lift_cm"] > 2 for r in rows),
+               "carried_within_2cm_of_blue": sum((r["carried_to_blue_cm"] or np.inf) < 2 for r in rows),
+               "opened_while_lifted": sum(r["opened_while_lifted"] for r in rows), "per_episode": rows}
+    print(f"grasp {policy_path}: reached the red cube in {summary['reached']}/{len(rows)}; of those, closed the "
+          f"fingers within {100 * REACH_M:.0f} cm in {summary['reached_and_closed_near']}; a finger touched it in "
+          f"{summary['touched']}/{len(rows)}; lifted it 2 cm in {summary['lifted_2cm']}/{len(rows)}, carried it within "
+          f"2 cm of above the blue cube in {summary['carried_within_2cm_of_blue']}, opened the fingers with it lifted "
+          f"in {summary['opened_while_lifted']}")
+    return summary
 
 
 def approach(successes: list[bool], closest_cm: list[float]) -> dict:
@@ -369,6 +434,11 @@ def main() -> None:
     p_reach.add_argument("--episodes", type=int, default=10)
     p_reach.add_argument("--json", type=Path, default=None)
     p_reach.add_argument("--black-frames", action="store_true", help="every camera frame black: what the cameras steer")
+    p_grasp = sub.add_parser("grasp", help="where the policy closes the fingers, touches and lifts the red cube")
+    p_grasp.add_argument("policy", help="PATH.onnx")
+    p_grasp.add_argument("--seeds", type=int, default=100_000, help="first seed (held out from training)")
+    p_grasp.add_argument("--episodes", type=int, default=10)
+    p_grasp.add_argument("--json", type=Path, default=None)
     p_probe = sub.add_parser("image-probe", help="first-window action loss with own, another episode's, black frames")
     p_probe.add_argument("checkpoint")
     p_probe.add_argument("data")
@@ -415,6 +485,10 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2))
     elif args.command == "offline":
         offline(args.checkpoint, args.data, args.val_fraction, args.seed)
+    elif args.command == "grasp":
+        result = grasp(args.policy, [args.seeds + i for i in range(args.episodes)])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
     else:
         summary = reach(args.policy, [args.seeds + i for i in range(args.episodes)], args.black_frames)
         if args.json:

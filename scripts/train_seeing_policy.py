@@ -98,6 +98,8 @@ class Recipe:
                 "--aux-keys", "task_state", "--out", str(out)]
         if policy is not None:
             argv += ["--policy", str(policy), "--beta", str(beta)]
+        shift_cm, tilt_deg, light = self.args.randomize
+        argv += ["--camera-shift-cm", str(shift_cm), "--camera-tilt-deg", str(tilt_deg), "--light", str(light)]
         if background and not (out / "dataset.json").exists():
             print(f"[recipe] {name} (background): {' '.join(argv)}", flush=True)
             return out, subprocess.Popen([self.args.sim_python, "-m", "gato_ros.cli", *argv])
@@ -180,6 +182,9 @@ def main() -> int:
                         "flings the arm from the table needs more of the expert so its labels stay near the task")
     parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
                         "(0: none; the GPU runs used 0.5; its error is scripts/seeing_pilot.py image-probe's measure)")
+    parser.add_argument("--randomize", type=float, nargs=3, default=[0.0, 0.0, 0.0],
+                        metavar=("SHIFT_CM", "TILT_DEG", "LIGHT"), help="collect with every camera moved and turned "
+                        "up to these and the light scaled by up to 1 ± LIGHT per episode (gato-ros collect's options)")
     parser.add_argument("--eval-seconds", type=float, default=0, help="kept for a 100-seed in-process evaluation "
                         "of the int8 file at the end (0: none)")
     args = parser.parse_args()

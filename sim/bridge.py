@@ -32,10 +32,12 @@ whose spec also sets `image_size`) publish `<camera>/image_raw` and `<camera>/ca
 `image_size` and no cameras, the legacy scene camera publishes on `image_topic` / `camera_info_topic`.
 Each frame is the one the env rendered for that step (the same bytes in-process evaluation feeds the
 policy), stamped like the joint states, one per control step; CameraInfo holds the pinhole intrinsics
-of the renderer's projection. `camera_shift_m`, `camera_tilt_deg` and `light_change` perturb the cameras
-per episode (robustness runs, sim/cameras.py). ~/frames (Trigger) returns the frames of the current and
-the previous episode as JSON (deflated, bit-exact: sim.cameras.frames_from_text), for the demo's view
-of what the policy saw and for comparing with in-process rendering.
+of the renderer's projection. With `parallel_cameras` (the default) every camera after the first renders
+in a process of its own at the same time (sim/camera_process.py, the same frames). `camera_shift_m`,
+`camera_tilt_deg` and `light_change` perturb the cameras per episode (robustness runs, sim/cameras.py).
+~/frames (Trigger) returns the frames of the current and the previous episode as JSON (deflated, bit-exact:
+sim.cameras.frames_from_text), for the demo's view of what the policy saw and for comparing with in-process
+rendering.
 
 Like Franka's torque interface the Panda's env adds gravity compensation, so a zero torque holds a still arm
 (the xArm6's servo loop holds a zero velocity still). Like forward_command_controller the bridge applies the last
@@ -100,6 +102,7 @@ from sim import cameras as cams
 from sim.arms import DEFAULT_ARM, GRIPPER_REST, embodiment_spec, make_env
 from sim.controllers import ArmController
 from sim.env import check_arm
+from sim.results import red_distance_cm
 from sim.tasks import DEFAULT_TASK
 
 PARAMETERS: dict[str, Any] = {
@@ -112,6 +115,7 @@ PARAMETERS: dict[str, Any] = {
     "camera_shift_m": 0.0,  # robustness: every camera moved this far per episode, in a seeded random direction
     "camera_tilt_deg": 0.0,  # robustness: and turned this much about a seeded random axis
     "light_change": 0.0,  # robustness: the light scaled by 1 ± this per episode
+    "parallel_cameras": True,  # each camera after the first renders in a process of its own (the same frames)
     "real_time_factor": 1.0,  # 0 = as fast as possible
     "command_mode": "",  # "" = the arm's own (its spec's action mode); the Panda takes every OUTPUT_MODES one
     "command_timeout_s": 0.0,  # sim time; > 0: an older command is replaced by zeros / rest (real controllers: 0)
@@ -245,7 +249,7 @@ class SimBridge(Node):
             images = {"image_size": prm["image_size"] or None, "cameras": tuple(prm["cameras"] or ()) or None}
         return {**images, "task": str(prm["task"]) or model_task or DEFAULT_TASK, "max_steps": prm["max_steps"],
                 "camera_shift_m": float(prm["camera_shift_m"]), "camera_tilt_deg": float(prm["camera_tilt_deg"]),
-                "light_change": float(prm["light_change"])}
+                "light_change": float(prm["light_change"]), "parallel_cameras": bool(prm["parallel_cameras"])}
 
     def command_modes(self) -> tuple[str, ...]:
         """The arm controller modes this arm takes: a torque-commanded env runs every mode's law at 1 kHz over its
@@ -338,7 +342,7 @@ class SimBridge(Node):
         self.episode = {"seed": self.seed, "steps": 0, "success": False, "done": False, "nan": False,
                         "start_time": self.sim_time, "wall_start": time.monotonic(), "wall_s": 0.0,
                         "commands": 0, "gripper_commands": 0, "rejected": 0, "fresh_steps": 0, "stale_steps": 0,
-                        "stale_at": []}
+                        "stale_at": [], "closest_to_red_cm": math.inf}
         self.latency_ms = []
         if self.trajectory:
             self.previous_trajectory = self.trajectory
@@ -512,6 +516,9 @@ class SimBridge(Node):
             return
         for key, values in vectors.items():
             record.setdefault(key, []).append(values)
+        if not self.episode["done"]:  # an observation the policy acts on (in-process evaluation's measure)
+            self.episode["closest_to_red_cm"] = min(self.episode["closest_to_red_cm"],
+                                                    red_distance_cm(vectors["task_state"]))
         for key, frames in self.frames["frames"].items():
             frames.append(obs[key])  # a fresh array per render: kept, not copied
 

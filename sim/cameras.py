@@ -110,18 +110,22 @@ def _unit_vector(rng: np.random.Generator) -> np.ndarray:
 
 
 def sample_perturbation(seed: int, shift_m: float = 0.0, tilt_deg: float = 0.0,
-                        light_change: float = 0.0) -> CameraPerturbation | None:
+                        light_change: float = 0.0, up_to: bool = False) -> CameraPerturbation | None:
     """The perturbation of episode `seed`: the camera moved `shift_m` in a random direction, turned `tilt_deg`
-    about a random axis, the light `1 ± light_change` (random sign). Magnitudes are exact, directions random;
-    None when all three are 0 (the unperturbed renderer, bit for bit)."""
+    about a random axis, the light `1 ± light_change` (random sign). Magnitudes are exact (robustness runs) or,
+    with `up_to`, each drawn uniformly between 0 and the option (randomization of training data); directions
+    random; None when all three are 0 (the unperturbed renderer, bit for bit)."""
     if not (shift_m or tilt_deg or light_change):
         return None
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, PERTURBATION_STREAM])
-    shift = shift_m * _unit_vector(rng)
-    axis, angle = _unit_vector(rng), np.radians(tilt_deg)
+    direction, axis = _unit_vector(rng), _unit_vector(rng)
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    shift_frac, tilt_frac, light_frac = rng.random(3) if up_to else (1.0, 1.0, 1.0)
+    shift = shift_m * shift_frac * direction
+    angle = np.radians(tilt_deg * tilt_frac)
     cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross  # Rodrigues
-    light = 1.0 + light_change * (1.0 if rng.random() < 0.5 else -1.0)
+    light = 1.0 + light_change * light_frac * sign
     return CameraPerturbation(tuple(float(x) for x in shift), tuple(tuple(float(x) for x in row) for row in rotation),
                               float(light))
 

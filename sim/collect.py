@@ -3,7 +3,9 @@
 Workers each own an env and an expert and return whole episodes; the main process writes them in
 episode order with `gato_ros.data.EpisodeWriter`, so the dataset is the same for a seed whatever
 the worker count. Clean and noise-injected demonstrations are mixed (DESIGN.md: clean only or noisy
-only did not clone; mixed did). The label is always the expert's clean command.
+only did not clone; mixed did). The label is always the expert's clean command. `--camera-shift-cm`,
+`--camera-tilt-deg` and `--light` randomize the cameras per episode (each magnitude drawn between 0 and the
+bound from the episode's seed, directions random), so a seeing policy sees more than one mount and light.
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aux-keys", nargs="+", default=(), choices=("task_state",),
                         help="privileged env values kept beside the observations as training targets only "
                         "(gato-ros train --aux-key), never policy inputs")
+    parser.add_argument("--camera-shift-cm", type=float, default=0.0,
+                        help="randomize: move every camera up to this far per episode, in a seeded random direction")
+    parser.add_argument("--camera-tilt-deg", type=float, default=0.0,
+                        help="randomize: turn every camera up to this much per episode, about a seeded random axis")
+    parser.add_argument("--light", type=float, default=0.0,
+                        help="randomize: scale the light by a seeded factor between 1 - this and 1 + this per episode")
     parser.add_argument("--seed", type=int, default=0, help="run seed; per-episode seeds derive from it")
     parser.add_argument("--keep-failures", action="store_true", help="also write unsuccessful episodes")
     parser.add_argument("--policy", default=None, help="DAgger: PATH.onnx drives, the expert labels every state "
@@ -127,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
 
     cameras = tuple(args.cameras) if args.cameras else None
     spec = embodiment_spec(args.arm, image_size=args.image_size, privileged=not args.no_task_state, cameras=cameras)
-    env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm}
+    randomized = {"camera_shift_m": args.camera_shift_cm / 100.0, "camera_tilt_deg": args.camera_tilt_deg,
+                  "light_change": args.light}
+    env_options = {**env_overrides(spec), "task": args.task, "arm": args.arm, **randomized, "perturb_up_to": True}
     make_env(**env_options).close()  # options the env refuses fail here, once, not in pool workers that respawn
     keys = [o.name for o in spec.observations]  # the env also gives task_state, which the expert acts on
     aux = aux_specs(args.aux_keys, args.arm)
@@ -158,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
                     "dagger": args.policy is not None,
                     "steps": episode.steps,
                     "nan": episode.nan,
+                    # the bounds the episode's cameras were randomized within (its perturbation: its seed)
+                    "camera_randomization": randomized,
                 }
                 writer.add_episode({k: episode.observations[k] for k in keys}, episode.actions, metadata,
                                    aux={k: episode.observations[k] for k in aux})

@@ -18,7 +18,8 @@ Observation dict:
 
 Robustness options (`camera_shift_m`, `camera_tilt_deg`, `light_change`) perturb every camera per episode,
 drawn from the episode's seed apart from the scene's random stream: the same seeds give the same cube
-layouts with and without them (sim/cameras.py `sample_perturbation`).
+layouts with and without them (sim/cameras.py `sample_perturbation`). Their magnitudes are exact, or with
+`perturb_up_to` drawn per episode between 0 and the option (`gato-ros collect` randomizing its training data).
 
 Tasks (`task=`, sim/tasks.py) share the scene and the observations and differ in what counts as success.
 Arms: this env is the Panda's; the velocity-commanded UFactory xArm6 is its sibling `sim.xarm.XArmStackingEnv`.
@@ -39,6 +40,7 @@ import pybullet_data
 
 from sim import cameras as cams
 from sim import tasks
+from sim.camera_process import CameraProcess, scene_snapshot
 
 JOINT_NAMES = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1",)
 ARM_TORQUE_LIMITS = np.array([87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0])
@@ -93,6 +95,10 @@ class StackingConfig:
     camera_shift_m: float = 0.0
     camera_tilt_deg: float = 0.0
     light_change: float = 0.0
+    perturb_up_to: bool = False  # each magnitude drawn in [0, the option] per episode (randomized training data)
+    # Render every camera after the first in a process of its own (sim/camera_process.py: the same frames,
+    # drawn at the same time on another core); for one env on a machine with cores to spare (the sim bridge).
+    parallel_cameras: bool = False
 
 
 def yaw_of(quaternion) -> float:
@@ -141,6 +147,11 @@ class StackingEnv(gym.Env):
         self._last_obs: dict[str, np.ndarray] | None = None
         self._episode_seed = 0  # the perturbation's seed: the reset's seed, else one more than the last
         self.perturbation: cams.CameraPerturbation | None = None
+        self.camera_processes: dict[str, CameraProcess] = {}
+        if c.parallel_cameras:
+            twin = replace(c, parallel_cameras=False)
+            self.camera_processes = {name: CameraProcess(type(self), twin, name)
+                                     for name in list(self.image_keys.values())[1:]}
 
     # ---------------------------------------------------------------- scene
     def _build_scene(self) -> None:
@@ -204,7 +215,7 @@ class StackingEnv(gym.Env):
         c = self.config
         self._episode_seed = int(seed) if seed is not None else self._episode_seed + 1
         self.perturbation = cams.sample_perturbation(self._episode_seed, c.camera_shift_m, c.camera_tilt_deg,
-                                                     c.light_change)
+                                                     c.light_change, c.perturb_up_to)
         # Rebuild so a seed fully determines the state (no solver warm-start from a previous episode).
         self._build_scene()
         self._reset_robot()
@@ -314,8 +325,14 @@ class StackingEnv(gym.Env):
             "joint_velocities": np.array([s[1] for s in states]),
             "task_state": task,
         }
+        if self.camera_processes:
+            poses = scene_snapshot(cid)
+            for process in self.camera_processes.values():
+                process.request(poses, self.perturbation)
+        local = {key: self.render(self.config.image_size, name)  # while the processes render theirs
+                 for key, name in self.image_keys.items() if name not in self.camera_processes}
         for key, name in self.image_keys.items():
-            obs[key] = self.render(self.config.image_size, name)
+            obs[key] = local[key] if key in local else self.camera_processes[name].frame()
         return obs
 
     @property
@@ -338,6 +355,9 @@ class StackingEnv(gym.Env):
         return cams.render_camera(self.camera(camera), size, self.robot, self.client, self.perturbation)
 
     def close(self) -> None:
+        for process in self.camera_processes.values():
+            process.close()
+        self.camera_processes = {}
         if self.client is not None and p.isConnected(self.client):
             p.disconnect(self.client)
         self.client = None

@@ -35,18 +35,16 @@ from tqdm import tqdm
 
 from sim.prompts import CONDITIONS, PROMPT_SEED_OFFSET, DemonstrationSource, prompt_task
 from sim.replay import beside, write_video
-from sim.results import EpisodeResult
+from sim.results import EpisodeResult, red_distance_cm
 
 _worker: dict = {}
 BASELINES = ("expert", "random")  # --policy names that are not files: they take no conditioning
 RANDOM_STREAM = 3  # the random policy's generator is seeded [RANDOM_STREAM, episode seed]: apart from the env's
-RED_MINUS_HAND = slice(9, 12)  # task_state's red cube - hand vector (sim/env.py)
 
 
 @dataclass
 class ConditionedResult(EpisodeResult):
     prompt_seed: int | None = None  # the env seed of the demonstration that prompted the episode
-    closest_to_red_cm: float = math.inf  # the hand's closest approach to the red cube: did a seeing policy find it
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -273,8 +271,7 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> Conditione
         if frames is not None:  # a seeing policy's film shows its first camera's frame beside the scene
             scene = [env.render(256)]
             frames.extend(beside(scene, obs[image_keys[0]][None]) if image_keys else scene)
-        red_cm = 100 * float(np.linalg.norm(obs["task_state"][RED_MINUS_HAND]))
-        result.closest_to_red_cm = min(result.closest_to_red_cm, red_cm)
+        result.closest_to_red_cm = min(result.closest_to_red_cm, red_distance_cm(obs["task_state"]))
         t0 = time.perf_counter()
         action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))
         result.step_ms.append(1e3 * (time.perf_counter() - t0))
@@ -364,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-time-factor", type=float, default=1.0,
                         help="--over-ros: the sim's speed (1 = real time; below 1 gives a loaded machine's bridge "
                              "time to render and the node time to answer within each control period)")
+    parser.add_argument("--serial-cameras", action="store_true",
+                        help="--over-ros: the bridge renders every camera in its own process, one after another "
+                        "(default: each camera after the first in a process of its own, at the same time)")
     parser.add_argument("--camera-shift-cm", type=float, default=0.0,
                         help="robustness: move every camera this far per episode, in a seeded random direction")
     parser.add_argument("--camera-tilt-deg", type=float, default=0.0,
@@ -389,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
 
         ros_run = evaluate_over_ros(args.policy, seeds, provider=args.provider, max_steps=args.max_steps,
                                     video=args.video, perturbation=perturbation_options(args),
-                                    real_time_factor=args.real_time_factor, arm=args.arm, task=args.task)
+                                    real_time_factor=args.real_time_factor, arm=args.arm, task=args.task,
+                                    parallel_cameras=not args.serial_cameras)
         results, mode = ros_run.results, "over-ros"
     else:
         results = evaluate_in_process(args, seeds, condition)

@@ -287,7 +287,7 @@ def _result(status: dict, period: float) -> RosEpisodeResult:
         wall_rate_hz=steps / status["wall_s"] if status.get("wall_s") else 0.0,
         fresh_steps=int(status["fresh_steps"]), stale_steps=int(status["stale_steps"]),
         stale_at=[int(s) for s in status.get("stale_at", [])],
-        rejected_commands=int(status["rejected"]),
+        rejected_commands=int(status["rejected"]), closest_to_red_cm=float(status["closest_to_red_cm"]),
     )
 
 
@@ -320,13 +320,15 @@ def evaluate_over_ros(
     perturbation: dict[str, float] | None = None,
     arm: str | None = None,
     task: str | None = None,
+    parallel_cameras: bool = True,
 ) -> RosRun:
     """Run one episode per seed through `sim_bridge` + `policy_node` (+ `policy_watchdog` relaying its commands,
     as on a robot; `watchdog=False`: the node publishes to the controller itself); film the first one (`video`,
     `gif`: for a seeing policy, what it saw beside the scene); with `record` a `gato-ros record` process beside
     them writes the run into that bag directory. `perturbation` ({camera_shift_m, camera_tilt_deg, light_change})
     perturbs the bridge's cameras per episode, as `StackingEnv` does in-process. `arm` (default the Panda) is the
-    simulated arm and the one the node serves; `task` (default the stacking task) what counts as success."""
+    simulated arm and the one the node serves; `task` (default the stacking task) what counts as success;
+    `parallel_cameras` False renders every camera in the bridge's own process, one after another."""
     if policy_path == "expert":
         raise ValueError("--over-ros runs the policy node, which serves an ONNX model: pass --policy PATH.onnx")
     from sim.env import DEFAULT_ARM, StackingConfig
@@ -349,7 +351,7 @@ def evaluate_over_ros(
     frames: dict[str, np.ndarray] = {}
     try:
         topic = start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor,
-                                watchdog, perturbation, arm, task)
+                                watchdog, perturbation, arm, task, parallel_cameras)
         supervisor = Supervisor()
         wait_until_connected(supervisor, procs, None if record is None else Path(record), topic)
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
@@ -408,7 +410,7 @@ def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
                     real_time_factor: float, watchdog: bool = True,
                     perturbation: dict[str, float] | None = None, arm: str | None = None,
-                    task: str | None = None) -> str:
+                    task: str | None = None, parallel_cameras: bool = True) -> str:
     """`sim_bridge` simulating `arm` (its cameras from the model's spec; waiting for a reset, pausing between
     episodes), `policy_node` serving `arm` on sim time, and `policy_watchdog`, which relays the node's stamped
     commands to the controller topics, as on a robot; the node serves `task` (a file with an instruction model
@@ -426,6 +428,7 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
         "--ros-args", "-p", f"arm:={arm}", "-p", f"task:={task}", "-p", f"seed:={first_seed}",
         "-p", f"model_path:={policy_path}", "-p", f"real_time_factor:={float(real_time_factor)}",
         "-p", f"max_steps:={max_steps}", "-p", "wait_for_reset:=true", "-p", "pause_when_done:=true", *perturb,
+        "-p", f"parallel_cameras:={str(parallel_cameras).lower()}",
         "--log-level", "warn"])
     procs.start("node", _console_script("policy_node", "gato_ros.node") + [
         "--ros-args", "-p", f"model_path:={policy_path}", "-p", f"provider:={provider}", "-p", "threads:=1",

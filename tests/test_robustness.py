@@ -85,3 +85,53 @@ def test_eval_applies_the_options(tmp_path):
     config = evaluate._worker["env"].config
     assert (config.camera_shift_m, config.camera_tilt_deg, config.light_change) == (0.01, 1.0, 0.2)
     evaluate._worker.clear()
+
+
+def test_randomized_magnitudes_spread_within_the_bounds():
+    """Training data's randomization (`perturb_up_to`): every magnitude between 0 and its bound, not just the bound;
+    the same draw for a seed, and the exact mode's directions."""
+    from sim import cameras as cams
+
+    bounds = (0.01, 1.0, 0.2)
+    shifts, turns, lights = [], [], []
+    for seed in range(40):
+        drawn = cams.sample_perturbation(seed, *bounds, up_to=True)
+        assert drawn == cams.sample_perturbation(seed, *bounds, up_to=True)
+        exact = cams.sample_perturbation(seed, *bounds)
+        shifts.append(np.linalg.norm(drawn.shift))
+        turns.append(np.degrees(np.arccos(np.clip((np.trace(np.asarray(drawn.rotation)) - 1) / 2, -1, 1))))
+        lights.append(drawn.light_scale)
+        np.testing.assert_allclose(np.asarray(drawn.shift) / shifts[-1], np.asarray(exact.shift) / 0.01)
+        assert np.sign(drawn.light_scale - 1) == np.sign(exact.light_scale - 1)
+    for values, bound in ((shifts, 0.01), (turns, 1.0), (np.abs(np.array(lights) - 1), 0.2)):
+        assert 0 <= min(values) < 0.25 * bound and 0.75 * bound < max(values) <= bound + 1e-9
+
+
+def test_collect_randomizes_the_cameras_and_only_them(tmp_path):
+    """`gato-ros collect --camera-shift-cm --camera-tilt-deg --light`: the same expert episode for a seed (it acts
+    on the state), other frames, and the bounds in each episode's metadata."""
+    from gato_ros.data import read_dataset
+    from sim import collect
+    from sim.spec import stacking_spec
+
+    parser = argparse.ArgumentParser()
+    collect.add_arguments(parser)
+    common = ["--episodes", "1", "--workers", "1", "--seed", "3", "--image-size", "32", "--cameras", "scene", "wrist"]
+    datasets = {}
+    for name, extra in (("plain", []), ("randomized", ["--camera-shift-cm", "1", "--camera-tilt-deg", "1",
+                                                        "--light", "0.2"])):
+        assert collect.run(parser.parse_args([*common, "--out", str(tmp_path / name), *extra])) == 0
+        datasets[name] = read_dataset(tmp_path / name, stacking_spec(32, cameras=CAMERAS))
+    plain_obs, plain_actions = datasets["plain"].episode(0)
+    rand_obs, rand_actions = datasets["randomized"].episode(0)
+    np.testing.assert_array_equal(plain_actions, rand_actions)
+    np.testing.assert_array_equal(plain_obs["joint_positions"], rand_obs["joint_positions"])
+    for key in KEYS:
+        assert np.abs(plain_obs[key].astype(int) - rand_obs[key]).mean() > 0.5, f"{key} was randomized"
+    assert datasets["randomized"].episodes[0]["camera_randomization"] == PERTURBED
+    env = StackingEnv(image_size=32, cameras=CAMERAS, **PERTURBED, perturb_up_to=True)  # magnitudes up to the bounds
+    first, _ = env.reset(seed=datasets["randomized"].episodes[0]["seed"])
+    env.close()
+    for key in KEYS:
+        np.testing.assert_array_equal(rand_obs[key][0], first[key])
+    assert datasets["plain"].episodes[0]["camera_randomization"] == dict.fromkeys(PERTURBED, 0.0)
