@@ -305,6 +305,9 @@ class GatoConfig:
     # a cube knocked off) would otherwise dominate the gradient and, through clipping, starve the action loss.
     # 0: the plain squared error at any size (files written before this field).
     aux_huber: float = 0.0
+    # Training only: the weight of the discrete action tokens' cross-entropy beside the continuous tokens' KL. The
+    # gripper is one token of eight a step and changes in a handful of steps an episode, where the whole task turns.
+    discrete_weight: float = 1.0
     # Positions [0, pinned_span) hold a pinned prefix (a prompt or an instruction): every later query sees those
     # keys, however far back, while the episode's own tokens (from position pinned_span on) are seen within
     # context_window. So a conditioned policy keeps a short reach and its prefix alike. 0: no such region.

@@ -366,7 +366,8 @@ class GatoModel(nn.Module):
         Logits are restricted to the valid range, as constrained decoding does at run time, and the head
         runs only at loss positions. Continuous targets get Gaussian soft labels (config.label_sigma
         bins), discrete ones hard labels. The loss is the KL divergence to the label distribution
-        (cross-entropy minus the label entropy: same gradients, and 0 for a perfect fit).
+        (cross-entropy minus the label entropy: same gradients, and 0 for a perfect fit), the discrete tokens'
+        weighted by config.discrete_weight.
         With `aux_targets` [B, S, aux_size] and `aux_mask` [B, S] (a model with an aux head), config.aux_weight
         times the aux head's mean squared error at the masked positions is added (linear beyond config.aux_huber).
         """
@@ -404,7 +405,7 @@ class GatoModel(nn.Module):
             logits = F.linear(h[discrete], self.head_weight[:width]).float()
             valid = torch.arange(width, device=h.device) < target_hi[discrete].unsqueeze(-1)
             logits = logits.masked_fill(~valid, float("-inf"))
-            total = total + F.cross_entropy(logits, targets[discrete], reduction="sum")
+            total = total + self.config.discrete_weight * F.cross_entropy(logits, targets[discrete], reduction="sum")
         return total / n
 
 

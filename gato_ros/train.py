@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "beyond --aux-huber)")
     parser.add_argument("--aux-huber", type=float, default=0.1, help="aux errors beyond this many normalization "
                         "scales count linearly (Huber), so far-off states cannot swamp the action loss; 0: squared")
+    parser.add_argument("--discrete-weight", type=float, default=None, help="weight of the discrete action tokens' "
+                        "loss (the gripper's) beside the continuous ones' (default: the model's, 1 for a new one)")
     parser.add_argument("--prompt-prob", type=float, default=0.0, help="share of windows with a prompt")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default seq-len/4)")
     parser.add_argument("--prompt-steps", type=int, default=0, help="Gato prompting as the runtime serves it: prompts "
@@ -543,6 +545,8 @@ def prepare_run(args: argparse.Namespace, rank: int, world: int, device: torch.d
     except DatasetError as err:
         raise SetupError(str(err)) from err
     config = with_aux_head(choose_config(args, [g.spec for g in groups], resuming), args, groups)
+    if args.discrete_weight is not None:
+        config = replace(config, discrete_weight=args.discrete_weight)
     seq_len = args.seq_len or config.context_window
     torch.manual_seed(args.seed)
     source = Path(args.out) if resuming else Path(args.init) if args.init else None

@@ -13,7 +13,8 @@
 # e.g. SEED_DATA= EXPERT=600 CAMERAS="scene wrist". INIT=CHECKPOINT continues a run trained elsewhere (no behaviour
 # cloning: DAgger rounds from it); AUX is the aux target's weight (the CPU runs used 5); BETAS the expert's share of
 # steps per DAgger round; EVAL_SECONDS=0 leaves the 100-seed evaluation to another machine; RANDOMIZE="1 1 0.2"
-# collects with the cameras moved up to 1 cm, turned up to 1° and the light changed up to ±20 % per episode.
+# collects with the cameras moved up to 1 cm, turned up to 1° and the light changed up to ±20 % per episode;
+# DISCRETE_WEIGHT weighs the gripper token's loss (gato-ros train --discrete-weight).
 export PYTHONUNBUFFERED=1 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-7} OMP_NUM_THREADS=1
 T0=$(date +%s)
 WORK=${WORK:-runs/see3}
@@ -30,7 +31,7 @@ timeout "$(python3 -c "print(int(60 * $BUDGET + 25))")" python3 scripts/train_se
   --prime-policy models/stack_int8.onnx --prime-episodes "${PRIME:-300}" --bc-minutes "${BC:-2.5}" \
   --round-minutes 0.9 --dagger-episodes "${DAGGER:-200}" --steps-per-minute "${SPM:-800}" --batch-size 256 \
   --final-minutes 1.0 --aux-weight "${AUX:-0.5}" --eval-seconds "${EVAL_SECONDS:-60}" ${BETAS:+--betas $BETAS} \
-  ${RANDOMIZE:+--randomize $RANDOMIZE} > "$OUT/log.txt" 2>&1
+  ${RANDOMIZE:+--randomize $RANDOMIZE} ${DISCRETE_WEIGHT:+--discrete-weight $DISCRETE_WEIGHT} > "$OUT/log.txt" 2>&1
 echo "recipe rc=$? after $(( $(date +%s) - T0 )) s"
 cd "$WORK" || exit 5
 cp latest.int8.onnx see.int8.onnx bc.int8.onnx ablation-w1.int8.onnx "$OUT/" 2>/dev/null

@@ -118,6 +118,8 @@ class Recipe:
                 "--no-progress"]
         if self.args.aux_weight > 0:  # task_state as a target only: the policy's inputs stay camera + joints
             argv += ["--aux-key", "task_state", "--aux-weight", str(self.args.aux_weight)]
+        if self.args.discrete_weight is not None:
+            argv += ["--discrete-weight", str(self.args.discrete_weight)]
         if self.args.threads:
             argv += ["--threads", str(self.args.threads)]
         if init is not None:
@@ -182,6 +184,8 @@ def main() -> int:
                         "flings the arm from the table needs more of the expert so its labels stay near the task")
     parser.add_argument("--aux-weight", type=float, default=0.0, help="weight of the auxiliary task_state target "
                         "(0: none; the GPU runs used 0.5; its error is scripts/seeing_pilot.py image-probe's measure)")
+    parser.add_argument("--discrete-weight", type=float, default=None, help="gato-ros train --discrete-weight: the "
+                        "gripper token's loss weight (default: the model's)")
     parser.add_argument("--randomize", type=float, nargs=3, default=[0.0, 0.0, 0.0],
                         metavar=("SHIFT_CM", "TILT_DEG", "LIGHT"), help="collect with every camera moved and turned "
                         "up to these and the light scaled by up to 1 ± LIGHT per episode (gato-ros collect's options)")

@@ -232,6 +232,31 @@ def test_action_loss_uses_valid_ranges_and_soft_labels() -> None:
     assert labels[1].argmax() == 500 and labels[0].argmax() == 0
 
 
+def test_discrete_weight_scales_the_gripper_tokens_loss_only() -> None:
+    """`discrete_weight` multiplies the discrete action tokens' cross-entropy and leaves the continuous tokens' KL:
+    at weight 0 the loss is the continuous tokens' alone (their sum over all masked positions)."""
+    stream = random_stream(2 * 7)
+    ids = stream["input_ids"]
+    targets = torch.roll(ids, -1, dims=1)
+    local_next = torch.roll(stream["local_positions"], -1, dims=1)
+    mask = local_next >= 5
+    mask[:, -1] = False
+    hi = torch.where(local_next == 6, 2, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+
+    def loss(weight: float, where: torch.Tensor) -> float:
+        model = small_model(discrete_weight=weight)
+        with torch.no_grad():
+            return model.action_loss(ids, positions, stream["local_positions"], targets, where, hi).item()
+
+    continuous, discrete = mask & (local_next == 5), mask & (local_next == 6)
+    n, n_continuous, n_discrete = int(mask.sum()), int(continuous.sum()), int(discrete.sum())
+    assert n_continuous and n_discrete
+    assert loss(0.0, mask) * n == pytest.approx(loss(1.0, continuous) * n_continuous, rel=1e-5)
+    gripper = loss(1.0, discrete) * n_discrete
+    assert loss(4.0, mask) * n == pytest.approx(loss(0.0, mask) * n + 4 * gripper, rel=1e-5)
+
+
 def test_config_json_round_trip_and_overrides() -> None:
     config = GatoConfig.from_preset("tiny", context_window=64, value_embedding=False)
     assert config.context_window == 64 and not config.value_embedding
