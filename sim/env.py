@@ -111,6 +111,7 @@ class StackingEnv(gym.Env):
     arm = "panda"
     hand_link = HAND_LINK
     finger_links = FINGER_JOINTS
+    wrist_camera = True  # the wrist camera is mounted on this arm's hand (sim/cameras.py)
     observed_joints = ARM_JOINTS + [FINGER_JOINTS[0]]
 
     def __init__(self, config: StackingConfig | None = None, **overrides):
@@ -137,6 +138,9 @@ class StackingEnv(gym.Env):
             cams.check_cameras(c.cameras)
             if not c.image_size:
                 raise ValueError("cameras need an image_size")
+            if "wrist" in c.cameras and not self.wrist_camera:
+                raise ValueError(f"the wrist camera is mounted on the Panda's hand only; the {self.arm} has the "
+                                 "scene camera")
         for key in self.image_keys:
             spaces[key] = gym.spaces.Box(0, 255, (c.image_size, c.image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)

@@ -122,11 +122,10 @@ class XArmStackingEnv(StackingEnv):
     """The stacking scene with the xArm6 (module docstring)."""
 
     arm = "xarm6"
+    wrist_camera = False
 
     def __init__(self, config=None, **overrides):  # noqa: ANN001 - as StackingEnv
         super().__init__(config, **{"arm": self.arm, **overrides})
-        if "wrist" in (self.config.cameras or ()):
-            raise ValueError("the wrist camera is mounted on the Panda's hand only; the xArm6 has the scene camera")
         self.joint_names = JOINT_NAMES
         n = len(JOINT_NAMES)
         self.observation_space = gym.spaces.Dict({

@@ -35,3 +35,14 @@ def test_a_camera_in_its_own_process_sees_what_it_would_see_in_the_envs(perturba
         here.close()
         apart.close()
     assert not any(p._process.is_alive() for p in processes), "closing the env ends its camera processes"
+
+
+def test_an_arm_without_a_wrist_camera_refuses_one_before_starting_a_process():
+    import multiprocessing as mp
+
+    from sim.xarm import XArmStackingEnv
+
+    before = set(mp.active_children())
+    with pytest.raises(ValueError, match="wrist camera"):
+        XArmStackingEnv(image_size=32, cameras=("scene", "wrist"), parallel_cameras=True)
+    assert set(mp.active_children()) == before, "no camera process left behind"
