@@ -531,9 +531,17 @@ def write_demo(root: Path, steps: int) -> None:
         writer.add_episode(obs, actions, {"seed": 0})
 
 
-def test_load_prompt_of_2000_steps_never_delays_the_tick(model_path, tmp_path):
+def long_gaps(stamps: np.ndarray) -> list[tuple[float, float]]:
+    """Intervals between consecutive tick stamps that last 4 control periods or more."""
+    return [(a, b) for a, b in zip(stamps[:-1], stamps[1:], strict=True) if b - a >= 4 * PERIOD]
+
+
+def test_load_prompt_of_2000_steps_never_delays_the_tick(model_path, tmp_path, shared_robot):
     """~/load_prompt with a 2000-step demonstration (it once held the loop 1.67 s): the prompt is cut to what
-    fits the context and prefilled off the control thread; tick intervals (node stamps) stay near the period."""
+    fits the context and prefilled off the control thread; tick intervals (node stamps) stay near the period.
+    The module's other node runs in this process meanwhile, loading nothing: a gap it shows at the same moment
+    is the whole process's (once in CI both nodes and their input feeders stalled 0.38 s together), not the
+    loader's."""
     write_demo(tmp_path / "demo", 2000)
     r = Robot(model_path, prompt_path=str(tmp_path / "demo"))
     try:
@@ -550,10 +558,14 @@ def test_load_prompt_of_2000_steps_never_delays_the_tick(model_path, tmp_path):
             assert r.wait_for(lambda: r.node._loader.state == "idle", 5.0), r.node._loader.state
         time.sleep(2 * PERIOD)
         stamps = np.array([rec["stamp_ns"] for rec in r.ticks_since(t)]) * 1e-9
+        idle = np.array([rec["stamp_ns"] for rec in shared_robot.ticks_since(t)]) * 1e-9
         gaps = np.diff(stamps)
         print(f"tick intervals while loading prompts: p50 {np.median(gaps) * 1e3:.1f} ms, "
               f"max {gaps.max() * 1e3:.1f} ms")
-        assert gaps.max() < 4 * PERIOD, f"a tick waited {gaps.max():.3f} s"
+        assert len(idle) >= len(stamps) // 2, "the other node ticked meanwhile"
+        process_stalls = long_gaps(idle)
+        loader = [(a, b) for a, b in long_gaps(stamps) if not any(c < b and a < d for c, d in process_stalls)]
+        assert not loader, f"a tick waited {max(b - a for a, b in loader):.3f} s while the other node ticked"
         r.node.set_parameters([Parameter("prompt_path", value=str(tmp_path / "nowhere"))])
         resp = call(r.peer, Trigger, f"{r.ns}/gato_policy/load_prompt", Trigger.Request())
         assert not resp.success and "nowhere" in resp.message
