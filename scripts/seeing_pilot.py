@@ -131,7 +131,7 @@ def grasp(policy_path: str, seeds: list[int]) -> dict:
             log = np.array(watch.log)
             near = log[:, 0] < 100 * REACH_M
             closed = log[:, 1].astype(bool)
-            rows.append({"seed": seed, "success": result.success, "closest_cm": float(log[:, 0].min()),
+            rows.append({"seed": seed, "success": result.success, "closest_cm": result.closest_to_red_cm,
                          "closed_near": int(np.sum(closed & near)), "closed_far": int(np.sum(closed & ~near)),
                          "first_close_cm": float(log[closed, 0][0]) if closed.any() else None,
                          "touching_steps": int(log[:, 2].sum()), "lift_cm": float(log[:, 3].max() - log[0, 3])})

@@ -214,15 +214,22 @@ def test_value_embedding_is_smooth_and_lookup_is_not() -> None:
         assert (lookup[0] - lookup[1]).norm() > 0.5 * (lookup[0] - lookup[2]).norm()
 
 
-def test_action_loss_uses_valid_ranges_and_soft_labels() -> None:
-    model = small_model()
+def action_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two timesteps of `random_stream`: the stream, next-token targets, the next token's local position, the
+    loss mask on action targets (a continuous one at 5, a discrete one at 6) and each target's valid id range."""
     stream = random_stream(2 * 7)
-    ids = stream["input_ids"]
-    targets = torch.roll(ids, -1, dims=1)
+    targets = torch.roll(stream["input_ids"], -1, dims=1)
     local_next = torch.roll(stream["local_positions"], -1, dims=1)
     mask = local_next >= 5
     mask[:, -1] = False
     hi = torch.where(local_next == 6, 2, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
+    return stream, targets, local_next, mask, hi
+
+
+def test_action_loss_uses_valid_ranges_and_soft_labels() -> None:
+    model = small_model()
+    stream, targets, _, mask, hi = action_batch()
+    ids = stream["input_ids"]
     loss = model.action_loss(ids, torch.arange(ids.shape[1]).unsqueeze(0), stream["local_positions"], targets, mask, hi)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
@@ -235,13 +242,8 @@ def test_action_loss_uses_valid_ranges_and_soft_labels() -> None:
 def test_discrete_weight_scales_the_gripper_tokens_loss_only() -> None:
     """`discrete_weight` multiplies the discrete action tokens' cross-entropy and leaves the continuous tokens' KL:
     at weight 0 the loss is the continuous tokens' alone (their sum over all masked positions)."""
-    stream = random_stream(2 * 7)
+    stream, targets, local_next, mask, hi = action_batch()
     ids = stream["input_ids"]
-    targets = torch.roll(ids, -1, dims=1)
-    local_next = torch.roll(stream["local_positions"], -1, dims=1)
-    mask = local_next >= 5
-    mask[:, -1] = False
-    hi = torch.where(local_next == 6, 2, tok.CONTINUOUS_OFFSET + tok.NUM_BINS)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
 
     def loss(weight: float, where: torch.Tensor) -> float:
