@@ -5,8 +5,8 @@ separate processes talking over ROS 2 on loopback, runs a few episodes at the co
 (20 Hz, real time), prints success and step latency, and saves into --out: `demo.json` (the same
 summary as `gato-ros eval`), `demo.png` (plot), `episode1.mp4` and `episode1.gif` (a replay of the
 first episode rendered after the run, so filming never slows the loop). For a seeing policy the film
-shows, beside the scene, the camera frame the policy acted on at each step (its 64 px frame upscaled,
-as the bridge rendered and published it).
+shows, beside the scene, the frames the policy acted on at each step, one panel per camera in the model's
+order (its 64 px frames upscaled, as the bridge rendered and published them).
 
 The policy file comes from `--model` (`make demo MODEL=models/see_int8.onnx`); the default is the
 shipped model.

@@ -268,9 +268,8 @@ def run_episode(seed: int, frames: list[np.ndarray] | None = None) -> Conditione
     done = False
     image_keys = [o.name for o in policy.spec.observations if o.kind == "image"] if policy.spec else []
     while not done:
-        if frames is not None:  # a seeing policy's film shows its first camera's frame beside the scene
-            scene = [env.render(256)]
-            frames.extend(beside(scene, obs[image_keys[0]][None]) if image_keys else scene)
+        if frames is not None:  # a seeing policy's film shows its cameras' frames beside the scene
+            frames.extend(beside([env.render(256)], [obs[key][None] for key in image_keys]))
         result.closest_to_red_cm = min(result.closest_to_red_cm, red_distance_cm(obs["task_state"]))
         t0 = time.perf_counter()
         action = policy.step(obs if policy.spec is None else policy_observation(policy.spec, obs))

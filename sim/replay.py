@@ -12,6 +12,7 @@ keeps its value from the seed's reset (it is the base, it rarely turns).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +97,16 @@ def write_gif(frames: list[np.ndarray], path: Path, fps: float, size: int = 160,
         size, every = int(size * 0.8), every + 1
 
 
-def beside(scene: list[np.ndarray], policy_frames: np.ndarray) -> list[np.ndarray]:
-    """Each scene frame with the policy's camera frame of the same step to its right, upscaled (nearest: its
-    pixels stay visible as pixels) to the scene frame's height."""
-    if len(policy_frames) != len(scene):
-        raise ValueError(f"{len(policy_frames)} camera frames for {len(scene)} scene frames")
+def beside(scene: list[np.ndarray], cameras: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each scene frame with the policy's camera frames of the same step to its right (one [T, H, W, 3] array per
+    camera, in the policy's order), each upscaled (nearest: its pixels stay visible as pixels) to the scene
+    frame's height."""
+    for frames in cameras:
+        if len(frames) != len(scene):
+            raise ValueError(f"{len(frames)} camera frames for {len(scene)} scene frames")
     size = scene[0].shape[0]
-    return [np.concatenate([s, _upscale_nearest(f, size)], axis=1) for s, f in zip(scene, policy_frames, strict=True)]
+    return [np.concatenate([s, *(_upscale_nearest(frames[t], size) for frames in cameras)], axis=1)
+            for t, s in enumerate(scene)]
 
 
 def _upscale_nearest(frame: np.ndarray, size: int) -> np.ndarray:
@@ -113,16 +117,16 @@ def _upscale_nearest(frame: np.ndarray, size: int) -> np.ndarray:
 
 def replay_to_files(seed: int, joint_positions: np.ndarray, task_states: np.ndarray, video: Path | str | None = None,
                     gif: Path | str | None = None, fps: float = 20.0, size: int = 256,
-                    policy_frames: np.ndarray | None = None, arm: str = DEFAULT_ARM,
+                    policy_frames: Sequence[np.ndarray] = (), arm: str = DEFAULT_ARM,
                     task: str = DEFAULT_TASK) -> list[np.ndarray]:
     """Render the recorded episode of `arm` in `task`'s scene to an MP4 (`video`, `size` px tall) and/or a GIF;
     returns the frames. With
-    `policy_frames` (one camera frame per recorded step: what a seeing policy saw) each frame shows it beside
-    the scene."""
+    `policy_frames` (per camera of a seeing policy, one frame per recorded step: what it saw) each frame shows
+    them beside the scene."""
     if len(joint_positions) == 0:
         raise ValueError("nothing was recorded: no frames to replay")
     frames = replay_frames(seed, joint_positions, task_states, size, arm, task)
-    if policy_frames is not None:
+    if len(policy_frames):
         frames = beside(frames, policy_frames)
     for path, write in ((video, lambda f, pth: write_video(f, pth, fps)), (gif, lambda f, pth: write_gif(f, pth, fps))):
         if path is not None:

@@ -373,9 +373,9 @@ def evaluate_over_ros(
     if recorded is not None and (video or gif):
         from sim.replay import replay_to_files
 
-        # A seeing policy's film shows its first camera's frames (upscaled) beside the scene.
-        replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period,
-                        policy_frames=next(iter(frames.values()), None), arm=arm, task=task)
+        # A seeing policy's film shows its cameras' frames (upscaled) beside the scene.
+        replay_to_files(*recorded, video=video, gif=gif, fps=1.0 / period, policy_frames=list(frames.values()),
+                        arm=arm, task=task)
     return RosRun(results=results, exit_codes=codes, node_diagnostics=diagnostics,
                   watchdog_diagnostics=watchdog_diagnostics,
                   domain_id=os.environ["ROS_DOMAIN_ID"], pids={name: proc.pid for name, proc in procs.procs.items()},

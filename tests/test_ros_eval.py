@@ -201,6 +201,32 @@ def test_in_process_film_of_a_seeing_policy_shows_its_camera(seeing_model, tmp_p
     assert np.abs(right.astype(int) - camera).mean() < 8, "the right half is the policy's frame (MP4 is lossy)"
 
 
+def test_film_of_a_two_camera_policy_shows_both_cameras(tmp_path):
+    """The shipped seeing file acts on the scene and wrist cameras: its film shows both, in the policy's order, to
+    the right of the scene (`make demo MODEL=models/see_int8.onnx`; in-process `gato-ros eval --video` here)."""
+    import cv2
+
+    from sim import evaluate
+
+    shipped = Path(__file__).parent.parent / "models" / "see_int8.onnx"
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--policy", str(shipped), "--episodes", "1", "--max-steps", "2", "--provider", "cpu",
+                              "--seed", "7", "--video", str(tmp_path / "ep.mp4"), "--json", str(tmp_path / "ep.json")])
+    assert evaluate.run(args) == 0
+    evaluate._worker.clear()
+    cap = cv2.VideoCapture(str(tmp_path / "ep.mp4"))
+    ok, first = cap.read()
+    cap.release()
+    assert ok and first.shape == (256, 3 * 256, 3)
+    env = StackingEnv(image_size=64, cameras=("scene", "wrist"))
+    obs = env.reset(seed=7)[0]
+    env.close()
+    for panel, key in ((1, "camera_scene"), (2, "camera_wrist")):
+        shown = cv2.cvtColor(first[:, 256 * panel: 256 * (panel + 1)], cv2.COLOR_BGR2RGB)[2::4, 2::4]
+        assert np.abs(shown.astype(int) - obs[key]).mean() < 8, f"panel {panel} is {key} (MP4 is lossy)"
+
+
 def test_replay_renders_one_frame_per_recorded_step(tmp_path):
     from sim.expert import ScriptedExpert
 
