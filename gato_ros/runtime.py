@@ -646,7 +646,9 @@ class PolicyRuntime:
         """One control tick, returning the A chosen action tokens (int64).
 
         `teacher` (A tokens): feed these into the context instead of the chosen ones (teacher forcing,
-        to compare variants of a model on the same token stream); the chosen tokens are still returned."""
+        to compare variants of a model on the same token stream); the chosen tokens are still returned. A
+        negative entry feeds the chosen token there: the context then holds what an arm executed when some of
+        its commands came from elsewhere (scripts/seeing_phases.py --expert-on)."""
         ts = tok.tokenize_observation(self.spec, observation,  # validates: ObservationError
                                       observation_local_positions_only=self.local_only_observations)
         ids, local = ts.tokens, ts.local_positions
@@ -662,9 +664,10 @@ class PolicyRuntime:
         A = self.spec.action_size
         tokens = np.empty(A, dtype=np.int64)
         one_id, one_local = np.empty(1, np.int64), np.empty(1, np.int64)
+        fed = np.empty(A, dtype=np.int64)
         for i in range(A):
             tokens[i] = self._choose(logits, i)
-            fed = tokens if teacher is None else teacher
+            fed[i] = tokens[i] if teacher is None or teacher[i] < 0 else teacher[i]
             if i < A - 1:
                 one_id[0], one_local[0] = fed[i], self._local[self.obs_tokens + i]
                 logits = self.forward(one_id, one_local)

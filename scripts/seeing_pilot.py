@@ -237,19 +237,20 @@ AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6,
 DISTANCE_BINS_M = (0.0, 0.05, 0.10, 0.20, np.inf)
 
 
-def aux_estimates(model, items, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a GatoModel
-    """The aux head's task_state estimate and the truth (both in env units) at every aux-masked timestep of the
-    window items (SequenceDataset items with aux targets)."""
+def aux_estimates(model, items, aux) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - a GatoModel, an AuxSpec
+    """The aux head's task_state estimate and the truth (both in env units: the aux spec's normalization undone) at
+    every aux-masked timestep of the window items (SequenceDataset items with aux targets)."""
     import torch
 
+    scale, offset = np.asarray(aux.scale), np.asarray(aux.offset)
     estimate, truth = [], []
     with torch.no_grad():
         for item in items:
             hidden, _ = model.hidden(*(item[k][None] for k in ("input_ids", "position_ids", "local_positions")),
                                      patches=item["patches"][None], patch_positions=item["patch_positions"][None])
             mask = item["aux_mask"][None]
-            estimate.append(model.aux_head(hidden[mask]).numpy() * scale)
-            truth.append(item["aux_targets"][None][mask].numpy() * scale)
+            estimate.append(model.aux_head(hidden[mask]).numpy() * scale + offset)
+            truth.append(item["aux_targets"][None][mask].numpy() * scale + offset)
     return np.concatenate(estimate), np.concatenate(truth)
 
 
@@ -287,7 +288,7 @@ def image_probe(checkpoint: str, data: str, episodes: int, first_episode: int = 
                                                                      "patches": torch.zeros_like(batch["patches"])})))
     result = {name: float(np.mean(v)) for name, v in losses.items()}
     if aux_key:  # the training-only head's estimate of the red cube's position (task_state[3:6]) from the frames
-        estimate, target = aux_estimates(model, first, np.asarray(dataset.aux[aux_key].scale))
+        estimate, target = aux_estimates(model, first, dataset.aux[aux_key])
         red = AUX_PARTS["red cube"]
         errors = np.linalg.norm(estimate[:, red] - target[:, red], axis=1)
         baseline = np.linalg.norm(target[:, red] - target[:, red].mean(axis=0), axis=1)
@@ -351,25 +352,32 @@ def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0)
     windows = SequenceDataset(dataset, config.context_window, chosen, train=False, seed=0,
                               observation_local_positions_only=config.observation_local_positions_only,
                               aux_key="task_state")
-    estimate, target = aux_estimates(model, (windows[i] for i in range(len(windows))),
-                                     np.asarray(dataset.aux["task_state"].scale))
+    estimate, target = aux_estimates(model, (windows[i] for i in range(len(windows))), dataset.aux["task_state"])
     distance = np.linalg.norm(target[:, AUX_PARTS["red - hand"]], axis=1)
     bins = list(zip(DISTANCE_BINS_M[:-1], DISTANCE_BINS_M[1:], strict=True))
     in_bin = [(distance >= lo) & (distance < hi) for lo, hi in bins]
     result: dict = {"timesteps": len(target), "parts": {}}
-    for name, part in AUX_PARTS.items():
-        error_cm = 100 * np.linalg.norm(estimate[:, part] - target[:, part], axis=1)
+    errors = {name: 100 * np.linalg.norm(estimate[:, part] - target[:, part], axis=1)
+              for name, part in AUX_PARTS.items()}
+    # The red cube's yaw (task_state's sin/cos of 4 × yaw: a cube looks the same every 90°), in degrees.
+    quarter_turns = np.arctan2(estimate[:, 15], estimate[:, 16]) - np.arctan2(target[:, 15], target[:, 16])
+    errors["red yaw (deg)"] = np.degrees(np.abs((quarter_turns + np.pi) % (2 * np.pi) - np.pi) / 4)
+    for name, error_cm in errors.items():
         by_distance = [float(np.median(error_cm[mask])) if mask.any() else None for mask in in_bin]
         result["parts"][name] = {"median_cm": float(np.median(error_cm)), "by_distance_cm": by_distance}
+    # Carried: the red cube's centre 2 cm above resting, the hand on it (a stacked cube the hand has left is not).
+    lifted = (target[:, 5] > 0.04) & (distance < 0.03)
+    result["blue_minus_red_lifted_cm"] = float(np.median(errors["blue - red"][lifted])) if lifted.any() else None
     labels = [f"{100 * lo:.0f}-{100 * hi:.0f} cm" if np.isfinite(hi) else f"> {100 * lo:.0f} cm" for lo, hi in bins]
     counts = [int(mask.sum()) for mask in in_bin]
     result["distance_bins"], result["bin_timesteps"] = labels, counts
     print(f"aux-error {checkpoint} on {len(target)} timesteps (windows overlap) of {len(chosen)} episodes of {data}: "
-          "median error in cm, all timesteps, then by hand-red distance " + ", ".join(
+          "median error in cm (yaw in degrees), all timesteps, then by hand-red distance " + ", ".join(
               f"{label} (n={n})" for label, n in zip(labels, counts, strict=True)))
     for name, row in result["parts"].items():
         cells = " ".join("  -  " if v is None else f"{v:5.2f}" for v in row["by_distance_cm"])
-        print(f"  {name:11s} {row['median_cm']:5.2f} | {cells}")
+        print(f"  {name:13s} {row['median_cm']:5.2f} | {cells}")
+    print(f"  blue - red with the red cube carried (n={int(lifted.sum())}): {result['blue_minus_red_lifted_cm']} cm")
     return result
 
 

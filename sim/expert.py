@@ -52,6 +52,10 @@ class ExpertConfig:
     # 0.3 because this URDF's light wrist links swing the hand ±0.4 rad under 0.3 N·m held for 50 ms
     # and the expert then never lines up with the cube (0/15 noisy successes; 8/8 with these values).
     noise_std: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.05)
+    # Deliberate grasp errors, to measure what the gripper tolerates (`python -m sim.expert --yaw-offset-deg`):
+    # the hand lines up this far off the cube's yaw (rad), and grasps this far along world x from its centre (m).
+    yaw_offset: float = 0.0
+    grasp_offset: float = 0.0
 
 
 def _wrap(angle: float) -> float:
@@ -113,10 +117,12 @@ class ScriptedExpert:
         cube_yaw = math.atan2(s[15], s[16]) / 4.0  # the picked cube's yaw, defined modulo 90°
         hand_yaw = self._hand_yaw()
         # The 90°-equivalent of the cube's yaw closest to the hand's: never more than 45° to turn.
-        yaw = hand_yaw + _wrap(4.0 * (cube_yaw - hand_yaw)) / 4.0
+        yaw = hand_yaw + _wrap(4.0 * (cube_yaw - hand_yaw)) / 4.0 + c.yaw_offset
         yaw_err = abs(yaw - hand_yaw)
 
         grasp_point = cube + np.array([0.0, 0.0, c.grasp_height])
+        if not goal.in_place and not (0.012 < finger < 0.025):  # the offset moves where it grasps, not the cube
+            grasp_point = grasp_point + np.array([c.grasp_offset, 0.0, 0.0])
         near_cube = np.linalg.norm((hand - grasp_point)[:2]) < 0.02 and abs(hand[2] - grasp_point[2]) < 0.02
         closed_on_cube = 0.012 < finger < 0.025
         settled = finger_speed < c.finger_settled
@@ -138,6 +144,13 @@ class ScriptedExpert:
         # Approach: open; hover until open and turned, then come down the funnel onto the cube.
         hover = 0.0 if finger >= c.finger_open and yaw_err < c.yaw_tolerance else 0.06
         return self._funnel(hand, grasp_point, hover), yaw, GRIPPER_OPEN, "approach"
+
+    def phase(self, obs: dict[str, np.ndarray]) -> tuple[str, float]:
+        """The phase this observation is in for the expert, and how far the hand is turned from the yaw it wants
+        there (rad): what a learner's state looks like to its teacher (`scripts/seeing_phases.py`)."""
+        self._set_state(np.asarray(obs["joint_positions"][:7]), float(obs["joint_positions"][-1]))
+        _, yaw, _, phase = self.plan(obs)
+        return phase, abs(yaw - self._hand_yaw())
 
     def _funnel(self, hand: np.ndarray, goal: np.ndarray, min_height: float, force_up: bool = False) -> np.ndarray:
         """A target above `goal`, higher the further the hand is from it horizontally."""
@@ -232,15 +245,15 @@ def run_episode(
     )
 
 
-def _measure_one(args: tuple[int, bool, bool, str]) -> tuple[bool, int, bool, float]:
+def _measure_one(args: tuple[int, bool, bool, str, ExpertConfig]) -> tuple[bool, int, bool, float]:
     import time
 
     from sim.env import StackingEnv
     from sim.spec import stacking_spec
 
-    seed, tokenize, noisy, task = args
+    seed, tokenize, noisy, task, config = args
     if "env" not in _MEASURE:
-        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(task=task), ScriptedExpert(task=task)
+        _MEASURE["env"], _MEASURE["expert"] = StackingEnv(task=task), ScriptedExpert(config, task=task)
     t0 = time.perf_counter()
     spec = stacking_spec() if tokenize else None
     ep = run_episode(_MEASURE["env"], _MEASURE["expert"], seed, noisy=noisy, tokenize_spec=spec)
@@ -252,7 +265,8 @@ _MEASURE: dict = {}
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sim.expert --episodes 200 --workers 2 [--task T] [--tokenize] [--noisy]`: the Panda expert's
-    success rate (`gato-ros eval --task T --arm A` measures either arm's)."""
+    success rate (`gato-ros eval --task T --arm A` measures either arm's). `--yaw-offset-deg` / `--grasp-offset-cm`
+    make it grasp that far off the cube's yaw or centre: how precise a learner's grasp must be."""
     import argparse
     import multiprocessing as mp
 
@@ -263,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenize", action="store_true", help="send every command through the token round trip")
     parser.add_argument("--noisy", action="store_true", help="inject torque noise (as in the noisy demos)")
     parser.add_argument("--task", default=tasks.DEFAULT_TASK, choices=tasks.task_names())
+    parser.add_argument("--yaw-offset-deg", type=float, default=0.0, help="turn the hand this far off the cube's yaw")
+    parser.add_argument("--grasp-offset-cm", type=float, default=0.0, help="grasp this far along x from the centre")
     args = parser.parse_args(argv)
-    jobs = [(args.seed + i, args.tokenize, args.noisy, args.task) for i in range(args.episodes)]
+    config = ExpertConfig(yaw_offset=math.radians(args.yaw_offset_deg), grasp_offset=args.grasp_offset_cm / 100)
+    jobs = [(args.seed + i, args.tokenize, args.noisy, args.task, config) for i in range(args.episodes)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(_measure_one, jobs, chunksize=4)
     ok = np.array([r[0] for r in results])
@@ -272,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [job[0] for job, r in zip(jobs, results, strict=True) if not r[0]]
     step_ms = 1e3 * np.mean([r[3] for r in results])
     tags = (" (token round trip)" if args.tokenize else "") + (" (noisy)" if args.noisy else "")
+    tags += f" (hand {args.yaw_offset_deg:g}° off the cube's yaw)" if args.yaw_offset_deg else ""
+    tags += f" (grasp {args.grasp_offset_cm:g} cm off its centre)" if args.grasp_offset_cm else ""
     print(
         f"expert {args.task}{tags}: {ok.sum()}/{len(ok)} = {ok.mean():.1%} success; "
         f"steps mean {steps.mean():.1f} median {np.median(steps):.0f} min {steps.min()} max {steps.max()}; "

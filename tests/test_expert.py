@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
+import pybullet as p
 import pytest
 
 from gato_ros.data import read_dataset
 from gato_ros.tokenizer import detokenize_action, tokenize_action
 from sim import collect
-from sim.env import StackingEnv
-from sim.expert import ScriptedExpert, run_episode
+from sim.env import HAND_LINK, StackingEnv
+from sim.expert import ExpertConfig, ScriptedExpert, run_episode
 from sim.spec import stacking_spec
 
 
@@ -87,3 +89,51 @@ def test_collect_writes_a_readable_dataset(tmp_path):
         assert {"seed", "noisy"} <= meta.keys()
         assert actions.dtype == np.float32 and actions.shape[1] == 8
         assert observations["task_state"].shape == (len(actions), 17)
+
+
+def test_phase_reads_the_task_off_each_observation(rig):
+    """What `scripts/seeing_phases.py` asks of a learner's states: the expert's own episode runs through approach,
+    grasp, carry, release and retreat in that order, with the hand turned to the cube when the grasp starts."""
+    env, expert = rig
+    obs, _ = env.reset(seed=0)
+    phases, yaw_at_grasp, done = [], None, False
+    while not done:
+        phase, yaw_error = expert.phase(obs)
+        if phase == "grasp" and yaw_at_grasp is None:
+            yaw_at_grasp = yaw_error
+        phases.append(phase)
+        obs, _, terminated, truncated, info = env.step(expert.act(obs))
+        done = terminated or truncated
+    assert info["success"]
+    order = [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]]
+    assert order == ["approach", "grasp", "carry", "release", "retreat"]
+    assert yaw_at_grasp is not None and yaw_at_grasp < expert.config.yaw_tolerance
+
+
+def grasp_pose(config: ExpertConfig, seed: int) -> tuple[float, float]:
+    """The hand's yaw off the cube's (degrees, modulo 90°) and its x offset from the cube (cm) at the first close."""
+    env, expert = StackingEnv(), ScriptedExpert(config)
+    try:
+        obs, _ = env.reset(seed=seed)
+        while True:
+            phase, _ = expert.phase(obs)
+            if phase == "grasp":
+                orn = p.getLinkState(env.robot, HAND_LINK, physicsClientId=env.client)[5]
+                r = np.asarray(p.getMatrixFromQuaternion(orn)).reshape(3, 3)
+                off = (math.degrees(math.atan2(r[1, 0], r[0, 0]) - env._cube_pose(0)[1]) + 45) % 90 - 45
+                return off, 100 * float(env.hand_position()[0] - env.cube_position(0)[0])
+            obs, *_ = env.step(expert.act(obs))
+    finally:
+        env.close()
+        expert.close()
+
+
+def test_offsets_make_the_expert_grasp_off_the_cubes_yaw_or_centre():
+    """`python -m sim.expert --yaw-offset-deg/--grasp-offset-cm` measure how precise a grasp must be: the expert
+    then closes the fingers that far off, not on the cube's yaw and centre."""
+    yaw, x = grasp_pose(ExpertConfig(), seed=1)
+    assert abs(yaw) < 6 and abs(x) < 0.8
+    yaw, _ = grasp_pose(ExpertConfig(yaw_offset=math.radians(15)), seed=1)
+    assert abs(abs(yaw) - 15) < 6
+    _, x = grasp_pose(ExpertConfig(grasp_offset=0.012), seed=1)
+    assert abs(x - 1.2) < 0.8

@@ -355,3 +355,25 @@ def test_a_file_that_disagrees_with_the_runtime_is_refused_naming_the_field(tmp_
         bad, named = str(tmp_path / "names.onnx"), old
     with pytest.raises(ModelLoadError, match=re.escape(named)):
         PolicyRuntime(bad, provider="cpu", threads=1, warmup=False)
+
+
+def test_partial_teacher_feeds_the_chosen_tokens_where_it_has_none(model_path, runtime):
+    """`step_tokens(teacher=...)` with -1 entries: the context holds the teacher's tokens where given and the chosen
+    ones elsewhere, as a full teacher of those same tokens would (scripts/seeing_phases.py --expert-on)."""
+    episode = observations(runtime.spec, 8, seed=11)
+    rng = np.random.default_rng(3)
+    A = runtime.spec.action_size
+    partial = []
+    for _ in episode:
+        t = np.full(A, -1, np.int64)
+        t[:3] = [int(rng.integers(*tok.action_token_range(runtime.spec, i))) for i in range(3)]
+        partial.append(t)
+    runtime.reset()
+    chosen = [runtime.step_tokens(o, teacher=t) for o, t in zip(episode, partial, strict=True)]
+    full = [np.where(t >= 0, t, c) for t, c in zip(partial, chosen, strict=True)]
+    other = PolicyRuntime(model_path, provider="cpu", threads=1)
+    again = [other.step_tokens(o, teacher=f) for o, f in zip(episode, full, strict=True)]
+    assert np.array_equal(np.array(chosen), np.array(again))
+    other.reset()
+    free = [other.step_tokens(o) for o in episode]
+    assert not np.array_equal(np.array(chosen)[:, 3:], np.array(free)[:, 3:]), "the teacher's tokens steered the rest"

@@ -59,3 +59,16 @@ def test_finds_the_cube_through_its_cameras() -> None:
     card = json.loads(CARD.read_text())
     result = reach(card["ci_seeds"][:3], black_frames=True)
     assert result["closest_cm_median"] > card["ci_closest_cm_median"] + card["ci_margin_cm"], (result, card)
+
+
+def test_stacks_when_the_expert_commands_joints_1_to_6() -> None:
+    """What keeps the file from stacking is where joints 1-6 put the hand (README, "Where it stalls"): with the
+    expert's torques on them and its own on the wrist and the gripper (its context holding what the arm executed,
+    scripts/seeing_phases.py --expert-on), it stacks seeds it alone does not (card: 0 of its seeds)."""
+    spec = importlib.util.spec_from_file_location("seeing_phases", ROOT / "scripts" / "seeing_phases.py")
+    seeing_phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeing_phases)
+    seeds = json.loads(CARD.read_text())["ci_seeds"][:3]
+    result = seeing_phases.phases(str(SEEING), seeds, expert_on=(0, 1, 2, 3, 4, 5))
+    assert result["successes"] >= 2, result["per_episode"]
+    assert all(r["gripper_agreement"] > 0.9 for r in result["per_episode"]), "its gripper follows the teacher's"
