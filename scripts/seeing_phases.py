@@ -15,8 +15,7 @@ episode this logs, while the policy (not the expert) drives in-process:
     was above its stacked height there.
 `--expert-on 6` gives the expert's command on those action dimensions (here the wrist's torque) while the policy
 drives the others, and feeds the policy's context the tokens the arm executed: which of its outputs keep it from
-the task. `--json` writes the summary with every episode's
-row. Seeds from 100000 are held out from training.
+the task. `--json` writes the summary with every episode's row. Seeds from 100000 are held out from training.
 """
 
 from __future__ import annotations
@@ -60,11 +59,12 @@ class PhaseWatch:
         # The policy's context holds the tokens the arm executed: the expert's on those dimensions, its own elsewhere.
         chosen = self.policy.step_tokens(policy_observation(spec, full), teacher=teacher)
         action = detokenize_action(spec, np.where(teacher >= 0, teacher, chosen))
+        own_gripper = detokenize_action(spec, chosen)[-1]  # what the policy chose, executed or not
         phase, yaw_error = self.expert.phase(full)
         state = full["task_state"]
         hand, red, blue = state[0:3], state[3:6], state[6:9]
         self.log.append({
-            "phase": phase, "yaw_error": yaw_error, "policy_closes": bool(action[-1] < 0),
+            "phase": phase, "yaw_error": yaw_error, "policy_closes": bool(own_gripper < 0),
             "expert_closes": phase in ("grasp", "carry"),
             "xy": float(np.linalg.norm((hand - red)[:2])), "z": float(hand[2] - red[2]),
             "over_blue_xy": float(np.linalg.norm((red - blue)[:2])), "over_blue_z": float(red[2] - blue[2]),
