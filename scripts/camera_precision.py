@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from gato_ros.data import read_dataset
+from sim.results import BLUE_MINUS_RED, RED_MINUS_HAND, RED_YAW, carried, yaw_error_deg
 
-RED_MINUS_HAND, BLUE_MINUS_RED, YAW = slice(9, 12), slice(12, 15), slice(15, 17)
-TARGETS = slice(9, 17)  # task_state's red − hand, blue − red, sin/cos of 4 × yaw
+TARGETS = slice(RED_MINUS_HAND.start, RED_YAW.stop)  # task_state's red − hand, blue − red, sin/cos of 4 × yaw
 CAMERAS = ("camera_scene", "camera_wrist")
 
 
@@ -66,21 +66,15 @@ def load(roots: list[str], episodes: slice) -> tuple[np.ndarray, np.ndarray, np.
     return np.concatenate(frames), np.concatenate(joints).astype(np.float32), np.concatenate(states)
 
 
-def yaw_error_deg(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    turns = np.arctan2(estimate[:, 0], estimate[:, 1]) - np.arctan2(truth[:, 0], truth[:, 1])
-    return np.degrees(np.abs((turns + np.pi) % (2 * np.pi) - np.pi) / 4)
-
-
 def errors(estimate: np.ndarray, truth: np.ndarray) -> dict:
     """Median errors where the grasp and the placing happen (estimate and truth: task_state rows, env units)."""
     near = np.linalg.norm(truth[:, RED_MINUS_HAND], axis=1) < 0.05
-    # Carried: the red cube's centre 2 cm above resting, the hand on it (a stacked cube the hand has left is not).
-    lifted = (truth[:, 5] > 0.04) & (np.linalg.norm(truth[:, RED_MINUS_HAND], axis=1) < 0.03)
+    lifted = carried(truth)
     cm = lambda part, mask: float(100 * np.median(np.linalg.norm(estimate[mask, part] - truth[mask, part], axis=1)))  # noqa: E731
     return {"red_minus_hand_near_cm": cm(RED_MINUS_HAND, near), "near_steps": int(near.sum()),
             "blue_minus_red_lifted_cm": cm(BLUE_MINUS_RED, lifted) if lifted.any() else None,
             "lifted_steps": int(lifted.sum()),
-            "yaw_near_deg": float(np.median(yaw_error_deg(estimate[near, YAW], truth[near, YAW])))}
+            "yaw_near_deg": float(np.median(yaw_error_deg(estimate[near, RED_YAW], truth[near, RED_YAW])))}
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from sim.expert import ExpertConfig, ScriptedExpert
+from sim.results import REACH_M
 
 PHASES = ("approach", "grasp", "carry", "release", "retreat")
-REACH_M = 0.03
 
 
 class PhaseWatch:

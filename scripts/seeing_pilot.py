@@ -43,8 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from gato_ros.data import EpisodeWriter, read_dataset
-
-REACH_M = 0.03
+from sim.results import BLUE_MINUS_RED, REACH_M, RED_MINUS_HAND, RED_YAW, carried, yaw_error_deg
 
 
 def subset(source: str, out: str, keep: list[str]) -> None:
@@ -232,8 +231,8 @@ def offline(checkpoint: str, data: str, val_fraction: float, seed: int) -> dict:
     return result
 
 
-AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6, 9), "red - hand": slice(9, 12),
-             "blue - red": slice(12, 15)}
+AUX_PARTS = {"hand": slice(0, 3), "red cube": slice(3, 6), "blue cube": slice(6, 9), "red - hand": RED_MINUS_HAND,
+             "blue - red": BLUE_MINUS_RED}
 DISTANCE_BINS_M = (0.0, 0.05, 0.10, 0.20, np.inf)
 
 
@@ -359,14 +358,11 @@ def aux_error(checkpoint: str, data: str, episodes: int, first_episode: int = 0)
     result: dict = {"timesteps": len(target), "parts": {}}
     errors = {name: 100 * np.linalg.norm(estimate[:, part] - target[:, part], axis=1)
               for name, part in AUX_PARTS.items()}
-    # The red cube's yaw (task_state's sin/cos of 4 × yaw: a cube looks the same every 90°), in degrees.
-    quarter_turns = np.arctan2(estimate[:, 15], estimate[:, 16]) - np.arctan2(target[:, 15], target[:, 16])
-    errors["red yaw (deg)"] = np.degrees(np.abs((quarter_turns + np.pi) % (2 * np.pi) - np.pi) / 4)
+    errors["red yaw (deg)"] = yaw_error_deg(estimate[:, RED_YAW], target[:, RED_YAW])
     for name, error_cm in errors.items():
         by_distance = [float(np.median(error_cm[mask])) if mask.any() else None for mask in in_bin]
         result["parts"][name] = {"median_cm": float(np.median(error_cm)), "by_distance_cm": by_distance}
-    # Carried: the red cube's centre 2 cm above resting, the hand on it (a stacked cube the hand has left is not).
-    lifted = (target[:, 5] > 0.04) & (distance < 0.03)
+    lifted = carried(target)
     result["blue_minus_red_lifted_cm"] = float(np.median(errors["blue - red"][lifted])) if lifted.any() else None
     labels = [f"{100 * lo:.0f}-{100 * hi:.0f} cm" if np.isfinite(hi) else f"> {100 * lo:.0f} cm" for lo, hi in bins]
     counts = [int(mask.sum()) for mask in in_bin]

@@ -120,11 +120,11 @@ class ScriptedExpert:
         yaw = hand_yaw + _wrap(4.0 * (cube_yaw - hand_yaw)) / 4.0 + c.yaw_offset
         yaw_err = abs(yaw - hand_yaw)
 
+        closed_on_cube = 0.012 < finger < 0.025
         grasp_point = cube + np.array([0.0, 0.0, c.grasp_height])
-        if not goal.in_place and not (0.012 < finger < 0.025):  # the offset moves where it grasps, not the cube
+        if not goal.in_place and not closed_on_cube:  # the offset moves where it grasps, not the cube
             grasp_point = grasp_point + np.array([c.grasp_offset, 0.0, 0.0])
         near_cube = np.linalg.norm((hand - grasp_point)[:2]) < 0.02 and abs(hand[2] - grasp_point[2]) < 0.02
-        closed_on_cube = 0.012 < finger < 0.025
         settled = finger_speed < c.finger_settled
 
         if goal.in_place and near_cube and finger < c.finger_open:
