@@ -491,11 +491,12 @@ class PolicyNode(LifecycleNode):
         outputs["tick"].publish(String(data=tick_json(
             self.seq, stamp_ns, Path(self.model_path).name, result.tokens, result.step_ms, result.safe, result.reason,
             result.command)))
+        # The gripper first: by the time the arm controller has this tick's command, the gripper's is on its way.
+        if "gripper" in outputs and result.gripper is not None and result.arm is not None:
+            outputs["gripper"].publish(ros_io.gripper_command_message(result.gripper))
         if "arm" in outputs and result.arm is not None:
             outputs["arm"].publish(ros_io.arm_command_message(loop.mode, loop.layout.arm_names, result.arm,
                                                               self.period_s))
-        if "gripper" in outputs and result.gripper is not None and result.arm is not None:
-            outputs["gripper"].publish(ros_io.gripper_command_message(result.gripper))
 
     def _account(self, result: TickResult, now: float) -> None:
         """Counters, latencies and logging, outside the tick lock; a late or slow tick is counted, never fatal."""

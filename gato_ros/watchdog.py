@@ -451,11 +451,12 @@ class PolicyWatchdog(Node):
             self._publish(command)
 
     def _publish(self, command: Command) -> None:
+        # The gripper first: by the time the arm controller has this tick's command, the gripper's is on its way.
+        if command.gripper is not None and np.isfinite(command.gripper):
+            self.gripper_pub.publish(Float64MultiArray(data=[command.gripper]))
         if command.arm.size:  # the node's builder: the same message the node sends with direct_output
             period = self.core.period_s if math.isfinite(self.core.period_s) else UNKNOWN_PERIOD_MAX_AGE_S
             self.arm_pub.publish(ros_io.arm_command_message(self.core.mode, self.core.arm_joints, command.arm, period))
-        if command.gripper is not None and np.isfinite(command.gripper):
-            self.gripper_pub.publish(Float64MultiArray(data=[command.gripper]))
 
     def _publish_diagnostics(self) -> None:
         core = self.core

@@ -53,6 +53,28 @@ class FrameRegressor(nn.Module):
         return self.head(torch.cat([self.conv(frames).flatten(1), joints], dim=1))
 
 
+class Probe:
+    """A probe saved with --save, reading one observation: the task_state parts it was trained on (env units)."""
+
+    def __init__(self, path: str | Path) -> None:
+        saved = torch.load(path, weights_only=False)
+        self.model = FrameRegressor(*saved["shape"])
+        self.model.load_state_dict(saved["state_dict"])
+        self.model.eval()
+        self.offset, self.scale = saved["offset"], saved["scale"]
+        self.joint_mean, self.joint_std = saved["joint_mean"], saved["joint_std"]
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """[17] task_state with the TARGETS parts estimated from the frames and joints, the rest zero."""
+        frames = np.concatenate([obs[k] for k in CAMERAS], axis=-1).transpose(2, 0, 1)[None]
+        joints = ((obs["joint_positions"] - self.joint_mean) / self.joint_std).astype(np.float32)[None]
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(frames).float() / 255.0, torch.from_numpy(joints)).numpy()[0]
+        full = np.zeros(17)
+        full[TARGETS] = out * self.scale + self.offset
+        return full
+
+
 def load(roots: list[str], episodes: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 frames [N, 6, H, W], joint positions [N, 8], task_state [N, 17] of the chosen episodes."""
     frames, joints, states = [], [], []
@@ -87,6 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--save", type=Path, default=None,
+                        help="the trained probe, for scripts/perceived_expert.py (the expert acting on its estimates)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -147,6 +171,11 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "shape": (frames.shape[1], frames.shape[2], joints.shape[1],
+                                                                 targets.shape[1]),
+                    "offset": offset, "scale": scale, "joint_mean": joint_mean, "joint_std": joint_std}, args.save)
 
 
 if __name__ == "__main__":

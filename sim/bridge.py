@@ -64,7 +64,8 @@ sim still until the first ~/reset, `pause_when_done` stops stepping (and /clock)
 ends. ~/trajectory (Trigger) returns, as JSON, every observation vector the bridge published in the
 current and the previous episode (exact floats: a record that survives best-effort QoS, for replays
 and for comparing with in-process stepping). Per episode the status reports arm commands received,
-steps that had a fresh command (one that arrived after the observation it answers) or a stale one,
+steps that had a fresh command (one that arrived after the observation it answers, and once the gripper is
+commanded, a gripper command too) or a stale one,
 and the wall-clock latency from publishing an observation to receiving the arm command that answers it.
 """
 
@@ -177,7 +178,11 @@ class SimBridge(Node):
         self.episode: dict[str, Any] = {}
         self.latency_ms: list[float] = []  # this episode's: observation published -> command received (wall)
         self._published_at = time.monotonic()  # wall time of the last observation
-        self._answered = True  # a command arrived since the last observation
+        self._answered = True  # an arm command arrived since the last observation
+        self._gripper_answered = True  # a gripper command arrived since the last observation
+        # The gripper is a controller of its own: once something commands it, a step whose gripper command has
+        # not arrived is as stale as one without an arm command.
+        self._gripper_commanded = False
         self._next_t = time.monotonic()  # wall time of the next step
         self._started = not prm["wait_for_reset"]
         self.joint_pub = self.create_publisher(JointState, prm["joint_states_topic"], qos_profile_sensor_data)
@@ -320,6 +325,7 @@ class SimBridge(Node):
         """One value: the Panda's finger force (N, positive opens), the xArm6's finger target (m)."""
         with self.lock:
             self.episode["gripper_commands"] += 1
+            self._gripper_answered = self._gripper_commanded = True
             force = np.asarray(msg.data, dtype=np.float64)
             if force.shape != (1,) or not np.isfinite(force[0]):
                 return self._refuse(f"gripper: {force.size} values, expected 1" if force.shape != (1,)
@@ -415,8 +421,9 @@ class SimBridge(Node):
             if not self._started or (self.episode["done"] and self.prm["pause_when_done"]):
                 return
             if not self.episode["done"]:
-                self.episode["fresh_steps" if self._answered else "stale_steps"] += 1
-                if not self._answered:
+                fresh = self._answered and (self._gripper_answered or not self._gripper_commanded)
+                self.episode["fresh_steps" if fresh else "stale_steps"] += 1
+                if not fresh:
                     self.episode["stale_at"].append(self.episode["steps"])
             obs, terminated, truncated, info = self._step_env()
             self._advance_clock()
@@ -507,7 +514,7 @@ class SimBridge(Node):
         self._record(vectors, obs)
         if self.clock_pub is not None:
             self.clock_pub.publish(Clock(clock=stamp))
-        self._published_at, self._answered = time.monotonic(), False
+        self._published_at, self._answered, self._gripper_answered = time.monotonic(), False, False
 
     def _record(self, vectors: dict[str, list[float]], obs: dict[str, np.ndarray]) -> None:
         """One entry per observation of the episode (steps + 1 of them); none after it ended."""

@@ -350,10 +350,10 @@ def evaluate_over_ros(
     recorded = None
     frames: dict[str, np.ndarray] = {}
     try:
-        topic = start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps, real_time_factor,
-                                watchdog, perturbation, arm, task, parallel_cameras)
+        served = start_processes(procs, policy_path, provider, seeds[0] if seeds else 0, max_steps,
+                                 real_time_factor, watchdog, perturbation, arm, task, parallel_cameras)
         supervisor = Supervisor()
-        wait_until_connected(supervisor, procs, None if record is None else Path(record), topic)
+        wait_until_connected(supervisor, procs, served, None if record is None else Path(record))
         episode_timeout = 30.0 + 3.0 * (max_steps + 2) * period / max(real_time_factor, 0.05)
         from tqdm import tqdm
 
@@ -390,6 +390,7 @@ class ArmParameters:
     node: list[str]
     watchdog: list[str]
     command_topic: str
+    gripper: bool  # the file commands a gripper
 
 
 def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
@@ -404,17 +405,17 @@ def arm_parameters(policy_path: str, arm: str) -> ArmParameters:
     gripper = build_layout(spec).gripper_name or ""
     node = [f"arm:={arm}", f"output_mode:={mode}"]
     return ArmParameters(node=node, watchdog=[f"output_mode:={mode}", f"gripper_joint:={gripper}"],
-                         command_topic="/" + ARM_COMMAND_TOPICS[mode])
+                         command_topic="/" + ARM_COMMAND_TOPICS[mode], gripper=bool(gripper))
 
 
 def start_processes(procs: Processes, policy_path: str, provider: str, first_seed: int, max_steps: int,
                     real_time_factor: float, watchdog: bool = True,
                     perturbation: dict[str, float] | None = None, arm: str | None = None,
-                    task: str | None = None, parallel_cameras: bool = True) -> str:
+                    task: str | None = None, parallel_cameras: bool = True) -> ArmParameters:
     """`sim_bridge` simulating `arm` (its cameras from the model's spec; waiting for a reset, pausing between
     episodes), `policy_node` serving `arm` on sim time, and `policy_watchdog`, which relays the node's stamped
     commands to the controller topics, as on a robot; the node serves `task` (a file with an instruction model
-    starts every episode with that task's instruction). Returns the arm controller topic."""
+    starts every episode with that task's instruction). Returns what the node and watchdog were told."""
     from sim.env import DEFAULT_ARM, StackingConfig
     from sim.tasks import DEFAULT_TASK
 
@@ -438,33 +439,38 @@ def start_processes(procs: Processes, policy_path: str, provider: str, first_see
         procs.start("watchdog", _console_script("policy_watchdog", "gato_ros.watchdog") + [
             "--ros-args", "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={float(StackingConfig().control_hz)!r}",
             *[a for param in served.watchdog for a in ("-p", param)]])
-    return served.command_topic
+    return served
 
 
-def wait_until_connected(supervisor: Supervisor, procs: Processes, record: Path | None = None,
-                         command_topic: str = "/effort_controller/commands") -> None:
-    """The bridge's services up, the node active, each side discovered by the other (the commands on
-    `command_topic`), and the recorder (with `record`, a bag directory) subscribed."""
+def wait_until_connected(supervisor: Supervisor, procs: Processes, served: ArmParameters,
+                         record: Path | None = None) -> None:
+    """The bridge's services up, the node active, each side discovered by the other (the commands on the
+    arm controller topic `served` names), and the recorder (with `record`, a bag directory) subscribed."""
     _wait(lambda: supervisor.bridge_reset.service_is_ready() and supervisor.node_active(), 120.0,
           "the bridge's services and the policy node to become active", procs)
     node = supervisor.node
-    _wait(lambda: node.count_publishers(command_topic) >= 1 and node.count_subscribers("/joint_states") >= 1,
+    _wait(lambda: node.count_publishers(served.command_topic) >= 1 and node.count_subscribers("/joint_states") >= 1,
           30.0, "the node and the bridge to discover each other", procs)
-    wait_for_the_loop(supervisor, procs)
+    wait_for_the_loop(supervisor, procs, served.gripper)
     if record is not None:
         _start_recorder(procs, record, node)
 
 
-def wait_for_the_loop(supervisor: Supervisor, procs: Processes, timeout_s: float = 60.0) -> None:
+def wait_for_the_loop(supervisor: Supervisor, procs: Processes, gripper: bool, timeout_s: float = 60.0) -> None:
     """A command through the whole loop (bridge → node → watchdog → bridge) before the first episode.
 
     The graph this process sees says nothing of whether each process has matched the others' endpoints:
     discovery of one link can lag seconds behind on a loaded machine, and an episode started then runs on
     stale commands. So a throwaway episode (the bridge's next seed) runs until the bridge counts an arm
-    command, and the bridge is paused there; each measured episode then starts with the usual resets."""
+    command (and with `gripper`, a gripper command), and the bridge is paused there; each measured episode then
+    starts with the usual resets."""
     supervisor.trigger(supervisor.bridge_reset)
-    _wait(lambda: supervisor.status()["commands"] >= 1, timeout_s, "the first command through the loop", procs,
-          poll_s=0.1)
+
+    def through() -> bool:
+        status = supervisor.status()
+        return status["commands"] >= 1 and (status["gripper_commands"] >= 1 or not gripper)
+
+    _wait(through, timeout_s, "the first command through the loop", procs, poll_s=0.1)
     supervisor.trigger(supervisor.bridge_pause)
 
 

@@ -352,3 +352,33 @@ def test_pause_holds_the_sim_and_its_clock_until_the_next_reset():
         assert sim.wait_for(lambda: sim.status()["steps"] >= 3, 10.0), "a reset steps again"
     finally:
         sim.close()
+
+
+def test_a_step_without_its_gripper_command_is_stale_once_the_gripper_is_commanded():
+    """A policy answers each observation with an arm and a gripper command, but once only the arm's: that step ran
+    on the previous gripper command, and the bridge counts it stale; until something commands the gripper, steps
+    are judged by their arm commands alone."""
+    sim = Harness(real_time_factor=0.25, image_size=0, wait_for_reset=True, pause_when_done=True, max_steps=8)
+    try:
+        answered: list[int] = []
+
+        def answer(gripper_skipped_at: int | None):
+            def on_joints(_: JointState) -> None:
+                if gripper_skipped_at is not None and len(answered) != gripper_skipped_at:
+                    sim.gripper_pub.publish(Float64MultiArray(data=[10.0]))
+                sim.cmd_pub.publish(Float64MultiArray(data=[0.0] * 7))
+                answered.append(len(answered))
+            return on_joints
+
+        for skipped, expected_stale in ((None, []), (3, [3])):  # before the gripper is first commanded, then after
+            answered.clear()
+            sub = sim.peer.create_subscription(JointState, f"{sim.ns}/joint_states", answer(skipped),
+                                               qos_profile_sensor_data)
+            time.sleep(0.5)  # the new subscription matches the bridge's publisher
+            sim.call("reset")
+            assert sim.wait_for(lambda: sim.status()["done"], 20.0)
+            status = sim.status()
+            assert status["steps"] == 8 and status["stale_at"] == expected_stale, status
+            sim.peer.destroy_subscription(sub)
+    finally:
+        sim.close()
