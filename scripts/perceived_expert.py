@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/camera_precision.py --train ... --save runs/precision/probe.pt
     .venv/bin/python scripts/perceived_expert.py runs/precision/probe.pt --seed 100000 --episodes 50 --workers 2 \
-        [--estimate red blue yaw] --json runs/precision/perceived.json
+        [--estimate red blue yaw] [--average-steps 4] --json runs/precision/perceived.json
 
 A seeing policy that imitates the expert can at best act like the expert does on the cube poses its frames give.
 Here the expert's task_state is rebuilt every control step from `scripts/camera_precision.py`'s probe (one
@@ -11,7 +11,8 @@ the blue cube at that plus the estimated blue − red, the red cube's yaw estima
 simulator's (a real arm knows it from its joints). `--estimate` chooses which of the three are estimated, the rest
 stay true. Stacked out of N on the held-out seeds says whether the frames hold enough for the expert's controller
 to stack: near N, the cameras are not what limits a seeing policy, its imitation of the expert is; far below, they
-are.
+are. `--average-steps K` gives the expert the mean of the last K timesteps' estimates: what a window of K
+timesteps could read from its frames if it only averaged them.
 """
 
 from __future__ import annotations
@@ -35,23 +36,35 @@ def perceived_task_state(truth: np.ndarray, estimate: np.ndarray, estimated: tup
     if "red" in estimated:
         s[RED_MINUS_HAND] = estimate[RED_MINUS_HAND]
         s[3:6] = s[0:3] + s[RED_MINUS_HAND]
+        s[BLUE_MINUS_RED] = s[6:9] - s[3:6]  # the true blue cube, seen from the estimated red one
     if "blue" in estimated:
         s[BLUE_MINUS_RED] = estimate[BLUE_MINUS_RED]
-    else:
-        s[BLUE_MINUS_RED] = truth[6:9] - s[3:6]
-    s[6:9] = s[3:6] + s[BLUE_MINUS_RED]
+        s[6:9] = s[3:6] + s[BLUE_MINUS_RED]
     if "yaw" in estimated:
         s[RED_YAW] = estimate[RED_YAW]
     return s
 
 
-def _episode(job: tuple[str, int, tuple[str, ...]]) -> dict:
+def averaged(estimates: list[np.ndarray], hands: list[np.ndarray]) -> np.ndarray:
+    """The mean of the last estimates (oldest first) with the hand where it was at each: red − hand averaged as
+    seen from the hand (the hand carries the red cube and slows as it nears it), the blue cube in the world (it
+    never moves), the yaw's sine and cosine. Reads the current hand as the last of `hands`."""
+    e, h = np.asarray(estimates), np.asarray(hands)
+    s = e[-1].copy()
+    s[RED_MINUS_HAND] = e[:, RED_MINUS_HAND].mean(0)
+    blue_world = (h + e[:, RED_MINUS_HAND] + e[:, BLUE_MINUS_RED]).mean(0)
+    s[BLUE_MINUS_RED] = blue_world - (h[-1] + s[RED_MINUS_HAND])
+    s[RED_YAW] = e[:, RED_YAW].mean(0)
+    return s
+
+
+def _episode(job: tuple[str, int, tuple[str, ...], int]) -> dict:
     from camera_precision import CAMERAS, Probe
 
     from sim.env import StackingEnv
     from sim.expert import ScriptedExpert
 
-    probe_path, seed, estimated = job
+    probe_path, seed, estimated, average_steps = job
     if "env" not in _WORKER:
         import torch
 
@@ -61,9 +74,12 @@ def _episode(job: tuple[str, int, tuple[str, ...]]) -> dict:
     probe, expert, env = _WORKER["probe"], _WORKER["expert"], _WORKER["env"]
     obs, info = env.reset(seed=seed)
     closest, red_err, done = np.inf, [], False
+    estimates: list[np.ndarray] = []
+    hands: list[np.ndarray] = []
     while not done:
         truth = obs["task_state"]
-        estimate = probe(obs)
+        estimates, hands = [*estimates, probe(obs)][-average_steps:], [*hands, truth[0:3]][-average_steps:]
+        estimate = averaged(estimates, hands)
         if np.linalg.norm(truth[RED_MINUS_HAND]) < 0.05:
             red_err.append(100 * float(np.linalg.norm(estimate[RED_MINUS_HAND] - truth[RED_MINUS_HAND])))
         closest = min(closest, red_distance_cm(truth))
@@ -82,19 +98,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--estimate", nargs="*", choices=ESTIMATES, default=list(ESTIMATES),
                         help="the parts estimated (none: the expert on the true state, the control)")
+    parser.add_argument("--average-steps", type=int, default=1,
+                        help="the expert reads the mean of this many timesteps' estimates (a window's worth)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     estimated = tuple(args.estimate)
-    jobs = [(args.probe, args.seed + i, estimated) for i in range(args.episodes)]
+    jobs = [(args.probe, args.seed + i, estimated, args.average_steps) for i in range(args.episodes)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         episodes = pool.map(_episode, jobs, chunksize=1)
     stacked = sum(e["success"] for e in episodes)
     errors = [e["red_error_near_cm"] for e in episodes if e["red_error_near_cm"] is not None]
-    result = {"probe": args.probe, "estimated": list(estimated), "seeds": [args.seed, args.seed + args.episodes - 1],
+    last = args.seed + args.episodes - 1
+    result = {"probe": args.probe, "estimated": list(estimated), "average_steps": args.average_steps,
+              "seeds": [args.seed, last],
               "stacked": stacked, "episodes": len(episodes),
               "red_error_near_cm_median": float(np.median(errors)) if errors else None, "per_episode": episodes}
-    last = args.seed + args.episodes - 1
-    print(f"expert on the probe's {'/'.join(estimated) or 'no'} estimates, seeds {args.seed}-{last}: "
+    print(f"expert on the probe's {'/'.join(estimated) or 'no'} estimates ({args.average_steps} averaged), "
+          f"seeds {args.seed}-{last}: "
           f"{stacked}/{len(episodes)} stacked; red − hand error within 5 cm (median of episode medians) "
           f"{result['red_error_near_cm_median']} cm")
     if args.json:
