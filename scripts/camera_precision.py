@@ -61,6 +61,7 @@ class Probe:
         self.model = FrameRegressor(*saved["shape"])
         self.model.load_state_dict(saved["state_dict"])
         self.model.eval()
+        self.size = int(saved["shape"][1])  # the frames' side (px) it was trained on
         self.offset, self.scale = saved["offset"], saved["scale"]
         self.joint_mean, self.joint_std = saved["joint_mean"], saved["joint_std"]
 

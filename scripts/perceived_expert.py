@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.evaluate import wilson_interval
 from sim.results import BLUE_MINUS_RED, RED_MINUS_HAND, RED_YAW, red_distance_cm
 
 ESTIMATES = ("red", "blue", "yaw")
@@ -69,8 +70,9 @@ def _episode(job: tuple[str, int, tuple[str, ...], int]) -> dict:
         import torch
 
         torch.set_num_threads(1)
-        _WORKER.update(probe=Probe(probe_path), expert=ScriptedExpert(),
-                       env=StackingEnv(image_size=64, cameras=tuple(k.removeprefix("camera_") for k in CAMERAS)))
+        probe = Probe(probe_path)
+        _WORKER.update(probe=probe, expert=ScriptedExpert(), env=StackingEnv(
+            image_size=probe.size, cameras=tuple(k.removeprefix("camera_") for k in CAMERAS)))
     probe, expert, env = _WORKER["probe"], _WORKER["expert"], _WORKER["env"]
     obs, info = env.reset(seed=seed)
     closest, red_err, done = np.inf, [], False
@@ -109,13 +111,15 @@ def main() -> None:
     stacked = sum(e["success"] for e in episodes)
     errors = [e["red_error_near_cm"] for e in episodes if e["red_error_near_cm"] is not None]
     last = args.seed + args.episodes - 1
+    low, high = wilson_interval(stacked, len(episodes))
     result = {"probe": args.probe, "estimated": list(estimated), "average_steps": args.average_steps,
               "seeds": [args.seed, last],
-              "stacked": stacked, "episodes": len(episodes),
+              "stacked": stacked, "episodes": len(episodes), "wilson_95": [low, high],
               "red_error_near_cm_median": float(np.median(errors)) if errors else None, "per_episode": episodes}
     print(f"expert on the probe's {'/'.join(estimated) or 'no'} estimates ({args.average_steps} averaged), "
           f"seeds {args.seed}-{last}: "
-          f"{stacked}/{len(episodes)} stacked; red − hand error within 5 cm (median of episode medians) "
+          f"{stacked}/{len(episodes)} stacked ({100 * low:.0f}–{100 * high:.0f} %); "
+          f"red − hand error within 5 cm (median of episode medians) "
           f"{result['red_error_near_cm_median']} cm")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
