@@ -42,6 +42,7 @@ class FrameRegressor(nn.Module):
 
     def __init__(self, channels: int, size: int, joints: int, outputs: int) -> None:
         super().__init__()
+        self.shape = (channels, size, joints, outputs)  # what rebuilds it from its saved weights
         widths = (channels, 32, *[64] * (int(np.log2(size // 4)) - 2), 128)  # stride-2 layers down to 4×4
         layers: list[nn.Module] = []
         for cin, cout in zip(widths[:-1], widths[1:], strict=True):
@@ -54,26 +55,52 @@ class FrameRegressor(nn.Module):
 
 
 class Probe:
-    """A probe saved with --save, reading one observation: the task_state parts it was trained on (env units)."""
+    """The regressor with the normalization it was trained with: frames and joints in, task_state parts out (env
+    units). Training builds one; --save writes it and `Probe.load` reads it (scripts/perceived_expert.py)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, model: FrameRegressor, offset: np.ndarray, scale: np.ndarray, joint_mean: np.ndarray,
+                 joint_std: np.ndarray) -> None:
+        self.model, self.offset, self.scale = model, offset, scale
+        self.joint_mean, self.joint_std = joint_mean, joint_std
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probe:
         saved = torch.load(path, weights_only=False)
-        self.model = FrameRegressor(*saved["shape"])
-        self.model.load_state_dict(saved["state_dict"])
+        model = FrameRegressor(*saved["shape"])
+        model.load_state_dict(saved["state_dict"])
+        return cls(model.eval(), saved["offset"], saved["scale"], saved["joint_mean"], saved["joint_std"])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": self.model.state_dict(), "shape": self.model.shape, "offset": self.offset,
+                    "scale": self.scale, "joint_mean": self.joint_mean, "joint_std": self.joint_std}, path)
+
+    @property
+    def size(self) -> int:
+        """The frames' side (px) it reads."""
+        return self.model.shape[1]
+
+    def inputs(self, frames: np.ndarray, joints: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames [N, 6, H, W] and joint positions [N, 8] as the regressor takes them."""
+        return (torch.from_numpy(frames).float() / 255.0,
+                torch.from_numpy(((joints - self.joint_mean) / self.joint_std).astype(np.float32)))
+
+    def estimate(self, frames: np.ndarray, joints: np.ndarray) -> np.ndarray:
+        """[N, 17] task_state rows with the TARGETS parts estimated, the rest zero (in batches of 512)."""
+        training = self.model.training
         self.model.eval()
-        self.size = int(saved["shape"][1])  # the frames' side (px) it was trained on
-        self.offset, self.scale = saved["offset"], saved["scale"]
-        self.joint_mean, self.joint_std = saved["joint_mean"], saved["joint_std"]
+        with torch.no_grad():
+            out = np.concatenate([self.model(*self.inputs(frames[i:i + 512], joints[i:i + 512])).numpy()
+                                  for i in range(0, len(frames), 512)])
+        self.model.train(training)
+        full = np.zeros((len(out), 17))
+        full[:, TARGETS] = out * self.scale + self.offset
+        return full
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        """[17] task_state with the TARGETS parts estimated from the frames and joints, the rest zero."""
+        """[17] the estimate from one observation's frames and joint positions."""
         frames = np.concatenate([obs[k] for k in CAMERAS], axis=-1).transpose(2, 0, 1)[None]
-        joints = ((obs["joint_positions"] - self.joint_mean) / self.joint_std).astype(np.float32)[None]
-        with torch.no_grad():
-            out = self.model(torch.from_numpy(frames).float() / 255.0, torch.from_numpy(joints)).numpy()[0]
-        full = np.zeros(17)
-        full[TARGETS] = out * self.scale + self.offset
-        return full
+        return self.estimate(frames, obs["joint_positions"][None])[0]
 
 
 def load(roots: list[str], episodes: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,20 +153,8 @@ def main() -> None:
     targets = ((states[:, TARGETS] - offset) / scale).astype(np.float32)
     joint_mean, joint_std = joints.mean(0), joints.std(0) + 1e-6
     model = FrameRegressor(frames.shape[1], frames.shape[2], joints.shape[1], targets.shape[1])
+    probe = Probe(model, offset, scale, joint_mean, joint_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-
-    def batch_input(f: np.ndarray, j: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(f).float() / 255.0, torch.from_numpy((j - joint_mean) / joint_std).float()
-
-    def estimate(f: np.ndarray, j: np.ndarray) -> np.ndarray:
-        model.eval()
-        with torch.no_grad():
-            out = np.concatenate([model(*batch_input(f[i:i + 512], j[i:i + 512])).numpy()
-                                  for i in range(0, len(f), 512)])
-        model.train()
-        full = np.zeros((len(out), 17))
-        full[:, TARGETS] = out * scale + offset
-        return full
 
     start, step, log = time.perf_counter(), 0, []
     deadline = start + 60 * args.minutes
@@ -154,29 +169,26 @@ def main() -> None:
         lr = 1e-3 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress())))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        predicted = model(*batch_input(frames[idx], joints[idx]))
+        predicted = model(*probe.inputs(frames[idx], joints[idx]))
         loss = nn.functional.smooth_l1_loss(predicted, torch.from_numpy(targets[idx]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         step += 1
         if step % 500 == 0:
-            result = errors(estimate(test_frames, test_joints), test_states)
+            result = errors(probe.estimate(test_frames, test_joints), test_states)
             log.append({"step": step, "seconds": time.perf_counter() - start, "loss": float(loss.detach()), **result})
             print(json.dumps(log[-1]), flush=True)
     result = {"train": args.train, "frame_size": int(frames.shape[2]), "train_frames": len(frames),
               "test_frames": len(test_frames), "steps": step, "seconds": time.perf_counter() - start,
               "batch_size": args.batch_size, "minutes": args.minutes,
-              **errors(estimate(test_frames, test_joints), test_states), "log": log}
+              **errors(probe.estimate(test_frames, test_joints), test_states), "log": log}
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "shape": (frames.shape[1], frames.shape[2], joints.shape[1],
-                                                                 targets.shape[1]),
-                    "offset": offset, "scale": scale, "joint_mean": joint_mean, "joint_std": joint_std}, args.save)
+        probe.save(args.save)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _episode(job: tuple[str, int, tuple[str, ...], int]) -> dict:
         import torch
 
         torch.set_num_threads(1)
-        probe = Probe(probe_path)
+        probe = Probe.load(probe_path)
         _WORKER.update(probe=probe, expert=ScriptedExpert(), env=StackingEnv(
             image_size=probe.size, cameras=tuple(k.removeprefix("camera_") for k in CAMERAS)))
     probe, expert, env = _WORKER["probe"], _WORKER["expert"], _WORKER["env"]
