@@ -5,6 +5,8 @@
     # the same episodes rendered at two sizes: what resolution buys
     .venv/bin/python scripts/camera_precision.py --train runs/precision/e64 --test-last 15 --steps 2500 --json J64
     .venv/bin/python scripts/camera_precision.py --train runs/precision/e128 --test-last 15 --steps 2500 --json J128
+    # soft-argmax keypoints per camera beside the pooled features: whether the frame or the probe's pooling limits it
+    .venv/bin/python scripts/camera_precision.py --train ... --keypoints 16 --steps 11911 --save runs/precision/kp.pt
 
 A seeing policy can place the hand only as precisely as it can read the cubes off its frames. This trains a plain
 convolutional regressor (no transformer, no history) from one timestep's camera frames and joint positions to the
@@ -37,21 +39,46 @@ TARGETS = slice(RED_MINUS_HAND.start, RED_YAW.stop)  # task_state's red − hand
 CAMERAS = ("camera_scene", "camera_wrist")
 
 
-class FrameRegressor(nn.Module):
-    """Frames (stacked on channels) → conv stack → with the joints → the task_state parts."""
+class SpatialKeypoints(nn.Module):
+    """One camera's frame → `count` soft-argmax keypoints (x, y in [-1, 1]) from maps at half the frame's side:
+    each map's expected pixel position, which resolves finer than its pixels (Levine et al. 2016, "End-to-End
+    Training of Deep Visuomotor Policies"), where a stride-2 stack down to 4×4 keeps only pooled features."""
 
-    def __init__(self, channels: int, size: int, joints: int, outputs: int) -> None:
+    def __init__(self, count: int) -> None:
         super().__init__()
-        self.shape = (channels, size, joints, outputs)  # what rebuilds it from its saved weights
+        self.maps = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+                                  nn.Conv2d(32, count, 1))
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        maps = self.maps(frame)
+        n, k, h, w = maps.shape
+        weights = torch.softmax(maps.flatten(2) / self.log_temperature.exp(), dim=-1).view(n, k, h, w)
+        ys, xs = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
+        return torch.cat([(weights.sum(3) * ys).sum(2), (weights.sum(2) * xs).sum(2)], dim=1)
+
+
+class FrameRegressor(nn.Module):
+    """Frames (stacked on channels) → conv stack → with the joints → the task_state parts; with `keypoints`,
+    each camera's soft-argmax keypoints join the conv stack's features."""
+
+    def __init__(self, channels: int, size: int, joints: int, outputs: int, keypoints: int = 0) -> None:
+        super().__init__()
+        self.shape = (channels, size, joints, outputs, keypoints)  # what rebuilds it from its saved weights
         widths = (channels, 32, *[64] * (int(np.log2(size // 4)) - 2), 128)  # stride-2 layers down to 4×4
         layers: list[nn.Module] = []
         for cin, cout in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Linear(128 * 16 + joints, 256), nn.ReLU(), nn.Linear(256, outputs))
+        self.keypoints = nn.ModuleList(SpatialKeypoints(keypoints) for _ in range(channels // 3 if keypoints else 0))
+        features = 128 * 16 + joints + 2 * keypoints * len(self.keypoints)
+        self.head = nn.Sequential(nn.Linear(features, 256), nn.ReLU(), nn.Linear(256, outputs))
 
     def forward(self, frames: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([self.conv(frames).flatten(1), joints], dim=1))
+        cameras = frames.split(3, dim=1)
+        points = [branch(frame) for branch, frame in zip(self.keypoints, cameras, strict=False)]
+        return self.head(torch.cat([self.conv(frames).flatten(1), *points, joints], dim=1))
 
 
 class Probe:
@@ -134,6 +161,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="stop after this long ...")
     parser.add_argument("--steps", type=int, default=None, help="... or after this many steps (the schedule's length)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--keypoints", type=int, default=0,
+                        help="soft-argmax keypoints per camera beside the pooled features (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -152,7 +181,7 @@ def main() -> None:
     scale = states[:, TARGETS].std(0) + 1e-6
     targets = ((states[:, TARGETS] - offset) / scale).astype(np.float32)
     joint_mean, joint_std = joints.mean(0), joints.std(0) + 1e-6
-    model = FrameRegressor(frames.shape[1], frames.shape[2], joints.shape[1], targets.shape[1])
+    model = FrameRegressor(frames.shape[1], frames.shape[2], joints.shape[1], targets.shape[1], args.keypoints)
     probe = Probe(model, offset, scale, joint_mean, joint_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
@@ -181,7 +210,7 @@ def main() -> None:
             print(json.dumps(log[-1]), flush=True)
     result = {"train": args.train, "frame_size": int(frames.shape[2]), "train_frames": len(frames),
               "test_frames": len(test_frames), "steps": step, "seconds": time.perf_counter() - start,
-              "batch_size": args.batch_size, "minutes": args.minutes,
+              "batch_size": args.batch_size, "minutes": args.minutes, "keypoints": args.keypoints,
               **errors(probe.estimate(test_frames, test_joints), test_states), "log": log}
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
     if args.json:
