@@ -28,6 +28,7 @@ import numpy as np
 
 from sim.evaluate import wilson_interval
 from sim.results import BLUE_MINUS_RED, RED_MINUS_HAND, RED_YAW, red_distance_cm
+from sim.spec import policy_observation
 
 ESTIMATES = ("red", "blue", "yaw")
 _WORKER: dict = {}
@@ -55,10 +56,14 @@ def averaged(estimates: list[np.ndarray], hands: list[np.ndarray]) -> np.ndarray
     e, h = np.asarray(estimates), np.asarray(hands)
     s = e[-1].copy()
     s[RED_MINUS_HAND] = e[:, RED_MINUS_HAND].mean(0)
-    blue_world = (h + e[:, RED_MINUS_HAND] + e[:, BLUE_MINUS_RED]).mean(0)
-    s[BLUE_MINUS_RED] = blue_world - (h[-1] + s[RED_MINUS_HAND])
+    s[BLUE_MINUS_RED] = blue_in_world(e, h) - (h[-1] + s[RED_MINUS_HAND])
     s[RED_YAW] = e[:, RED_YAW].mean(0)
     return s
+
+
+def blue_in_world(e: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """[3] the mean of where estimates `e` put the blue cube in the world, each seen from its hand in `h`."""
+    return (h + e[:, RED_MINUS_HAND] + e[:, BLUE_MINUS_RED]).mean(0)
 
 
 def remembered(estimates: list[np.ndarray], hands: list[np.ndarray], parts: tuple[str, ...], red_rests: bool
@@ -74,8 +79,7 @@ def remembered(estimates: list[np.ndarray], hands: list[np.ndarray], parts: tupl
         s[RED_MINUS_HAND] = (h + e[:, RED_MINUS_HAND]).mean(0) - h[-1]
         s[RED_YAW] = e[:, RED_YAW].mean(0)
     if "blue" in parts:
-        blue_world = (h + e[:, RED_MINUS_HAND] + e[:, BLUE_MINUS_RED]).mean(0)
-        s[BLUE_MINUS_RED] = blue_world - (h[-1] + s[RED_MINUS_HAND])
+        s[BLUE_MINUS_RED] = blue_in_world(e, h) - (h[-1] + s[RED_MINUS_HAND])
     return s
 
 
@@ -89,7 +93,7 @@ class StatePolicy:
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The file's command for `obs` (the scripted expert's signature; its context is the episode so far)."""
-        return self.runtime.step({k: v for k, v in obs.items() if not k.startswith("camera_")})
+        return self.runtime.step(policy_observation(self.runtime.spec, obs))
 
 
 def _episode(job: tuple[str, int, tuple[str, ...], int, tuple[str, ...], str | None]) -> dict:
@@ -116,7 +120,8 @@ def _episode(job: tuple[str, int, tuple[str, ...], int, tuple[str, ...], str | N
     red_rests = True  # until the gripper is first commanded closed
     while not done:
         truth = obs["task_state"]
-        estimates, hands = [*estimates, probe(obs)], [*hands, truth[0:3]]
+        estimates.append(probe(obs))
+        hands.append(truth[0:3])
         if remember:
             estimate = remembered(estimates, hands, remember, red_rests)
         else:
